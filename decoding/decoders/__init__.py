@@ -1,0 +1,1 @@
+"""Decoders: each turns a scheduled batch into committed tokens."""

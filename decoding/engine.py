@@ -1,0 +1,231 @@
+"""The synchronous engine: owns the model, cache, scheduler and decoder; `step()` advances every running request."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from .config import EngineConfig
+from .decoders.autoregressive import AutoregressiveDecoder
+from .decoders.base import Decoder
+from .detokenizer import IncrementalDetokenizer
+from .kv_cache import PagedKVCache
+from .model_loader import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
+from .request import Request, Sequence, SeqStatus
+from .runner import ModelRunner
+from .sampler import Sample, Sampler
+from .sampling_params import InvalidRequestError, SamplingParams
+from .scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+DECODERS: dict[str, type[Decoder]] = {d.name: d for d in (AutoregressiveDecoder,)}
+CPU_DEFAULT_KV_TOKENS = 32768
+CPU_MAX_KV_FRACTION = 0.25  # of physical RAM
+
+
+def _kv_cache_blocks(config: EngineConfig, bytes_per_token: int, device: torch.device) -> int:
+    bs = config.cache.block_size
+    if config.cache.kv_cache_tokens is not None:
+        tokens = config.cache.kv_cache_tokens
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        tokens = int(free * config.cache.gpu_memory_utilization) // bytes_per_token
+    else:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        tokens = min(CPU_DEFAULT_KV_TOKENS, int(ram * CPU_MAX_KV_FRACTION) // bytes_per_token)
+    if tokens < bs:
+        raise ValueError(f"the KV cache must hold at least one block of {bs} tokens, got {tokens} tokens")
+    return tokens // bs
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        mc = config.model
+        if config.decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {config.decoder!r}; this build has: {', '.join(DECODERS)}")
+        self.device = resolve_device(mc.device)
+        self.dtype = resolve_dtype(mc.dtype, self.device)
+        self.model_path = resolve_model(mc.model)
+        self.tokenizer = load_tokenizer(self.model_path, mc.trust_remote_code)
+        model = load_model(self.model_path, mc, self.device, self.dtype)
+        hf = model.config
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        bytes_per_token = PagedKVCache.bytes_per_token(hf.num_hidden_layers, hf.num_key_value_heads, head_dim, self.dtype)
+        num_blocks = _kv_cache_blocks(config, bytes_per_token, self.device)
+        self.cache = PagedKVCache(hf.num_hidden_layers, num_blocks, config.cache.block_size,
+                                  hf.num_key_value_heads, head_dim, self.dtype, self.device)
+        self.served_model_name = mc.served_model_name or mc.model
+        self.vocab_size = hf.vocab_size
+        self.max_model_len = self._max_model_len(getattr(hf, "max_position_embeddings", None))
+        self.eos_token_ids = self._eos_ids(model)
+        self.sampler = Sampler(self.tokenizer, torch.Generator(device=self.device).manual_seed(config.seed))
+        self.runner = ModelRunner(model, self.cache, self.device)
+        self.decoder = DECODERS[config.decoder](self.runner, self.sampler)
+        self.scheduler = Scheduler(config.scheduler, self.cache)
+        self.requests: dict[str, Request] = {}
+        self._next_seq_id = 0
+        logger.info("engine ready: %s on %s/%s, decoder %s, KV cache %d tokens, max_model_len %d",
+                    self.model_path, self.device, self.dtype, config.decoder,
+                    num_blocks * config.cache.block_size, self.max_model_len)
+
+    def _max_model_len(self, model_limit: int | None) -> int:
+        capacity = self.cache.num_blocks * self.cache.block_size - self.decoder_lookahead()
+        wanted = self.config.model.max_model_len
+        if wanted is not None and wanted > capacity:
+            raise ValueError(f"--max-model-len {wanted} does not fit the KV cache ({capacity} tokens); "
+                             f"raise --kv-cache-tokens or lower --max-model-len")
+        if wanted is not None and model_limit and wanted > model_limit:
+            logger.warning("--max-model-len %d exceeds the model's %d positions", wanted, model_limit)
+        return wanted or min(model_limit or capacity, capacity)
+
+    def decoder_lookahead(self) -> int:
+        return DECODERS[self.config.decoder].lookahead
+
+    def _eos_ids(self, model) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(model.generation_config, "eos_token_id", None)
+        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        return {i for i in ids if i is not None}
+
+    # ---- requests -------------------------------------------------------------------------------------------
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError if the prompt cannot be served with these parameters."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt must contain at least one token", "prompt")
+        if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has {n} tokens",
+                "prompt")
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; you requested "
+                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the completion)",
+                "max_tokens")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> Request:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
+        self.validate_prompt(prompt_token_ids, params)
+        req = Request(request_id, prompt, list(prompt_token_ids), params)
+        for index in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(params.seed + index)
+            seq = Sequence(self._next_seq_id, req, index, list(prompt_token_ids),
+                           IncrementalDetokenizer(self.tokenizer, prompt_token_ids), gen,
+                           logprobs=[] if params.logprobs is not None else None)
+            self._next_seq_id += 1
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        return req
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            for seq in req.seqs:
+                if not seq.finished:
+                    self._finish(seq, "abort")
+        return req
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ---------------------------------------------------------------------------------------------
+
+    def step(self) -> list[Request]:
+        """Advance every scheduled sequence by one decoder step; return the requests that changed."""
+        scheduled = self.scheduler.schedule(self.decoder.lookahead)
+        if not scheduled:
+            return []
+        try:
+            results = self.decoder.step(scheduled)
+        except Exception as e:  # cannot tell which request caused it: fail this step's requests, keep serving
+            logger.exception("decoder step failed")
+            failed = {s.seq.request for s in scheduled}
+            for req in failed:
+                self._fail(req, f"{type(e).__name__}: {e}")
+            return list(failed)
+        now = time.time()
+        changed: dict[str, Request] = {}
+        for s in scheduled:
+            seq, res = s.seq, results[s.seq]
+            req = seq.request
+            if res.error is not None:
+                self._fail(req, str(res.error))
+                changed[req.request_id] = req
+                continue
+            if seq.finished:  # a sibling's failure ended it in this loop
+                continue
+            seq.num_computed += s.num_new + max(0, len(res.samples) - 1)
+            if res.forwarded:
+                seq.target_forwards += 1
+                seq.draft_tokens += res.draft_tokens
+                seq.accepted_tokens += res.accepted_tokens
+            for sample in res.samples:
+                self._append(seq, sample)
+                if seq.finished:
+                    break
+            if res.samples:
+                req.first_token_time = req.first_token_time or now
+                changed[req.request_id] = req
+        for req in changed.values():
+            if req.finished:
+                req.finished_time = now
+                self.requests.pop(req.request_id, None)
+        return list(changed.values())
+
+    def _append(self, seq: Sequence, sample: Sample) -> None:
+        """Commit one token: logprobs, detokenization, then the stop conditions in vLLM's order."""
+        p = seq.params
+        token = sample.token_id
+        seq.token_ids.append(token)
+        if seq.logprobs is not None:
+            seq.logprobs.append(sample.logprobs)
+        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            self._finish(seq, "stop", token if token in p.stop_token_ids else None)
+            return
+        delta = seq.detokenizer.add(token)
+        if delta:
+            seq.text += delta
+            if p.stop and self._check_stop_strings(seq, len(delta)):
+                return
+        max_tokens = p.max_tokens or self.max_model_len
+        if seq.num_output >= max_tokens or len(seq.token_ids) >= self.max_model_len:
+            seq.text += seq.detokenizer.flush()
+            self._finish(seq, "length")
+
+    def _check_stop_strings(self, seq: Sequence, delta_len: int) -> bool:
+        longest = max(len(s) for s in seq.params.stop)
+        search_from = max(0, len(seq.text) - delta_len - longest + 1)
+        hits = [(seq.text.find(s, search_from), s) for s in seq.params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        at, stop = min(hits)
+        seq.text = seq.text[:at + len(stop) if seq.params.include_stop_str_in_output else at]
+        self._finish(seq, "stop", stop)
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self.scheduler.remove(seq)
+
+    def _fail(self, req: Request, message: str) -> None:
+        req.error = message
+        for seq in req.seqs:
+            if not seq.finished:
+                self._finish(seq, "error")
+        req.finished_time = time.time()
+        self.requests.pop(req.request_id, None)

@@ -1,0 +1,44 @@
+"""The paged KV cache: per-layer K/V tensors `[num_blocks, block_size, Hkv, D]` and the free-block pool."""
+from __future__ import annotations
+
+import torch
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # torch.empty: pages are committed lazily on CPU; stale rows are never read (attention reads < length).
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low block ids first
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def blocks_needed(self, block_table: list[int], num_tokens: int) -> int:
+        """Extra blocks a sequence needs so that `num_tokens` positions fit."""
+        return max(0, -(-num_tokens // self.block_size) - len(block_table))
+
+    def grow(self, block_table: list[int], num_tokens: int) -> bool:
+        """Extend `block_table` in place to hold `num_tokens` positions; False (and no change) if blocks ran out."""
+        need = self.blocks_needed(block_table, num_tokens)
+        if need > len(self._free):
+            return False
+        block_table.extend(self._free.pop() for _ in range(need))
+        return True
+
+    def release(self, block_table: list[int]) -> None:
+        self._free.extend(reversed(block_table))
+        block_table.clear()

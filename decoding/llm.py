@@ -1,0 +1,78 @@
+"""The offline API, shaped like vLLM's: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+from __future__ import annotations
+
+from typing import Sequence as Seq
+
+from tqdm import tqdm
+
+from .config import DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from .engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str = DEFAULT_MODEL, *, decoder: str | None = None,
+                 speculative_config: dict | None = None, dtype: str = "auto", device: str = "auto",
+                 max_model_len: int | None = None, max_num_seqs: int = SchedulerConfig.max_num_seqs,
+                 kv_cache_tokens: int | None = None, block_size: int = CacheConfig.block_size,
+                 trust_remote_code: bool = False, seed: int = 0, config: EngineConfig | None = None):
+        """Either pass the common options, or a whole `EngineConfig` (as `leapserve serve` builds it)."""
+        if config is None:
+            config = EngineConfig(
+                model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len,
+                                  trust_remote_code=trust_remote_code),
+                cache=CacheConfig(block_size=block_size, kv_cache_tokens=kv_cache_tokens),
+                scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
+                speculative_config=speculative_config, seed=seed)
+            if decoder is not None:
+                config.decoder = decoder
+        self.engine = LLMEngine(config)
+        self._counter = 0
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_path(self):
+        return self.engine.model_path
+
+    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 *, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids), batched by the engine; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
+        ids = []
+        for prompt, p in zip(prompts, params_list):
+            token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            request_id = str(self._counter)
+            self._counter += 1
+            self.engine.add_request(request_id, token_ids, p, prompt if isinstance(prompt, str) else None)
+            ids.append(request_id)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
+             *, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                   for c in conversations]
+        token_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        return self.generate(token_ids, params, use_tqdm=use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(request_ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished():
+                for req in self.engine.step():
+                    if req.finished:
+                        done[req.request_id] = req.output()
+                        bar.update(1)
+        return [done[i] for i in request_ids]

@@ -1,0 +1,104 @@
+"""A request and its sequences (one per completion when n > 1), as the scheduler and decoders see them."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer
+from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from .sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: "Request"
+    index: int  # which of the request's n completions
+    token_ids: list[int]  # prompt + generated
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None  # per-sequence RNG when the request has a seed
+    num_computed: int = 0  # leading tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    target_forwards: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def visible_text(self) -> str:
+        """Generated text, minus a tail that could still grow into a stop string."""
+        if self.finished or not self.params.stop:
+            return self.text
+        hold = max(len(s) for s in self.params.stop) - 1
+        return self.text[:max(0, len(self.text) - hold)]
+
+    def completion_output(self) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index, text=self.visible_text(), token_ids=self.output_ids,
+            finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.time)
+    seqs: list[Sequence] = field(default_factory=list)
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or all(s.finished for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        metrics = RequestMetrics(
+            arrival_time=self.arrival_time, first_token_time=self.first_token_time,
+            finished_time=self.finished_time,
+            target_forwards=sum(s.target_forwards for s in self.seqs),
+            draft_tokens=sum(s.draft_tokens for s in self.seqs),
+            accepted_tokens=sum(s.accepted_tokens for s in self.seqs))
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
+            outputs=[s.completion_output() for s in self.seqs], finished=self.finished,
+            metrics=metrics, error=self.error)

@@ -1,0 +1,76 @@
+"""The model runner: executes one packed `[1, T]` forward over many sequences' new tokens; decides nothing."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, register
+from .kv_cache import PagedKVCache
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's new tokens in a forward; their K/V go to cache positions `start`, `start + 1`, ..."""
+    block_table: list[int]
+    start: int  # tokens already in the cache (the kernel's context length)
+    token_ids: list[int]
+    logits_rows: list[int]  # which of `token_ids` need next-token logits
+    positions: list[int] | None = None  # rotary positions; default start..start+n-1 (trees use start + depth)
+    tree_mask: torch.Tensor | None = None  # bool [n, n] over these tokens; None = causal
+    extra: dict = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device):
+        register()
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        self.model = model
+        self.cache = cache
+        self.device = device
+        self.num_forwards = 0
+
+    def _metadata(self, chunks: list[SeqChunk]) -> tuple[AttentionMetadata, torch.Tensor]:
+        bs = self.cache.block_size
+        slots, positions, cu = [], [], [0]
+        for c in chunks:
+            n = len(c.token_ids)
+            pos = range(c.start, c.start + n)
+            slots.extend(c.block_table[p // bs] * bs + p % bs for p in pos)
+            positions.extend(c.positions if c.positions is not None else pos)
+            cu.append(cu[-1] + n)
+        max_blocks = max(len(c.block_table) for c in chunks)
+        tables = [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks]
+        tree_mask = None
+        if any(c.tree_mask is not None for c in chunks):
+            max_q = max(len(c.token_ids) for c in chunks)
+            tree_mask = torch.zeros(cu[-1], max_q, dtype=torch.bool)
+            for c, lo in zip(chunks, cu):
+                n = len(c.token_ids)
+                rows = c.tree_mask if c.tree_mask is not None else torch.ones(n, n, dtype=torch.bool).tril()
+                tree_mask[lo:lo + n, :n] = rows
+            tree_mask = tree_mask.to(self.device)
+
+        def t(x, dtype):
+            return torch.tensor(x, dtype=dtype, device=self.device)
+
+        meta = AttentionMetadata(
+            cache=self.cache, slot_mapping=t(slots, torch.int64), block_tables=t(tables, torch.int32),
+            context_lens=t([c.start for c in chunks], torch.int32), cu_seqlens_q=t(cu, torch.int32),
+            tree_mask=tree_mask)
+        return meta, t(positions, torch.int64)
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        """Run the target over all chunks at once; return float32 logits `[sum(len(logits_rows)), V]`."""
+        meta, positions = self._metadata(chunks)
+        input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64, device=self.device)
+        offsets = [0]
+        for c in chunks:
+            offsets.append(offsets[-1] + len(c.token_ids))
+        rows = torch.tensor([lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows],
+                            dtype=torch.int64, device=self.device)
+        out = self.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
+                         logits_to_keep=rows, leapserve_meta=meta)
+        self.num_forwards += 1
+        return out.logits[0].float()

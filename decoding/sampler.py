@@ -1,0 +1,102 @@
+"""Turns target logits into tokens per sequence: penalties, logits processors, temperature, top-k/top-p, seeds, logprobs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .outputs import Logprob
+from .request import Sequence
+
+
+class SequenceError(RuntimeError):
+    """Processing one sequence failed (e.g. its logits processor raised); only its request should fail."""
+
+    def __init__(self, seq: Sequence, cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.seq = seq
+
+
+def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """OpenAI presence/frequency penalties over the tokens generated so far."""
+    p = seq.params
+    if not (p.presence_penalty or p.frequency_penalty) or seq.num_output == 0:
+        return logits
+    counts = torch.bincount(torch.tensor(seq.output_ids, device=logits.device), minlength=logits.shape[-1])
+    counts = counts[: logits.shape[-1]].to(logits.dtype)
+    return logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def processed_logits(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """Logits after penalties and the request's logits processors (what greedy takes the argmax of)."""
+    logits = apply_penalties(logits, seq)
+    for proc in seq.params.logits_processors:
+        try:
+            logits = proc(seq.request.prompt_token_ids, seq.output_ids, logits)
+        except Exception as e:
+            raise SequenceError(seq, e) from e
+    return logits
+
+
+def target_probs(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """The distribution sampling draws from: temperature, then top-k, then top-p (nucleus) truncation."""
+    p = seq.params
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_probs, dim=-1)
+        drop = cum - sorted_probs > p.top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs /= probs.sum()
+    return probs
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One sample from `probs` (exponential race, so a seeded generator gives the same token on any batch)."""
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return int(torch.argmax(probs / noise))
+
+
+@dataclass
+class Sample:
+    token_id: int
+    logprobs: dict[int, Logprob] | None
+
+
+class Sampler:
+    def __init__(self, tokenizer, generator: torch.Generator):
+        self.tokenizer = tokenizer
+        self.generator = generator  # shared RNG for requests without a seed
+
+    def _logprobs(self, raw_logits: torch.Tensor, token_id: int, k: int) -> dict[int, Logprob]:
+        """The model's log-probabilities (before any processing) of the chosen token and the top k."""
+        logp = torch.log_softmax(raw_logits, dim=-1)
+        chosen = float(logp[token_id])
+        out = {token_id: Logprob(chosen, int((logp > chosen).sum()) + 1, self.tokenizer.decode([token_id]))}
+        if k:
+            top = torch.topk(logp, k)
+            for rank, (lp, tid) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1):
+                out.setdefault(tid, Logprob(lp, rank, self.tokenizer.decode([tid])))
+        return out
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample | SequenceError]:
+        """One next token per row of `logits` `[N, V]` (row i belongs to `seqs[i]`); a failing row yields its error."""
+        samples: list[Sample | SequenceError] = []
+        for raw, seq in zip(logits, seqs):
+            try:
+                processed = processed_logits(raw, seq)
+            except SequenceError as e:
+                samples.append(e)
+                continue
+            if seq.params.greedy:
+                token = int(torch.argmax(processed))
+            else:
+                token = draw(target_probs(processed, seq), seq.generator or self.generator)
+            k = seq.params.logprobs
+            samples.append(Sample(token, None if k is None else self._logprobs(raw, token, k)))
+        return samples

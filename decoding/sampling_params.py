@@ -1,0 +1,71 @@
+"""Per-request sampling parameters, shaped like vLLM's `SamplingParams`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+# (prompt_token_ids, output_token_ids, logits [V]) -> logits; applied before temperature and truncation
+LogitsProcessor = Callable[[list[int], list[int], torch.Tensor], torch.Tensor]
+MAX_N = 16
+MAX_LOGPROBS = 20
+
+
+class InvalidRequestError(ValueError):
+    """A request parameter is out of range; `param` names it (maps to HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    max_tokens: int | None = 16  # None: up to max_model_len
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # None: off; k: the sampled token's logprob plus the top k
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    def validate(self) -> None:
+        def bad(cond: bool, param: str, msg: str) -> None:
+            if cond:
+                raise InvalidRequestError(msg, param)
+
+        bad(not 1 <= self.n <= MAX_N, "n", f"n must be between 1 and {MAX_N}, got {self.n}")
+        bad(self.max_tokens is not None and self.max_tokens < 1, "max_tokens",
+            f"max_tokens must be at least 1, got {self.max_tokens}")
+        bad(not 0.0 <= self.temperature <= 2.0, "temperature",
+            f"temperature must be between 0 and 2, got {self.temperature}")
+        bad(not 0.0 < self.top_p <= 1.0, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        bad(self.top_k < 0, "top_k", f"top_k must be -1 (off) or at least 1, got {self.top_k}")
+        bad(not -2.0 <= self.presence_penalty <= 2.0, "presence_penalty",
+            f"presence_penalty must be between -2 and 2, got {self.presence_penalty}")
+        bad(not -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
+            f"frequency_penalty must be between -2 and 2, got {self.frequency_penalty}")
+        bad(self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
+            f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+        bad(any(not s for s in self.stop), "stop", "stop strings must not be empty")

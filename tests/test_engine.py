@@ -1,0 +1,152 @@
+"""The engine against transformers' generate: greedy outputs identical token for token, alone and batched."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from leapserve.decoding import LLM, SamplingParams
+from leapserve.decoding.model_loader import resolve_model
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away, there lived a dragon who",
+    "1, 2, 3,",
+    "Explain why the sky is blue. The sky appears blue because sunlight is scattered by the molecules of the air, "
+    "and shorter wavelengths scatter more strongly than longer ones, so",
+]
+
+
+def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_model_dir):
+    return LLM(str(tiny_model_dir), kv_cache_tokens=4096, max_model_len=512)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def test_tiny_greedy_equals_transformers_alone_and_batched(tiny_llm, tiny_hf):
+    params = SamplingParams(temperature=0, max_tokens=24)
+    expected = [hf_greedy(tiny_hf, tiny_llm.tokenizer, p, 24) for p in PROMPTS]
+    for prompt, want in zip(PROMPTS, expected):
+        assert tiny_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == want
+    # All prompts together (different lengths, prefill mixed with decode), and with different max_tokens.
+    batched = tiny_llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in batched] == expected
+    mixed = tiny_llm.generate(PROMPTS, [SamplingParams(temperature=0, max_tokens=4 + 5 * i) for i in range(5)],
+                              use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in mixed] == [e[:4 + 5 * i] for i, e in enumerate(expected)]
+
+
+def test_preemption_and_chunked_prefill_keep_outputs(tiny_model_dir, tiny_llm):
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in tiny_llm.generate(PROMPTS, params, use_tqdm=False)]
+    # 8 blocks of 16 tokens cannot hold five 50-90 token sequences at once: the scheduler must preempt.
+    small = LLM(str(tiny_model_dir), kv_cache_tokens=128, max_model_len=128)
+    small.engine.config.scheduler.max_num_batched_tokens = 7  # prompts are prefilled in chunks of <= 7 tokens
+    got = small.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == want
+    assert small.engine.scheduler.num_preemptions > 0
+    assert small.engine.cache.num_free_blocks == small.engine.cache.num_blocks
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch(tiny_llm):
+    p = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = tiny_llm.generate(PROMPTS[0], p, use_tqdm=False)[0].outputs[0].token_ids
+    again = tiny_llm.generate(PROMPTS[0], p, use_tqdm=False)[0].outputs[0].token_ids
+    batched = tiny_llm.generate(PROMPTS, p, use_tqdm=False)[0].outputs[0].token_ids
+    other = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=99, max_tokens=16, ignore_eos=True)
+    assert alone == again == batched
+    assert tiny_llm.generate(PROMPTS[0], other, use_tqdm=False)[0].outputs[0].token_ids != alone
+
+
+def test_n_stop_strings_stop_tokens_and_logprobs(tiny_llm):
+    greedy = tiny_llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                               use_tqdm=False)[0].outputs[0]
+    # A stop string taken from the middle of the greedy text cuts the output right before it.
+    stop = greedy.text[len(greedy.text) // 2:len(greedy.text) // 2 + 3]
+    cut = tiny_llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == greedy.text[:greedy.text.index(stop)]
+    kept = tiny_llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=30, stop=stop, ignore_eos=True,
+                                                        include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    assert kept.text == greedy.text[:greedy.text.index(stop) + len(stop)]
+    # A stop token id ends generation with that token as the last one.
+    token = greedy.token_ids[5]
+    by_id = tiny_llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[token],
+                                                         ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert by_id.token_ids == greedy.token_ids[:greedy.token_ids.index(token) + 1]
+    assert by_id.finish_reason == "stop" and by_id.stop_reason == token
+    assert greedy.finish_reason == "length" and len(greedy.token_ids) == 30
+    # n > 1 with logprobs: n independent samples, each token's logprob and the top-3 alternatives.
+    out = tiny_llm.generate(PROMPTS[0], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, logprobs=3,
+                                                       ignore_eos=True), use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    for c in out.outputs:
+        assert len(c.logprobs) == len(c.token_ids) == 8
+        for tok, lp in zip(c.token_ids, c.logprobs):
+            assert tok in lp and 3 <= len(lp) <= 4 and lp[tok].logprob <= 0
+            assert sorted(v.rank for t, v in lp.items() if t != tok or v.rank <= 3)[:3] == [1, 2, 3]
+
+
+def test_penalties_change_greedy_output(tiny_llm):
+    base = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    plain = tiny_llm.generate(PROMPTS[3], base, use_tqdm=False)[0].outputs[0].token_ids
+    pen = tiny_llm.generate(PROMPTS[3], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                       frequency_penalty=2.0, presence_penalty=2.0),
+                            use_tqdm=False)[0].outputs[0].token_ids
+    assert len(set(pen)) >= len(set(plain)) and pen != plain
+
+
+def test_failing_request_does_not_harm_others(tiny_llm):
+    def boom(prompt_ids, output_ids, logits):
+        if len(output_ids) == 3:
+            raise RuntimeError("processor exploded")
+        return logits
+
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in tiny_llm.generate(PROMPTS[:3], params, use_tqdm=False)]
+    bad = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logits_processors=[boom])
+    got = tiny_llm.generate(PROMPTS[:3], [params, bad, params], use_tqdm=False)
+    assert "processor exploded" in got[1].error
+    assert got[0].outputs[0].token_ids == want[0] and got[2].outputs[0].token_ids == want[2]
+    assert tiny_llm.engine.cache.num_free_blocks == tiny_llm.engine.cache.num_blocks
+
+
+def test_incremental_detokenization_never_splits_characters(tiny_llm):
+    tok = tiny_llm.tokenizer
+    from leapserve.decoding.detokenizer import IncrementalDetokenizer
+
+    text = "Grüße 👋🏽 — 日本語のテキスト, naïve café ✓"
+    ids = tok.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, tok.encode("Say:", add_special_tokens=False))
+    pieces = [detok.add(t) for t in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + detok.flush() == tok.decode(ids)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_transformers():
+    llm = LLM("smollm2-135m-instruct", max_model_len=1024, kv_cache_tokens=4096)
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m-instruct"), dtype=torch.float32).eval()
+    prompts = PROMPTS[:3]
+    expected = [hf_greedy(hf, llm.tokenizer, p, 20) for p in prompts]
+    params = SamplingParams(temperature=0, max_tokens=20)
+    assert [llm.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts] == expected
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+    chat = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                    SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0]
+    assert "Paris" in chat.text
