@@ -1,0 +1,74 @@
+"""Output tokens/s of the leapserve engine against transformers' `generate`, same model, prompts and run.
+
+    python -m leapserve.benchmarks.engine_vs_hf --model smollm2-135m-instruct --max-tokens 64 --batch-sizes 1,8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from leapserve.decoding import LLM, SamplingParams
+
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a bicycle stays upright while moving.",
+    "List five tips for writing clear Python code.",
+    "What causes the seasons on Earth?",
+    "Describe the water cycle to a ten-year-old.",
+    "Why do cats purr?",
+    "Summarise the plot of Romeo and Juliet in a paragraph.",
+    "How does a refrigerator keep food cold?",
+]
+
+
+def hf_tokens_per_s(model, tokenizer, prompts: list[str], max_tokens: int) -> float:
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    elapsed = time.perf_counter() - start
+    return (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts) / elapsed
+
+
+def engine_tokens_per_s(llm: LLM, prompts: list[str], max_tokens: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--repeats", type=int, default=3, help="best of N for each figure")
+    args = ap.parse_args()
+    llm = LLM(args.model, kv_cache_tokens=8192, max_model_len=2048)
+    hf = AutoModelForCausalLM.from_pretrained(llm.model_path, dtype=torch.float32).eval()
+    engine_tokens_per_s(llm, PROMPTS[:1], 8)  # warm-up both
+    hf_tokens_per_s(hf, llm.tokenizer, PROMPTS[:1], 8)
+    rows = []
+    for bs in map(int, args.batch_sizes.split(",")):
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(bs)]
+        eng = max(engine_tokens_per_s(llm, prompts, args.max_tokens) for _ in range(args.repeats))
+        ref = max(hf_tokens_per_s(hf, llm.tokenizer, prompts, args.max_tokens) for _ in range(args.repeats))
+        rows.append({"batch": bs, "engine_tok_s": round(eng, 2), "hf_generate_tok_s": round(ref, 2),
+                     "speedup": round(eng / ref, 3)})
+    print("| batch | leapserve tok/s | transformers generate tok/s | ratio |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['engine_tok_s']} | {r['hf_generate_tok_s']} | {r['speedup']} |")
+    print(json.dumps({"model": args.model, "max_tokens": args.max_tokens, "threads": torch.get_num_threads(),
+                      "machine": platform.platform(), "torch": torch.__version__, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
