@@ -45,12 +45,33 @@ def engine_tokens_per_s(llm: LLM, prompts: list[str], max_tokens: int) -> float:
     return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
 
 
+def step_breakdown(llm: LLM, prompts: list[str], max_tokens: int) -> dict[str, float]:
+    """Where a generation's time goes, per engine step: matmuls, paged attention, and everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    forwards = llm.engine.runner.num_forwards
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+    steps = llm.engine.runner.num_forwards - forwards
+    totals = {e.key: e.cpu_time_total for e in prof.key_averages()}
+    matmul = totals.get("aten::linear", 0.0) / 1e3
+    attention = totals.get("leapserve.attention", 0.0) / 1e3
+    per_step = wall * 1e3 / steps
+    return {"steps": steps, "ms_per_step": round(per_step, 2), "matmul_ms": round(matmul / steps, 2),
+            "attention_ms": round(attention / steps, 2),
+            "other_ms": round(per_step - (matmul + attention) / steps, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--repeats", type=int, default=3, help="best of N for each figure")
+    ap.add_argument("--profile", action="store_true", help="also split an engine step into matmul/attention/other")
     args = ap.parse_args()
     llm = LLM(args.model, kv_cache_tokens=8192, max_model_len=2048)
     hf = AutoModelForCausalLM.from_pretrained(llm.model_path, dtype=torch.float32).eval()
@@ -63,9 +84,16 @@ def main() -> None:
         ref = max(hf_tokens_per_s(hf, llm.tokenizer, prompts, args.max_tokens) for _ in range(args.repeats))
         rows.append({"batch": bs, "engine_tok_s": round(eng, 2), "hf_generate_tok_s": round(ref, 2),
                      "speedup": round(eng / ref, 3)})
+        if args.profile:
+            rows[-1]["step_breakdown"] = step_breakdown(llm, prompts, args.max_tokens)
     print("| batch | leapserve tok/s | transformers generate tok/s | ratio |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['engine_tok_s']} | {r['hf_generate_tok_s']} | {r['speedup']} |")
+    if args.profile:
+        print("\n| batch | ms/step (profiled) | matmuls | attention | other ops + Python |\n|---|---|---|---|---|")
+        for r in rows:
+            b = r["step_breakdown"]
+            print(f"| {r['batch']} | {b['ms_per_step']} | {b['matmul_ms']} | {b['attention_ms']} | {b['other_ms']} |")
     print(json.dumps({"model": args.model, "max_tokens": args.max_tokens, "threads": torch.get_num_threads(),
                       "machine": platform.platform(), "torch": torch.__version__, "rows": rows}))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -37,9 +38,10 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     meta = leapserve_meta
     layer = module.layer_idx
     k_cache, v_cache = meta.cache.k[layer], meta.cache.v[layer]
-    write_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, meta.slot_mapping)
-    out = tree_attention(query[0].transpose(0, 1), k_cache, v_cache, meta.block_tables, meta.context_lens,
-                         meta.cu_seqlens_q, meta.tree_mask, scaling)
+    with record_function("leapserve.attention"):  # lets profilers split a step into attention / matmul / rest
+        write_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, meta.slot_mapping)
+        out = tree_attention(query[0].transpose(0, 1), k_cache, v_cache, meta.block_tables, meta.context_lens,
+                             meta.cu_seqlens_q, meta.tree_mask, scaling)
     return out.unsqueeze(0), None
 
 

@@ -1,0 +1,4 @@
+"""`python -m leapserve.server` runs the `leapserve` command line."""
+from .cli import main
+
+main()

@@ -1,0 +1,475 @@
+"""The OpenAI-compatible server, end to end: a real `leapserve serve` subprocess on a tiny random Llama,
+spoken to with the `openai` client and raw httpx."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fault_injection import POISON_AFTER, POISON_PREFIX, SLOW_PREFIX, SLOW_SECONDS
+
+TESTS_DIR = Path(__file__).resolve().parent
+API_KEY = "test-key"
+MODEL = "tiny"
+MAX_MODEL_LEN = 256
+PROMPT = "The quick brown fox"
+IGNORE_EOS = {"ignore_eos": True}  # fixed-length completions from a random model
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(model_dir: Path, log_path: Path, *extra_args: str, startup_timeout: float = 120) -> Iterator[str]:
+    """`leapserve serve` in a subprocess; yields its base URL once /health answers, stops it afterwards."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "leapserve.server.cli", "serve", "--model", str(model_dir),
+           "--served-model-name", MODEL, "--port", str(port), "--api-key", API_KEY,
+           "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning",
+           "--logits-processors", "fault_injection:fail_if_poisoned,fault_injection:delay_if_slow", *extra_args]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))}
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=TESTS_DIR.parent)
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while not _healthy(url):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"server did not come up (exit code {proc.poll()}); log:\n{log_path.read_text()}")
+                time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with running_server(tiny_model_dir, log, "--kv-cache-tokens", "16384", "--max-num-seqs", "32",
+                        "--max-waiting-requests", "64") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
+
+
+def post(url: str, path: str, body: dict | bytes, *, key: str | None = API_KEY, timeout: float = 60) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, bytes):
+        return httpx.post(url + path, content=body, headers={**headers, "Content-Type": "application/json"},
+                          timeout=timeout)
+    return httpx.post(url + path, json=body, headers=headers, timeout=timeout)
+
+
+def assert_error(resp: httpx.Response, status: int, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["type"] == type
+    assert error["param"] == param
+    assert error["code"] == code
+    return error
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_until_idle(url: str, timeout: float) -> dict:
+    """Poll /metrics until no request runs or waits and the KV cache is empty; return the last scrape."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(url)
+        if all(metric(samples, f"leapserve:{name}") == 0
+               for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")):
+            return samples
+        assert time.monotonic() < deadline, f"engine still busy after {timeout} s: {samples}"
+        time.sleep(0.05)
+
+
+def sse_events(resp: httpx.Response) -> list[str]:
+    return [line[len("data: "):] for line in resp.text.splitlines() if line.startswith("data: ")]
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+def test_health_models_and_metrics_endpoints(server, client):
+    assert httpx.get(f"{server}/health").status_code == 200  # no key needed outside /v1
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    resp = httpx.get(f"{server}/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    for name in ("request_success_total", "request_failure_total", "prompt_tokens_total", "generation_tokens_total",
+                 "time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+                 "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total"):
+        assert f"leapserve:{name}" in resp.text
+
+
+def test_completion_usage_and_greedy_determinism(client, tokenizer):
+    kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=0, extra_body=IGNORE_EOS)
+    first = client.completions.create(**kwargs)
+    (choice,) = first.choices
+    assert first.object == "text_completion" and first.model == MODEL and first.id.startswith("cmpl-")
+    assert choice.index == 0 and choice.finish_reason == "length" and choice.text
+    assert first.usage.prompt_tokens == len(tokenizer.encode(PROMPT))
+    assert first.usage.completion_tokens == len(choice.logprobs.tokens) == 8
+    assert first.usage.total_tokens == first.usage.prompt_tokens + 8
+    assert client.completions.create(**kwargs).choices[0].text == choice.text
+
+
+def test_prompt_forms_and_choice_indexing(client, tokenizer):
+    other = "Once upon a time"
+    greedy = dict(model=MODEL, max_tokens=6, temperature=0, extra_body=IGNORE_EOS)
+    text_a = client.completions.create(prompt=PROMPT, **greedy).choices[0].text
+    text_b = client.completions.create(prompt=other, **greedy).choices[0].text
+    ids_a, ids_b = tokenizer.encode(PROMPT), tokenizer.encode(other)
+    assert client.completions.create(prompt=ids_a, **greedy).choices[0].text == text_a
+    for prompts in ([PROMPT, other], [ids_a, ids_b]):
+        resp = client.completions.create(prompt=prompts, n=2, **greedy)
+        assert [c.index for c in resp.choices] == [0, 1, 2, 3]  # prompt i, sample j -> i * n + j
+        assert [c.text for c in resp.choices] == [text_a, text_a, text_b, text_b]
+        assert resp.usage.prompt_tokens == len(ids_a) + len(ids_b)
+        assert resp.usage.completion_tokens == 4 * 6
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, top_p=0.9, seed=1234, n=3,
+                  extra_body=IGNORE_EOS)
+    texts = [c.text for c in client.completions.create(**kwargs).choices]
+    assert [c.text for c in client.completions.create(**kwargs).choices] == texts
+    assert len(set(texts)) > 1  # each of the n samples draws its own tokens
+
+
+def test_completion_stream_matches_non_streaming(client):
+    kwargs = dict(model=MODEL, prompt=[PROMPT, "Hello"], n=2, max_tokens=7, temperature=0, logprobs=2,
+                  extra_body=IGNORE_EOS)
+    full = client.completions.create(**kwargs)
+    texts, tokens, offsets, finish = {}, {}, {}, {}
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    for chunk in chunks[:-1]:
+        assert chunk.usage is None
+        (c,) = chunk.choices
+        texts[c.index] = texts.get(c.index, "") + c.text
+        tokens.setdefault(c.index, []).extend(c.logprobs.tokens)
+        offsets.setdefault(c.index, []).extend(c.logprobs.text_offset)
+        if c.finish_reason:
+            finish[c.index] = c.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    for c in full.choices:
+        assert texts[c.index] == c.text
+        assert tokens[c.index] == c.logprobs.tokens
+        assert offsets[c.index] == c.logprobs.text_offset
+        assert finish[c.index] == c.finish_reason == "length"
+
+
+def test_completion_logprobs(client):
+    resp = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3,
+                                     extra_body=IGNORE_EOS)
+    lp = resp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert "".join(lp.tokens) == resp.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and len(top) == 3
+        assert top[token] == logprob == max(top.values())  # greedy picks the most likely token
+
+
+def _chat_prompt_len(tokenizer, messages: list[dict]) -> int:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_chat_completion_and_stream(client, tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    kwargs = dict(model=MODEL, messages=messages, max_completion_tokens=8, temperature=0, extra_body=IGNORE_EOS)
+    full = client.chat.completions.create(**kwargs)
+    (choice,) = full.choices
+    assert full.object == "chat.completion" and full.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant" and choice.message.content and choice.finish_reason == "length"
+    assert full.usage.prompt_tokens == _chat_prompt_len(tokenizer, messages)
+    assert full.usage.completion_tokens == 8
+
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == choice.message.content
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+
+    as_parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+    parts = client.chat.completions.create(**{**kwargs, "messages": as_parts})
+    assert parts.choices[0].message.content == choice.message.content
+
+
+def test_chat_max_tokens_and_n(client):
+    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          n=2, temperature=0.8, seed=5, extra_body=IGNORE_EOS)
+    assert [c.index for c in resp.choices] == [0, 1]
+    assert resp.usage.completion_tokens == 6
+
+
+def test_chat_logprobs(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=5, temperature=0,
+                  logprobs=True, top_logprobs=2, extra_body=IGNORE_EOS)
+    resp = client.chat.completions.create(**kwargs)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == 5
+    assert "".join(t.token for t in content) == resp.choices[0].message.content
+    for t in content:
+        assert t.bytes == list(t.token.encode()) and t.logprob <= 0
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+        assert t.top_logprobs[0].token == t.token  # greedy
+    streamed = [t for chunk in client.chat.completions.create(stream=True, **kwargs)
+                if chunk.choices and chunk.choices[0].logprobs for t in chunk.choices[0].logprobs.content]
+    assert streamed == content
+
+
+def test_stop_strings(client):
+    greedy = dict(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, extra_body=IGNORE_EOS)
+    text = client.completions.create(**greedy).choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    cut = text.find(stop)
+    resp = client.completions.create(stop=stop, **greedy)
+    assert resp.choices[0].text == text[:cut] and resp.choices[0].finish_reason == "stop"
+    kept = client.completions.create(stop=["never-generated", stop], **{**greedy, "extra_body": {
+        **IGNORE_EOS, "include_stop_str_in_output": True}})
+    assert kept.choices[0].text == text[:cut + len(stop)]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stop=stop, stream=True, **greedy))
+    assert streamed == text[:cut]
+
+
+# ---------------------------------------------------------------- errors
+
+
+LONG_PROMPT = [100] * (MAX_MODEL_LEN + 10)
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+COMPLETION = {"model": MODEL, "prompt": "Hi"}
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {**COMPLETION, "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": -3}, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": "ten"}, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "temperature": 2.5}, "temperature"),
+    ("/v1/completions", {**COMPLETION, "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {**COMPLETION, "top_p": 0}, "top_p"),
+    ("/v1/completions", {**COMPLETION, "n": 100}, "n"),
+    ("/v1/completions", {**COMPLETION, "logprobs": 50}, "logprobs"),
+    ("/v1/completions", {**COMPLETION, "stop": [""]}, "stop"),
+    ("/v1/completions", {**COMPLETION, "stream": "yes please"}, "stream"),
+    ("/v1/completions", {"model": MODEL}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": ""}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": []}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": [1, "a"]}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": [10**9]}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": LONG_PROMPT}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": [100] * 200, "max_tokens": 100}, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "prompt": LONG_PROMPT, "stream": True}, "prompt"),
+    ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
+    ("/v1/chat/completions", {"model": MODEL}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "Hi"}]}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x " * 300}]}, "prompt"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "n": 0}, "n"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "temperature": -1, "stream": True}, "temperature"),
+])
+def test_invalid_requests_get_400(server, path, body, param):
+    assert_error(post(server, path, body), 400, param=param)
+
+
+def test_malformed_json_gets_400(server):
+    assert_error(post(server, "/v1/completions", b'{"model": "tiny", "prompt": '), 400)
+    assert_error(post(server, "/v1/chat/completions", b"[1, 2]"), 400)
+
+
+def test_invalid_request_through_openai_client(client):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=-1)
+    assert exc.value.status_code == 400 and exc.value.body["param"] == "max_tokens"
+
+
+def test_api_key(server, client):
+    for key in (None, "wrong-key"):
+        assert_error(post(server, "/v1/completions", COMPLETION, key=key), 401, code="invalid_api_key")
+        assert httpx.get(f"{server}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong-key", max_retries=0).models.list()
+
+
+def test_unknown_model_gets_404(server, client):
+    for path, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)):
+        assert_error(post(server, path, {**body, "model": "gpt-4"}), 404, param="model", code="model_not_found")
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="Hi")
+
+
+def test_unknown_route_and_wrong_method(server):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    assert_error(httpx.get(f"{server}/v1/embeddings", headers=headers), 404)
+    assert_error(httpx.get(f"{server}/nowhere"), 404)
+    assert_error(httpx.get(f"{server}/v1/completions", headers=headers), 405)
+
+
+def test_engine_failure_fails_only_that_request(server, client):
+    """A request failing inside the engine gets a 500 (or an error event when streaming); others are unaffected."""
+    poisoned = {**COMPLETION, "prompt": POISON_PREFIX + [100, 200], "max_tokens": 10, "temperature": 0}
+    failures_before = metric(scrape(server), "leapserve:request_failure_total")
+
+    def normal(i: int) -> str:
+        return client.completions.create(model=MODEL, prompt=f"{PROMPT} {i}", max_tokens=12,
+                                         extra_body=IGNORE_EOS).choices[0].finish_reason
+
+    with ThreadPoolExecutor(6) as pool:
+        normals = [pool.submit(normal, i) for i in range(4)]
+        failed = pool.submit(post, server, "/v1/completions", poisoned)
+        streamed = pool.submit(post, server, "/v1/completions", {**poisoned, "stream": True})
+        assert [f.result() for f in normals] == ["length"] * 4
+        assert_error(failed.result(), 500, type="server_error")
+        stream = streamed.result()
+
+    assert stream.status_code == 200  # the failure came after the stream had started
+    events = sse_events(stream)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "poisoned" in error["message"]
+    assert len(events) - 2 == POISON_AFTER  # the chunks sent before the failure
+    with pytest.raises(openai.APIError, match="poisoned"):
+        list(client.completions.create(model=MODEL, prompt=POISON_PREFIX + [5], max_tokens=10, stream=True))
+
+    assert metric(scrape(server), "leapserve:request_failure_total") == failures_before + 3
+    assert normal(99) == "length"  # still serving
+
+
+# ---------------------------------------------------------------- load, disconnects, metrics
+
+
+def test_queue_full_gets_503_with_retry_after(tiny_model_dir, tmp_path):
+    with running_server(tiny_model_dir, tmp_path / "server.log", "--kv-cache-tokens", "4096",
+                        "--max-num-seqs", "1", "--max-waiting-requests", "1") as url:
+        slow = {**COMPLETION, "prompt": SLOW_PREFIX + [100], "max_tokens": 25, **IGNORE_EOS}
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(lambda _: post(url, "/v1/completions", slow), range(6)))
+        codes = sorted(r.status_code for r in responses)
+        assert 200 in codes and 503 in codes and set(codes) == {200, 503}, codes
+        for r in responses:
+            if r.status_code == 503:
+                assert_error(r, 503, type="server_error", code="queue_full")
+                assert int(r.headers["Retry-After"]) >= 1
+        assert post(url, "/v1/completions", {**COMPLETION, "max_tokens": 3}).status_code == 200
+
+
+def test_client_disconnect_aborts_and_frees_kv_blocks(server):
+    """Closing a stream (or a non-streaming request) early aborts it in the engine; its KV blocks are freed."""
+    long_request = {**COMPLETION, "prompt": SLOW_PREFIX + [100], "max_tokens": 200, **IGNORE_EOS}
+    aborted_before = metric(scrape(server), "leapserve:request_success_total", finished_reason="abort")
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{server}/v1/completions", json={**long_request, "stream": True}, headers=headers,
+                      timeout=30) as resp:
+        lines = resp.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        busy = scrape(server)
+        assert metric(busy, "leapserve:num_requests_running") == 1
+        assert metric(busy, "leapserve:kv_cache_usage_perc") > 0
+    # 200 tokens take >= 200 * SLOW_SECONDS = 4 s unless aborted
+    samples = wait_until_idle(server, timeout=200 * SLOW_SECONDS / 2)
+    assert metric(samples, "leapserve:request_success_total", finished_reason="abort") == aborted_before + 1
+
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, "/v1/completions", long_request, timeout=0.5)
+    samples = wait_until_idle(server, timeout=200 * SLOW_SECONDS / 2)
+    assert metric(samples, "leapserve:request_success_total", finished_reason="abort") == aborted_before + 2
+
+
+def test_concurrent_streams_match_sequential_outputs(server):
+    """32 concurrent greedy streams each equal the same request served alone, with correct usage."""
+    prompts = [f"Story number {i}: once upon a time" for i in range(32)]
+    aclient = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    kwargs = dict(model=MODEL, max_tokens=12, temperature=0, extra_body=IGNORE_EOS)
+
+    async def stream(prompt: str) -> tuple[str, openai.types.CompletionUsage]:
+        chunks = [c async for c in await aclient.completions.create(
+            prompt=prompt, stream=True, stream_options={"include_usage": True}, **kwargs)]
+        return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage
+
+    async def run_all() -> list:
+        try:
+            return await asyncio.gather(*(stream(p) for p in prompts))
+        finally:
+            await aclient.close()
+
+    results = asyncio.run(run_all())
+    with openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0) as client:
+        for prompt, (text, usage) in zip(prompts, results):
+            alone = client.completions.create(prompt=prompt, **kwargs)
+            assert text == alone.choices[0].text
+            assert usage == alone.usage and usage.completion_tokens == 12
+
+
+def test_metrics_count_requests(server, client, tokenizer):
+    messages = [{"role": "user", "content": "Hi"}]
+    before = scrape(server)
+    resp = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, extra_body=IGNORE_EOS)
+    list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0, stream=True,
+                                        extra_body=IGNORE_EOS))
+    after = scrape(server)
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("leapserve:request_success_total", finished_reason="length") == 2
+    assert delta("leapserve:prompt_tokens_total") == resp.usage.prompt_tokens + _chat_prompt_len(tokenizer, messages)
+    assert delta("leapserve:generation_tokens_total") == 5 + 4
+    assert delta("leapserve:time_to_first_token_seconds_count") == 2
+    assert delta("leapserve:e2e_request_latency_seconds_count") == 2
+    # one gap per new output: fewer than tokens - 1 if a decoder commits several tokens per step
+    assert 0 < delta("leapserve:inter_token_latency_seconds_count") <= (5 - 1) + (4 - 1)
+    assert delta("leapserve:request_failure_total") == 0
