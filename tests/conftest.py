@@ -10,6 +10,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET when it is first imported (transformers may import it), so set it here, before any
+# test module: without a GPU the Triton kernels run in the interpreter; with one they run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def save_tiny_llama(path: Path, tokenizer, *, layers: int = 2, hidden: int = 64, heads: int = 2,
                     kv_heads: int = 1, seed: int = 0) -> Path:

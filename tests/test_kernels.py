@@ -1,21 +1,15 @@
 """leapserve.kernels: Triton kernels and PyTorch references against naive float64 oracles.
 
-Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before any kernel
-module is imported); with one they run compiled on CUDA tensors. Every case poisons what must not be read or
+Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py before
+anything imports triton); with one they run compiled on CUDA tensors. Every case poisons what must not be read or
 written: unused cache slots and padding blocks hold NaN, outputs start as NaN, tree-mask columns past a
 sequence's own new tokens hold random bits.
 """
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 import importlib.util
 import itertools
+import os
 import random
 import subprocess
 import sys
@@ -23,6 +17,7 @@ import textwrap
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 import leapserve.kernels as kernels
 from leapserve.kernels import reference
