@@ -1,7 +1,8 @@
 """Routes transformers' attention through leapserve's paged tree-attention kernels.
 
 `AttentionMetadata` is built once per step and handed to the model as a keyword argument; every attention layer
-writes its new K/V into the paged cache by slot and attends through `leapserve.kernels.tree_attention`.
+writes its new K/V into the paged cache by slot and attends through `leapserve.kernels` (an `AttentionStep`, which
+runs the Triton kernels on CUDA and the PyTorch reference on CPU).
 """
 from __future__ import annotations
 
@@ -12,21 +13,20 @@ from torch.profiler import record_function
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from leapserve.kernels import tree_attention, write_kv
+from leapserve.kernels import AttentionStep
 
 from .kv_cache import PagedKVCache
 
 ATTN_IMPLEMENTATION = "leapserve"
+# Mark attention as a "leapserve.attention" range for torch.profiler (benchmarks turn this on: entering a
+# record_function costs tens of microseconds per layer even when no profiler is running).
+PROFILE = False
 
 
 @dataclass
 class AttentionMetadata:
     cache: PagedKVCache
-    slot_mapping: torch.Tensor  # int64 [T]: flat cache slot of each new token
-    block_tables: torch.Tensor  # int32 [B, max_blocks]
-    context_lens: torch.Tensor  # int32 [B]: tokens in the cache before this step
-    cu_seqlens_q: torch.Tensor  # int32 [B+1]
-    tree_mask: torch.Tensor | None = None  # bool [T, max_q]; None = causal
+    step: AttentionStep  # slot mapping, block tables, lengths, tree mask: checked and planned once per step
 
 
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -38,11 +38,18 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     meta = leapserve_meta
     layer = module.layer_idx
     k_cache, v_cache = meta.cache.k[layer], meta.cache.v[layer]
-    with record_function("leapserve.attention"):  # lets profilers split a step into attention / matmul / rest
-        write_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, meta.slot_mapping)
-        out = tree_attention(query[0].transpose(0, 1), k_cache, v_cache, meta.block_tables, meta.context_lens,
-                             meta.cu_seqlens_q, meta.tree_mask, scaling)
+    if PROFILE:
+        with record_function("leapserve.attention"):
+            out = _attend(meta, query, key, value, k_cache, v_cache, scaling)
+    else:
+        out = _attend(meta, query, key, value, k_cache, v_cache, scaling)
     return out.unsqueeze(0), None
+
+
+def _attend(meta: AttentionMetadata, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            k_cache: torch.Tensor, v_cache: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    meta.step.write_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache)
+    return meta.step.attend(query[0].transpose(0, 1), k_cache, v_cache, scaling)
 
 
 def _no_mask(*args, **kwargs) -> None:

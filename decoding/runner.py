@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from leapserve.kernels import AttentionStep
+
 from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, register
 from .kv_cache import PagedKVCache
 
@@ -54,11 +56,9 @@ class ModelRunner:
         def t(x, dtype):
             return torch.tensor(x, dtype=dtype, device=self.device)
 
-        meta = AttentionMetadata(
-            cache=self.cache, slot_mapping=t(slots, torch.int64), block_tables=t(tables, torch.int32),
-            context_lens=t([c.start for c in chunks], torch.int32), cu_seqlens_q=t(cu, torch.int32),
-            tree_mask=tree_mask)
-        return meta, t(positions, torch.int64)
+        step = AttentionStep(t(slots, torch.int64), t(tables, torch.int32), t([c.start for c in chunks], torch.int32),
+                             t(cu, torch.int32), tree_mask, bs)
+        return AttentionMetadata(self.cache, step), t(positions, torch.int64)
 
     @torch.inference_mode()
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:

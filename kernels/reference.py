@@ -1,11 +1,15 @@
 """PyTorch implementations of the three kernels: the test oracle's twin, and the production path on CPU.
 
-`tree_attention` gathers each sequence's K/V through its block table and calls
-`torch.nn.functional.scaled_dot_product_attention`, with no mask whenever every query may see every key
-(a single query, a bidirectional block), `is_causal` for a causal block with no context, and an explicit
-boolean mask otherwise. fp16/bf16 are computed in fp32.
+`tree_attention` gathers each sequence's K/V through its block table (a plain slice when its blocks are
+consecutive) and calls `torch.nn.functional.scaled_dot_product_attention`, with no mask whenever every query may
+see every key (a single query, a bidirectional block), `is_causal` for a causal block with no context, and an
+explicit boolean mask otherwise; a step where every sequence has one query runs as a single padded call.
+The per-step part (`plan_tree_attention`) can be computed once and passed to every layer. fp16/bf16 are computed
+in fp32 on CPU.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,20 +36,101 @@ def _visibility(context_len: int, num_new: int, tree_rows: torch.Tensor | None,
     return mask, False
 
 
-def _sequence_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
-                 num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence's first `num_keys` keys and values as [1, Hkv, num_keys, D] tensors.
+@dataclass
+class SeqPlan:
+    start: int  # the sequence's rows in q
+    end: int
+    keys: slice | torch.Tensor  # its keys' flat cache slots: a range when its blocks are consecutive, else an index
+    mask: torch.Tensor | None
+    causal: bool
 
-    Consecutive blocks are sliced (a view); otherwise they are gathered. Long contexts are memory-bound on CPU,
-    so skipping the copy halves their time.
-    """
-    if blocks.shape[0] >= 4 and bool((blocks.diff() == 1).all()):
-        first = int(blocks[0])
-        keys, values = k_cache[first: first + blocks.shape[0]], v_cache[first: first + blocks.shape[0]]
-    else:
-        keys, values = k_cache.index_select(0, blocks), v_cache.index_select(0, blocks)
-    # 4-D [1, H, L, D]: SDPA's fused CPU kernel does not take 3-D inputs (5x slower math path).
-    return keys.flatten(0, 1)[None, :num_keys].transpose(1, 2), values.flatten(0, 1)[None, :num_keys].transpose(1, 2)
+
+@dataclass
+class AttentionPlan:
+    """Everything `tree_attention` derives from a step's metadata, computed once and reused by every layer."""
+    seqs: list[SeqPlan]
+    # When every sequence has exactly one query: flat slots [B * max_keys] and key mask [B, 1, 1, max_keys],
+    # so all sequences run as one padded SDPA call instead of one call each.
+    decode: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def plan_tree_attention(block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        tree_mask: torch.Tensor | None, block_size: int) -> AttentionPlan:
+    cu, ctx_lens = cu_seqlens_q.tolist(), context_lens.tolist()
+    device = block_tables.device
+    seqs, slot_lists = [], []
+    for b, ctx in enumerate(ctx_lens):
+        start, end = cu[b], cu[b + 1]
+        num_keys = ctx + end - start
+        if start == end:
+            continue
+        blocks = block_tables[b, : -(-num_keys // block_size)].tolist()
+        if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+            keys: slice | torch.Tensor = slice(blocks[0] * block_size, blocks[0] * block_size + num_keys)
+        else:
+            keys = (torch.tensor(blocks, device=device)[:, None] * block_size
+                    + torch.arange(block_size, device=device)).flatten()[:num_keys]
+        mask, causal = _visibility(ctx, end - start, None if tree_mask is None else tree_mask[start:end, :end - start],
+                                   device)
+        seqs.append(SeqPlan(start, end, keys, mask, causal))
+    plan = AttentionPlan(seqs)
+    if len(seqs) > 1 and all(s.end - s.start == 1 for s in seqs) and len(seqs) == len(ctx_lens):
+        max_keys = max(ctx_lens) + 1
+        slots = torch.empty(len(seqs), max_keys, dtype=torch.long, device=device)
+        valid = torch.zeros(len(seqs), 1, 1, max_keys, dtype=torch.bool, device=device)
+        for i, (s, ctx) in enumerate(zip(seqs, ctx_lens)):
+            own = torch.arange(s.keys.start, s.keys.stop, device=device) if isinstance(s.keys, slice) else s.keys
+            slots[i, : ctx + 1] = own
+            # Padding re-reads the sequence's own last key: masked out, and finite (0 * NaN from a stale slot is NaN).
+            slots[i, ctx + 1:] = own[-1]
+            valid[i, ..., : ctx + 1] = True
+        plan.decode = (slots.flatten(), valid)
+    return plan
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
+           scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`tree_attention` with the metadata already checked and planned (no per-call host work beyond the plan)."""
+    compute_dtype = torch.float32 if q.device.type == "cpu" else q.dtype
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    flat_k, flat_v = k_cache.reshape(-1, num_kv_heads, head_dim), v_cache.reshape(-1, num_kv_heads, head_dim)
+    if plan.decode is not None:
+        slots, valid = plan.decode
+        num_seqs = valid.shape[0]
+        # [B, Hkv, max_keys, D]: SDPA's fused CPU kernel wants 4-D inputs (3-D takes a 5x slower path).
+        keys = flat_k.index_select(0, slots).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+        values = flat_v.index_select(0, slots).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q[:, None].transpose(1, 2).to(compute_dtype), keys.to(compute_dtype),
+                                           values.to(compute_dtype), attn_mask=valid, scale=scale, enable_gqa=True)
+        o = o.transpose(1, 2)[:, 0].to(q.dtype)
+        if out is None:
+            return o
+        out.copy_(o)
+        return out
+    if out is None and len(plan.seqs) != 1:
+        out = torch.empty_like(q)
+    contiguous = k_cache.is_contiguous() and v_cache.is_contiguous()
+    for s in plan.seqs:
+        if contiguous and isinstance(s.keys, slice):  # consecutive blocks: one strided view, no copy
+            keys, values = _heads_view(k_cache, s.keys), _heads_view(v_cache, s.keys)
+        else:
+            keys, values = flat_k[s.keys][None].transpose(1, 2), flat_v[s.keys][None].transpose(1, 2)
+        queries = q[s.start:s.end].transpose(0, 1)[None]
+        if compute_dtype != q.dtype:
+            queries, keys, values = queries.to(compute_dtype), keys.to(compute_dtype), values.to(compute_dtype)
+        o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=s.mask, is_causal=s.causal,
+                                           scale=scale, enable_gqa=True)[0].transpose(0, 1)
+        if out is None:  # one sequence covering all of q: hand back SDPA's result without another copy
+            return o if o.dtype == q.dtype else o.to(q.dtype)
+        out[s.start:s.end] = o
+    return out
+
+
+def _heads_view(cache: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Flat slots `rows` of a contiguous `[num_blocks, block_size, H, D]` cache as a `[1, H, L, D]` view."""
+    _, _, heads, head_dim = cache.shape
+    return cache.as_strided((1, heads, rows.stop - rows.start, head_dim), (0, head_dim, heads * head_dim, 1),
+                            cache.storage_offset() + rows.start * heads * head_dim)
 
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -56,31 +141,11 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     Contract in design.md ("The kernel contract"); `out`, if given, receives the result.
     """
     check_tree_attention_args(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, tree_mask, out)
-    block_size = k_cache.shape[1]
-    cu = cu_seqlens_q.tolist()
-    ctx_lens = context_lens.tolist()
-    check_tree_attention_values(cu, ctx_lens, q.shape[0], block_tables.shape[1] * block_size,
+    check_tree_attention_values(cu_seqlens_q.tolist(), context_lens.tolist(), q.shape[0],
+                                block_tables.shape[1] * k_cache.shape[1],
                                 None if tree_mask is None else tree_mask.shape[1])
-    compute_dtype = torch.float32 if q.device.type == "cpu" else q.dtype
-    num_seqs = len(ctx_lens)
-    if out is None and num_seqs > 1:
-        out = torch.empty_like(q)
-    for b, ctx in enumerate(ctx_lens):
-        start, end = cu[b], cu[b + 1]
-        num_new = end - start
-        if num_new == 0:
-            continue
-        num_keys = ctx + num_new
-        keys, values = _sequence_kv(k_cache, v_cache, block_tables[b, : -(-num_keys // block_size)], num_keys)
-        mask, causal = _visibility(ctx, num_new, None if tree_mask is None else tree_mask[start:end, :num_new],
-                                   q.device)
-        o = F.scaled_dot_product_attention(
-            q[None, start:end].transpose(1, 2).to(compute_dtype), keys.to(compute_dtype), values.to(compute_dtype),
-            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)[0].transpose(0, 1)
-        if out is None:  # one sequence: hand back SDPA's result without another copy
-            return o.to(q.dtype)
-        out[start:end] = o
-    return torch.empty_like(q) if out is None else out
+    plan = plan_tree_attention(block_tables, context_lens, cu_seqlens_q, tree_mask, k_cache.shape[1])
+    return attend(q, k_cache, v_cache, plan, scale, out)
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -188,6 +188,51 @@ def test_reference_consecutive_blocks(mask_kind: str) -> None:
         assert_close(run_into_nan(reference.tree_attention, case), case, naive_attention(case))
 
 
+@pytest.mark.parametrize("consecutive", [False, True])
+def test_reference_batched_decode_and_shared_plan(consecutive: bool) -> None:
+    """Steps where every sequence has one query run as one padded call; a plan built once serves every layer."""
+    for seed in range(8):
+        case = make_case(300 + seed, group=(1, 3, 4)[seed % 3], head_dim=64, block_size=16, mask_kind="causal",
+                         dtype=torch.float32, max_seqs=8, max_new=1, consecutive_blocks=consecutive)
+        oracle = naive_attention(case)
+        plan = reference.plan_tree_attention(case.block_tables, case.context_lens, case.cu_seqlens_q, None, 16)
+        assert (plan.decode is not None) == (case.block_tables.shape[0] > 1)
+        for _ in range(2):  # the same plan twice, as two layers would use it
+            out = torch.full_like(case.q, float("nan"))
+            assert reference.attend(case.q, case.k_cache, case.v_cache, plan, case.scale, out) is out
+            assert_close(out, case, oracle)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+def test_attention_step_writes_then_attends(backend: str, mask_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's per-step object: new K/V written by slot, then attention, equal to the oracle on two layers."""
+    if backend == "triton" and not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("LEAPSERVE_KERNEL_BACKEND", backend)
+    case = make_case(400 + MASK_KINDS.index(mask_kind), group=3, head_dim=64, block_size=16, mask_kind=mask_kind,
+                     dtype=torch.float32, max_new=9, max_context=60)
+    block_size = case.k_cache.shape[1]
+    new = [vis.shape[0] for vis in case.visible]
+    ctx = case.context_lens.tolist()
+    slots, new_k, new_v = [], [], []
+    for b, (k, v, n) in enumerate(zip(case.keys, case.values, new)):
+        for pos in range(ctx[b], ctx[b] + n):
+            slots.append(int(case.block_tables[b, pos // block_size]) * block_size + pos % block_size)
+        new_k.append(k[ctx[b]:])
+        new_v.append(v[ctx[b]:])
+    slot_mapping = torch.tensor(slots, device=DEVICE)
+    step = kernels.AttentionStep(slot_mapping, case.block_tables, case.context_lens, case.cu_seqlens_q,
+                                 case.tree_mask, block_size)
+    oracle = naive_attention(case)
+    for _ in range(2):  # two layers: caches whose new rows are still poison until write_kv fills them
+        k_cache, v_cache = case.k_cache.clone(), case.v_cache.clone()
+        flat(k_cache)[slot_mapping] = float("nan")
+        flat(v_cache)[slot_mapping] = float("nan")
+        step.write_kv(torch.cat(new_k).to(DEVICE), torch.cat(new_v).to(DEVICE), k_cache, v_cache)
+        assert_close(step.attend(case.q, k_cache, v_cache, case.scale), case, oracle)
+
+
 def test_reference_single_sequence_returns_fresh_tensor() -> None:
     """One sequence without `out`: the result is returned directly; it must still be a valid [T, Hq, D]."""
     for mask_kind in MASK_KINDS:
