@@ -46,6 +46,19 @@ def engine_tokens_per_s(llm: LLM, prompts: list[str], max_tokens: int) -> float:
     return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
 
 
+def copy_bandwidth_gb_s(num_bytes: int = 256 * 2**20) -> float:
+    """Measured memory copy bandwidth (read + write), the roofline a decode step's weight stream is read against."""
+    src = torch.empty(num_bytes // 4)
+    src.fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * num_bytes / best / 1e9
+
+
 def step_breakdown(llm: LLM, prompts: list[str], max_tokens: int) -> dict[str, float]:
     """Where a generation's time goes, per engine step: matmuls, paged attention, and everything else."""
     from torch.profiler import ProfilerActivity, profile
@@ -80,10 +93,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="median of N interleaved runs for each figure")
     ap.add_argument("--profile", action="store_true", help="also split an engine step into matmul/attention/other")
     args = ap.parse_args()
-    llm = LLM(args.model, kv_cache_tokens=8192, max_model_len=2048)
+    llm = LLM(args.model)  # the serving defaults (KV cache for 32k tokens on CPU)
     hf = AutoModelForCausalLM.from_pretrained(llm.model_path, dtype=torch.float32).eval()
     engine_tokens_per_s(llm, PROMPTS[:1], 8)  # warm-up both
     hf_tokens_per_s(hf, llm.tokenizer, PROMPTS[:1], 8)
+    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in hf.parameters()}.values())
     rows = []
     for bs in map(int, args.batch_sizes.split(",")):
         filler = " ".join(["The quick brown fox jumps over the lazy dog."] * (args.context_words // 9))
@@ -93,19 +107,24 @@ def main() -> None:
                                                                                   args.max_tokens))
                 for _ in range(args.repeats)]
         eng, ref = (statistics.median(r[i] for r in runs) for i in (0, 1))
+        # Every decode step streams all weights once: bytes x steps/s is the bandwidth the engine achieves.
         rows.append({"batch": bs, "engine_tok_s": round(eng, 2), "hf_generate_tok_s": round(ref, 2),
-                     "speedup": round(eng / ref, 3)})
+                     "speedup": round(eng / ref, 3), "engine_weight_GB_s": round(weight_bytes * eng / bs / 1e9, 1)})
         if args.profile:
             rows[-1]["step_breakdown"] = step_breakdown(llm, prompts, args.max_tokens)
-    print("| batch | leapserve tok/s | transformers generate tok/s | ratio |\n|---|---|---|---|")
+    copy_bw = copy_bandwidth_gb_s()
+    print(f"weights: {weight_bytes / 1e6:.0f} MB; measured copy bandwidth: {copy_bw:.1f} GB/s")
+    print("| batch | leapserve tok/s | transformers generate tok/s | ratio | leapserve weight GB/s |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['engine_tok_s']} | {r['hf_generate_tok_s']} | {r['speedup']} |")
+        print(f"| {r['batch']} | {r['engine_tok_s']} | {r['hf_generate_tok_s']} | {r['speedup']} | "
+              f"{r['engine_weight_GB_s']} |")
     if args.profile:
         print("\n| batch | ms/step (profiled) | matmuls | attention | other ops + Python |\n|---|---|---|---|---|")
         for r in rows:
             b = r["step_breakdown"]
             print(f"| {r['batch']} | {b['ms_per_step']} | {b['matmul_ms']} | {b['attention_ms']} | {b['other_ms']} |")
-    print(json.dumps({"model": args.model, "max_tokens": args.max_tokens, "context_words": args.context_words, "threads": torch.get_num_threads(),
+    print(json.dumps({"model": args.model, "max_tokens": args.max_tokens, "context_words": args.context_words,
+                      "weight_bytes": weight_bytes, "copy_GB_s": round(copy_bw, 1), "threads": torch.get_num_threads(),
                       "machine": platform.platform(), "torch": torch.__version__, "rows": rows}))
 
 
