@@ -30,11 +30,71 @@ class SchedulerConfig:
     max_waiting_requests: int = 1024  # beyond this, new requests are refused (HTTP 503)
 
 
+SPEC_METHODS = ("ngram", "draft_model")
+SPEC_LAYOUTS = ("packed", "padded")
+
+
+@dataclass
+class SpeculativeConfig:
+    """`--speculative-config`, spelled as vLLM spells it.
+
+    `tree`: None (a chain of `num_speculative_tokens`), a list of branching factors per depth (a static tree,
+    e.g. [3, 2, 1]), or {"depth", "top_k", "total_tokens"} (an EAGLE-2 dynamic tree; draft_model only).
+    """
+    method: str
+    num_speculative_tokens: int
+    model: str | None = None
+    tree: list[int] | dict | None = None
+    layout: str = "packed"
+    adaptive: bool = True
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+    max_batch_draft_tokens: int = 64  # adaptive: draft tokens per step over the whole batch
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SpeculativeConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"speculative_config: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        if d.get("method") not in SPEC_METHODS:
+            raise ValueError(f"speculative_config: method must be one of {SPEC_METHODS}, got {d.get('method')!r}")
+        k = d.get("num_speculative_tokens")
+        if d.get("tree") is None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 64):
+            raise ValueError(f"speculative_config: num_speculative_tokens must be an integer in [1, 64], got {k!r}")
+        cfg = cls(**{**d, "num_speculative_tokens": k or 0})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"speculative_config: {msg}")
+
+        check(self.method != "draft_model" or bool(self.model), 'method "draft_model" needs "model" (a checkpoint)')
+        check(self.layout in SPEC_LAYOUTS, f"layout must be one of {SPEC_LAYOUTS}, got {self.layout!r}")
+        check(1 <= self.prompt_lookup_min <= self.prompt_lookup_max,
+              "need 1 <= prompt_lookup_min <= prompt_lookup_max")
+        check(self.max_batch_draft_tokens >= 1, "max_batch_draft_tokens must be at least 1")
+        if isinstance(self.tree, list):
+            check(len(self.tree) > 0 and all(isinstance(b, int) and b >= 1 for b in self.tree),
+                  f"a static tree is a non-empty list of branching factors >= 1, got {self.tree!r}")
+        elif isinstance(self.tree, dict):
+            check(set(self.tree) <= {"depth", "top_k", "total_tokens"}
+                  and all(isinstance(v, int) and v >= 1 for v in self.tree.values()),
+                  f'a dynamic tree is {{"depth", "top_k", "total_tokens"}} (integers >= 1), got {self.tree!r}')
+            check(self.method == "draft_model", "dynamic trees need method draft_model")
+        else:
+            check(self.tree is None, f"tree must be null, a list or an object, got {self.tree!r}")
+        check(self.method != "ngram" or self.tree is None or all(b == 1 for b in self.tree),
+              "the ngram drafter proposes chains only")
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    decoder: str = "autoregressive"
+    decoder: str | None = None  # None: "speculative" when speculative_config is given, else "autoregressive"
     speculative_config: dict | None = None
     seed: int = 0

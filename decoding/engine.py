@@ -10,6 +10,7 @@ import torch
 from .config import EngineConfig
 from .decoders.autoregressive import AutoregressiveDecoder
 from .decoders.base import Decoder
+from .decoders.speculative import SpeculativeDecoder
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import PagedKVCache
 from .model_loader import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
@@ -21,7 +22,7 @@ from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
-DECODERS: dict[str, type[Decoder]] = {d.name: d for d in (AutoregressiveDecoder,)}
+DECODERS: dict[str, type[Decoder]] = {d.name: d for d in (AutoregressiveDecoder, SpeculativeDecoder)}
 CPU_DEFAULT_KV_TOKENS = 32768
 CPU_MAX_KV_FRACTION = 0.25  # of physical RAM
 
@@ -45,6 +46,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         mc = config.model
+        if config.decoder is None:  # as vLLM: a speculative_config alone turns speculative decoding on
+            config.decoder = "speculative" if config.speculative_config else "autoregressive"
         if config.decoder not in DECODERS:
             raise ValueError(f"unknown decoder {config.decoder!r}; this build has: {', '.join(DECODERS)}")
         self.device = resolve_device(mc.device)
@@ -60,11 +63,11 @@ class LLMEngine:
                                   hf.num_key_value_heads, head_dim, self.dtype, self.device)
         self.served_model_name = mc.served_model_name or mc.model
         self.vocab_size = hf.vocab_size
-        self.max_model_len = self._max_model_len(getattr(hf, "max_position_embeddings", None))
         self.eos_token_ids = self._eos_ids(model)
         self.sampler = Sampler(self.tokenizer, torch.Generator(device=self.device).manual_seed(config.seed))
         self.runner = ModelRunner(model, self.cache, self.device)
-        self.decoder = DECODERS[config.decoder](self.runner, self.sampler)
+        self.decoder = DECODERS[config.decoder](self.runner, self.sampler, config)
+        self.max_model_len = self._max_model_len(getattr(hf, "max_position_embeddings", None))
         self.scheduler = Scheduler(config.scheduler, self.cache)
         self.requests: dict[str, Request] = {}
         self._next_seq_id = 0
@@ -73,7 +76,7 @@ class LLMEngine:
                     num_blocks * config.cache.block_size, self.max_model_len)
 
     def _max_model_len(self, model_limit: int | None) -> int:
-        capacity = self.cache.num_blocks * self.cache.block_size - self.decoder_lookahead()
+        capacity = self.cache.num_blocks * self.cache.block_size - self.decoder.lookahead
         wanted = self.config.model.max_model_len
         if wanted is not None and wanted > capacity:
             raise ValueError(f"--max-model-len {wanted} does not fit the KV cache ({capacity} tokens); "
@@ -81,9 +84,6 @@ class LLMEngine:
         if wanted is not None and model_limit and wanted > model_limit:
             logger.warning("--max-model-len %d exceeds the model's %d positions", wanted, model_limit)
         return wanted or min(model_limit or capacity, capacity)
-
-    def decoder_lookahead(self) -> int:
-        return DECODERS[self.config.decoder].lookahead
 
     def _eos_ids(self, model) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -171,6 +171,8 @@ class LLMEngine:
                 seq.target_forwards += 1
                 seq.draft_tokens += res.draft_tokens
                 seq.accepted_tokens += res.accepted_tokens
+                if res.draft_tokens:
+                    seq.count_accepted(res.accepted_tokens)
             for sample in res.samples:
                 self._append(seq, sample)
                 if seq.finished:

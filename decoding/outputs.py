@@ -32,6 +32,8 @@ class RequestMetrics:
     target_forwards: int = 0  # target-model forwards this request took part in (decode steps)
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    num_drafts: int = 0  # verifications with at least one draft token
+    accepted_per_position: list[int] = field(default_factory=list)  # [i]: verifications that accepted draft i + 1
 
     @property
     def latency(self) -> float | None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +37,16 @@ class Sequence:
     target_forwards: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    num_drafts: int = 0  # verifications with at least one draft token
+    accepted_per_position: list[int] = field(default_factory=list)  # [i]: verifications that accepted draft i + 1
+
+    def count_accepted(self, num_accepted: int) -> None:
+        """Record one verification of drafts that accepted the first `num_accepted` of its path."""
+        self.num_drafts += 1
+        if num_accepted > len(self.accepted_per_position):
+            self.accepted_per_position.extend([0] * (num_accepted - len(self.accepted_per_position)))
+        for i in range(num_accepted):
+            self.accepted_per_position[i] += 1
 
     @property
     def params(self) -> SamplingParams:
@@ -97,7 +108,10 @@ class Request:
             finished_time=self.finished_time,
             target_forwards=sum(s.target_forwards for s in self.seqs),
             draft_tokens=sum(s.draft_tokens for s in self.seqs),
-            accepted_tokens=sum(s.accepted_tokens for s in self.seqs))
+            accepted_tokens=sum(s.accepted_tokens for s in self.seqs),
+            num_drafts=sum(s.num_drafts for s in self.seqs),
+            accepted_per_position=[sum(c) for c in itertools.zip_longest(
+                *(s.accepted_per_position for s in self.seqs), fillvalue=0)])
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
             outputs=[s.completion_output() for s in self.seqs], finished=self.finished,

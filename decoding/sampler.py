@@ -17,22 +17,26 @@ class SequenceError(RuntimeError):
         self.seq = seq
 
 
-def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    """OpenAI presence/frequency penalties over the tokens generated so far."""
+def apply_penalties(logits: torch.Tensor, seq: Sequence, output_ids: list[int]) -> torch.Tensor:
+    """OpenAI presence/frequency penalties over the tokens generated so far (`output_ids`)."""
     p = seq.params
-    if not (p.presence_penalty or p.frequency_penalty) or seq.num_output == 0:
+    if not (p.presence_penalty or p.frequency_penalty) or not output_ids:
         return logits
-    counts = torch.bincount(torch.tensor(seq.output_ids, device=logits.device), minlength=logits.shape[-1])
+    counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.shape[-1])
     counts = counts[: logits.shape[-1]].to(logits.dtype)
     return logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-def processed_logits(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    """Logits after penalties and the request's logits processors (what greedy takes the argmax of)."""
-    logits = apply_penalties(logits, seq)
+def processed_logits(logits: torch.Tensor, seq: Sequence, pending: list[int] | None = None) -> torch.Tensor:
+    """Logits after penalties and the request's logits processors (what greedy takes the argmax of).
+
+    `pending`: tokens not yet committed that precede this position (a draft path), counted as generated output.
+    """
+    output_ids = seq.output_ids + pending if pending else seq.output_ids
+    logits = apply_penalties(logits, seq, output_ids)
     for proc in seq.params.logits_processors:
         try:
-            logits = proc(seq.request.prompt_token_ids, seq.output_ids, logits)
+            logits = proc(seq.request.prompt_token_ids, output_ids, logits)
         except Exception as e:
             raise SequenceError(seq, e) from e
     return logits
@@ -73,7 +77,7 @@ class Sampler:
         self.tokenizer = tokenizer
         self.generator = generator  # shared RNG for requests without a seed
 
-    def _logprobs(self, raw_logits: torch.Tensor, token_id: int, k: int) -> dict[int, Logprob]:
+    def token_logprobs(self, raw_logits: torch.Tensor, token_id: int, k: int) -> dict[int, Logprob]:
         """The model's log-probabilities (before any processing) of the chosen token and the top k."""
         logp = torch.log_softmax(raw_logits, dim=-1)
         chosen = float(logp[token_id])
@@ -98,5 +102,5 @@ class Sampler:
             else:
                 token = draw(target_probs(processed, seq), seq.generator or self.generator)
             k = seq.params.logprobs
-            samples.append(Sample(token, None if k is None else self._logprobs(raw, token, k)))
+            samples.append(Sample(token, None if k is None else self.token_logprobs(raw, token, k)))
         return samples

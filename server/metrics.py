@@ -58,6 +58,15 @@ class ServerMetrics:
         self.e2e_request_latency = Histogram(PREFIX + "e2e_request_latency_seconds",
                                              "Time from arrival to the end of the request.",
                                              buckets=LATENCY_BUCKETS, registry=reg)
+        self.spec_num_drafts = Counter(PREFIX + "spec_decode_num_drafts", "Speculative verifications with drafts.",
+                                       registry=reg)
+        self.spec_num_draft_tokens = Counter(PREFIX + "spec_decode_num_draft_tokens", "Draft tokens proposed.",
+                                             registry=reg)
+        self.spec_num_accepted_tokens = Counter(PREFIX + "spec_decode_num_accepted_tokens",
+                                                "Draft tokens accepted.", registry=reg)
+        self.spec_num_accepted_per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                                 "Draft tokens accepted, by position in the draft (0 = first).",
+                                                 ["position"], registry=reg)
         reg.register(EngineStatsCollector(engine))
 
     def observer(self) -> RequestObserver:
@@ -103,3 +112,9 @@ class RequestObserver:
             m.time_to_first_token.observe(timing.first_token_time - timing.arrival_time)
         if timing is not None and timing.latency is not None:
             m.e2e_request_latency.observe(timing.latency)
+        if timing is not None and timing.num_drafts:
+            m.spec_num_drafts.inc(timing.num_drafts)
+            m.spec_num_draft_tokens.inc(timing.draft_tokens)
+            m.spec_num_accepted_tokens.inc(timing.accepted_tokens)
+            for position, count in enumerate(timing.accepted_per_position):
+                m.spec_num_accepted_per_pos.labels(position=str(position)).inc(count)

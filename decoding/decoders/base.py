@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from ..config import EngineConfig
 from ..request import Sequence
 from ..runner import ModelRunner
 from ..sampler import Sample, Sampler, SequenceError
@@ -29,11 +30,12 @@ class SeqStep:
 
 class Decoder(ABC):
     name: str
-    lookahead: int = 0
+    lookahead: int = 0  # cache slots reserved per sequence beyond this step's tokens
 
-    def __init__(self, runner: ModelRunner, sampler: Sampler):
+    def __init__(self, runner: ModelRunner, sampler: Sampler, config: EngineConfig):
         self.runner = runner
         self.sampler = sampler
+        self.config = config
 
     @abstractmethod
     def step(self, scheduled: list[ScheduledSeq]) -> dict[Sequence, SeqStep]:

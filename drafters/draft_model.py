@@ -1,0 +1,163 @@
+"""A small causal LM sharing the target's tokenizer drafts chains or trees.
+
+It keeps its own paged KV cache with the target's geometry, indexed by the target's block tables, so the
+scheduler's block allocation covers both. Per sequence it remembers how many leading tokens its cache holds
+(`computed`) and which chain drafts it wrote after them; at the next proposal, drafts the target accepted are
+reused and the rest of the sequence is caught up in one chunk (prompts included, so no separate prefill).
+A preemption shows as `seq.num_computed` dropping below `computed` and resets the sequence.
+
+Trees grow level by level (EAGLE-2): each frontier node's children are its top-b tokens under the draft
+distribution q, scored by cumulative log q. A static tree keeps every node; a dynamic one keeps `top_k`
+frontier nodes per level and the best `total_tokens` nodes overall. A chain (branching 1) under sampling draws
+each token from q (and records q for lossless verification) instead of taking the argmax.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from weakref import WeakKeyDictionary
+
+import torch
+
+from leapserve.decoding.config import ModelConfig, SpeculativeConfig
+from leapserve.decoding.drafter import DraftTree, TreeShape
+from leapserve.decoding.kv_cache import PagedKVCache
+from leapserve.decoding.model_loader import load_model, resolve_model
+from leapserve.decoding.request import Sequence
+from leapserve.decoding.runner import ModelRunner, SeqChunk
+from leapserve.decoding.sampler import Sampler, draw, processed_logits, target_probs
+from leapserve.decoding.scheduler import ScheduledSeq
+from leapserve.decoding.tree import chunk_layout
+
+
+@dataclass
+class _CacheState:
+    computed: int = 0  # leading tokens of the sequence whose K/V are in the draft cache
+    written: list[int] = field(default_factory=list)  # chain drafts whose K/V follow them
+
+
+@dataclass
+class _Growing:
+    """One sequence's tree while it grows; node 0 is the root."""
+    seq: Sequence
+    budget: int
+    root_pos: int
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    q: list[torch.Tensor | None] = field(default_factory=list)
+    scores: list[float] = field(default_factory=lambda: [0.0])
+    paths: list[list[int]] = field(default_factory=lambda: [[]])  # tokens from the root's child down to node i
+    expanded: list[int] = field(default_factory=list)  # nodes run through the draft model (cache order)
+    frontier: list[int] = field(default_factory=lambda: [0])
+
+    def add(self, parent: int, token: int, logq: float, q: torch.Tensor | None) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.q.append(q)
+        self.scores.append(self.scores[parent] + logq)
+        self.paths.append(self.paths[parent] + [token])
+        return len(self.tokens)
+
+
+class DraftModelDrafter:
+    def __init__(self, spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler):
+        target = runner.cache
+        model = load_model(resolve_model(spec.model), ModelConfig(model=spec.model), runner.device,
+                           target.k[0].dtype)
+        hf, target_vocab = model.config, runner.model.config.vocab_size
+        if hf.vocab_size != target_vocab:
+            raise ValueError(f"speculative_config: the draft model's vocabulary ({hf.vocab_size}) differs from "
+                             f"the target's ({target_vocab}); it must share the target's tokenizer")
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        self.cache = PagedKVCache(hf.num_hidden_layers, target.num_blocks, target.block_size,
+                                  hf.num_key_value_heads, head_dim, target.k[0].dtype, runner.device)
+        self.runner = ModelRunner(model, self.cache, runner.device)
+        self.sampler = sampler
+        self.shape = TreeShape.from_config(spec)
+        self.max_nodes = self.shape.max_nodes
+        self.max_depth = self.shape.num_levels
+        self.lookahead = max(self.max_nodes, self.shape.max_expanded)
+        self._state: WeakKeyDictionary[Sequence, _CacheState] = WeakKeyDictionary()
+
+    def propose(self, scheduled: list[ScheduledSeq], budgets: list[int]) -> list[DraftTree]:
+        growing: list[_Growing] = []
+        catch_up: list[SeqChunk] = []
+        for s, budget in zip(scheduled, budgets):
+            state = self._state.setdefault(s.seq, _CacheState())
+            if s.seq.num_computed < state.computed:  # preempted: its blocks (and our K/V) are gone
+                state.computed, state.written = s.seq.num_computed, []
+            if budget == 0:
+                continue
+            tokens = s.seq.token_ids
+            start = state.computed
+            while (start - state.computed < len(state.written) and start < len(tokens) - 1
+                   and state.written[start - state.computed] == tokens[start]):
+                start += 1
+            catch_up.append(SeqChunk(s.seq.block_table, start, tokens[start:], logits_rows=[len(tokens) - 1 - start]))
+            growing.append(_Growing(s.seq, budget, len(tokens) - 1))
+            state.computed, state.written = len(tokens), []
+        if growing:
+            self._grow(growing, self.runner.execute(catch_up))
+        trees = iter(self._finish(g) for g in growing)
+        return [next(trees) if budget else DraftTree.chain([]) for budget in budgets]
+
+    def _grow(self, growing: list[_Growing], logits: torch.Tensor) -> None:
+        """Expand every tree level by level; `logits` rows are the draft's outputs at each tree's frontier."""
+        for level in range(self.shape.num_levels):
+            rows = iter(logits)
+            for g in growing:
+                frontier, g.frontier = g.frontier, []
+                for node in frontier:
+                    self._expand(g, node, next(rows), level)
+                if self.shape.branching is None:  # dynamic: the best top_k of this level go on
+                    g.frontier = sorted(g.frontier, key=lambda i: -g.scores[i])[:self.shape.top_k]
+                if self.shape.is_chain and len(g.tokens) >= g.budget:
+                    g.frontier = []
+            live = [g for g in growing if g.frontier]
+            if level == self.shape.num_levels - 1 or not live:
+                return
+            logits = self.runner.execute([self._frontier_chunk(g) for g in live])
+            growing = live
+
+    def _expand(self, g: _Growing, node: int, raw: torch.Tensor, level: int) -> None:
+        seq = g.seq
+        processed = processed_logits(raw, seq, g.paths[node])
+        width = self.shape.branching[level] if self.shape.branching is not None else self.shape.top_k
+        if width == 1 and not seq.params.greedy:
+            q = target_probs(processed, seq)
+            token = draw(q, seq.generator or self.sampler.generator)
+            g.frontier.append(g.add(node, token, float(torch.log(q[token])), q))
+            return
+        logq = torch.log_softmax(processed if seq.params.greedy else processed / seq.params.temperature, dim=-1)
+        top = torch.topk(logq, width)
+        for lp, token in zip(top.values.tolist(), top.indices.tolist()):
+            g.frontier.append(g.add(node, token, lp, None))
+
+    def _frontier_chunk(self, g: _Growing) -> SeqChunk:
+        """Run the frontier through the draft model. A chain appends the new node after its cached ancestors;
+        a tree re-runs every expanded node (written at root + 1, root + 2, ...) so that each sees exactly its
+        ancestors."""
+        seq = g.seq
+        if self.shape.is_chain:
+            (node,) = g.frontier
+            pos = g.root_pos + node
+            self._state[seq].written.append(g.tokens[node - 1])
+            return SeqChunk(seq.block_table, pos, [g.tokens[node - 1]], logits_rows=[0])
+        g.expanded += g.frontier
+        index = {node: i for i, node in enumerate(g.expanded, start=1)}
+        parents = [index.get(g.parents[n - 1], 0) for n in g.expanded]
+        mask, offsets = chunk_layout(1, parents)
+        depths = offsets[1:]
+        return SeqChunk(seq.block_table, g.root_pos + 1, [g.tokens[n - 1] for n in g.expanded],
+                        logits_rows=[index[n] - 1 for n in g.frontier],
+                        positions=[g.root_pos + d for d in depths], tree_mask=mask[1:, 1:])
+
+    def _finish(self, g: _Growing) -> DraftTree:
+        """Keep the best `budget` nodes by cumulative log q (all of a static tree that fits), parents first."""
+        keep = min(g.budget, self.shape.total_tokens if self.shape.branching is None else len(g.tokens))
+        if keep >= len(g.tokens):
+            return DraftTree(g.tokens, g.parents, g.q)
+        best = sorted(range(1, len(g.tokens) + 1), key=lambda i: (-g.scores[i], i))[:keep]
+        kept = sorted(best)
+        index = {node: i for i, node in enumerate(kept, start=1)}
+        return DraftTree([g.tokens[n - 1] for n in kept], [index.get(g.parents[n - 1], 0) for n in kept],
+                         [g.q[n - 1] for n in kept])

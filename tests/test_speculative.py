@@ -1,0 +1,290 @@
+"""The speculative decoder: greedy output identical to autoregressive decoding and to transformers' generate
+(n-gram and draft-model drafters, chains, static and dynamic trees, packed and padded layouts, batches of
+1 to 8), lossless sampling (exact target distribution of the first two tokens), configuration, and the server."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import json
+
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from conftest import save_tiny_llama
+from leapserve.decoding import LLM, SamplingParams
+from leapserve.decoding.config import SpeculativeConfig
+from leapserve.decoding.drafter import DraftTree
+from leapserve.decoding.sampler import target_probs
+from leapserve.decoding.tree import chunk_layout, tree_children, tree_depths
+from leapserve.drafters.ngram import lookup
+from test_server import API_KEY, MODEL, metric, running_server, scrape
+
+SMOLLM2 = "smollm2-135m-instruct"
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\ndef factorial(n):",
+    "1, 2, 3, 4, 5, 6, 7, 8,",
+    "Once upon a time, in a land far away, there lived a dragon who",
+    "Repeat after me: the cat sat on the mat. The cat sat on the mat. The cat",
+    "Explain why the sky is blue.",
+    "A B C D E F G",
+    "List three colors:",
+]
+
+
+# ---- units -----------------------------------------------------------------------------------------------------
+
+def test_tree_metadata():
+    #        root(0)
+    #       /      \
+    #      1        2
+    #     / \       |
+    #    3   4      5
+    parents = [0, 0, 1, 1, 2]
+    assert tree_depths(parents) == [0, 1, 1, 2, 2, 2]
+    assert tree_children(parents) == [[1, 2], [3, 4], [5], [], [], []]
+    mask, offsets = chunk_layout(2, parents, num_pad=1)  # one prefix token before the root, one pad row
+    assert offsets == [0, 1, 2, 2, 3, 3, 3, 2]
+    assert mask[5].tolist() == [True, True, True, False, False, True, False, False]  # node 4: prefix, root, 1, 4
+    assert mask[6].tolist() == [True, True, False, True, False, False, True, False]  # node 5: prefix, root, 2, 5
+    assert mask[7].tolist() == [True, True, False, False, False, False, False, True]  # pad: prefix, root, itself
+    assert mask[0].tolist() == [True] + [False] * 7
+
+
+def test_ngram_lookup():
+    assert lookup([1, 2, 3, 4, 1, 2], 1, 3, 3) == [3, 4, 1]
+    assert lookup([5, 1, 9, 1, 2, 7, 1, 2], 1, 2, 2) == [7, 1]  # the longest n-gram wins over a later 1-gram
+    assert lookup([1, 2, 3], 1, 2, 4) == []
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"method": "medusa", "num_speculative_tokens": 2}, "method must be one of"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "needs \"model\""),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": "4"}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "layout": "ragged"}, "layout"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "tree": [2, 1]}, "chains only"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "unknown keys"),
+    ({"method": "draft_model", "model": "x", "tree": {"depth": 0}}, "dynamic tree"),
+])
+def test_speculative_config_validation(bad, message):
+    with pytest.raises(ValueError, match=message):
+        SpeculativeConfig.from_dict(bad)
+
+
+def test_speculative_config_selects_decoder_and_reserves_lookahead(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), kv_cache_tokens=1024, speculative_config={
+        "method": "draft_model", "model": str(tiny_model_dir), "tree": {"depth": 3, "top_k": 4, "total_tokens": 10}})
+    engine = llm.engine
+    assert engine.config.decoder == "speculative"
+    assert engine.decoder.lookahead == 10  # the larger of the tree and the draft model's own expanded nodes
+    assert engine.max_model_len == 1024 - 10
+    with pytest.raises(ValueError, match="needs a speculative_config"):
+        LLM(str(tiny_model_dir), kv_cache_tokens=1024, decoder="speculative")
+
+
+# ---- greedy: identical to autoregressive decoding and transformers ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_reference(tmp_path_factory, smollm2_tokenizer):
+    """Greedy autoregressive outputs of SmolLM2 for PROMPTS (max_tokens differ per prompt), checked against
+    transformers' generate; and a tiny random draft model with SmolLM2's tokenizer."""
+    llm = LLM(SMOLLM2, kv_cache_tokens=8192, max_model_len=512)
+    params = [SamplingParams(temperature=0, max_tokens=12 + 3 * i, ignore_eos=True) for i in range(len(PROMPTS))]
+    want = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    hf = AutoModelForCausalLM.from_pretrained(llm.model_path, dtype=torch.float32).eval()
+    for prompt, p, w in zip(PROMPTS[:3], params, want):
+        ids = torch.tensor([llm.tokenizer.encode(prompt)])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=p.max_tokens, do_sample=False,
+                              pad_token_id=llm.tokenizer.eos_token_id)
+        assert out[0, ids.shape[1]:].tolist() == w
+    tiny = save_tiny_llama(tmp_path_factory.mktemp("tiny-draft"), smollm2_tokenizer, seed=3)
+    return SimpleNamespace(params=params, want=want, path=str(llm.model_path), tiny=str(tiny))
+
+
+CASES = {  # name -> (speculative_config builder, batch sizes, minimum mean acceptance length)
+    "ngram-packed": (lambda r: {"method": "ngram", "num_speculative_tokens": 4}, (1, 8), 1.0),
+    "ngram-padded": (lambda r: {"method": "ngram", "num_speculative_tokens": 4, "layout": "padded"}, (8,), 1.0),
+    "tiny-draft-chain": (lambda r: {"method": "draft_model", "model": r.tiny, "num_speculative_tokens": 3}, (5,), 1.0),
+    "self-draft-chain": (lambda r: {"method": "draft_model", "model": r.path, "num_speculative_tokens": 4,
+                                    "adaptive": False}, (1, 8), 4.0),
+    "self-draft-static-tree-padded": (lambda r: {"method": "draft_model", "model": r.path, "tree": [2, 2, 1],
+                                                 "layout": "padded", "adaptive": False}, (3,), 3.0),
+    "self-draft-dynamic-tree": (lambda r: {"method": "draft_model", "model": r.path, "adaptive": False,
+                                           "tree": {"depth": 3, "top_k": 3, "total_tokens": 8}}, (2, 6), 2.0),
+    "tiny-draft-dynamic-tree": (lambda r: {"method": "draft_model", "model": r.tiny,
+                                           "tree": {"depth": 3, "top_k": 2, "total_tokens": 5}}, (4,), 1.0),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_equals_autoregressive_and_transformers(smollm2_reference, case):
+    build, batches, min_accept = CASES[case]
+    r = smollm2_reference
+    llm = LLM(SMOLLM2, kv_cache_tokens=8192, max_model_len=512, speculative_config=build(r))
+    for b in batches:
+        outs = llm.generate(PROMPTS[:b], r.params[:b], use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == r.want[:b]
+        forwards = sum(o.metrics.target_forwards for o in outs)
+        accepted = sum(o.metrics.accepted_tokens for o in outs)
+        assert (accepted + forwards) / forwards >= min_accept
+        for o in outs:
+            m = o.metrics
+            assert sum(m.accepted_per_position) == m.accepted_tokens <= m.draft_tokens
+            assert m.target_forwards + m.accepted_tokens >= len(o.outputs[0].token_ids)  # the last step may overshoot
+    assert llm.engine.cache.num_free_blocks == llm.engine.cache.num_blocks
+
+
+def test_greedy_tiny_with_preemption_chunked_prefill_and_logprobs(tiny_model_dir):
+    """Small cache (preemptions), chunked prefill, stop tokens and logprobs, self-draft tree on the tiny model."""
+    prompts = PROMPTS[:5]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2)
+    ref = LLM(str(tiny_model_dir), kv_cache_tokens=4096, max_model_len=256)
+    want = ref.generate(prompts, params, use_tqdm=False)
+    spec = {"method": "draft_model", "model": str(tiny_model_dir), "tree": [2, 2, 1], "adaptive": False}
+    small = LLM(str(tiny_model_dir), kv_cache_tokens=128, max_model_len=96, speculative_config=spec)
+    small.engine.config.scheduler.max_num_batched_tokens = 7
+    got = small.generate(prompts, params, use_tqdm=False)
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            assert lg.keys() == lw.keys()
+            assert all(abs(lg[t].logprob - lw[t].logprob) < 1e-4 and lg[t].rank == lw[t].rank for t in lg)
+    assert small.engine.scheduler.num_preemptions > 0
+    assert sum(o.metrics.accepted_tokens for o in got) > 0
+    assert small.engine.cache.num_free_blocks == small.engine.cache.num_blocks
+    # A stop token inside an accepted run ends the request right there.
+    stop = want[2].outputs[0].token_ids[7]
+    cut = small.generate(prompts[2], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop]),
+                         use_tqdm=False)[0].outputs[0]
+    assert cut.token_ids == want[2].outputs[0].token_ids[:want[2].outputs[0].token_ids.index(stop) + 1]
+
+
+# ---- sampling: the target's distribution, exactly -----------------------------------------------------------------
+
+VOCAB = 24
+DRAWS = 6000
+
+
+def _tiny_vocab_model(path: Path, seed: int, base: Path | None = None) -> Path:
+    """A random Llama over a 24-token word-level vocabulary, saved with its tokenizer; with `base`, that model's
+    weights plus noise (a related but mismatched drafter)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(path)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+        if base is not None:
+            weights = LlamaForCausalLM.from_pretrained(base).state_dict()
+            for name, p in model.named_parameters():
+                p.copy_(weights[name] + (0.1 * p if p.dim() == 2 else 0))
+    model.save_pretrained(path)
+    return path
+
+
+def _joint_first_two(model_dir: Path, prompt: list[int], params: SamplingParams) -> torch.Tensor:
+    """Exact P(first token, second token) `[V, V]` under the request's temperature / top-k / top-p."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    stub = SimpleNamespace(params=params)
+    with torch.no_grad():
+        p1 = target_probs(model(torch.tensor([prompt])).logits[0, -1].double(), stub)
+        both = torch.tensor([prompt + [t] for t in range(VOCAB)])
+        p2 = torch.stack([target_probs(row.double(), stub) for row in model(both).logits[:, -1]])
+    return p1[:, None] * p2
+
+
+def _tv_tolerance(p: torch.Tensor, n: int, quantile: float = 0.999) -> float:
+    """The `quantile` of the total-variation distance between p and the empirical law of n draws from p."""
+    g = torch.Generator().manual_seed(0)
+    counts = torch.stack([torch.bincount(torch.multinomial(p.flatten(), n, replacement=True, generator=g),
+                                         minlength=p.numel()) for _ in range(400)])
+    tv = 0.5 * (counts.double() / n - p.flatten()).abs().sum(-1)
+    return float(torch.quantile(tv, quantile))
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-vocab")
+    target = _tiny_vocab_model(root / "target", seed=0)
+    return SimpleNamespace(target=target, draft=_tiny_vocab_model(root / "draft", seed=1, base=target))
+
+
+@pytest.fixture
+def one_thread():
+    """Many tiny per-sequence attention calls: threads cost more than they give on a small CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name, spec, params", [
+    ("draft-chain", {"method": "draft_model", "num_speculative_tokens": 2},
+     SamplingParams(temperature=1.0, max_tokens=3)),
+    ("draft-tree", {"method": "draft_model", "tree": [3, 2]},
+     SamplingParams(temperature=0.8, top_p=0.9, max_tokens=3)),
+    ("ngram-chain", {"method": "ngram", "num_speculative_tokens": 2},
+     SamplingParams(temperature=1.0, top_k=12, max_tokens=3)),
+])
+def test_sampling_matches_target_distribution(tiny_vocab, one_thread, name, spec, params):
+    prompt = [3, 5, 7, 3, 5, 7, 3]  # n-gram lookup proposes 5, 7
+    exact = _joint_first_two(tiny_vocab.target, prompt, params)
+    draft = _joint_first_two(tiny_vocab.draft, prompt, params)
+    llm = LLM(str(tiny_vocab.target), kv_cache_tokens=DRAWS * 32, max_num_seqs=512, max_model_len=64,
+              speculative_config={**spec, "model": str(tiny_vocab.draft), "adaptive": False}
+              if spec["method"] == "draft_model" else {**spec, "adaptive": False})
+    seeded = [SamplingParams(**{**params.__dict__, "seed": i, "ignore_eos": True}) for i in range(DRAWS)]
+    outs = llm.generate([prompt] * DRAWS, seeded, use_tqdm=False)
+    firsts = torch.tensor([o.outputs[0].token_ids[:2] for o in outs])
+    counts = torch.bincount(firsts[:, 0] * VOCAB + firsts[:, 1], minlength=VOCAB * VOCAB).double()
+    tv = 0.5 * float((counts / DRAWS - exact.flatten()).abs().sum())
+    tolerance = _tv_tolerance(exact, DRAWS)
+    assert tv < tolerance, f"{name}: TV {tv:.4f} >= {tolerance:.4f}"
+    # The test has power: the drafter's own law is far outside the tolerance, and drafts were accepted.
+    if spec["method"] == "draft_model":
+        assert 0.5 * float((draft - exact).abs().sum()) > 1.5 * tolerance
+    accepted = sum(o.metrics.accepted_tokens for o in outs)
+    assert accepted > DRAWS // 50
+
+
+# ---- through the HTTP server ---------------------------------------------------------------------------------------
+
+def test_server_streams_several_tokens_per_step_and_counts_spec_metrics(tiny_model_dir, tmp_path):
+    spec = {"method": "draft_model", "model": str(tiny_model_dir), "num_speculative_tokens": 4, "adaptive": False}
+    with running_server(tiny_model_dir, tmp_path / "server.log", "--kv-cache-tokens", "4096",
+                        "--speculative-config", json.dumps(spec)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        before = scrape(url)
+        stream = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=20, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        chunks = [c for c in stream if c.choices and c.choices[0].text]
+        plain = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=20, temperature=0,
+                                          extra_body={"ignore_eos": True})
+        after = scrape(url)
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+    assert len(chunks) <= 20 // 5 + 1  # the model drafts for itself: 5 tokens per step
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    drafts = delta("leapserve:spec_decode_num_drafts_total")
+    assert 2 * 3 <= drafts <= 2 * 5
+    assert delta("leapserve:spec_decode_num_draft_tokens_total") == 4 * drafts
+    accepted = delta("leapserve:spec_decode_num_accepted_tokens_total")
+    assert accepted >= 2 * 15
+    per_pos = [delta("leapserve:spec_decode_num_accepted_tokens_per_pos_total", position=str(i)) for i in range(4)]
+    assert sum(per_pos) == accepted and per_pos[0] >= per_pos[3] > 0
