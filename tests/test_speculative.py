@@ -3,10 +3,9 @@
 1 to 8), lossless sampling (exact target distribution of the first two tokens), configuration, and the server."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
-
-import json
 
 import openai
 import pytest
