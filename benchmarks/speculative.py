@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--decoders", default=None, help="comma-separated subset of the decoders below (default: all)")
     args = ap.parse_args()
     target = str(resolve_model(args.model))
     configs = {
@@ -52,7 +53,9 @@ def main() -> None:
         "self-draft-padded": {"method": "draft_model", "model": target, "num_speculative_tokens": args.k,
                               "layout": "padded"},
     }
-    for name, spec in configs.items():
+    chosen = args.decoders.split(",") if args.decoders else list(configs)
+    for name in chosen:
+        spec = configs[name]
         llm = LLM(args.model, speculative_config=spec, kv_cache_tokens=16384, max_model_len=1024)
         conversations = [[{"role": "user", "content": p}] for p in COPY_PROMPTS + PROMPTS]
         prompts = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(c, add_generation_prompt=True,
