@@ -45,20 +45,31 @@ class SeqPlan:
     causal: bool
 
 
+# A step whose sequences all have at most this many new tokens (decoding, verifying drafts) runs as one padded
+# SDPA call; longer ones (prefill) run one call per sequence, where padding would waste real work.
+BATCHED_MAX_QUERIES = 16
+
+
+@dataclass
+class BatchedPlan:
+    slots: torch.Tensor  # [B * max_keys] flat cache slots, each sequence's keys then padding
+    mask: torch.Tensor  # bool [B, 1, max_q, max_keys]
+    rows: torch.Tensor  # [T]: each packed query's row in the padded [B * max_q] queries
+    max_q: int
+
+
 @dataclass
 class AttentionPlan:
     """Everything `tree_attention` derives from a step's metadata, computed once and reused by every layer."""
     seqs: list[SeqPlan]
-    # When every sequence has exactly one query: flat slots [B * max_keys] and key mask [B, 1, 1, max_keys],
-    # so all sequences run as one padded SDPA call instead of one call each.
-    decode: tuple[torch.Tensor, torch.Tensor] | None = None
+    batched: BatchedPlan | None = None  # set when all sequences run as one padded call
 
 
 def plan_tree_attention(block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                         tree_mask: torch.Tensor | None, block_size: int) -> AttentionPlan:
     cu, ctx_lens = cu_seqlens_q.tolist(), context_lens.tolist()
     device = block_tables.device
-    seqs, slot_lists = [], []
+    seqs = []
     for b, ctx in enumerate(ctx_lens):
         start, end = cu[b], cu[b + 1]
         num_keys = ctx + end - start
@@ -74,18 +85,30 @@ def plan_tree_attention(block_tables: torch.Tensor, context_lens: torch.Tensor, 
                                    device)
         seqs.append(SeqPlan(start, end, keys, mask, causal))
     plan = AttentionPlan(seqs)
-    if len(seqs) > 1 and all(s.end - s.start == 1 for s in seqs) and len(seqs) == len(ctx_lens):
-        max_keys = max(ctx_lens) + 1
-        slots = torch.empty(len(seqs), max_keys, dtype=torch.long, device=device)
-        valid = torch.zeros(len(seqs), 1, 1, max_keys, dtype=torch.bool, device=device)
-        for i, (s, ctx) in enumerate(zip(seqs, ctx_lens)):
-            own = torch.arange(s.keys.start, s.keys.stop, device=device) if isinstance(s.keys, slice) else s.keys
-            slots[i, : ctx + 1] = own
-            # Padding re-reads the sequence's own last key: masked out, and finite (0 * NaN from a stale slot is NaN).
-            slots[i, ctx + 1:] = own[-1]
-            valid[i, ..., : ctx + 1] = True
-        plan.decode = (slots.flatten(), valid)
+    max_q = max((s.end - s.start for s in seqs), default=0)
+    if len(seqs) > 1 and len(seqs) == len(ctx_lens) and max_q <= BATCHED_MAX_QUERIES:
+        plan.batched = _batched_plan(seqs, ctx_lens, tree_mask, max_q, device)
     return plan
+
+
+def _batched_plan(seqs: list[SeqPlan], ctx_lens: list[int], tree_mask: torch.Tensor | None, max_q: int,
+                  device: torch.device) -> BatchedPlan:
+    max_keys = max(ctx + s.end - s.start for s, ctx in zip(seqs, ctx_lens))
+    slots = torch.empty(len(seqs), max_keys, dtype=torch.long, device=device)
+    mask = torch.zeros(len(seqs), 1, max_q, max_keys, dtype=torch.bool, device=device)
+    rows = []
+    for i, (s, ctx) in enumerate(zip(seqs, ctx_lens)):
+        n = s.end - s.start
+        own = torch.arange(s.keys.start, s.keys.stop, device=device) if isinstance(s.keys, slice) else s.keys
+        slots[i, : ctx + n] = own
+        # Padding re-reads the sequence's own last key: masked out, and finite (0 * NaN from a stale slot is NaN).
+        slots[i, ctx + n:] = own[-1]
+        mask[i, 0, :n, :ctx] = True
+        mask[i, 0, :n, ctx:ctx + n] = (torch.ones(n, n, dtype=torch.bool, device=device).tril() if tree_mask is None
+                                       else tree_mask[s.start:s.end, :n])
+        mask[i, 0, n:, 0] = True  # padding queries see one key (no NaN); their outputs are dropped
+        rows.extend(range(i * max_q, i * max_q + n))
+    return BatchedPlan(slots.flatten(), mask, torch.tensor(rows, device=device), max_q)
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
@@ -94,15 +117,8 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: 
     compute_dtype = torch.float32 if q.device.type == "cpu" else q.dtype
     num_kv_heads, head_dim = k_cache.shape[2:]
     flat_k, flat_v = k_cache.reshape(-1, num_kv_heads, head_dim), v_cache.reshape(-1, num_kv_heads, head_dim)
-    if plan.decode is not None:
-        slots, valid = plan.decode
-        num_seqs = valid.shape[0]
-        # [B, Hkv, max_keys, D]: SDPA's fused CPU kernel wants 4-D inputs (3-D takes a 5x slower path).
-        keys = flat_k.index_select(0, slots).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-        values = flat_v.index_select(0, slots).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q[:, None].transpose(1, 2).to(compute_dtype), keys.to(compute_dtype),
-                                           values.to(compute_dtype), attn_mask=valid, scale=scale, enable_gqa=True)
-        o = o.transpose(1, 2)[:, 0].to(q.dtype)
+    if plan.batched is not None:
+        o = _attend_batched(q, flat_k, flat_v, plan.batched, scale, compute_dtype)
         if out is None:
             return o
         out.copy_(o)
@@ -124,6 +140,26 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: 
             return o if o.dtype == q.dtype else o.to(q.dtype)
         out[s.start:s.end] = o
     return out
+
+
+def _attend_batched(q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor, bp: BatchedPlan,
+                    scale: float | None, compute_dtype: torch.dtype) -> torch.Tensor:
+    """All sequences as one SDPA call over `[B, H, max_q, max_keys]`, padded queries and keys masked."""
+    num_seqs = bp.mask.shape[0]
+    _, num_q_heads, head_dim = q.shape
+    num_kv_heads = flat_k.shape[1]
+    if bp.max_q == 1:  # decoding: q already is [B, Hq, D]
+        queries = q[:, None]
+    else:
+        queries = q.new_zeros(num_seqs * bp.max_q, num_q_heads, head_dim).index_copy_(0, bp.rows, q)
+    queries = queries.view(num_seqs, bp.max_q, num_q_heads, head_dim).transpose(1, 2)
+    # [B, Hkv, max_keys, D]: SDPA's fused CPU kernel wants 4-D inputs (3-D takes a 5x slower path).
+    keys = flat_k.index_select(0, bp.slots).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = flat_v.index_select(0, bp.slots).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    o = F.scaled_dot_product_attention(queries.to(compute_dtype), keys.to(compute_dtype), values.to(compute_dtype),
+                                       attn_mask=bp.mask, scale=scale, enable_gqa=True)
+    o = o.transpose(1, 2).reshape(num_seqs * bp.max_q, num_q_heads, head_dim)
+    return (o if bp.max_q == 1 else o.index_select(0, bp.rows)).to(q.dtype)
 
 
 def _heads_view(cache: torch.Tensor, rows: slice) -> torch.Tensor:

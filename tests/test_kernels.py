@@ -189,14 +189,17 @@ def test_reference_consecutive_blocks(mask_kind: str) -> None:
 
 
 @pytest.mark.parametrize("consecutive", [False, True])
-def test_reference_batched_decode_and_shared_plan(consecutive: bool) -> None:
-    """Steps where every sequence has one query run as one padded call; a plan built once serves every layer."""
-    for seed in range(8):
-        case = make_case(300 + seed, group=(1, 3, 4)[seed % 3], head_dim=64, block_size=16, mask_kind="causal",
-                         dtype=torch.float32, max_seqs=8, max_new=1, consecutive_blocks=consecutive)
+@pytest.mark.parametrize("max_new,mask_kind", [(1, "causal"), (9, "causal"), (9, "tree"), (16, "bidirectional")])
+def test_reference_batched_steps_and_shared_plan(consecutive: bool, max_new: int, mask_kind: str) -> None:
+    """Steps with few new tokens per sequence (decoding, verifying drafts) run as one padded call; a plan built
+    once serves every layer."""
+    for seed in range(6):
+        case = make_case(300 + seed, group=(1, 3, 4)[seed % 3], head_dim=64, block_size=16, mask_kind=mask_kind,
+                         dtype=torch.float32, max_seqs=8, max_new=max_new, consecutive_blocks=consecutive)
         oracle = naive_attention(case)
-        plan = reference.plan_tree_attention(case.block_tables, case.context_lens, case.cu_seqlens_q, None, 16)
-        assert (plan.decode is not None) == (case.block_tables.shape[0] > 1)
+        plan = reference.plan_tree_attention(case.block_tables, case.context_lens, case.cu_seqlens_q,
+                                             case.tree_mask, 16)
+        assert (plan.batched is not None) == (case.block_tables.shape[0] > 1)
         for _ in range(2):  # the same plan twice, as two layers would use it
             out = torch.full_like(case.q, float("nan"))
             assert reference.attend(case.q, case.k_cache, case.v_cache, plan, case.scale, out) is out
