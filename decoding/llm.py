@@ -26,9 +26,7 @@ class LLM:
                                   trust_remote_code=trust_remote_code),
                 cache=CacheConfig(block_size=block_size, kv_cache_tokens=kv_cache_tokens),
                 scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
-                speculative_config=speculative_config, seed=seed)
-            if decoder is not None:
-                config.decoder = decoder
+                decoder=decoder, speculative_config=speculative_config, seed=seed)
         self.engine = LLMEngine(config)
         self._counter = 0
 

@@ -32,7 +32,8 @@ class ModelRunner:
         self.device = device
         self.num_forwards = 0
 
-    def _metadata(self, chunks: list[SeqChunk]) -> tuple[AttentionMetadata, torch.Tensor]:
+    def _metadata(self, chunks: list[SeqChunk]) -> tuple[AttentionMetadata, torch.Tensor, list[int]]:
+        """The step's attention metadata, rotary positions, and where each chunk starts in the packed batch."""
         bs = self.cache.block_size
         slots, positions, cu = [], [], [0]
         for c in chunks:
@@ -58,16 +59,13 @@ class ModelRunner:
 
         step = AttentionStep(t(slots, torch.int64), t(tables, torch.int32), t([c.start for c in chunks], torch.int32),
                              t(cu, torch.int32), tree_mask, bs)
-        return AttentionMetadata(self.cache, step), t(positions, torch.int64)
+        return AttentionMetadata(self.cache, step), t(positions, torch.int64), cu
 
     @torch.inference_mode()
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Run the target over all chunks at once; return float32 logits `[sum(len(logits_rows)), V]`."""
-        meta, positions = self._metadata(chunks)
+        meta, positions, offsets = self._metadata(chunks)
         input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64, device=self.device)
-        offsets = [0]
-        for c in chunks:
-            offsets.append(offsets[-1] + len(c.token_ids))
         rows = torch.tensor([lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows],
                             dtype=torch.int64, device=self.device)
         out = self.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,

@@ -44,11 +44,8 @@ class AttentionStep:
         layout = (key.shape, key.dtype, k_cache.shape, k_cache.dtype)
         if layout != self._checked_layout:  # every layer has the same shapes: check the first, and any change
             check_write_kv_args(key, value, k_cache, v_cache, self.slot_mapping)
-            if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-                raise ValueError("AttentionStep needs contiguous K/V caches")
             self._checked_layout = layout
-        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, self.slot_mapping, key)
-        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, self.slot_mapping, value)
+        reference.write_rows(key, value, k_cache, v_cache, self.slot_mapping)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                scale: float | None = None) -> torch.Tensor:

@@ -193,6 +193,12 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     if bool(skip.any()):
         keep = ~skip
         slots, key, value = slots[keep], key[keep], value[keep]
+    write_rows(key, value, k_cache, v_cache, slots)
+
+
+def write_rows(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               slots: torch.Tensor) -> None:
+    """`write_kv` without checks: every slot (int64) valid and distinct."""
     if k_cache.is_contiguous() and v_cache.is_contiguous():
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key)
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value)
