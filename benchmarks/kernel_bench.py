@@ -175,9 +175,10 @@ def _flashinfer(inputs: Inputs, shape: Shape, device: torch.device) -> dict:
                      shape.kv_heads, shape.head_dim, shape.page_size, causal=shape.mask == "causal",
                      custom_mask=inputs.visible.flatten() if shape.mask == "tree" else None, q_data_type=shape.dtype)
     except Exception as exc:  # an API mismatch is reported as this baseline's error, like a failed run
+        error = exc  # `exc` itself is unbound when the except block ends
 
         def failed() -> torch.Tensor:
-            raise exc
+            raise error
 
         return {"flashinfer": failed}
     return {"flashinfer": lambda: wrapper.run(inputs.q, (inputs.k_cache, inputs.v_cache))}

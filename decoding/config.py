@@ -30,7 +30,7 @@ class SchedulerConfig:
     max_waiting_requests: int = 1024  # beyond this, new requests are refused (HTTP 503)
 
 
-SPEC_METHODS = ("ngram", "draft_model")
+SPEC_METHODS = ("ngram", "draft_model", "fspad")
 SPEC_LAYOUTS = ("packed", "padded")
 
 
@@ -39,7 +39,7 @@ class SpeculativeConfig:
     """`--speculative-config`, spelled as vLLM spells it.
 
     `tree`: None (a chain of `num_speculative_tokens`), a list of branching factors per depth (a static tree,
-    e.g. [3, 2, 1]), or {"depth", "top_k", "total_tokens"} (an EAGLE-2 dynamic tree; draft_model only).
+    e.g. [3, 2, 1]), or {"depth", "top_k", "total_tokens"} (an EAGLE-2 dynamic tree; draft_model and fspad).
     """
     method: str
     num_speculative_tokens: int
@@ -71,7 +71,7 @@ class SpeculativeConfig:
             if not ok:
                 raise ValueError(f"speculative_config: {msg}")
 
-        check(self.method != "draft_model" or bool(self.model), 'method "draft_model" needs "model" (a checkpoint)')
+        check(self.method == "ngram" or bool(self.model), f'method "{self.method}" needs "model" (a checkpoint)')
         check(self.layout in SPEC_LAYOUTS, f"layout must be one of {SPEC_LAYOUTS}, got {self.layout!r}")
         check(1 <= self.prompt_lookup_min <= self.prompt_lookup_max,
               "need 1 <= prompt_lookup_min <= prompt_lookup_max")
@@ -83,7 +83,7 @@ class SpeculativeConfig:
             check(set(self.tree) <= {"depth", "top_k", "total_tokens"}
                   and all(isinstance(v, int) and v >= 1 for v in self.tree.values()),
                   f'a dynamic tree is {{"depth", "top_k", "total_tokens"}} (integers >= 1), got {self.tree!r}')
-            check(self.method == "draft_model", "dynamic trees need method draft_model")
+            check(self.method in ("draft_model", "fspad"), "dynamic trees need method draft_model or fspad")
         else:
             check(self.tree is None, f"tree must be null, a list or an object, got {self.tree!r}")
         check(self.method != "ngram" or self.tree is None or all(b == 1 for b in self.tree),

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 # method -> "module:class" in leapserve.drafters
 DRAFTERS = {"ngram": "leapserve.drafters.ngram:NgramDrafter",
-            "draft_model": "leapserve.drafters.draft_model:DraftModelDrafter"}
+            "draft_model": "leapserve.drafters.draft_model:DraftModelDrafter",
+            "fspad": "leapserve.drafters.fspad:FSPADDrafter"}
 
 
 @dataclass

@@ -23,6 +23,37 @@ class SeqChunk:
     extra: dict = field(default_factory=dict)
 
 
+def step_metadata(chunks: list[SeqChunk], cache: PagedKVCache,
+                  device: torch.device) -> tuple[AttentionMetadata, torch.Tensor, list[int]]:
+    """A step's attention metadata over `cache`, rotary positions, and where each chunk starts in the packed batch."""
+    bs = cache.block_size
+    slots, positions, cu = [], [], [0]
+    for c in chunks:
+        n = len(c.token_ids)
+        pos = range(c.start, c.start + n)
+        slots.extend(c.block_table[p // bs] * bs + p % bs for p in pos)
+        positions.extend(c.positions if c.positions is not None else pos)
+        cu.append(cu[-1] + n)
+    max_blocks = max(len(c.block_table) for c in chunks)
+    tables = [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks]
+    tree_mask = None
+    if any(c.tree_mask is not None for c in chunks):
+        max_q = max(len(c.token_ids) for c in chunks)
+        tree_mask = torch.zeros(cu[-1], max_q, dtype=torch.bool)
+        for c, lo in zip(chunks, cu):
+            n = len(c.token_ids)
+            rows = c.tree_mask if c.tree_mask is not None else torch.ones(n, n, dtype=torch.bool).tril()
+            tree_mask[lo:lo + n, :n] = rows
+        tree_mask = tree_mask.to(device)
+
+    def t(x, dtype):
+        return torch.tensor(x, dtype=dtype, device=device)
+
+    step = AttentionStep(t(slots, torch.int64), t(tables, torch.int32), t([c.start for c in chunks], torch.int32),
+                         t(cu, torch.int32), tree_mask, bs)
+    return AttentionMetadata(cache, step), t(positions, torch.int64), cu
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device):
         register()
@@ -32,43 +63,18 @@ class ModelRunner:
         self.device = device
         self.num_forwards = 0
 
-    def _metadata(self, chunks: list[SeqChunk]) -> tuple[AttentionMetadata, torch.Tensor, list[int]]:
-        """The step's attention metadata, rotary positions, and where each chunk starts in the packed batch."""
-        bs = self.cache.block_size
-        slots, positions, cu = [], [], [0]
-        for c in chunks:
-            n = len(c.token_ids)
-            pos = range(c.start, c.start + n)
-            slots.extend(c.block_table[p // bs] * bs + p % bs for p in pos)
-            positions.extend(c.positions if c.positions is not None else pos)
-            cu.append(cu[-1] + n)
-        max_blocks = max(len(c.block_table) for c in chunks)
-        tables = [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks]
-        tree_mask = None
-        if any(c.tree_mask is not None for c in chunks):
-            max_q = max(len(c.token_ids) for c in chunks)
-            tree_mask = torch.zeros(cu[-1], max_q, dtype=torch.bool)
-            for c, lo in zip(chunks, cu):
-                n = len(c.token_ids)
-                rows = c.tree_mask if c.tree_mask is not None else torch.ones(n, n, dtype=torch.bool).tril()
-                tree_mask[lo:lo + n, :n] = rows
-            tree_mask = tree_mask.to(self.device)
-
-        def t(x, dtype):
-            return torch.tensor(x, dtype=dtype, device=self.device)
-
-        step = AttentionStep(t(slots, torch.int64), t(tables, torch.int32), t([c.start for c in chunks], torch.int32),
-                             t(cu, torch.int32), tree_mask, bs)
-        return AttentionMetadata(self.cache, step), t(positions, torch.int64), cu
-
-    @torch.inference_mode()
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Run the target over all chunks at once; return float32 logits `[sum(len(logits_rows)), V]`."""
-        meta, positions, offsets = self._metadata(chunks)
+        return self.forward(chunks)[0]
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`execute`, plus the final-norm hidden states of every token `[T, d]` (what feature drafters read)."""
+        meta, positions, offsets = step_metadata(chunks, self.cache, self.device)
         input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64, device=self.device)
         rows = torch.tensor([lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows],
                             dtype=torch.int64, device=self.device)
-        out = self.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
-                         logits_to_keep=rows, leapserve_meta=meta)
+        hidden = self.model.get_decoder()(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
+                                          leapserve_meta=meta).last_hidden_state[0]
         self.num_forwards += 1
-        return out.logits[0].float()
+        return self.model.get_output_embeddings()(hidden[rows]).float(), hidden

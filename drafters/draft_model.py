@@ -10,10 +10,16 @@ Trees grow level by level (EAGLE-2): each frontier node's children are its top-b
 distribution q, scored by cumulative log q. A static tree keeps every node; a dynamic one keeps `top_k`
 frontier nodes per level and the best `total_tokens` nodes overall. A chain (branching 1) under sampling draws
 each token from q (and records q for lossless verification) instead of taking the argmax.
+
+A checkpoint whose config.json lists tensor names under `leapserve_shared_with_target` (AdaSPEC drafters share the
+target's embeddings and LM head) stores only its own weights; those tensors are the target's (same objects).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
 
 import torch
@@ -27,6 +33,11 @@ from leapserve.decoding.runner import ModelRunner, SeqChunk
 from leapserve.decoding.sampler import Sampler, draw, processed_logits, target_probs
 from leapserve.decoding.scheduler import ScheduledSeq
 from leapserve.decoding.tree import chunk_layout
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+SHARED_WITH_TARGET = "leapserve_shared_with_target"
 
 
 @dataclass
@@ -48,6 +59,7 @@ class _Growing:
     paths: list[list[int]] = field(default_factory=lambda: [[]])  # tokens from the root's child down to node i
     expanded: list[int] = field(default_factory=list)  # nodes run through the draft model (cache order)
     frontier: list[int] = field(default_factory=lambda: [0])
+    states: dict[int, torch.Tensor] = field(default_factory=dict)  # per run node: a drafter's recurrent output
 
     def add(self, parent: int, token: int, logq: float, q: torch.Tensor | None) -> int:
         self.tokens.append(token)
@@ -58,11 +70,58 @@ class _Growing:
         return len(self.tokens)
 
 
+def assemble_draft(config: PretrainedConfig, weights: dict[str, torch.Tensor], target: torch.nn.Module,
+                   shared: list[str], dtype: torch.dtype) -> torch.nn.Module:
+    """A causal LM of `config` holding `weights`, whose `shared` parameters are `target`'s own (same objects)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():  # parameters on the meta device, all replaced below; buffers (rotary) real
+        draft = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    keys = draft.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=False, assign=True)
+    if keys.unexpected_keys or set(keys.missing_keys) != set(shared):
+        raise ValueError(f"the draft's weights do not match its config: missing "
+                         f"{sorted(set(keys.missing_keys) - set(shared))}, unexpected {keys.unexpected_keys}, "
+                         f"shared with the target {shared}")
+    for name in shared:
+        try:
+            tensor = target.get_parameter(name)
+        except AttributeError as e:
+            raise ValueError(f"the draft shares {name!r} with the target, which has no such parameter") from e
+        expected = draft.get_parameter(name)
+        if tensor.shape != expected.shape or tensor.dtype != dtype:
+            raise ValueError(f"the draft's {name} is {tuple(expected.shape)} {dtype}, the target's "
+                             f"{tuple(tensor.shape)} {tensor.dtype}")
+        module, _, attr = name.rpartition(".")
+        setattr(draft.get_submodule(module), attr, tensor)
+    return draft
+
+
+def load_draft_model(model: str, target: torch.nn.Module, device: torch.device,
+                     dtype: torch.dtype) -> torch.nn.Module:
+    """Load a draft checkpoint in eval mode; the tensors it lists under `SHARED_WITH_TARGET` are `target`'s own."""
+    source = resolve_model(model)
+    config_path = Path(source) / "config.json"
+    shared = json.loads(config_path.read_text()).get(SHARED_WITH_TARGET) if config_path.is_file() else None
+    if not shared:
+        return load_model(source, ModelConfig(model=model), device, dtype)
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    weights = {}
+    for path in sorted(Path(source).glob("*.safetensors")):
+        weights.update(load_file(str(path), device=str(device)))
+    try:
+        draft = assemble_draft(AutoConfig.from_pretrained(source), weights, target, shared, dtype)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
+    return draft.to(device).eval()
+
+
 class DraftModelDrafter:
     def __init__(self, spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler):
         target = runner.cache
-        model = load_model(resolve_model(spec.model), ModelConfig(model=spec.model), runner.device,
-                           target.k[0].dtype)
+        model = load_draft_model(spec.model, runner.model, runner.device, target.k[0].dtype)
         hf, target_vocab = model.config, runner.model.config.vocab_size
         if hf.vocab_size != target_vocab:
             raise ValueError(f"speculative_config: the draft model's vocabulary ({hf.vocab_size}) differs from "
@@ -71,6 +130,10 @@ class DraftModelDrafter:
         self.cache = PagedKVCache(hf.num_hidden_layers, target.num_blocks, target.block_size,
                                   hf.num_key_value_heads, head_dim, target.k[0].dtype, runner.device)
         self.runner = ModelRunner(model, self.cache, runner.device)
+        self._init_tree(spec, sampler)
+
+    def _init_tree(self, spec: SpeculativeConfig, sampler: Sampler) -> None:
+        """The tree shape, its limits, and the per-sequence state (shared with drafters built on this one)."""
         self.sampler = sampler
         self.shape = TreeShape.from_config(spec)
         self.max_nodes = self.shape.max_nodes
@@ -96,18 +159,26 @@ class DraftModelDrafter:
             growing.append(_Growing(s.seq, budget, len(tokens) - 1))
             state.computed, state.written = len(tokens), []
         if growing:
-            self._grow(growing, self.runner.execute(catch_up))
+            self._grow(growing, *self._execute(catch_up))
         trees = iter(self._finish(g) for g in growing)
         return [next(trees) if budget else DraftTree.chain([]) for budget in budgets]
 
-    def _grow(self, growing: list[_Growing], logits: torch.Tensor) -> None:
-        """Expand every tree level by level; `logits` rows are the draft's outputs at each tree's frontier."""
+    def _execute(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The draft's logits at the chunks' logits rows, and per row any state its children need (none here)."""
+        return self.runner.execute(chunks), None
+
+    def _grow(self, growing: list[_Growing], logits: torch.Tensor, states: torch.Tensor | None) -> None:
+        """Expand every tree level by level; `logits` (and `states`) rows are the draft's outputs at each tree's
+        frontier."""
         for level in range(self.shape.num_levels):
-            rows = iter(logits)
+            rows = iter(range(len(logits)))
             for g in growing:
                 frontier, g.frontier = g.frontier, []
                 for node in frontier:
-                    self._expand(g, node, next(rows), level)
+                    row = next(rows)
+                    if states is not None:
+                        g.states[node] = states[row]
+                    self._expand(g, node, logits[row], level)
                 if self.shape.branching is None:  # dynamic: the best top_k of this level go on
                     g.frontier = sorted(g.frontier, key=lambda i: -g.scores[i])[:self.shape.top_k]
                 if self.shape.is_chain and len(g.tokens) >= g.budget:
@@ -115,7 +186,7 @@ class DraftModelDrafter:
             live = [g for g in growing if g.frontier]
             if level == self.shape.num_levels - 1 or not live:
                 return
-            logits = self.runner.execute([self._frontier_chunk(g) for g in live])
+            logits, states = self._execute([self._frontier_chunk(g) for g in live])
             growing = live
 
     def _expand(self, g: _Growing, node: int, raw: torch.Tensor, level: int) -> None:

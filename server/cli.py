@@ -86,6 +86,27 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_serve)
 
 
+def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    # The one place `server` reaches into `benchmarks`: the CLI is the entry point of both.
+    from leapserve.benchmarks import bench_offline, bench_serve
+
+    p = subparsers.add_parser("bench", help="benchmark a server (serve) or the in-process engine (offline)")
+    commands = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")
+    for name, module, help_text in (("serve", bench_serve, "latency and throughput of an OpenAI-compatible server"),
+                                    ("offline", bench_offline, "decoders on the in-process engine, same prompts")):
+        module.add_arguments(commands.add_parser(name, help=help_text, description=module.__doc__,
+                                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+
+
+def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    from leapserve.training import adaspec, data, export, fspad
+
+    p = subparsers.add_parser("train", help="make training data from the target and train drafters for it")
+    commands = p.add_subparsers(dest="train_command", required=True, metavar="TRAIN_COMMAND")
+    for module in (data, fspad, adaspec, export):
+        module.add_parser(commands)
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
@@ -111,12 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leapserve", description="Fast, lossless LLM inference server.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve_parser(subparsers)
+    _add_bench_parser(subparsers)
+    _add_train_parser(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.handler(args)
+    try:
+        args.handler(args)
+    except (ValueError, OSError) as e:  # bad flags, paths or data: a message, not a traceback
+        sys.exit(f"leapserve {args.command}: error: {e}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from conftest import save_tiny_llama
 from leapserve.decoding import LLM, SamplingParams
 from leapserve.decoding.config import SpeculativeConfig
+from leapserve.decoding.decoders.speculative import ModeSelector
 from leapserve.decoding.drafter import DraftTree
 from leapserve.decoding.sampler import target_probs
 from leapserve.decoding.tree import chunk_layout, tree_children, tree_depths
@@ -83,6 +84,80 @@ def test_speculative_config_selects_decoder_and_reserves_lookahead(tiny_model_di
     assert engine.max_model_len == 1024 - 10
     with pytest.raises(ValueError, match="needs a speculative_config"):
         LLM(str(tiny_model_dir), kv_cache_tokens=1024, decoder="speculative")
+
+
+# ---- adaptive speculation: drafting only where it pays ---------------------------------------------------------
+
+def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
+    selector = ModeSelector()
+
+    def run(n: int, steps: int, rate: dict[bool, float], timeable: bool = True) -> str:
+        modes = ""
+        for _ in range(steps):
+            drafts = selector.choose(n)
+            selector.record(n, drafts, 10, 10 / rate[drafts], timeable)
+            modes += "D" if drafts else "p"
+        return modes
+
+    slow_drafts = {True: 50.0, False: 100.0}
+    assert run(8, 3, slow_drafts, timeable=False) == "DDD"  # prompt steps are not timed: still warming up
+    # Two timed steps of each mode (not the first after a switch), then the faster; 2 of 16 probe the other.
+    assert run(8, 6, slow_drafts) == "DDpppp"
+    assert run(8, 32, slow_drafts) == "p" * 13 + "DD" + "p" * 14 + "DD" + "p"
+    # Drafting becomes faster: the next probe notices it; from then on plain decoding is the probed mode.
+    assert run(8, 32, {True: 300.0, False: 100.0}) == "p" * 13 + "D" * 16 + "pp" + "D"
+    # Every batch-size bucket (a power of two) learns on its own.
+    assert run(3, 6, slow_drafts) == "DDpppp"
+    assert set(selector.buckets) == {4, 8}
+
+
+class _VirtualClock:
+    """Deterministic step times: each forward of a charged model costs `fixed + per_token * tokens` seconds."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def charge(self, model: torch.nn.Module, fixed: float, per_token: float) -> None:
+        def hook(module, args, kwargs):
+            self.now += fixed + per_token * kwargs["input_ids"].shape[1]
+
+        model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("accepted", [False, True])
+def test_adaptive_drafts_only_where_drafting_pays(tiny_model_dir, accepted):
+    """A self-drafting target accepts everything; shifting every drafted token by one makes it accept nothing.
+    On a virtual clock where a target forward costs 10 ms + 1 ms per token, drafting then pays (5 tokens per
+    step) or not (one token per step for more work): after warm-up the decoder drafts on most steps in the first
+    case and only on the selector's probes in the second. Outputs stay those of autoregressive decoding."""
+    path = str(tiny_model_dir)
+    prompts, params = PROMPTS[:4], SamplingParams(temperature=0, max_tokens=160, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(path, kv_cache_tokens=4096).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(path, kv_cache_tokens=4096, speculative_config={"method": "draft_model", "model": path,
+                                                               "num_speculative_tokens": 4})
+    decoder = llm.engine.decoder
+    clock = decoder.clock = _VirtualClock()
+    clock.charge(llm.engine.runner.model, 0.010, 0.001)
+    clock.charge(decoder.drafter.runner.model, 0.001, 0.0)
+    propose, vocab, drafted = decoder.drafter.propose, llm.engine.runner.model.config.vocab_size, []
+
+    def spy(scheduled, budgets):
+        drafted.append(any(budgets))
+        trees = propose(scheduled, budgets)
+        return trees if accepted else [DraftTree.chain([(t + 1) % vocab for t in tree.tokens]) for tree in trees]
+
+    decoder.drafter.propose = spy
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    late = drafted[8:]
+    if accepted:
+        assert sum(late) >= 0.8 * len(late) and len(late) >= 16
+    else:
+        assert sum(late) <= 0.2 * len(late) and len(late) >= 100
+        assert sum(o.metrics.accepted_tokens for o in outs) == 0
 
 
 # ---- greedy: identical to autoregressive decoding and transformers ------------------------------------------------

@@ -4,11 +4,27 @@ forward, and each sequence commits its own accepted path plus a bonus token.
 Layouts (EMS-SD, seed-methods section 1): `packed` concatenates every sequence's `[last token] + candidates`
 with no padding, each with its own count (0 allowed); `padded` is the vanilla baseline's input padding: every
 drafting sequence drafts the same number of tokens and is padded with dummy rows to the batch's widest tree.
-(The vanilla baseline's KV padding needs no emulation: with a paged cache each sequence keeps its own length.)
+
+`padded` does not emulate the vanilla baseline's KV padding (every sequence advancing by the batch's largest
+accepted length, the shortfall left as masked cache slots): each sequence commits only its own accepted tokens
+and keeps a dense cache, so `padded` pays for the padded input rows but not for the padded slots' memory and
+attention reads. Packed vs padded is therefore the paper's full EMS-SD against its "unpad KV cache only"
+ablation. Holes in the cache would break the engine's invariant that a token's cache slot is its index in the
+sequence, which the scheduler (block allocation), the runner (slot mapping), preemption (recompute) and the
+draft model's cache (it mirrors the target's slots) rely on, and would need a per-slot validity mask in the
+kernel contract.
+
+Adaptive speculation (`adaptive`): per step, `ModeSelector` picks drafting or plain decoding (every budget 0,
+the same forward as the autoregressive decoder) by measured committed tokens per second in the step's
+batch-size bucket, so that speculation is switched off where it does not pay, e.g. at high concurrency on a
+compute-bound device; while drafting, each sequence's budget follows its own acceptance.
 """
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from weakref import WeakKeyDictionary
 
 import torch
@@ -26,6 +42,49 @@ from ..verification import verify
 from .base import Decoder, SeqStep
 
 EMA_DECAY = 0.7  # weight of the past in the per-sequence EMA of accepted tokens per step
+RATE_DECAY = 0.7  # weight of the past in a bucket's EMA of committed tokens per second, per mode
+WARMUP_STEPS = 2  # timed steps of each mode before a bucket picks the faster one
+PROBE_EVERY = 16  # after warm-up, 2 of every 16 steps of a bucket re-time the slower mode
+
+
+@dataclass
+class _Bucket:
+    rate: dict[bool, float] = field(default_factory=dict)  # drafting? -> EMA of committed tokens/s
+    timed: dict[bool, int] = field(default_factory=lambda: {False: 0, True: 0})
+    steps: int = 0  # steps chosen after warm-up
+
+
+class ModeSelector:
+    """Drafting or plain decoding, per batch-size bucket (decoding sequences rounded up to a power of two), by
+    measured committed tokens per second of whole steps: the faster mode runs; the slower one is re-timed for 2
+    of every PROBE_EVERY steps, so that a change (longer contexts, other prompts) is noticed. Only steps without
+    prompt tokens, and not the first step after a switch (a draft model catches up on it), are timed."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, _Bucket] = {}
+        self.last: bool | None = None  # the previous step's mode
+
+    def choose(self, num_decoding: int) -> bool:
+        """Whether this step drafts."""
+        b = self.buckets.setdefault(1 << (num_decoding - 1).bit_length(), _Bucket())
+        current = self.last is not False
+        for mode in (current, not current):
+            if b.timed[mode] < WARMUP_STEPS:
+                return mode
+        best = b.rate[True] >= b.rate[False]
+        probe = b.steps % PROBE_EVERY >= PROBE_EVERY - 2
+        b.steps += 1
+        return best != probe
+
+    def record(self, num_decoding: int, drafted: bool, tokens: int, seconds: float, timeable: bool) -> None:
+        """One step's outcome: `tokens` committed in `seconds` of wall time."""
+        b = self.buckets[1 << (num_decoding - 1).bit_length()]
+        if timeable and self.last is drafted and seconds > 0:
+            rate = tokens / seconds
+            old = b.rate.get(drafted, rate)
+            b.rate[drafted] = RATE_DECAY * old + (1 - RATE_DECAY) * rate
+            b.timed[drafted] += 1
+        self.last = drafted
 
 
 class SpeculativeDecoder(Decoder):
@@ -42,13 +101,22 @@ class SpeculativeDecoder(Decoder):
         self.max_nodes = self.drafter.max_nodes
         self.max_depth = self.drafter.max_depth
         self._accept_ema: WeakKeyDictionary[Sequence, float] = WeakKeyDictionary()
+        self.selector = ModeSelector()
+        self.clock: Callable[[], float] = time.perf_counter
+        self._step_start = 0.0
+        self._step_drafts: bool | None = None  # this step's mode, when the selector chose it
 
     def _budgets(self, scheduled: list[ScheduledSeq]) -> list[int]:
-        """Draft tokens per sequence: none while prefilling; at most what max_tokens leaves; adaptive: sized by
-        the sequence's recent acceptance and shrunk as the batch grows (0 = plain decoding)."""
+        """Draft tokens per sequence: none while prefilling; at most what max_tokens leaves; adaptive: none when
+        the selector picks plain decoding, else sized by the sequence's recent acceptance and shrunk as the batch
+        grows. Starts the step's clock."""
+        self._step_start = self.clock()
         drafting = [s for s in scheduled if s.completes_prefix]
+        self._step_drafts = self.selector.choose(len(drafting)) if self.spec.adaptive and drafting else None
         cap = self.max_nodes
-        if self.spec.adaptive and drafting:
+        if self._step_drafts is False:
+            cap = 0
+        elif self.spec.adaptive and drafting:
             cap = min(cap, self.spec.max_batch_draft_tokens // len(drafting))
         budgets = []
         for s in scheduled:
@@ -73,11 +141,18 @@ class SpeculativeDecoder(Decoder):
         width = max(budgets, default=0)
         chunks = [self._chunk(s, t, width - len(t) if self.spec.layout == "padded" and s.completes_prefix else 0)
                   for s, t in zip(scheduled, trees)]
-        logits = self.runner.execute(chunks)
+        hidden = None
+        if getattr(self.drafter, "needs_target_features", False):
+            logits, hidden = self.runner.forward(chunks)
+        else:
+            logits = self.runner.execute(chunks)
         results: dict[Sequence, SeqStep] = {}
-        row = 0
-        for s, tree in zip(scheduled, trees):
+        row = lo = 0
+        for s, tree, chunk in zip(scheduled, trees, chunks):
+            lo, chunk_lo = lo + len(chunk.token_ids), lo
             if not s.completes_prefix:
+                if hidden is not None:
+                    self.drafter.observe(s.seq, s.seq.num_computed, hidden[chunk_lo:lo])
                 results[s.seq] = SeqStep()
                 continue
             seq_logits = logits[row:row + len(tree) + 1]
@@ -88,12 +163,25 @@ class SpeculativeDecoder(Decoder):
                 results[s.seq] = SeqStep(error=e)
                 continue
             self._compact(s.seq, accepted)
+            if hidden is not None:  # the features of every token this step computed and committed
+                root = chunk_lo + s.num_new - 1
+                rows = list(range(chunk_lo, root + 1)) + [root + node for node in accepted]
+                self.drafter.observe(s.seq, s.seq.num_computed, hidden[rows])
             if len(tree):
                 old = self._accept_ema.get(s.seq, float(self.max_depth))
                 self._accept_ema[s.seq] = EMA_DECAY * old + (1 - EMA_DECAY) * len(accepted)
             results[s.seq] = SeqStep(samples=samples, forwarded=True, draft_tokens=len(tree),
                                      accepted_tokens=len(accepted))
+        self._time_step(scheduled, results)
         return results
+
+    def _time_step(self, scheduled: list[ScheduledSeq], results: dict[Sequence, SeqStep]) -> None:
+        """Report the step's committed tokens and wall time to the selector (steps with prompt tokens excluded)."""
+        if self._step_drafts is None:
+            return
+        decoding = [s for s in scheduled if s.completes_prefix]
+        self.selector.record(len(decoding), self._step_drafts, sum(len(results[s.seq].samples) for s in decoding),
+                             self.clock() - self._step_start, timeable=all(s.num_new == 1 for s in scheduled))
 
     @staticmethod
     def _chunk(s: ScheduledSeq, tree: DraftTree, num_pad: int) -> SeqChunk:

@@ -1,0 +1,393 @@
+"""`leapserve bench offline`: decoders on the in-process engine, on the same prompts in the same run.
+
+For each batch size b, every decoder generates greedily for the whole prompt set in groups of b prompts; the
+decoders take turns within each repeat (interleaved, so that drift on a shared machine hits all alike) and each
+figure is the median over repeats. Reported per (decoder, b): output tokens/s, the speedup over `autoregressive`,
+target forwards per output token, mean acceptance length, and the weight bandwidth the target achieves (weight bytes
+x target forwards/s: every forward streams all weights once). `--baselines hf` adds `transformers`' `generate` on
+the same checkpoint: plain (left-padded batches), with `assistant_model` and with `prompt_lookup_num_tokens` (both
+batch size 1 only, as transformers allows).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from leapserve.decoding import LLM, SamplingParams
+from leapserve.decoding.config import SpeculativeConfig
+from leapserve.decoding.model_loader import load_tokenizer, resolve_model
+from leapserve.prompts import load as load_prompts
+
+from .bench_metrics import OfflineRun, offline_summary, speedup
+from .report import add_output_arguments, fmt, markdown_table, plot_offline, positive_int_list, run_record, \
+    write_outputs
+
+BASELINE = "autoregressive"
+# `speculative:NAME` shorthands; anything else after `speculative:` is a JSON speculative config.
+NAMED_CONFIGS = {
+    "ngram": {"method": "ngram", "num_speculative_tokens": 4},
+    "ngram-padded": {"method": "ngram", "num_speculative_tokens": 4, "layout": "padded"},
+}
+FILLER = "The quick brown fox jumps over the lazy dog. "  # 9 words
+SPEC_SLACK_TOKENS = 128  # KV room per sequence beyond prompt + output, for draft tokens under verification
+
+
+@dataclass(frozen=True)
+class Decoder:
+    label: str
+    speculative_config: dict | None  # None: autoregressive
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split on the commas that are outside JSON brackets and strings."""
+    parts, depth, in_string, escaped, current = [], 0, False, False, []
+    for ch in text:
+        if in_string:
+            escaped = not escaped and ch == "\\"
+            in_string = escaped or ch != '"'
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current).strip())
+    return [p for p in parts if p]
+
+
+def describe(config: dict) -> str:
+    """A short label for a speculative config, e.g. `speculative[ngram k=4 padded]`."""
+    words = [config["method"]]
+    if config.get("model"):
+        words.append(Path(str(config["model"])).name)
+    words.append(f"tree={json.dumps(config['tree'], separators=(',', ':'))}" if config.get("tree")
+                 else f"k={config['num_speculative_tokens']}")
+    if config.get("layout", "packed") != "packed":
+        words.append(config["layout"])
+    if config.get("adaptive") is False:
+        words.append("fixed")
+    return f"speculative[{' '.join(words)}]"
+
+
+def parse_decoder(item: str) -> Decoder:
+    """`[LABEL=]autoregressive`, `[LABEL=]speculative:NAME` (see NAMED_CONFIGS) or `[LABEL=]speculative:{JSON}`."""
+    label = None
+    if m := re.match(r"([\w.-]+)=(.*)$", item, re.S):
+        label, item = m.group(1), m.group(2).strip()
+    if item == BASELINE:
+        return Decoder(label or BASELINE, None)
+    kind, sep, spec = item.partition(":")
+    if kind != "speculative" or not sep:
+        raise argparse.ArgumentTypeError(
+            f"unknown decoder {item!r}: expected autoregressive, speculative:NAME ({', '.join(NAMED_CONFIGS)}) or "
+            "speculative:{JSON speculative config}")
+    if spec in NAMED_CONFIGS:
+        return Decoder(label or f"speculative:{spec}", NAMED_CONFIGS[spec])
+    try:
+        config = json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{item!r}: not a known name ({', '.join(NAMED_CONFIGS)}) nor valid JSON "
+                                         f"({e})") from e
+    if not isinstance(config, dict):
+        raise argparse.ArgumentTypeError(f"{item!r}: the speculative config must be a JSON object")
+    try:
+        SpeculativeConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{item!r}: {e}") from e
+    return Decoder(label or describe(config), config)
+
+
+def decoder_list(text: str) -> list[Decoder]:
+    """argparse type for --decoders: comma-separated decoder specs, `autoregressive` first (added if missing)."""
+    decoders = [parse_decoder(item) for item in split_top_level(text)]
+    labels = [d.label for d in decoders]
+    if len(set(labels)) != len(labels):
+        raise argparse.ArgumentTypeError(f"decoder labels must differ, got {labels}; name them with LABEL=SPEC")
+    baseline = [d for d in decoders if d.speculative_config is None][:1] or [Decoder(BASELINE, None)]
+    return baseline + [d for d in decoders if d not in baseline]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct", help="the target, as `leapserve serve --model`")
+    p.add_argument("--decoders", type=decoder_list, default=f"{BASELINE},speculative:ngram",
+                   help="comma-separated: autoregressive | speculative:NAME (" + ", ".join(NAMED_CONFIGS) + ") | "
+                        "speculative:{JSON speculative config}, each optionally LABEL=...; autoregressive, the "
+                        "baseline of every speedup, is added when missing")
+    p.add_argument("--batch-sizes", type=positive_int_list, default="1,2,4,8,16",
+                   help="comma-separated: prompts generated together")
+    p.add_argument("--dataset", default="mixed",
+                   help="chat | code | summarization | math | mixed (the 'test' split), or a .jsonl file with "
+                        "'prompt' or 'messages' per line")
+    p.add_argument("--num-prompts", type=int, help="prompts per (decoder, batch size); None: the largest batch")
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per prompt at most")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timed passes; figures are their median")
+    p.add_argument("--seed", type=int, default=0, help="the prompt order")
+    p.add_argument("--context-words", type=int, default=0,
+                   help="prepend about this many words of filler text to every prompt (long-context decoding)")
+    p.add_argument("--baselines", choices=["none", "hf"], default="none",
+                   help="hf: also transformers' generate, plain, with assistant_model and with prompt lookup")
+    p.add_argument("--profile", action="store_true",
+                   help="also split an engine step into matmuls / attention / other (one profiled pass each)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--kv-cache-tokens", type=int,
+                   help="per engine; default: enough for the largest batch of the longest prompts")
+    add_output_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def prompt_token_ids(tokenizer, prompts: list[str | list[dict]], context_words: int) -> list[list[int]]:
+    """Token ids through the chat template (when the tokenizer has one), with optional filler text in front."""
+    filler = FILLER * (context_words // 9)
+    ids = []
+    for prompt in prompts:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if filler:
+            messages = [{**m, "content": filler + m["content"]} if i == 0 else m for i, m in enumerate(messages)]
+        if tokenizer.chat_template:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids.append(tokenizer.encode(text, add_special_tokens=False))
+        else:
+            ids.append(tokenizer.encode("\n".join(m["content"] for m in messages)))
+    return ids
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters, tied ones counted once."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def copy_bandwidth_gb_s(device: torch.device, num_bytes: int = 256 * 2**20) -> float:
+    """Measured memory copy bandwidth (read + write), the roofline a decode step's weight stream is read against."""
+    src = torch.ones(num_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * num_bytes / best / 1e9
+
+
+Pass = tuple[OfflineRun, list[list[int]]]  # the timed figures and every prompt's output tokens
+
+
+def engine_pass(llm: LLM, prompts: list[list[int]], batch_size: int, params: SamplingParams) -> Pass:
+    """All prompts, `batch_size` at a time, through the engine."""
+    runner = llm.engine.runner
+    forwards = runner.num_forwards
+    outs = []
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        outs += llm.generate(prompts[i:i + batch_size], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    tokens = [o.outputs[0].token_ids for o in outs]
+    return OfflineRun(output_tokens=sum(map(len, tokens)), elapsed=elapsed,
+                      target_forwards=runner.num_forwards - forwards,
+                      request_forwards=sum(o.metrics.target_forwards for o in outs),
+                      accepted_tokens=sum(o.metrics.accepted_tokens for o in outs),
+                      num_drafts=sum(o.metrics.num_drafts for o in outs)), tokens
+
+
+class HFBaselines:
+    """transformers' `generate` on the engine's checkpoint: plain, with a draft model (`assistant_model`, from the
+    first draft_model decoder) and with prompt lookup (sized like the first ngram decoder)."""
+
+    def __init__(self, llm: LLM, decoders: list[Decoder], max_tokens: int, ignore_eos: bool):
+        from transformers import AutoModelForCausalLM
+
+        engine = llm.engine
+        self.model = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=engine.dtype).to(engine.device)
+        self.model.eval()
+        self.forwards = 0
+        self.model.register_forward_hook(self._count)
+        self.eos = engine.eos_token_ids
+        self.pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else min(self.eos)
+        self.device = engine.device
+        self.common = {"max_new_tokens": max_tokens, "do_sample": False, "pad_token_id": self.pad,
+                       **({"min_new_tokens": max_tokens} if ignore_eos else {})}
+        configs = [d.speculative_config for d in decoders if d.speculative_config]
+        ngram = next((c for c in configs if c["method"] == "ngram"), NAMED_CONFIGS["ngram"])
+        self.modes: dict[str, dict] = {
+            "hf-generate": {},
+            "hf-prompt-lookup": {"prompt_lookup_num_tokens": ngram.get("num_speculative_tokens") or 4,
+                                 "max_matching_ngram_size": ngram.get("prompt_lookup_max", 4)},
+        }
+        self.options = {mode: dict(kwargs) for mode, kwargs in self.modes.items()}  # for the record
+        draft = next((c for c in configs if c["method"] == "draft_model"), None)
+        if draft is not None:
+            assistant = AutoModelForCausalLM.from_pretrained(resolve_model(draft["model"]), dtype=engine.dtype)
+            k = draft.get("num_speculative_tokens") or 4
+            self.modes["hf-assisted"] = {"assistant_model": assistant.to(engine.device).eval(),
+                                         "num_assistant_tokens": k}
+            self.options["hf-assisted"] = {"assistant_model": draft["model"], "num_assistant_tokens": k}
+
+    def _count(self, *_) -> None:
+        self.forwards += 1
+
+    @torch.inference_mode()
+    def run(self, mode: str, prompts: list[list[int]], batch_size: int) -> Pass | None:
+        """All prompts through `generate` in left-padded groups of `batch_size`; None where transformers cannot
+        (assisted modes need batch size 1)."""
+        if mode != "hf-generate" and batch_size > 1:
+            return None
+        tokens: list[list[int]] = []
+        forwards = request_forwards = 0
+        start = time.perf_counter()
+        for i in range(0, len(prompts), batch_size):
+            group = prompts[i:i + batch_size]
+            width = max(map(len, group))
+            ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in group], device=self.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=self.device)
+            before = self.forwards
+            out = self.model.generate(input_ids=ids, attention_mask=mask, **self.common, **self.modes[mode])
+            forwards += self.forwards - before
+            request_forwards += (self.forwards - before) * len(group)  # finished rows ride along to the end
+            tokens += [self._until_eos(row[width:].tolist()) for row in out]
+        elapsed = time.perf_counter() - start
+        return OfflineRun(output_tokens=sum(map(len, tokens)), elapsed=elapsed, target_forwards=forwards,
+                          request_forwards=request_forwards), tokens
+
+    def _until_eos(self, row: list[int]) -> list[int]:
+        """A generated row up to and including its first end-of-sequence token (the rest is padding)."""
+        for i, token in enumerate(row):
+            if token in self.eos:
+                return row[:i + 1]
+        return row
+
+
+def step_breakdown(llm: LLM, prompts: list[list[int]], batch_size: int, params: SamplingParams) -> dict[str, float]:
+    """Where an engine step's time goes, under torch.profiler: matmuls, paged attention, and everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from leapserve.decoding import attention
+
+    attention.PROFILE = True
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run_, _ = engine_pass(llm, prompts, batch_size, params)
+    finally:
+        attention.PROFILE = False
+    steps = run_.target_forwards
+    totals = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages()}
+    per_step = run_.elapsed * 1e3 / steps
+    matmul, attend = totals.get("aten::linear", 0.0) / steps, totals.get("leapserve.attention", 0.0) / steps
+    return {"ms_per_step": per_step, "matmul_ms": matmul, "attention_ms": attend,
+            "other_ms": per_step - matmul - attend}
+
+
+def kv_tokens_needed(prompts: list[list[int]], batch_size: int, max_tokens: int, block_size: int = 16) -> int:
+    """KV cache for `batch_size` sequences of the longest prompt, with room for drafts and block rounding."""
+    per_seq = max(map(len, prompts)) + max_tokens + SPEC_SLACK_TOKENS + block_size
+    return batch_size * (per_seq + block_size - 1) // block_size * block_size
+
+
+def build_engine(args: argparse.Namespace, decoder: Decoder, kv_tokens: int) -> LLM:
+    return LLM(args.model, decoder="speculative" if decoder.speculative_config else BASELINE,
+               speculative_config=decoder.speculative_config, dtype=args.dtype, device=args.device,
+               kv_cache_tokens=kv_tokens, max_num_seqs=max(args.batch_sizes), seed=args.seed)
+
+
+def bench(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[dict], dict]:
+    """Every (batch size, decoder) row, and what the record says about the setup."""
+    kv_tokens = args.kv_cache_tokens or kv_tokens_needed(prompts, max(args.batch_sizes), args.max_tokens)
+    engines = {d.label: build_engine(args, d, kv_tokens) for d in args.decoders}
+    baseline = args.decoders[0].label  # autoregressive, see decoder_list
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
+    passes: dict[str, Callable[[list[list[int]], int], Pass | None]] = {
+        label: (lambda ps, b, llm=llm: engine_pass(llm, ps, b, params)) for label, llm in engines.items()}
+    base = engines[baseline]
+    setup: dict = {"decoders": {d.label: d.speculative_config for d in args.decoders}}
+    if args.baselines == "hf":
+        hf = HFBaselines(base, args.decoders, args.max_tokens, args.ignore_eos)
+        passes.update({mode: (lambda ps, b, mode=mode: hf.run(mode, ps, b)) for mode in hf.modes})
+        setup["hf_generate_options"] = hf.options
+    for run_pass in passes.values():  # warm-up
+        run_pass(prompts[:1], 1)
+    weights = weight_bytes(base.engine.runner.model)
+    setup.update(weight_bytes=weights, copy_GB_s=copy_bandwidth_gb_s(base.engine.device), kv_cache_tokens=kv_tokens)
+    rows = []
+    bar = tqdm(total=len(args.batch_sizes) * args.repeats * len(passes), desc="bench offline", unit="pass")
+    for batch_size in args.batch_sizes:
+        runs: dict[str, list[Pass]] = {label: [] for label in passes}
+        for _ in range(args.repeats):
+            for label, run_pass in passes.items():
+                result = run_pass(prompts, batch_size)
+                if result is not None:
+                    runs[label].append(result)
+                bar.update(1)
+        reference = runs[baseline][-1][1]
+        baseline_tps = offline_summary([r for r, _ in runs[baseline]], weights)["tokens_per_s"]
+        for label, results in runs.items():
+            if not results:
+                continue
+            summary = offline_summary([r for r, _ in results], weights)
+            rows.append({"decoder": label, "batch_size": batch_size, **summary,
+                         "speedup": speedup(summary["tokens_per_s"], baseline_tps),
+                         "identical_to_autoregressive": results[-1][1] == reference})
+            if args.profile and label in engines:
+                rows[-1]["step_breakdown"] = step_breakdown(engines[label], prompts, batch_size, params)
+    bar.close()
+    return rows, setup
+
+
+def tables(rows: list[dict], setup: dict) -> str:
+    """The results table, and the step breakdown table when profiled."""
+    headers = ["decoder", "batch", "output tok/s", "speedup", "target forwards / token", "mean acceptance length",
+               "weight GB/s", "same output as AR"]
+    body = [[r["decoder"], r["batch_size"], r["tokens_per_s"], r["speedup"], r["target_forwards_per_token"],
+             r["mean_acceptance_length"], r["weight_GB_s"], "yes" if r["identical_to_autoregressive"] else "no"]
+            for r in rows]
+    text = (f"weights: {setup['weight_bytes'] / 1e6:.0f} MB; measured copy bandwidth: {setup['copy_GB_s']:.1f} GB/s\n\n"
+            + markdown_table(headers, body))
+    profiled = [r for r in rows if "step_breakdown" in r]
+    if profiled:
+        headers = ["decoder", "batch", "ms/step (profiled)", "matmuls", "attention", "other ops + Python"]
+        body = [[r["decoder"], r["batch_size"], *r["step_breakdown"].values()] for r in profiled]
+        text += "\n\n" + markdown_table(headers, body)
+    return text
+
+
+def run(args: argparse.Namespace) -> None:
+    """The `leapserve bench offline` handler."""
+    num_prompts = args.num_prompts or max(args.batch_sizes)
+    try:
+        tokenizer = load_tokenizer(resolve_model(args.model))
+        texts = load_prompts(args.dataset, "test", num_prompts, args.seed)
+    except (OSError, ValueError) as e:
+        sys.exit(f"leapserve bench offline: error: {e}")
+    if not texts:
+        sys.exit(f"leapserve bench offline: error: no prompts in {args.dataset!r}")
+    if len(texts) < num_prompts:
+        print(f"{args.dataset} has {len(texts)} prompts: repeating them to {num_prompts}", file=sys.stderr)
+        texts = [texts[i % len(texts)] for i in range(num_prompts)]
+    prompts = prompt_token_ids(tokenizer, texts, args.context_words)
+    rows, setup = bench(args, prompts)
+    record = run_record("offline", args, rows, num_prompts=len(prompts),
+                        mean_prompt_tokens=sum(map(len, prompts)) / len(prompts), **setup)
+    write_outputs(record, tables(rows, setup), args.output_json, args.output_md)
+    if args.output_json is not None:
+        plot = Path(args.output_json).with_suffix(".png")
+        plot_offline(rows, plot, f"{args.model}, {len(prompts)} prompts from {args.dataset}, "
+                                 f"{args.max_tokens} tokens max, greedy")
+        print(f"wrote {plot}")

@@ -1,0 +1,208 @@
+"""`leapserve bench serve`: latency and throughput of any OpenAI-compatible server (leapserve, vLLM, others) under
+fixed concurrency levels, measured the way vLLM's `bench serve` measures them (see `bench_metrics`).
+
+Every level sends the same prompts as streaming requests with at most `concurrency` of them in flight, and scrapes
+`/metrics` before and after: where the server exposes the spec-decode counters (`leapserve:` or `vllm:`
+`spec_decode_num_drafts_total`, `..._num_draft_tokens_total`, `..._num_accepted_tokens_total`), the level also
+reports the acceptance rate and the mean acceptance length.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from tqdm import tqdm
+
+from leapserve.prompts import load as load_prompts
+
+from .bench_metrics import SPEC_COUNTERS, StreamedRequest, serve_summary, spec_decode_stats
+from .report import add_output_arguments, fmt, markdown_table, plot_serve, positive_int_list, run_record, \
+    write_outputs
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+Prompt = str | list[dict]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server, with or without a trailing /v1")
+    p.add_argument("--endpoint", default=ENDPOINTS[0], choices=ENDPOINTS,
+                   help="chat: prompts go through the server's chat template")
+    p.add_argument("--model", help="the model name to send; None: the first one the server lists")
+    p.add_argument("--api-key", help="Bearer key; default: $OPENAI_API_KEY, then $LEAPSERVE_API_KEY")
+    p.add_argument("--dataset", default="mixed",
+                   help="chat | code | summarization | math | mixed (the 'test' split), or a .jsonl file with "
+                        "'prompt' or 'messages' per line")
+    p.add_argument("--num-prompts", type=int, default=64, help="requests per concurrency level")
+    p.add_argument("--concurrency", type=positive_int_list, default="1,4,16",
+                   help="comma-separated levels: requests in flight at once")
+    p.add_argument("--max-tokens", type=int, default=128, help="max_tokens of every request")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (leapserve, vLLM): fixed-length outputs")
+    p.add_argument("--seed", type=int, default=0, help="the prompt order")
+    p.add_argument("--num-warmups", type=int, default=1, help="requests sent before the first level, not counted")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    add_output_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def request_body(prompt: Prompt, args: argparse.Namespace) -> dict:
+    body = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if args.ignore_eos:
+        body["ignore_eos"] = True
+    if args.endpoint == "/v1/completions":
+        return {**body, "prompt": prompt}
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    return {**body, "messages": messages}
+
+
+def _chunk_text(event: dict) -> str:
+    """The output text one streamed chunk carries (chat delta or completion text)."""
+    for choice in event.get("choices") or []:
+        text = choice.get("text") or (choice.get("delta") or {}).get("content")
+        if text:
+            return text
+    return ""
+
+
+async def send(client: httpx.AsyncClient, url: str, body: dict) -> StreamedRequest:
+    """One streaming request, timed from sending to the end of the stream."""
+    start = time.perf_counter()
+    req = StreamedRequest(start=start, end=start)
+    try:
+        async with client.stream("POST", url, json=body) as resp:
+            if resp.status_code != 200:
+                req.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}"
+            else:
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                        continue
+                    now = time.perf_counter()
+                    event = json.loads(line[5:])
+                    if "error" in event:
+                        req.error = f"stream error: {json.dumps(event['error'])[:300]}"
+                    elif _chunk_text(event):
+                        req.token_times.append(now)
+                    if event.get("usage"):
+                        req.output_tokens = event["usage"].get("completion_tokens")
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        req.error = f"{type(e).__name__}: {e}"
+    req.end = time.perf_counter()
+    return req
+
+
+def spec_counters(metrics_text: str) -> dict[str, float]:
+    """The spec-decode counters of a Prometheus page, by name without the server's prefix, summed over labels."""
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            name = sample.name.rsplit(":", 1)[-1]
+            if name in SPEC_COUNTERS:
+                totals[name] = totals.get(name, 0.0) + sample.value
+    return totals
+
+
+async def scrape(client: httpx.AsyncClient, base_url: str) -> dict[str, float]:
+    """The server's spec-decode counters now; empty when it has no /metrics or no such counters."""
+    try:
+        resp = await client.get(f"{base_url}/metrics")
+    except httpx.HTTPError:
+        return {}
+    return spec_counters(resp.text) if resp.status_code == 200 else {}
+
+
+async def run_level(client: httpx.AsyncClient, url: str, bodies: list[dict], concurrency: int) -> tuple[
+        list[StreamedRequest], float]:
+    """All `bodies` with at most `concurrency` in flight; the requests and the level's wall time."""
+    gate = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=len(bodies), desc=f"concurrency {concurrency}", unit="req")
+
+    async def one(body: dict) -> StreamedRequest:
+        async with gate:
+            result = await send(client, url, body)
+        bar.update(1)
+        return result
+
+    start = time.perf_counter()
+    requests = await asyncio.gather(*(one(b) for b in bodies))
+    duration = time.perf_counter() - start
+    bar.close()
+    return list(requests), duration
+
+
+class WarmupError(Exception):
+    """A warm-up request failed: the server, model or options are wrong; nothing is measured."""
+
+
+async def _first_model(client: httpx.AsyncClient, base_url: str) -> str:
+    resp = await client.get(f"{base_url}/v1/models")
+    resp.raise_for_status()
+    return resp.json()["data"][0]["id"]
+
+
+async def bench(args: argparse.Namespace, prompts: list[Prompt]) -> list[dict]:
+    """Warm up, then every concurrency level; one result dict per level."""
+    base_url = args.base_url.rstrip("/").removesuffix("/v1")
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or os.environ.get("LEAPSERVE_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=max(args.concurrency) + 1, max_keepalive_connections=max(args.concurrency))
+    async with httpx.AsyncClient(headers=headers, timeout=args.request_timeout, limits=limits) as client:
+        if args.model is None:
+            args.model = await _first_model(client, base_url)
+        url = base_url + args.endpoint
+        bodies = [request_body(p, args) for p in prompts]
+        for body in bodies[:args.num_warmups]:
+            warmup = await send(client, url, body)
+            if warmup.error:
+                raise WarmupError(warmup.error)
+        levels = []
+        for concurrency in args.concurrency:
+            before = await scrape(client, base_url)
+            requests, duration = await run_level(client, url, bodies, concurrency)
+            after = await scrape(client, base_url)
+            errors = list(dict.fromkeys(r.error for r in requests if r.error))
+            levels.append({"concurrency": concurrency, **serve_summary(requests, duration),
+                           "spec_decode": spec_decode_stats(before, after), "errors": errors[:5]})
+    return levels
+
+
+def table(levels: list[dict]) -> str:
+    def dist(d: dict) -> str:
+        return " / ".join(fmt(d[k], 1) for k in ("mean", "median", "p99"))
+
+    headers = ["concurrency", "completed", "failed", "req/s", "output tok/s", "TTFT ms (mean / median / p99)",
+               "TPOT ms", "ITL ms", "E2E ms", "acceptance rate", "mean acceptance length"]
+    rows = [[lv["concurrency"], lv["completed"], lv["failed"], lv["request_throughput"], lv["output_throughput"],
+             dist(lv["ttft_ms"]), dist(lv["tpot_ms"]), dist(lv["itl_ms"]), dist(lv["e2e_ms"]),
+             (lv["spec_decode"] or {}).get("acceptance_rate"), (lv["spec_decode"] or {}).get("mean_acceptance_length")]
+            for lv in levels]
+    return markdown_table(headers, rows)
+
+
+def run(args: argparse.Namespace) -> None:
+    """The `leapserve bench serve` handler."""
+    try:
+        prompts = load_prompts(args.dataset, "test", args.num_prompts, args.seed)
+    except (OSError, ValueError) as e:
+        sys.exit(f"leapserve bench serve: error: {e}")
+    if args.endpoint == "/v1/completions" and any(isinstance(p, list) for p in prompts):
+        sys.exit("leapserve bench serve: error: the dataset has chat 'messages'; use --endpoint /v1/chat/completions")
+    try:
+        levels = asyncio.run(bench(args, prompts))
+    except httpx.HTTPError as e:
+        sys.exit(f"leapserve bench serve: error: cannot list the models of {args.base_url}: {e}")
+    except WarmupError as e:
+        sys.exit(f"leapserve bench serve: error: the warm-up request failed: {e}")
+    record = run_record("serve", args, levels, num_prompts=len(prompts))
+    write_outputs(record, table(levels), args.output_json, args.output_md)
+    if args.output_json is not None:
+        plot = Path(args.output_json).with_suffix(".png")
+        plot_serve(levels, plot, f"{args.model} @ {args.base_url}, {len(prompts)} prompts from {args.dataset}")
+        print(f"wrote {plot}")

@@ -1,0 +1,185 @@
+"""The FSPAD feature drafter network (seed-methods section 2): one Llama layer over (target feature, next token).
+
+Position i reads the target's final-norm feature f_i and the embedding of token i+1 (EAGLE's shifted token):
+
+    u = W_fc [e_{i+1}; f_i] + b                                      fuse (2d -> d)
+    s = u + W_dn (SiLU(W_g e_{i+1}) * W_up RMSNorm(u))               feature sampling: the token gates the feature
+    h = s + Attn(s)                                                  (no input norm, as EAGLE's layer 0)
+    z = [h; h] + MLP(RMSNorm(h))                                     partial alignment: a 2d-wide output
+    logits = H_lm(z[:d]),  next feature = z[d:]                      token half / feature half
+
+`feature_sampling=False` uses the fuse alone (EAGLE's fc) and `partial_alignment=False` a d-wide output whose one
+half serves both roles, which gives the two ablations. The target's embedding and LM head are frozen and shared:
+they are passed in, never stored. With a reduced draft vocabulary (`draft_to_target`, the most frequent target
+tokens) the head is the target's head restricted to those rows.
+
+Attention is causal SDPA over padded batches in training, and leapserve's paged tree attention (an
+`AttentionMetadata` over the drafter's own one-layer cache) when drafting.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from leapserve.decoding.attention import AttentionMetadata
+
+
+@dataclass
+class FSPADConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    target_vocab_size: int
+    draft_vocab_size: int  # == target_vocab_size unless the vocabulary is reduced
+    feature_sampling: bool = True
+    partial_alignment: bool = True
+
+    @classmethod
+    def from_target(cls, target: LlamaConfig, **overrides) -> FSPADConfig:
+        rope = getattr(target, "rope_parameters", None) or {}
+        return cls(**{
+            "hidden_size": target.hidden_size, "intermediate_size": target.intermediate_size,
+            "num_attention_heads": target.num_attention_heads, "num_key_value_heads": target.num_key_value_heads,
+            "head_dim": getattr(target, "head_dim", None) or target.hidden_size // target.num_attention_heads,
+            "rms_norm_eps": target.rms_norm_eps, "rope_theta": rope.get("rope_theta", 10000.0),
+            "max_position_embeddings": target.max_position_embeddings, "target_vocab_size": target.vocab_size,
+            "draft_vocab_size": target.vocab_size, **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FSPADConfig:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class FSPADModel(nn.Module):
+    def __init__(self, config: FSPADConfig):
+        super().__init__()
+        self.config = c = config
+        d, inner = c.hidden_size, c.intermediate_size
+        self.fc = nn.Linear(2 * d, d, bias=True)
+        if c.feature_sampling:
+            self.fs_norm = LlamaRMSNorm(d, c.rms_norm_eps)
+            self.fs_gate = nn.Linear(d, inner, bias=False)
+            self.fs_up = nn.Linear(d, inner, bias=False)
+            self.fs_down = nn.Linear(inner, d, bias=False)
+        self.q_proj = nn.Linear(d, c.num_attention_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, c.num_key_value_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, c.num_key_value_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, d, bias=False)
+        self.post_attention_layernorm = LlamaRMSNorm(d, c.rms_norm_eps)
+        self.gate_proj = nn.Linear(d, inner, bias=False)
+        self.up_proj = nn.Linear(d, inner, bias=False)
+        self.down_proj = nn.Linear(inner, 2 * d if c.partial_alignment else d, bias=False)
+        rope = LlamaConfig(hidden_size=d, num_attention_heads=c.num_attention_heads, head_dim=c.head_dim,
+                           max_position_embeddings=c.max_position_embeddings,
+                           rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta})
+        self.rotary = LlamaRotaryEmbedding(rope)
+        # draft index -> target token id (identity unless the vocabulary is reduced)
+        self.register_buffer("draft_to_target", torch.arange(c.draft_vocab_size), persistent=True)
+
+    def forward(self, features: torch.Tensor, embeddings: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """features, embeddings `[B, L, d]`, positions `[B, L]` -> (token half, feature half), each `[B, L, d]`.
+
+        Without `meta`: causal attention within each row. With `meta` (B == 1): paged tree attention.
+        """
+        u = self.fc(torch.cat([embeddings, features], dim=-1))
+        if self.config.feature_sampling:
+            u = u + self.fs_down(F.silu(self.fs_gate(embeddings)) * self.fs_up(self.fs_norm(u)))
+        h = u + self._attention(u, positions, meta)
+        z = self.down_proj(F.silu(self.gate_proj(n := self.post_attention_layernorm(h))) * self.up_proj(n))
+        if not self.config.partial_alignment:
+            out = h + z
+            return out, out
+        d = self.config.hidden_size
+        return h + z[..., :d], h + z[..., d:]
+
+    def _attention(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata | None) -> torch.Tensor:
+        c = self.config
+        b, length, _ = x.shape
+        q = self.q_proj(x).view(b, length, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, length, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, length, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        cos, sin = self.rotary(v, positions)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if meta is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+        else:
+            k_cache, v_cache = meta.cache.k[0], meta.cache.v[0]
+            meta.step.write_kv(k[0].transpose(0, 1), v[0].transpose(0, 1), k_cache, v_cache)
+            out = meta.step.attend(q[0].transpose(0, 1), k_cache, v_cache, c.head_dim ** -0.5)[None]
+        return self.o_proj(out.reshape(b, length, -1))
+
+    def draft_head(self, lm_head: torch.Tensor) -> torch.Tensor:
+        """The target's (frozen) LM head weight `[V, d]` restricted to the draft vocabulary `[V_draft, d]`."""
+        if self.config.draft_vocab_size == self.config.target_vocab_size:
+            return lm_head
+        return lm_head[self.draft_to_target.to(lm_head.device)]
+
+
+# Our parameter names -> the EAGLE checkpoint layout vLLM's EAGLE proposer reads (vllm-integration.md 2.6);
+# the feature-sampling block has no EAGLE counterpart and keeps its own names under the layer.
+EAGLE_NAMES = {
+    "fc.weight": "fc.weight", "fc.bias": "fc.bias",
+    "q_proj.weight": "layers.0.self_attn.q_proj.weight", "k_proj.weight": "layers.0.self_attn.k_proj.weight",
+    "v_proj.weight": "layers.0.self_attn.v_proj.weight", "o_proj.weight": "layers.0.self_attn.o_proj.weight",
+    "post_attention_layernorm.weight": "layers.0.post_attention_layernorm.weight",
+    "gate_proj.weight": "layers.0.mlp.gate_proj.weight", "up_proj.weight": "layers.0.mlp.up_proj.weight",
+    "down_proj.weight": "layers.0.mlp.down_proj.weight",
+    "fs_norm.weight": "layers.0.feature_sampling.norm.weight",
+    "fs_gate.weight": "layers.0.feature_sampling.gate_proj.weight",
+    "fs_up.weight": "layers.0.feature_sampling.up_proj.weight",
+    "fs_down.weight": "layers.0.feature_sampling.down_proj.weight",
+}
+
+
+def to_eagle_layout(model: FSPADModel, lm_head: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+    """The drafter as an EAGLE checkpoint (tensors, config.json): a plain EAGLE drafter when both FSPAD parts
+    are off; otherwise the same layout with the feature-sampling block and the 2d-wide down_proj added, which
+    vLLM loads only through a registered architecture (`FSPADEagleLlamaForCausalLM`)."""
+    c = model.config
+    tensors = {EAGLE_NAMES[name]: t for name, t in model.state_dict().items() if name in EAGLE_NAMES}
+    reduced = c.draft_vocab_size != c.target_vocab_size
+    if reduced:
+        ids = model.draft_to_target
+        tensors["lm_head.weight"] = lm_head[ids.to(lm_head.device)]
+        tensors["d2t"] = ids - torch.arange(len(ids), device=ids.device)  # target = draft + d2t[draft]
+    plain = not (c.feature_sampling or c.partial_alignment)
+    config = {
+        "architectures": ["EagleLlamaForCausalLM" if plain else "FSPADEagleLlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "num_hidden_layers": 1,
+        "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps, "max_position_embeddings": c.max_position_embeddings,
+        "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "vocab_size": c.target_vocab_size, "draft_vocab_size": c.draft_vocab_size, "tie_word_embeddings": False,
+        "leapserve_fspad": {"feature_sampling": c.feature_sampling, "partial_alignment": c.partial_alignment},
+    }
+    return tensors, config
+
+
+def from_eagle_layout(tensors: dict[str, torch.Tensor], config: dict) -> tuple[FSPADConfig, dict[str, torch.Tensor]]:
+    """The inverse of `to_eagle_layout`: our config and state dict."""
+    ours = FSPADConfig(
+        hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
+        num_attention_heads=config["num_attention_heads"], num_key_value_heads=config["num_key_value_heads"],
+        head_dim=config["head_dim"], rms_norm_eps=config["rms_norm_eps"], rope_theta=config["rope_theta"],
+        max_position_embeddings=config["max_position_embeddings"], target_vocab_size=config["vocab_size"],
+        draft_vocab_size=config.get("draft_vocab_size") or config["vocab_size"], **config["leapserve_fspad"])
+    inverse = {eagle: name for name, eagle in EAGLE_NAMES.items()}
+    state = {inverse[name]: t for name, t in tensors.items() if name in inverse}
+    d2t = tensors.get("d2t")
+    state["draft_to_target"] = (torch.arange(ours.draft_vocab_size) if d2t is None
+                                else d2t.long() + torch.arange(len(d2t), device=d2t.device))
+    return ours, state

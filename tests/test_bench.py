@@ -1,0 +1,217 @@
+"""`leapserve bench`: the metric arithmetic on synthetic timelines, the command-line parsing, and short real runs of
+`bench offline` and `bench serve` on a tiny random Llama that write a valid JSON record and a PNG plot."""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from leapserve.benchmarks.bench_metrics import (OfflineRun, StreamedRequest, mean_acceptance_length, offline_summary,
+                                                percentile, serve_summary, spec_decode_stats, speedup, summary_ms)
+from leapserve.benchmarks.bench_offline import NAMED_CONFIGS, Decoder, decoder_list, split_top_level
+from leapserve.benchmarks.bench_serve import spec_counters
+from leapserve.server import cli
+from test_server import API_KEY, MODEL, running_server
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---- metric arithmetic -----------------------------------------------------------------------------------------
+
+def test_streamed_request_latencies_follow_vllm_definitions():
+    # Sent at t=10; chunks at +0.1 (first token), +0.15, +0.25, +0.3 carrying 6 tokens in all; stream ends at +0.32.
+    r = StreamedRequest(start=10.0, end=10.32, token_times=[10.1, 10.15, 10.25, 10.3], output_tokens=6)
+    assert r.ttft == pytest.approx(0.1)
+    assert r.e2e == pytest.approx(0.32)
+    assert r.tpot == pytest.approx((0.32 - 0.1) / 5)  # (e2e - ttft) / (output tokens - 1)
+    assert r.itl == pytest.approx([0.05, 0.1, 0.05])  # gaps between chunks, not per token
+    no_usage = StreamedRequest(start=10.0, end=10.32, token_times=[10.1, 10.15, 10.25, 10.3])
+    assert no_usage.num_output_tokens == 4 and no_usage.tpot == pytest.approx(0.22 / 3)  # one token per chunk
+    one = StreamedRequest(start=0.0, end=0.5, token_times=[0.4], output_tokens=1)
+    assert (one.ttft, one.tpot, one.itl) == (pytest.approx(0.4), None, [])
+    empty = StreamedRequest(start=0.0, end=0.5, output_tokens=0)
+    assert (empty.ttft, empty.tpot) == (None, None)
+
+
+def test_percentile_matches_numpy_linear_interpolation():
+    rng = random.Random(0)
+    for n in (1, 2, 7, 100):
+        values = [rng.expovariate(1.0) for _ in range(n)]
+        for q in (0, 50, 90, 99, 100):
+            assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_summary_is_in_milliseconds():
+    assert summary_ms([0.1, 0.2, 0.3, 1.0]) == pytest.approx({"mean": 400.0, "median": 250.0, "p99": 979.0})
+    assert summary_ms([]) == {"mean": None, "median": None, "p99": None}
+
+
+def test_serve_summary_pools_successful_requests_and_counts_failures():
+    requests = [
+        StreamedRequest(start=0.0, end=1.0, token_times=[0.2, 0.5, 1.0], output_tokens=5),
+        StreamedRequest(start=0.5, end=1.5, token_times=[0.9, 1.5], output_tokens=3),
+        StreamedRequest(start=0.0, end=0.1, error="HTTP 400: too long"),
+    ]
+    s = serve_summary(requests, duration=2.0)
+    assert (s["completed"], s["failed"], s["output_tokens"]) == (2, 1, 8)
+    assert s["request_throughput"] == 1.0 and s["output_throughput"] == 4.0
+    assert s["ttft_ms"]["mean"] == pytest.approx(300.0)  # 0.2 and 0.4
+    assert s["itl_ms"]["median"] == pytest.approx(500.0)  # gaps 0.3, 0.5, 0.6 pooled over requests
+    assert s["tpot_ms"]["mean"] == pytest.approx(1e3 * ((0.8 / 4) + (0.6 / 2)) / 2)
+    assert s["e2e_ms"]["p99"] == pytest.approx(1000.0)
+
+
+def test_acceptance_from_counter_scrapes():
+    before = {"spec_decode_num_drafts_total": 10, "spec_decode_num_draft_tokens_total": 40,
+              "spec_decode_num_accepted_tokens_total": 20}
+    after = {"spec_decode_num_drafts_total": 30, "spec_decode_num_draft_tokens_total": 120,
+             "spec_decode_num_accepted_tokens_total": 50}
+    stats = spec_decode_stats(before, after)
+    assert stats["acceptance_rate"] == pytest.approx(30 / 80)
+    assert stats["mean_acceptance_length"] == pytest.approx(1 + 30 / 20)  # vLLM: 1 + accepted / drafts
+    assert spec_decode_stats({}, {}) is None  # a server without the counters
+    idle = spec_decode_stats(after, after)
+    assert idle["acceptance_rate"] is None and idle["mean_acceptance_length"] == 1.0
+    assert mean_acceptance_length(0, 0) == 1.0
+
+
+def test_spec_counters_read_any_servers_prefix_and_sum_labels():
+    text = "\n".join([
+        "# TYPE leapserve:spec_decode_num_drafts counter", "leapserve:spec_decode_num_drafts_total 7.0",
+        "leapserve:spec_decode_num_drafts_created 1.7e9",
+        "# TYPE vllm:spec_decode_num_accepted_tokens counter",
+        'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 3.0',
+        'vllm:spec_decode_num_accepted_tokens_total{engine="1",model_name="m"} 4.0',
+        "# TYPE leapserve:generation_tokens counter", "leapserve:generation_tokens_total 99.0", ""])
+    assert spec_counters(text) == {"spec_decode_num_drafts_total": 7.0, "spec_decode_num_accepted_tokens_total": 7.0}
+
+
+def test_offline_summary_medians_and_ratios():
+    # Batch 2: 20 forwards of the target per pass, each request in all of them.
+    runs = [OfflineRun(output_tokens=100, elapsed=e, target_forwards=20, request_forwards=40, accepted_tokens=60,
+                       num_drafts=30) for e in (0.5, 0.25, 1.0)]
+    s = offline_summary(runs, weight_bytes=10**9)
+    assert s["tokens_per_s"] == 200.0 and s["runs_tokens_per_s"] == [200.0, 400.0, 100.0]
+    assert s["target_forwards_per_token"] == pytest.approx(0.4)
+    assert s["mean_acceptance_length"] == pytest.approx(3.0)
+    assert s["weight_GB_s"] == pytest.approx(40.0)  # 1 GB x 20 forwards / 0.5 s
+    hf = offline_summary([OfflineRun(output_tokens=10, elapsed=1.0, target_forwards=10, request_forwards=10)],
+                         weight_bytes=10**9)
+    assert hf["mean_acceptance_length"] is None
+    assert speedup(50.0, 25.0) == 2.0 and speedup(None, 25.0) is None and speedup(1.0, None) is None
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+
+def test_decoder_specs():
+    assert split_top_level('a, speculative:{"tree": [3, 2], "x": "a,b"},c') == \
+        ["a", 'speculative:{"tree": [3, 2], "x": "a,b"}', "c"]
+    decoders = decoder_list('speculative:ngram,padded=speculative:{"method": "ngram", "num_speculative_tokens": 3, '
+                            '"layout": "padded"},speculative:{"method": "draft_model", "model": "/m/draft", '
+                            '"tree": [2, 1]}')
+    assert decoders == [
+        Decoder("autoregressive", None),  # the baseline is added, first
+        Decoder("speculative:ngram", NAMED_CONFIGS["ngram"]),
+        Decoder("padded", {"method": "ngram", "num_speculative_tokens": 3, "layout": "padded"}),
+        Decoder("speculative[draft_model draft tree=[2,1]]", {"method": "draft_model", "model": "/m/draft",
+                                                             "tree": [2, 1]}),
+    ]
+    assert [d.label for d in decoder_list("speculative:ngram-padded,AR=autoregressive")] == \
+        ["AR", "speculative:ngram-padded"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["offline", "--decoders", "autoregressive,beam"], "unknown decoder 'beam'"),
+    (["offline", "--decoders", "speculative:nope"], "not a known name"),
+    (["offline", "--decoders", 'speculative:{"method": "ngram"}'], "num_speculative_tokens must be"),
+    (["offline", "--decoders", "speculative:ngram,speculative:ngram"], "labels must differ"),
+    (["offline", "--batch-sizes", "1,0"], "positive integers"),
+    (["serve", "--concurrency", "1,four"], "positive integers"),
+])
+def test_bad_arguments_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# ---- real runs on a tiny model ---------------------------------------------------------------------------------
+
+def _run_cli(monkeypatch, argv: list[str]) -> None:
+    """`leapserve ARGV` in-process, with sys.argv as the shell would set it (the record keeps the command)."""
+    monkeypatch.setattr(sys, "argv", ["leapserve", *argv])
+    cli.main(argv)
+
+
+def _check_outputs(path: Path, kind: str) -> dict:
+    record = json.loads(path.read_text())
+    assert record["kind"] == kind and record["command"].startswith(f"leapserve bench {kind} ")
+    assert {"timestamp", "machine", "versions", "options"} <= set(record) and "torch" in record["versions"]
+    assert path.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+    return record
+
+
+def test_bench_offline_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "offline.json"
+    draft = json.dumps({"method": "draft_model", "model": str(tiny_model_dir), "num_speculative_tokens": 2,
+                        "adaptive": False})  # adaptive speculation picks modes by timing: not deterministic
+    _run_cli(monkeypatch, ["bench", "offline", "--model", str(tiny_model_dir), "--decoders",
+                           f"autoregressive,speculative:ngram,self-draft=speculative:{draft}", "--batch-sizes", "1,2",
+                           "--dataset", "chat", "--num-prompts", "2", "--max-tokens", "8", "--ignore-eos",
+                           "--repeats", "1", "--baselines", "hf", "--output-json", str(out),
+                           "--output-md", str(tmp_path / "offline.md")])
+    record = _check_outputs(out, "offline")
+    rows = {(r["decoder"], r["batch_size"]): r for r in record["results"]}
+    assert set(rows) == {(d, b) for d in ("autoregressive", "speculative:ngram", "self-draft", "hf-generate")
+                         for b in (1, 2)} | {("hf-prompt-lookup", 1), ("hf-assisted", 1)}
+    for (decoder, _), row in rows.items():
+        assert row["output_tokens"] == 16 and row["tokens_per_s"] > 0
+        assert row["identical_to_autoregressive"] or decoder.startswith("hf-")
+    assert rows[("autoregressive", 1)]["speedup"] == 1.0
+    for b in (1, 2):
+        assert rows[("autoregressive", b)]["mean_acceptance_length"] == 1.0
+        assert rows[("autoregressive", b)]["target_forwards_per_token"] == 1.0
+        # The target drafts for itself: every draft token is accepted, 2 per verification but near the end.
+        assert rows[("self-draft", b)]["mean_acceptance_length"] > 2.0
+        assert rows[("self-draft", b)]["target_forwards_per_token"] <= 0.5
+    assert record["hf_generate_options"]["hf-assisted"]["assistant_model"] == str(tiny_model_dir)
+    printed = capsys.readouterr().out
+    assert "| decoder | batch | output tok/s |" in printed and "| self-draft | 2 |" in printed
+    assert (tmp_path / "offline.md").read_text().startswith("`leapserve bench offline")
+
+
+def test_bench_serve_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text("\n".join(json.dumps(line) for line in [
+        {"prompt": "The quick brown fox"}, {"messages": [{"role": "user", "content": "Hello there"}]},
+        {"prompt": "word " * 400},  # longer than the server's max_model_len: HTTP 400, counted as a failure
+        {"prompt": "Count to ten"}]) + "\n")
+    out = tmp_path / "serve.json"
+    self_draft = json.dumps({"method": "draft_model", "model": str(tiny_model_dir), "num_speculative_tokens": 2,
+                             "adaptive": False})  # every draft token is accepted
+    with running_server(tiny_model_dir, tmp_path / "server.log", "--kv-cache-tokens", "4096",
+                        "--speculative-config", self_draft) as url:
+        _run_cli(monkeypatch, ["bench", "serve", "--base-url", f"{url}/v1", "--api-key", API_KEY,
+                               "--dataset", str(dataset), "--num-prompts", "4", "--concurrency", "1,3",
+                               "--max-tokens", "6", "--ignore-eos", "--output-json", str(out)])
+    record = _check_outputs(out, "serve")
+    assert record["options"]["model"] == MODEL  # asked the server
+    assert [lv["concurrency"] for lv in record["results"]] == [1, 3]
+    for level in record["results"]:
+        assert (level["completed"], level["failed"], level["output_tokens"]) == (3, 1, 18)
+        assert "HTTP 400" in level["errors"][0]
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+            assert all(v is not None and v > 0 for v in level[key].values())
+        spec = level["spec_decode"]  # from this level's scrapes only
+        assert spec["num_drafts"] > 0 and spec["acceptance_rate"] == 1.0
+        # 3 requests, each drafting at most the 5 tokens it emits after the first.
+        assert spec["num_accepted_tokens"] == spec["num_draft_tokens"] <= 3 * 5
+        assert 2.0 < spec["mean_acceptance_length"] <= 3.0
+    assert "| concurrency | completed | failed |" in capsys.readouterr().out

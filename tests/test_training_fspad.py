@@ -1,0 +1,116 @@
+"""FSPAD training: the losses by hand, the data shards (features, resume), and a tiny drafter trained end to end
+and used losslessly by the speculative decoder."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from leapserve.decoding import LLM, SamplingParams
+from leapserve.training.export import export_eagle
+from leapserve.training.data import DataConfig, generate_data, read_sequences
+from leapserve.training.fspad import (FSPADTrainConfig, feature_loss, frequent_tokens, soft_cross_entropy,
+                                      train_fspad)
+from leapserve.training.loop import TrainConfig
+
+
+def test_feature_loss_by_hand():
+    pred = torch.tensor([[[0.0, 2.0], [1.0, 1.0]]])
+    target = torch.tensor([[[0.5, 0.0], [0.0, 0.0]]])
+    # SmoothL1 (beta 1): |x| < 1 -> x^2 / 2, else |x| - 1/2. Position 0: (0.125 + 1.5) / 2; position 1 masked out.
+    mask = torch.tensor([[1.0, 0.0]])
+    assert feature_loss(pred, target, mask).item() == pytest.approx((0.125 + 1.5) / 2)
+    mask = torch.tensor([[1.0, 1.0]])  # position 1: (0.5 + 0.5) / 2
+    assert feature_loss(pred, target, mask).item() == pytest.approx(((0.125 + 1.5) / 2 + 0.5) / 2)
+
+
+def test_soft_cross_entropy_by_hand():
+    draft = torch.tensor([[[0.0, math.log(3.0)]]])  # q = (1/4, 3/4)
+    target = torch.tensor([[[math.log(2.0), 0.0]]])  # p = (2/3, 1/3)
+    expected = -(2 / 3 * math.log(1 / 4) + 1 / 3 * math.log(3 / 4))
+    assert soft_cross_entropy(draft, target, torch.ones(1, 1)).item() == pytest.approx(expected, rel=1e-6)
+    assert soft_cross_entropy(draft, target, torch.zeros(1, 1)).item() == 0.0
+
+
+def test_frequent_tokens_keeps_the_most_common_and_eos():
+    from leapserve.training.data import TrainSequence
+    ids = torch.tensor([5, 5, 5, 7, 7, 9, 1])
+    seqs = [TrainSequence(ids, torch.ones(7, dtype=torch.bool), None)]
+    assert frequent_tokens(seqs, 2, always=[2]).tolist() == [2, 5]  # EOS first, then the most common
+    assert frequent_tokens(seqs, 3, always=[2]).tolist() == [2, 5, 7]
+    assert frequent_tokens(seqs, 10, always=[2]).tolist() == [1, 2, 5, 7, 9]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("fspad-data") / "data"
+    generate_data(DataConfig(model=str(tiny_model_dir), out=str(out), num_prompts=12, shard_size=4, max_tokens=24,
+                             device="cpu"))
+    return out
+
+
+def test_shards_hold_the_targets_features_and_resume(tiny_data, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    meta = json.loads((tiny_data / "meta.json").read_text())
+    assert meta["num_shards"] == 3 and meta["num_sequences"] == 12
+    seqs = read_sequences(tiny_data)
+    target = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    for s in seqs[:3]:
+        assert s.loss_mask.any() and not s.loss_mask[0]
+        with torch.no_grad():
+            logits = target(s.input_ids[None]).logits[0]
+        from_features = target.lm_head(s.features.float())
+        torch.testing.assert_close(from_features, logits, atol=2e-2, rtol=2e-2)
+        # greedy answers: each generated token is the argmax after the previous position
+        resp = s.loss_mask.nonzero().flatten()
+        assert torch.equal(logits[resp - 1].argmax(-1), s.input_ids[resp])
+    # resume: a run asked for 4 prompts, then extended to 12, writes the same shards as one run
+    partial = tmp_path / "partial"
+    generate_data(DataConfig(model=str(tiny_model_dir), out=str(partial), num_prompts=4, shard_size=4,
+                             max_tokens=24, device="cpu"))
+    first = (partial / "shard-00000.safetensors").stat().st_mtime_ns
+    generate_data(DataConfig(model=str(tiny_model_dir), out=str(partial), num_prompts=12, shard_size=4,
+                             max_tokens=24, device="cpu"))
+    assert (partial / "shard-00000.safetensors").stat().st_mtime_ns == first
+    for i in range(3):
+        a, b = load_file(str(partial / f"shard-0000{i}.safetensors")), load_file(str(tiny_data / f"shard-0000{i}.safetensors"))
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["loss_mask"], b["loss_mask"])
+    assert not list(partial.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("variant", ["fspad", "no-fs", "no-pad", "no-fs-no-pad"])
+def test_trained_tiny_drafter_is_lossless_in_the_speculative_decoder(variant, tiny_data, tiny_model_dir, tmp_path):
+    out = tmp_path / "drafter"
+    cfg = FSPADTrainConfig(model=str(tiny_model_dir), data=str(tiny_data), out=str(out),
+                           feature_sampling="no-fs" not in variant, partial_alignment="no-pad" not in variant,
+                           draft_vocab_size=0 if variant == "fspad" else 2000, eval_prompts=0,
+                           train=TrainConfig(steps=30, lr=3e-3, batch_size=4, max_len=64, checkpoint_every=10,
+                                             device="cpu"))
+    train_fspad(cfg)
+    config = json.loads((out / "config.json").read_text())
+    assert config["leapserve_drafter"] == "fspad" and config["partial_alignment"] == ("no-pad" not in variant)
+    assert "embed" not in " ".join(load_file(str(out / "model.safetensors")))  # the target's, not stored
+    assert "## Command" in (out / "README.md").read_text()
+    prompts = [[{"role": "user", "content": p}] for p in ("What is 2 + 2?", "Name a colour.", "Say hi")]
+    params = SamplingParams(temperature=0, max_tokens=20)
+    plain = LLM(str(tiny_model_dir), decoder="autoregressive", kv_cache_tokens=2048)
+    expected = [o.outputs[0].token_ids for o in plain.chat(prompts, params, use_tqdm=False)]
+    eagle = export_eagle(out, str(tiny_model_dir), tmp_path / "eagle")
+    eagle_config = json.loads((eagle / "config.json").read_text())
+    plain = variant == "no-fs-no-pad"
+    assert eagle_config["architectures"] == ["EagleLlamaForCausalLM" if plain else "FSPADEagleLlamaForCausalLM"]
+    assert ("d2t" in load_file(str(eagle / "model.safetensors"))) == (config["draft_vocab_size"] < 49152)
+    drafts = []
+    for spec in ({"method": "fspad", "model": str(out), "tree": {"depth": 3, "top_k": 3, "total_tokens": 8}},
+                 {"method": "fspad", "model": str(eagle), "tree": {"depth": 3, "top_k": 3, "total_tokens": 8}},
+                 {"method": "fspad", "model": str(out), "num_speculative_tokens": 3, "layout": "padded"}):
+        llm = LLM(str(tiny_model_dir), speculative_config=spec, kv_cache_tokens=2048)
+        outs = llm.chat(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected
+        drafts.append([(o.metrics.draft_tokens, o.metrics.accepted_tokens) for o in outs])
+        assert sum(o.metrics.draft_tokens for o in outs) > 0
+    assert drafts[0] == drafts[1]  # the EAGLE-layout export drafts exactly as the original

@@ -1,0 +1,40 @@
+"""`leapserve train export-eagle`: an FSPAD drafter in the EAGLE checkpoint layout vLLM's EAGLE proposer reads
+(vllm-integration.md section 2.6): `fc.*`, `layers.0.*`, `lm_head.weight` and `d2t` for a reduced vocabulary,
+the embedding left out (shared from the target). The EAGLE-style ablation (`--no-feature-sampling
+--no-partial-alignment`) exports as a plain `EagleLlamaForCausalLM`; a full FSPAD drafter adds its feature-sampling
+block and 2d-wide down_proj, which vLLM needs a registered architecture for. leapserve's `fspad` drafter loads
+either layout.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from leapserve.decoding.config import ModelConfig
+from leapserve.decoding.model_loader import load_model, resolve_model
+from leapserve.drafters.fspad import load_fspad
+from leapserve.drafters.fspad_model import to_eagle_layout
+
+from .checkpoint import command_line, export_checkpoint
+
+
+def export_eagle(drafter: str | Path, target: str, out: str | Path) -> Path:
+    model = load_fspad(drafter, torch.device("cpu"), torch.float32)
+    lm_head = load_model(resolve_model(target), ModelConfig(model=target), torch.device("cpu"),
+                         torch.float32).get_output_embeddings().weight.detach()
+    tensors, config = to_eagle_layout(model, lm_head)
+    card = (f"# {Path(drafter).name} in the EAGLE layout\n\nExported from `{drafter}` for the target `{target}` "
+            f"with\n\n```\n{command_line()}\n```\n\nArchitecture `{config['architectures'][0]}`; the target's "
+            "embedding is shared, not stored.\n")
+    return export_checkpoint(out, tensors, config, card)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export-eagle", help="export an FSPAD drafter to the EAGLE layout vLLM reads",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--drafter", required=True, help="a `leapserve train fspad` checkpoint directory")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="its target (for a reduced vocabulary's head)")
+    p.add_argument("--out", required=True, help="the export directory")
+    p.set_defaults(handler=lambda a: print(export_eagle(a.drafter, a.model, a.out)))
