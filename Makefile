@@ -1,9 +1,13 @@
-# Quickstart: `make serve` (set up, then serve the default model) and `make test` (set up, then run the tests).
+# Quickstart: `make serve` (set up, then serve the default model with its FSPAD drafter) and `make test` (set up, then run the tests).
 PYTHON ?= python3
 VENV ?= .venv
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?= smollm2-135m-instruct
+# The default model is served with its shipped FSPAD drafter and EAGLE-2 trees; SPECULATIVE_CONFIG= turns it off.
+ifeq ($(MODEL),smollm2-135m-instruct)
+SPECULATIVE_CONFIG ?= {"method": "fspad", "model": "checkpoints/smollm2-135m-instruct-fspad", "tree": {"depth": 5, "top_k": 8, "total_tokens": 24}}
+endif
 # A CPU build of torch unless a GPU is present; override e.g. TORCH_SPEC="torch==2.13.0 --index-url URL".
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
@@ -23,7 +27,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: setup
-	$(BIN)/leapserve serve --model $(MODEL) --host $(HOST) --port $(PORT)
+	$(BIN)/leapserve serve --model $(MODEL) --host $(HOST) --port $(PORT) \
+		$(if $(SPECULATIVE_CONFIG),--speculative-config '$(SPECULATIVE_CONFIG)')
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -25,10 +25,11 @@ from tqdm import tqdm
 from leapserve.decoding import LLM, SamplingParams
 from leapserve.decoding.config import SpeculativeConfig
 from leapserve.decoding.model_loader import load_tokenizer, resolve_model
+from leapserve.drafters.draft_model import load_draft_model
 from leapserve.prompts import load as load_prompts
 
 from .bench_metrics import OfflineRun, offline_summary, speedup
-from .report import add_output_arguments, fmt, markdown_table, plot_offline, positive_int_list, run_record, \
+from .report import add_output_arguments, markdown_table, plot_offline, positive_int_list, run_record, \
     write_outputs
 
 BASELINE = "autoregressive"
@@ -52,8 +53,12 @@ def split_top_level(text: str) -> list[str]:
     parts, depth, in_string, escaped, current = [], 0, False, False, []
     for ch in text:
         if in_string:
-            escaped = not escaped and ch == "\\"
-            in_string = escaped or ch != '"'
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
         elif ch == '"':
             in_string = True
         elif ch in "{[":
@@ -236,9 +241,10 @@ class HFBaselines:
         self.options = {mode: dict(kwargs) for mode, kwargs in self.modes.items()}  # for the record
         draft = next((c for c in configs if c["method"] == "draft_model"), None)
         if draft is not None:
-            assistant = AutoModelForCausalLM.from_pretrained(resolve_model(draft["model"]), dtype=engine.dtype)
+            # a draft that shares the target's embedding and head (AdaSPEC) gets them from this model
+            assistant = load_draft_model(draft["model"], self.model, engine.device, engine.dtype)
             k = draft.get("num_speculative_tokens") or 4
-            self.modes["hf-assisted"] = {"assistant_model": assistant.to(engine.device).eval(),
+            self.modes["hf-assisted"] = {"assistant_model": assistant,
                                          "num_assistant_tokens": k}
             self.options["hf-assisted"] = {"assistant_model": draft["model"], "num_assistant_tokens": k}
 

@@ -104,8 +104,10 @@ def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
     # Two timed steps of each mode (not the first after a switch), then the faster; 2 of 16 probe the other.
     assert run(8, 6, slow_drafts) == "DDpppp"
     assert run(8, 32, slow_drafts) == "p" * 13 + "DD" + "p" * 14 + "DD" + "p"
-    # Drafting becomes faster: the next probe notices it; from then on plain decoding is the probed mode.
-    assert run(8, 32, {True: 300.0, False: 100.0}) == "p" * 13 + "D" * 16 + "pp" + "D"
+    # Drafting becomes 3x faster: the third probe has moved its average past plain decoding's; from then on plain
+    # decoding is the probed mode.
+    assert run(8, 64, {True: 300.0, False: 100.0}) == ("p" * 13 + "DD" + "p" * 14 + "DD" + "p" * 14
+                                                        + "D" * 16 + "pp" + "D")
     # Every batch-size bucket (a power of two) learns on its own.
     assert run(3, 6, slow_drafts) == "DDpppp"
     assert set(selector.buckets) == {4, 8}

@@ -1,0 +1,6 @@
+"""leapserve.training: the companion trainer that builds drafters for a target (`leapserve train ...`).
+
+`data` has the target answer offline prompts and stores its features; `fspad` trains FSPAD feature drafters,
+`adaspec` AdaSPEC (or DistillSpec) draft models, `export` writes FSPAD drafters in vLLM's EAGLE layout; `loop`,
+`checkpoint` and `evaluate` are what they share.
+"""

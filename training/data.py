@@ -70,6 +70,7 @@ def training_prompts(prompt_sets: str, num_prompts: int, seed: int) -> list[str]
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    tmp.chmod(0o644)
     os.replace(tmp, path)
 
 

@@ -172,7 +172,7 @@ def train_fspad(cfg: FSPADTrainConfig) -> Path:
     export = {"leapserve_drafter": DRAFTER_TYPE, "target": cfg.model, **config.to_dict()}
     out = export_checkpoint(cfg.out, dict(model.state_dict()), export, _card(cfg, facts, None))
     if cfg.eval_prompts:
-        spec = {"method": "fspad", "model": str(out), "tree": cfg.tree}
+        spec = {"method": "fspad", "model": str(out), "tree": cfg.tree, "adaptive": False}
         acceptance = evaluate_acceptance(cfg.model, spec, prompts=cfg.eval_set, num_prompts=cfg.eval_prompts,
                                          max_tokens=cfg.eval_max_tokens, seed=cfg.train.seed,
                                          device=cfg.train.device)

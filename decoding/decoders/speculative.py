@@ -42,23 +42,30 @@ from ..verification import verify
 from .base import Decoder, SeqStep
 
 EMA_DECAY = 0.7  # weight of the past in the per-sequence EMA of accepted tokens per step
-RATE_DECAY = 0.7  # weight of the past in a bucket's EMA of committed tokens per second, per mode
+RATE_DECAY = 0.7  # weight of the past in a bucket's EMAs of committed tokens and seconds per step, per mode
 WARMUP_STEPS = 2  # timed steps of each mode before a bucket picks the faster one
 PROBE_EVERY = 16  # after warm-up, 2 of every 16 steps of a bucket re-time the slower mode
+DRAFT_MARGIN = 1.1  # drafting runs only when measured this much faster: near parity, plain decoding is the safe side
 
 
 @dataclass
 class _Bucket:
-    rate: dict[bool, float] = field(default_factory=dict)  # drafting? -> EMA of committed tokens/s
+    tokens: dict[bool, float] = field(default_factory=dict)  # drafting? -> EMA of committed tokens per step
+    seconds: dict[bool, float] = field(default_factory=dict)  # drafting? -> EMA of seconds per step
     timed: dict[bool, int] = field(default_factory=lambda: {False: 0, True: 0})
     steps: int = 0  # steps chosen after warm-up
+
+    def rate(self, drafts: bool) -> float:
+        """Committed tokens per second (a ratio of averages: a step's tokens and time go together)."""
+        return self.tokens[drafts] / self.seconds[drafts]
 
 
 class ModeSelector:
     """Drafting or plain decoding, per batch-size bucket (decoding sequences rounded up to a power of two), by
-    measured committed tokens per second of whole steps: the faster mode runs; the slower one is re-timed for 2
-    of every PROBE_EVERY steps, so that a change (longer contexts, other prompts) is noticed. Only steps without
-    prompt tokens, and not the first step after a switch (a draft model catches up on it), are timed."""
+    measured committed tokens per second of whole steps: the faster mode runs (drafting only if DRAFT_MARGIN
+    times faster); the other is re-timed for 2 of every PROBE_EVERY steps, so that a change (longer contexts,
+    other prompts) is noticed. Only steps without prompt tokens, and not the first step after a switch (a draft
+    model catches up on it), are timed."""
 
     def __init__(self) -> None:
         self.buckets: dict[int, _Bucket] = {}
@@ -71,7 +78,7 @@ class ModeSelector:
         for mode in (current, not current):
             if b.timed[mode] < WARMUP_STEPS:
                 return mode
-        best = b.rate[True] >= b.rate[False]
+        best = b.rate(True) >= DRAFT_MARGIN * b.rate(False)
         probe = b.steps % PROBE_EVERY >= PROBE_EVERY - 2
         b.steps += 1
         return best != probe
@@ -80,9 +87,8 @@ class ModeSelector:
         """One step's outcome: `tokens` committed in `seconds` of wall time."""
         b = self.buckets[1 << (num_decoding - 1).bit_length()]
         if timeable and self.last is drafted and seconds > 0:
-            rate = tokens / seconds
-            old = b.rate.get(drafted, rate)
-            b.rate[drafted] = RATE_DECAY * old + (1 - RATE_DECAY) * rate
+            for ema, x in ((b.tokens, tokens), (b.seconds, seconds)):
+                ema[drafted] = RATE_DECAY * ema.get(drafted, x) + (1 - RATE_DECAY) * x
             b.timed[drafted] += 1
         self.last = drafted
 
