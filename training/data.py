@@ -63,7 +63,7 @@ def training_prompts(prompt_sets: str, num_prompts: int, seed: int) -> list[str]
     if unknown or not names:
         raise ValueError(f"--prompt-sets: unknown {unknown or names}; known: {sorted(PROMPT_SETS)}")
     per_set = [load_prompts(n, "train", None, seed) for n in names]
-    mixed = [p for i in range(max(map(len, per_set))) for group in per_set if i < len(group) for p in [group[i]]]
+    mixed = [group[i] for i in range(max(map(len, per_set))) for group in per_set if i < len(group)]
     return mixed[:num_prompts]
 
 

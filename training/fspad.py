@@ -153,7 +153,8 @@ def train_fspad(cfg: FSPADTrainConfig) -> Path:
     vocab = None
     if cfg.draft_vocab_size and cfg.draft_vocab_size < target_config.vocab_size:
         eos = target_config.eos_token_id
-        vocab = frequent_tokens(train_seqs, cfg.draft_vocab_size, eos if isinstance(eos, list) else [eos])
+        always = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        vocab = frequent_tokens(train_seqs, cfg.draft_vocab_size, always)
         overrides["draft_vocab_size"] = len(vocab)
     config = FSPADConfig.from_target(target_config, **overrides)
     torch.manual_seed(cfg.train.seed)
