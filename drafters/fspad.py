@@ -95,7 +95,6 @@ class FSPADDrafter(DraftModelDrafter):
     def propose(self, scheduled: list[ScheduledSeq], budgets: list[int]) -> list[DraftTree]:
         growing: list[_Growing] = []
         catch_up: list[SeqChunk] = []
-        features: list[torch.Tensor] = []
         for s, budget in zip(scheduled, budgets):
             state = self._state.setdefault(s.seq, _FeatureState())
             if s.seq.num_computed < state.computed:  # preempted: its blocks (and our K/V) are gone
@@ -104,13 +103,11 @@ class FSPADDrafter(DraftModelDrafter):
             if budget == 0 or state.num_features != len(tokens) - 1 or len(tokens) < 2:
                 continue
             start = state.computed
-            catch_up.append(SeqChunk(s.seq.block_table, start, tokens[start + 1:], logits_rows=[len(tokens) - 2 - start]))
-            features.append(torch.cat(state.pending))
+            catch_up.append(SeqChunk(s.seq.block_table, start, tokens[start + 1:], logits_rows=[len(tokens) - 2 - start],
+                                     extra={"features": torch.cat(state.pending)}))
             growing.append(_Growing(s.seq, budget, len(tokens) - 2))
             state.computed, state.pending = len(tokens) - 1, []
         if growing:
-            for chunk, f in zip(catch_up, features):
-                chunk.extra["features"] = f
             self._grow(growing, *self._execute(catch_up))
         trees = iter(self._finish(g) for g in growing)
         drafted = {id(g.seq) for g in growing}
