@@ -144,24 +144,34 @@ class DraftModelDrafter:
     def propose(self, scheduled: list[ScheduledSeq], budgets: list[int]) -> list[DraftTree]:
         growing: list[_Growing] = []
         catch_up: list[SeqChunk] = []
+        trees: list[DraftTree | _Growing] = []
         for s, budget in zip(scheduled, budgets):
-            state = self._state.setdefault(s.seq, _CacheState())
-            if s.seq.num_computed < state.computed:  # preempted: its blocks (and our K/V) are gone
-                state.computed, state.written = s.seq.num_computed, []
-            if budget == 0:
+            chunk = self._catch_up(s, budget)
+            if chunk is None:
+                trees.append(DraftTree.chain([]))
                 continue
-            tokens = s.seq.token_ids
-            start = state.computed
-            while (start - state.computed < len(state.written) and start < len(tokens) - 1
-                   and state.written[start - state.computed] == tokens[start]):
-                start += 1
-            catch_up.append(SeqChunk(s.seq.block_table, start, tokens[start:], logits_rows=[len(tokens) - 1 - start]))
-            growing.append(_Growing(s.seq, budget, len(tokens) - 1))
-            state.computed, state.written = len(tokens), []
+            catch_up.append(chunk)
+            growing.append(_Growing(s.seq, budget, chunk.start + chunk.logits_rows[0]))
+            trees.append(growing[-1])
         if growing:
             self._grow(growing, *self._execute(catch_up))
-        trees = iter(self._finish(g) for g in growing)
-        return [next(trees) if budget else DraftTree.chain([]) for budget in budgets]
+        return [self._finish(t) if isinstance(t, _Growing) else t for t in trees]
+
+    def _catch_up(self, s: ScheduledSeq, budget: int) -> SeqChunk | None:
+        """The chunk that brings the draft cache up to the sequence's last token, whose logits row is the root's
+        (None: no proposal). Chain drafts the target accepted are reused, not recomputed."""
+        state = self._state.setdefault(s.seq, _CacheState())
+        if s.seq.num_computed < state.computed:  # preempted: its blocks (and our K/V) are gone
+            state.computed, state.written = s.seq.num_computed, []
+        if budget == 0:
+            return None
+        tokens = s.seq.token_ids
+        start = state.computed
+        while (start - state.computed < len(state.written) and start < len(tokens) - 1
+               and state.written[start - state.computed] == tokens[start]):
+            start += 1
+        state.computed, state.written = len(tokens), []
+        return SeqChunk(s.seq.block_table, start, tokens[start:], logits_rows=[len(tokens) - 1 - start])
 
     def _execute(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The draft's logits at the chunks' logits rows, and per row any state its children need (none here)."""

@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import load_file
 
 from leapserve.decoding.config import SpeculativeConfig
-from leapserve.decoding.drafter import DraftTree
 from leapserve.decoding.kv_cache import PagedKVCache
 from leapserve.decoding.request import Sequence
 from leapserve.decoding.runner import ModelRunner, SeqChunk, step_metadata
@@ -92,26 +91,20 @@ class FSPADDrafter(DraftModelDrafter):
                 return
         state.pending.append(features)
 
-    def propose(self, scheduled: list[ScheduledSeq], budgets: list[int]) -> list[DraftTree]:
-        growing: list[_Growing] = []
-        catch_up: list[SeqChunk] = []
-        for s, budget in zip(scheduled, budgets):
-            state = self._state.setdefault(s.seq, _FeatureState())
-            if s.seq.num_computed < state.computed:  # preempted: its blocks (and our K/V) are gone
-                state.computed, state.pending = 0, []
-            tokens = s.seq.token_ids
-            if budget == 0 or state.num_features != len(tokens) - 1 or len(tokens) < 2:
-                continue
-            start = state.computed
-            catch_up.append(SeqChunk(s.seq.block_table, start, tokens[start + 1:], logits_rows=[len(tokens) - 2 - start],
-                                     extra={"features": torch.cat(state.pending)}))
-            growing.append(_Growing(s.seq, budget, len(tokens) - 2))
-            state.computed, state.pending = len(tokens) - 1, []
-        if growing:
-            self._grow(growing, *self._execute(catch_up))
-        trees = iter(self._finish(g) for g in growing)
-        drafted = {id(g.seq) for g in growing}
-        return [next(trees) if id(s.seq) in drafted else DraftTree.chain([]) for s in scheduled]
+    def _catch_up(self, s: ScheduledSeq, budget: int) -> SeqChunk | None:
+        """The (feature, next token) pairs not yet in the draft cache; the last one is the root's row. None while
+        the features of the sequence's last prompt chunk are still to come."""
+        state = self._state.setdefault(s.seq, _FeatureState())
+        if s.seq.num_computed < state.computed:  # preempted: its blocks (and our K/V) are gone
+            state.computed, state.pending = 0, []
+        tokens = s.seq.token_ids
+        if budget == 0 or state.num_features != len(tokens) - 1 or len(tokens) < 2:
+            return None
+        start = state.computed
+        chunk = SeqChunk(s.seq.block_table, start, tokens[start + 1:], logits_rows=[len(tokens) - 2 - start],
+                         extra={"features": torch.cat(state.pending)})
+        state.computed, state.pending = len(tokens) - 1, []
+        return chunk
 
     def _frontier_chunk(self, g: _Growing) -> SeqChunk:
         """The base's chunk, with each node's input feature: its parent's predicted feature."""
