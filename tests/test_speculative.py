@@ -3,6 +3,7 @@
 1 to 8), lossless sampling (exact target distribution of the first two tokens), configuration, and the server."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -91,25 +92,28 @@ def test_speculative_config_selects_decoder_and_reserves_lookahead(tiny_model_di
 def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
     selector = ModeSelector()
 
-    def run(n: int, steps: int, rate: dict[bool, float], timeable: bool = True) -> str:
+    def run(n: int, steps: int, rate: dict[bool, float], timeable: bool = True) -> list[tuple[str, int]]:
+        """The modes chosen, as (mode, run length) pairs."""
         modes = ""
         for _ in range(steps):
             drafts = selector.choose(n)
             selector.record(n, drafts, 10, 10 / rate[drafts], timeable)
             modes += "D" if drafts else "p"
-        return modes
+        return [(mode, len(list(run))) for mode, run in itertools.groupby(modes)]
 
     slow_drafts = {True: 50.0, False: 100.0}
-    assert run(8, 3, slow_drafts, timeable=False) == "DDD"  # prompt steps are not timed: still warming up
-    # Two timed steps of each mode (not the first after a switch), then the faster; 2 of 16 probe the other.
-    assert run(8, 6, slow_drafts) == "DDpppp"
-    assert run(8, 32, slow_drafts) == "p" * 13 + "DD" + "p" * 14 + "DD" + "p"
-    # Drafting becomes 3x faster: the third probe has moved its average past plain decoding's; from then on plain
-    # decoding is the probed mode.
-    assert run(8, 64, {True: 300.0, False: 100.0}) == ("p" * 13 + "DD" + "p" * 14 + "DD" + "p" * 14
-                                                        + "D" * 16 + "pp" + "D")
+    assert run(8, 3, slow_drafts, timeable=False) == [("D", 3)]  # prompt steps are not timed: still warming up
+    # Two timed steps of each mode (not the first after a switch), then the faster one.
+    assert run(8, 6, slow_drafts) == [("D", 2), ("p", 4)]
+    # Probes of 2 steps re-time drafting; each that changes nothing doubles the gap to the next, up to 256 steps.
+    assert run(8, 600, slow_drafts) == [("p", 13), ("D", 2), ("p", 30), ("D", 2), ("p", 62), ("D", 2), ("p", 126),
+                                        ("D", 2), ("p", 254), ("D", 2), ("p", 105)]
+    # Drafting becomes 3x faster: the next probe measures it afresh (not averaged with the old runs) and drafting
+    # takes over at once; the gap to the next probe restarts at 16 steps and then doubles again.
+    assert run(8, 300, {True: 300.0, False: 100.0}) == [("p", 149), ("D", 16), ("p", 2), ("D", 30), ("p", 2),
+                                                        ("D", 62), ("p", 2), ("D", 37)]
     # Every batch-size bucket (a power of two) learns on its own.
-    assert run(3, 6, slow_drafts) == "DDpppp"
+    assert run(3, 6, slow_drafts) == [("D", 2), ("p", 4)]
     assert set(selector.buckets) == {4, 8}
 
 

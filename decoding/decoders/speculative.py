@@ -44,7 +44,8 @@ from .base import Decoder, SeqStep
 EMA_DECAY = 0.7  # weight of the past in the per-sequence EMA of accepted tokens per step
 RATE_DECAY = 0.7  # weight of the past in a bucket's EMAs of committed tokens and seconds per step, per mode
 WARMUP_STEPS = 2  # timed steps of each mode before a bucket picks the faster one
-PROBE_EVERY = 16  # after warm-up, 2 of every 16 steps of a bucket re-time the slower mode
+PROBE_STEPS = 2  # a probe runs the other mode this many steps (the first after a switch is not timed)
+PROBE_MIN, PROBE_MAX = 16, 256  # steps between probes: from PROBE_MIN, doubled by each probe that changes nothing
 DRAFT_MARGIN = 1.1  # drafting runs only when measured this much faster: near parity, plain decoding is the safe side
 
 
@@ -53,7 +54,10 @@ class _Bucket:
     tokens: dict[bool, float] = field(default_factory=dict)  # drafting? -> EMA of committed tokens per step
     seconds: dict[bool, float] = field(default_factory=dict)  # drafting? -> EMA of seconds per step
     timed: dict[bool, int] = field(default_factory=lambda: {False: 0, True: 0})
-    steps: int = 0  # steps chosen after warm-up
+    best: bool | None = None  # the faster mode at the last choice
+    interval: int = PROBE_MIN  # steps from one probe to the next
+    until_probe: int = PROBE_MIN - PROBE_STEPS  # steps of the best mode left before the next probe
+    probing: int = 0  # steps of the current probe left
 
     def rate(self, drafts: bool) -> float:
         """Committed tokens per second (a ratio of averages: a step's tokens and time go together)."""
@@ -63,13 +67,18 @@ class _Bucket:
 class ModeSelector:
     """Drafting or plain decoding, per batch-size bucket (decoding sequences rounded up to a power of two), by
     measured committed tokens per second of whole steps: the faster mode runs (drafting only if DRAFT_MARGIN
-    times faster); the other is re-timed for 2 of every PROBE_EVERY steps, so that a change (longer contexts,
-    other prompts) is noticed. Only steps without prompt tokens, and not the first step after a switch (a draft
-    model catches up on it), are timed."""
+    times faster); the other is re-timed for PROBE_STEPS steps now and then, so that a change (longer contexts,
+    other prompts) is noticed. Probes back off: each one that leaves the choice as it was doubles the gap to the
+    next (PROBE_MIN up to PROBE_MAX steps), so a mode that costs several times the other (a big tree at high
+    concurrency) is re-timed on a vanishing share of steps; a change of choice brings the gap back to PROBE_MIN.
+    Only steps without prompt tokens, and not the first step after a switch (a draft model catches up on it),
+    are timed; a mode's averages restart with each new run of it in a bucket, so a probe measures now, not the
+    past."""
 
     def __init__(self) -> None:
         self.buckets: dict[int, _Bucket] = {}
         self.last: bool | None = None  # the previous step's mode
+        self.last_timed: tuple[int, bool] | None = None  # (bucket, mode) of the last timed step, while its run goes on
 
     def choose(self, num_decoding: int) -> bool:
         """Whether this step drafts."""
@@ -79,17 +88,32 @@ class ModeSelector:
             if b.timed[mode] < WARMUP_STEPS:
                 return mode
         best = b.rate(True) >= DRAFT_MARGIN * b.rate(False)
-        probe = b.steps % PROBE_EVERY >= PROBE_EVERY - 2
-        b.steps += 1
-        return best != probe
+        if best != b.best:
+            if b.best is not None:  # a probe (or drift) changed the choice: look again soon
+                b.interval = PROBE_MIN
+            b.best, b.until_probe, b.probing = best, b.interval - PROBE_STEPS, 0
+        if b.probing:
+            b.probing -= 1
+            return not best
+        if b.until_probe:
+            b.until_probe -= 1
+            return best
+        b.probing = PROBE_STEPS - 1
+        b.interval = min(2 * b.interval, PROBE_MAX)
+        b.until_probe = b.interval - PROBE_STEPS
+        return not best
 
     def record(self, num_decoding: int, drafted: bool, tokens: int, seconds: float, timeable: bool) -> None:
         """One step's outcome: `tokens` committed in `seconds` of wall time."""
-        b = self.buckets[1 << (num_decoding - 1).bit_length()]
+        size = 1 << (num_decoding - 1).bit_length()
+        b = self.buckets[size]
+        if self.last is not drafted or self.last_timed not in (None, (size, drafted)):
+            self.last_timed = None  # a new run of this mode in this bucket
         if timeable and self.last is drafted and seconds > 0:
             for ema, x in ((b.tokens, tokens), (b.seconds, seconds)):
-                ema[drafted] = RATE_DECAY * ema.get(drafted, x) + (1 - RATE_DECAY) * x
+                ema[drafted] = x if self.last_timed is None else RATE_DECAY * ema[drafted] + (1 - RATE_DECAY) * x
             b.timed[drafted] += 1
+            self.last_timed = (size, drafted)
         self.last = drafted
 
 
