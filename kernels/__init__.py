@@ -20,14 +20,19 @@ __all__ = ["tree_attention", "write_kv", "move_kv", "backend_for", "AttentionSte
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                    context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, tree_mask: torch.Tensor | None = None,
-                   scale: float | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+                   scale: float | None = None, *, out: torch.Tensor | None = None,
+                   context_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Paged attention of packed new tokens over their sequences' cached context plus a tree/causal mask.
 
     Contract in design.md ("The kernel contract"); `out`, if given, receives the result and is returned.
+    One addition: `context_mask`, bool `[B, W]` with `W >= max(context_lens)`, hides context position p of
+    sequence b unless `context_mask[b, p]` (None: every context position is visible). The `padded` speculative
+    layout uses it for the vanilla baseline's masked KV slots; hidden slots must still hold finite values (any
+    slot written by an earlier step does).
     """
     impl = implementation(q.device, "tree_attention_triton")
     return impl.tree_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, tree_mask, scale,
-                               out=out)
+                               out=out, context_mask=context_mask)
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

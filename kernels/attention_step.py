@@ -15,13 +15,15 @@ from .validation import check_tree_attention_values, check_write_kv_args
 
 class AttentionStep:
     def __init__(self, slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                 cu_seqlens_q: torch.Tensor, tree_mask: torch.Tensor | None, block_size: int):
+                 cu_seqlens_q: torch.Tensor, tree_mask: torch.Tensor | None, block_size: int,
+                 context_mask: torch.Tensor | None = None):
         """Arguments as in `write_kv` and `tree_attention`; the caches are given per layer."""
         self.slot_mapping = slot_mapping.long()
         self.block_tables = block_tables
         self.context_lens = context_lens
         self.cu_seqlens_q = cu_seqlens_q
         self.tree_mask = tree_mask
+        self.context_mask = context_mask
         self.use_triton = backend_for(block_tables.device) == "triton"
         if self.use_triton:
             self._triton_attention = implementation(block_tables.device, "tree_attention_triton")
@@ -30,10 +32,12 @@ class AttentionStep:
         else:
             cu = cu_seqlens_q.tolist()
             check_tree_attention_values(cu, context_lens.tolist(), cu[-1], block_tables.shape[1] * block_size,
-                                        None if tree_mask is None else tree_mask.shape[1])
+                                        None if tree_mask is None else tree_mask.shape[1],
+                                        None if context_mask is None else context_mask.shape[1])
             if bool((self.slot_mapping < 0).any()):
                 raise ValueError("AttentionStep needs a cache slot for every new token (no negative slots)")
-            self.plan = reference.plan_tree_attention(block_tables, context_lens, cu_seqlens_q, tree_mask, block_size)
+            self.plan = reference.plan_tree_attention(block_tables, context_lens, cu_seqlens_q, tree_mask, block_size,
+                                                      context_mask)
         self._checked_layout: tuple | None = None
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -52,5 +56,6 @@ class AttentionStep:
         """`tree_attention` of this step's queries `[T, Hq, D]` over one layer's cache."""
         if self.use_triton:
             return self._triton_attention.tree_attention(q, k_cache, v_cache, self.block_tables, self.context_lens,
-                                                         self.cu_seqlens_q, self.tree_mask, scale)
+                                                         self.cu_seqlens_q, self.tree_mask, scale,
+                                                         context_mask=self.context_mask)
         return reference.attend(q, k_cache, v_cache, self.plan, scale)

@@ -18,9 +18,16 @@ from .validation import (check_move_kv_args, check_tree_attention_args, check_tr
                          check_write_kv_args)
 
 
-def _visibility(context_len: int, num_new: int, tree_rows: torch.Tensor | None,
+def _visibility(context_len: int, num_new: int, tree_rows: torch.Tensor | None, context_row: torch.Tensor | None,
                 device: torch.device) -> tuple[torch.Tensor | None, bool]:
-    """(attn_mask, is_causal) for one sequence's queries over its `context_len + num_new` keys."""
+    """(attn_mask, is_causal) for one sequence's queries over its `context_len + num_new` keys; `context_row`:
+    which context keys may be seen (None: all)."""
+    if context_row is not None and not bool(context_row.all()):
+        mask = torch.empty(num_new, context_len + num_new, dtype=torch.bool, device=device)
+        mask[:, :context_len] = context_row
+        mask[:, context_len:] = (torch.ones(num_new, num_new, dtype=torch.bool, device=device).tril()
+                                 if tree_rows is None else tree_rows)
+        return mask, False
     if tree_rows is None:
         if num_new == 1:
             return None, False
@@ -66,7 +73,8 @@ class AttentionPlan:
 
 
 def plan_tree_attention(block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                        tree_mask: torch.Tensor | None, block_size: int) -> AttentionPlan:
+                        tree_mask: torch.Tensor | None, block_size: int,
+                        context_mask: torch.Tensor | None = None) -> AttentionPlan:
     cu, ctx_lens = cu_seqlens_q.tolist(), context_lens.tolist()
     device = block_tables.device
     seqs = []
@@ -82,17 +90,17 @@ def plan_tree_attention(block_tables: torch.Tensor, context_lens: torch.Tensor, 
             keys = (torch.tensor(blocks, device=device)[:, None] * block_size
                     + torch.arange(block_size, device=device)).flatten()[:num_keys]
         mask, causal = _visibility(ctx, end - start, None if tree_mask is None else tree_mask[start:end, :end - start],
-                                   device)
+                                   None if context_mask is None else context_mask[b, :ctx], device)
         seqs.append(SeqPlan(start, end, keys, mask, causal))
     plan = AttentionPlan(seqs)
     max_q = max((s.end - s.start for s in seqs), default=0)
     if len(seqs) > 1 and len(seqs) == len(ctx_lens) and max_q <= BATCHED_MAX_QUERIES:
-        plan.batched = _batched_plan(seqs, ctx_lens, tree_mask, max_q, device)
+        plan.batched = _batched_plan(seqs, ctx_lens, tree_mask, context_mask, max_q, device)
     return plan
 
 
-def _batched_plan(seqs: list[SeqPlan], ctx_lens: list[int], tree_mask: torch.Tensor | None, max_q: int,
-                  device: torch.device) -> BatchedPlan:
+def _batched_plan(seqs: list[SeqPlan], ctx_lens: list[int], tree_mask: torch.Tensor | None,
+                  context_mask: torch.Tensor | None, max_q: int, device: torch.device) -> BatchedPlan:
     max_keys = max(ctx + s.end - s.start for s, ctx in zip(seqs, ctx_lens))
     slots = torch.empty(len(seqs), max_keys, dtype=torch.long, device=device)
     mask = torch.zeros(len(seqs), 1, max_q, max_keys, dtype=torch.bool, device=device)
@@ -103,7 +111,7 @@ def _batched_plan(seqs: list[SeqPlan], ctx_lens: list[int], tree_mask: torch.Ten
         slots[i, : ctx + n] = own
         # Padding re-reads the sequence's own last key: masked out, and finite (0 * NaN from a stale slot is NaN).
         slots[i, ctx + n:] = own[-1]
-        mask[i, 0, :n, :ctx] = True
+        mask[i, 0, :n, :ctx] = True if context_mask is None else context_mask[i, :ctx]
         mask[i, 0, :n, ctx:ctx + n] = (torch.ones(n, n, dtype=torch.bool, device=device).tril() if tree_mask is None
                                        else tree_mask[s.start:s.end, :n])
         mask[i, 0, n:, 0] = True  # padding queries see one key (no NaN); their outputs are dropped
@@ -171,16 +179,20 @@ def _heads_view(cache: torch.Tensor, rows: slice) -> torch.Tensor:
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                    context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, tree_mask: torch.Tensor | None = None,
-                   scale: float | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+                   scale: float | None = None, *, out: torch.Tensor | None = None,
+                   context_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Paged attention of packed new tokens over their sequences' cached context plus a tree/causal mask.
 
-    Contract in design.md ("The kernel contract"); `out`, if given, receives the result.
+    Contract in design.md ("The kernel contract", and `leapserve.kernels.tree_attention` for `context_mask`);
+    `out`, if given, receives the result.
     """
-    check_tree_attention_args(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, tree_mask, out)
+    check_tree_attention_args(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, tree_mask, out,
+                              context_mask)
     check_tree_attention_values(cu_seqlens_q.tolist(), context_lens.tolist(), q.shape[0],
                                 block_tables.shape[1] * k_cache.shape[1],
-                                None if tree_mask is None else tree_mask.shape[1])
-    plan = plan_tree_attention(block_tables, context_lens, cu_seqlens_q, tree_mask, k_cache.shape[1])
+                                None if tree_mask is None else tree_mask.shape[1],
+                                None if context_mask is None else context_mask.shape[1])
+    plan = plan_tree_attention(block_tables, context_lens, cu_seqlens_q, tree_mask, k_cache.shape[1], context_mask)
     return attend(q, k_cache, v_cache, plan, scale, out)
 
 

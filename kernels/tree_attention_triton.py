@@ -5,7 +5,8 @@ One program handles one query tile of one sequence, one KV head and one split of
 - GQA: the tile's rows are (query, query head) pairs for the Hq/Hkv query heads sharing the KV head, so every
   K/V tile is loaded once for the whole group.
 - Paging: each key position's page comes from the block table, so tiles need not align with pages.
-- Context keys (< context_len) are all visible; new keys go through the tree mask (or the causal rule).
+- Context keys (< context_len) are all visible, or those the optional context mask allows; new keys go through
+  the tree mask (or the causal rule).
 - Online softmax in fp32 (exp2 domain). With few query tiles the keys are split over several programs
   (flash-decoding) and a second kernel merges the partial results.
 
@@ -39,11 +40,11 @@ def _find_sequence(cu_seqlens_q_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _attend_keys(acc, m_i, l_i, q, k_ptr, v_ptr, block_table_ptr, tree_mask_ptr,
+def _attend_keys(acc, m_i, l_i, q, k_ptr, v_ptr, block_table_ptr, tree_mask_ptr, context_mask_ptr,
                  key_start, key_end, context_len, query_idx, token_idx, row_valid, offs_d, d_valid, scale_log2e,
                  stride_k_b, stride_k_s, stride_v_b, stride_v_s, stride_tm,
-                 NEW_KEYS: tl.constexpr, HAS_TREE_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PAGE_SIZE: tl.constexpr, NATIVE_DOT: tl.constexpr):
+                 NEW_KEYS: tl.constexpr, HAS_TREE_MASK: tl.constexpr, HAS_CONTEXT_MASK: tl.constexpr,
+                 BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NATIVE_DOT: tl.constexpr):
     """Fold keys [key_start, key_end) into the running softmax state (acc, m_i, l_i)."""
     for start in range(key_start, key_end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
@@ -63,6 +64,8 @@ def _attend_keys(acc, m_i, l_i, q, k_ptr, v_ptr, block_table_ptr, tree_mask_ptr,
                                   mask=row_valid[:, None] & in_range[None, :], other=0) != 0
             else:
                 visible = (new_idx[None, :] <= query_idx[:, None]) & in_range[None, :]
+        elif HAS_CONTEXT_MASK:
+            visible = (tl.load(context_mask_ptr + pos, mask=in_range, other=0) != 0)[None, :]
         else:
             visible = in_range[None, :]
         scores = tl.where(visible, scores * scale_log2e, float("-inf"))
@@ -84,13 +87,13 @@ def _attend_keys(acc, m_i, l_i, q, k_ptr, v_ptr, block_table_ptr, tree_mask_ptr,
 @triton.jit
 def _tree_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
-        block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr, tree_mask_ptr,
+        block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr, tree_mask_ptr, context_mask_ptr,
         num_seqs, num_tokens, num_q_heads, scale_log2e,
         stride_q_t, stride_q_h, stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
-        stride_o_t, stride_o_h, stride_bt, stride_tm,
+        stride_o_t, stride_o_h, stride_bt, stride_tm, stride_cm,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_TREE_MASK: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, NATIVE_DOT: tl.constexpr):
+        HAS_CONTEXT_MASK: tl.constexpr, NUM_SPLITS: tl.constexpr, NATIVE_DOT: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -135,16 +138,19 @@ def _tree_attention_kernel(
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_ptr = k_cache_ptr + kv_head * stride_k_h
     v_ptr = v_cache_ptr + kv_head * stride_v_h
+    seq_context_mask_ptr = context_mask_ptr + seq.to(tl.int64) * stride_cm
     acc, m_i, l_i = _attend_keys(
-        acc, m_i, l_i, q, k_ptr, v_ptr, block_table_ptr, tree_mask_ptr,
+        acc, m_i, l_i, q, k_ptr, v_ptr, block_table_ptr, tree_mask_ptr, seq_context_mask_ptr,
         key_lo, tl.minimum(key_hi, context_len), context_len, query_idx, token_idx, row_valid, offs_d, d_valid,
         scale_log2e, stride_k_b, stride_k_s, stride_v_b, stride_v_s, stride_tm,
-        NEW_KEYS=False, HAS_TREE_MASK=HAS_TREE_MASK, BLOCK_N=BLOCK_N, PAGE_SIZE=PAGE_SIZE, NATIVE_DOT=NATIVE_DOT)
+        NEW_KEYS=False, HAS_TREE_MASK=HAS_TREE_MASK, HAS_CONTEXT_MASK=HAS_CONTEXT_MASK, BLOCK_N=BLOCK_N,
+        PAGE_SIZE=PAGE_SIZE, NATIVE_DOT=NATIVE_DOT)
     acc, m_i, l_i = _attend_keys(
-        acc, m_i, l_i, q, k_ptr, v_ptr, block_table_ptr, tree_mask_ptr,
+        acc, m_i, l_i, q, k_ptr, v_ptr, block_table_ptr, tree_mask_ptr, seq_context_mask_ptr,
         tl.maximum(key_lo, context_len), new_hi, context_len, query_idx, token_idx, row_valid, offs_d, d_valid,
         scale_log2e, stride_k_b, stride_k_s, stride_v_b, stride_v_s, stride_tm,
-        NEW_KEYS=True, HAS_TREE_MASK=HAS_TREE_MASK, BLOCK_N=BLOCK_N, PAGE_SIZE=PAGE_SIZE, NATIVE_DOT=NATIVE_DOT)
+        NEW_KEYS=True, HAS_TREE_MASK=HAS_TREE_MASK, HAS_CONTEXT_MASK=HAS_CONTEXT_MASK, BLOCK_N=BLOCK_N,
+        PAGE_SIZE=PAGE_SIZE, NATIVE_DOT=NATIVE_DOT)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -207,9 +213,10 @@ def _default_splits(device: torch.device, programs: int, key_capacity: int) -> i
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                    context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, tree_mask: torch.Tensor | None = None,
                    scale: float | None = None, *, out: torch.Tensor | None = None,
-                   num_splits: int | None = None) -> torch.Tensor:
+                   context_mask: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
     """Triton implementation of the `tree_attention` contract; `num_splits` overrides the key-split heuristic."""
-    check_tree_attention_args(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, tree_mask, out)
+    check_tree_attention_args(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, tree_mask, out,
+                              context_mask)
     num_tokens, num_q_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if head_dim > 256:
@@ -230,6 +237,8 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     context_lens, cu_seqlens_q = context_lens.contiguous(), cu_seqlens_q.contiguous()
     if tree_mask is not None and tree_mask.stride(-1) != 1:
         tree_mask = tree_mask.contiguous()
+    if context_mask is not None and context_mask.stride(-1) != 1:
+        context_mask = context_mask.contiguous()
 
     num_seqs = block_tables.shape[0]
     group = num_q_heads // num_kv_heads
@@ -251,11 +260,14 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     _tree_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_acc, part_max, part_sum,
         block_tables, context_lens, cu_seqlens_q, q if tree_mask is None else tree_mask.view(torch.uint8),
+        q if context_mask is None else context_mask.view(torch.uint8),
         num_seqs, num_tokens, num_q_heads, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1),
         block_tables.stride(0), 0 if tree_mask is None else tree_mask.stride(0),
+        0 if context_mask is None else context_mask.stride(0),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        PAGE_SIZE=page_size, HAS_TREE_MASK=tree_mask is not None, NUM_SPLITS=num_splits, NATIVE_DOT=native_dot,
+        PAGE_SIZE=page_size, HAS_TREE_MASK=tree_mask is not None, HAS_CONTEXT_MASK=context_mask is not None,
+        NUM_SPLITS=num_splits, NATIVE_DOT=native_dot,
         num_warps=8, num_stages=2)
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_q_heads)](

@@ -39,7 +39,7 @@ def _check_int_vector(name: str, t: torch.Tensor, length: int | None, dtypes: tu
 def check_tree_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               block_tables: torch.Tensor, context_lens: torch.Tensor,
                               cu_seqlens_q: torch.Tensor, tree_mask: torch.Tensor | None,
-                              out: torch.Tensor | None) -> None:
+                              out: torch.Tensor | None, context_mask: torch.Tensor | None = None) -> None:
     """Raise ValueError unless the arguments follow the `tree_attention` contract (see design.md)."""
     _check_cache_pair(k_cache, v_cache)
     if q.dim() != 3:
@@ -69,13 +69,20 @@ def check_tree_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                   f"got {tree_mask.dtype} of shape {tuple(tree_mask.shape)}")
         if tree_mask.device != k_cache.device:
             _fail(f"tree_mask is on {tree_mask.device} but the cache is on {k_cache.device}")
+    if context_mask is not None:
+        if context_mask.dtype != torch.bool or context_mask.dim() != 2 or context_mask.shape[0] != num_seqs:
+            _fail(f"context_mask must be a bool [num_seqs={num_seqs}, max_context_len] tensor, "
+                  f"got {context_mask.dtype} of shape {tuple(context_mask.shape)}")
+        if context_mask.device != k_cache.device:
+            _fail(f"context_mask is on {context_mask.device} but the cache is on {k_cache.device}")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
         _fail(f"out must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), "
               f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
 
 
 def check_tree_attention_values(cu_seqlens_q: list[int], context_lens: list[int], num_tokens: int,
-                                capacity: int, tree_mask_width: int | None) -> None:
+                                capacity: int, tree_mask_width: int | None,
+                                context_mask_width: int | None = None) -> None:
     """Value checks for callers that already hold the metadata on the host (the reference does)."""
     if cu_seqlens_q[0] != 0 or cu_seqlens_q[-1] != num_tokens:
         _fail(f"cu_seqlens_q must start at 0 and end at num_tokens={num_tokens}, got {cu_seqlens_q}")
@@ -87,6 +94,8 @@ def check_tree_attention_values(cu_seqlens_q: list[int], context_lens: list[int]
                   f"({capacity} slots)")
         if tree_mask_width is not None and end - start > tree_mask_width:
             _fail(f"sequence {b} has {end - start} new tokens but tree_mask has only {tree_mask_width} columns")
+        if context_mask_width is not None and ctx > context_mask_width:
+            _fail(f"sequence {b} has a context of {ctx} tokens but context_mask has only {context_mask_width} columns")
 
 
 def check_write_kv_args(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

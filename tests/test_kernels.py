@@ -46,10 +46,14 @@ class Case:
     keys: list[torch.Tensor]  # per sequence [context + new, Hkv, D], as written into the cache
     values: list[torch.Tensor]
     visible: list[torch.Tensor]  # per sequence bool [new, new]: which new tokens each new token sees
+    context_mask: torch.Tensor | None = None  # bool [B, W]: which context slots may be seen (None: all)
 
     def args(self) -> tuple:
         return (self.q, self.k_cache, self.v_cache, self.block_tables, self.context_lens, self.cu_seqlens_q,
                 self.tree_mask, self.scale)
+
+    def kwargs(self) -> dict:
+        return {} if self.context_mask is None else {"context_mask": self.context_mask}
 
 
 def random_tree(rnd: random.Random, n: int) -> torch.Tensor:
@@ -64,8 +68,11 @@ def random_tree(rnd: random.Random, n: int) -> torch.Tensor:
 
 def make_case(seed: int, *, group: int, head_dim: int, block_size: int, mask_kind: str, dtype: torch.dtype,
               max_seqs: int = 6, max_new: int = 33, max_context: int = 300, num_kv_heads: int | None = None,
-              consecutive_blocks: bool = False, device: torch.device = DEVICE) -> Case:
-    """A random batch; each sequence's blocks are shuffled over the cache unless `consecutive_blocks`."""
+              consecutive_blocks: bool = False, masked_context: bool = False,
+              device: torch.device = DEVICE) -> Case:
+    """A random batch; each sequence's blocks are shuffled over the cache unless `consecutive_blocks`.
+    `masked_context`: a context mask hides runs of context slots (the padded layout's holes), which hold large
+    finite garbage, so that reading one would show."""
     rnd = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     num_seqs = rnd.randint(1, max_seqs)
@@ -110,10 +117,27 @@ def make_case(seed: int, *, group: int, head_dim: int, block_size: int, mask_kin
     cu = [0, *itertools.accumulate(new)]
     q = torch.randn(cu[-1], num_q_heads, head_dim, generator=gen).to(dtype)
     scale = rnd.choice((None, 0.3))
+    context_mask = None
+    if masked_context:
+        # Columns past a sequence's context are random bits the kernels must ignore.
+        context_mask = torch.rand(num_seqs, max(context) + rnd.randint(0, 3), generator=gen) < 0.5
+        for b, c in enumerate(context):
+            row = torch.ones(c, dtype=torch.bool)
+            for _ in range(rnd.randint(0, 4)):  # holes: runs of up to 6 slots
+                lo = rnd.randint(0, max(0, c - 1))
+                row[lo:lo + rnd.randint(1, 6)] = False
+            context_mask[b, :c] = row
+            hidden = torch.nonzero(~row).flatten()
+            table = block_tables[b].long()
+            for cache in (k_cache, v_cache):
+                cache[table[hidden // block_size], hidden % block_size] = 1e3 * torch.randn(
+                    len(hidden), num_kv_heads, head_dim, generator=gen).to(dtype)
+            keys[b][hidden] = float("nan")  # the oracle must not use them either
     return Case(q.to(device), k_cache.to(device), v_cache.to(device), block_tables.to(device),
                 torch.tensor(context, dtype=torch.int32, device=device),
                 torch.tensor(cu, dtype=torch.int32, device=device),
-                None if tree_mask is None else tree_mask.to(device), scale, poison_block, keys, values, visible)
+                None if tree_mask is None else tree_mask.to(device), scale, poison_block, keys, values, visible,
+                None if context_mask is None else context_mask.to(device))
 
 
 def naive_attention(case: Case) -> torch.Tensor:
@@ -127,8 +151,11 @@ def naive_attention(case: Case) -> torch.Tensor:
     for b, (k, v, vis) in enumerate(zip(case.keys, case.values, case.visible)):
         n = vis.shape[0]
         context = k.shape[0] - n
-        allowed = torch.cat([torch.ones(n, context, dtype=torch.bool), vis], dim=1)
-        k = k.double().repeat_interleave(group, dim=1)
+        seen = (torch.ones(context, dtype=torch.bool) if case.context_mask is None
+                else case.context_mask[b, :context].cpu())
+        allowed = torch.cat([seen.expand(n, context), vis], dim=1)
+        k = k.double().masked_fill(~torch.cat([seen, torch.ones(n, dtype=torch.bool)])[:, None, None], 0.0)
+        k = k.repeat_interleave(group, dim=1)
         v = v.double().repeat_interleave(group, dim=1)
         scores = torch.einsum("thd,lhd->htl", q[cu[b]: cu[b + 1]], k) * scale
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
@@ -145,7 +172,7 @@ def assert_close(out: torch.Tensor, case: Case, oracle: torch.Tensor) -> None:
 
 def run_into_nan(impl, case: Case, **kwargs) -> torch.Tensor:
     out = torch.full_like(case.q, float("nan"))
-    result = impl(*case.args(), out=out, **kwargs)
+    result = impl(*case.args(), out=out, **case.kwargs(), **kwargs)
     assert result is out
     return out
 
@@ -206,6 +233,17 @@ def test_reference_batched_steps_and_shared_plan(consecutive: bool, max_new: int
             assert_close(out, case, oracle)
 
 
+@pytest.mark.parametrize("consecutive", [False, True])
+@pytest.mark.parametrize("max_new,mask_kind", [(1, "causal"), (9, "tree"), (33, "causal"), (33, "tree")])
+def test_reference_context_mask(consecutive: bool, max_new: int, mask_kind: str) -> None:
+    """Hidden context slots (holes of garbage) are never attended, on the batched and per-sequence paths."""
+    for seed in range(4):
+        case = make_case(350 + seed, group=(1, 3)[seed % 2], head_dim=64, block_size=16, mask_kind=mask_kind,
+                         dtype=torch.float32, max_seqs=5, max_new=max_new, consecutive_blocks=consecutive,
+                         masked_context=True)
+        assert_close(run_into_nan(reference.tree_attention, case), case, naive_attention(case))
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 def test_attention_step_writes_then_attends(backend: str, mask_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,7 +252,7 @@ def test_attention_step_writes_then_attends(backend: str, mask_kind: str, monkey
         pytest.skip("triton is not installed")
     monkeypatch.setenv("LEAPSERVE_KERNEL_BACKEND", backend)
     case = make_case(400 + MASK_KINDS.index(mask_kind), group=3, head_dim=64, block_size=16, mask_kind=mask_kind,
-                     dtype=torch.float32, max_new=9, max_context=60)
+                     dtype=torch.float32, max_new=9, max_context=60, masked_context=mask_kind == "tree")
     block_size = case.k_cache.shape[1]
     new = [vis.shape[0] for vis in case.visible]
     ctx = case.context_lens.tolist()
@@ -226,7 +264,7 @@ def test_attention_step_writes_then_attends(backend: str, mask_kind: str, monkey
         new_v.append(v[ctx[b]:])
     slot_mapping = torch.tensor(slots, device=DEVICE)
     step = kernels.AttentionStep(slot_mapping, case.block_tables, case.context_lens, case.cu_seqlens_q,
-                                 case.tree_mask, block_size)
+                                 case.tree_mask, block_size, case.context_mask)
     oracle = naive_attention(case)
     for _ in range(2):  # two layers: caches whose new rows are still poison until write_kv fills them
         k_cache, v_cache = case.k_cache.clone(), case.v_cache.clone()
@@ -266,6 +304,15 @@ def test_triton_split_keys(num_splits: int, mask_kind: str) -> None:
     """Flash-decoding path: keys split over several programs, then merged (splits may be empty)."""
     case = make_case(2000 + num_splits, group=4, head_dim=64, block_size=16, mask_kind=mask_kind,
                      dtype=torch.float32, max_seqs=3, max_new=6)
+    assert_close(run_into_nan(triton_attention(), case, num_splits=num_splits), case, naive_attention(case))
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("mask_kind", ["causal", "tree"])
+def test_triton_context_mask(num_splits: int, mask_kind: str) -> None:
+    case = make_case(2100 + num_splits, group=4, head_dim=64, block_size=16, mask_kind=mask_kind,
+                     dtype=torch.float32, max_seqs=3, max_new=9, max_context=120, masked_context=True)
     assert_close(run_into_nan(triton_attention(), case, num_splits=num_splits), case, naive_attention(case))
 
 
@@ -392,7 +439,11 @@ def test_validation_errors(impl: str) -> None:
     call("tree_mask must be a bool", tree_mask=case.tree_mask[1:])
     call("v_cache shape", v_cache=case.v_cache[:, :, :1])
     call("k_cache must be", k_cache=case.k_cache[0])
+    call("context_mask must be a bool", context_mask=torch.ones(1, 400, dtype=torch.bool, device=DEVICE))
+    call("context_mask must be a bool", context_mask=torch.ones(2, 400, dtype=torch.int32, device=DEVICE))
     if impl == "reference":  # value checks need the metadata on the host; the Triton path skips them
+        call("context_mask has only", context_mask=torch.ones(2, 0, dtype=torch.bool, device=DEVICE),
+             context_lens=case.context_lens + 1)
         call("does not fit", context_lens=case.context_lens + 10_000)
         call("cu_seqlens_q must start at 0", cu_seqlens_q=case.cu_seqlens_q + 1)
 
