@@ -556,16 +556,16 @@ AOT_SCRIPT = textwrap.dedent("""
         types = {name: dtype for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
         types.update({name: "*fp32" for name in ("part_acc_ptr", "part_max_ptr", "part_sum_ptr")})
         types.update({name: "*i32" for name in ("block_tables_ptr", "context_lens_ptr", "cu_seqlens_q_ptr")})
-        return types | dict(tree_mask_ptr="*u8", scale_log2e="fp32")
+        return types | dict(tree_mask_ptr="*u8", context_mask_ptr="*u8", scale_log2e="fp32")
 
     tile = dict(GROUP=3, GROUP_PAD=4, BLOCK_Q=4, BLOCK_N=32, HEAD_DIM=80, BLOCK_D=128, PAGE_SIZE=16)
     # Decode (Triton turns integer arguments equal to 1 into constants), then a tree step with split keys.
     compile_for_sm90(ta._tree_attention_kernel, attention_types("*bf16"), tile | dict(
-        num_seqs=1, num_tokens=1, HAS_TREE_MASK=False, NUM_SPLITS=1, NATIVE_DOT=True))
+        num_seqs=1, num_tokens=1, HAS_TREE_MASK=False, HAS_CONTEXT_MASK=False, NUM_SPLITS=1, NATIVE_DOT=True))
     compile_for_sm90(ta._tree_attention_kernel, attention_types("*fp16"), tile | dict(
-        HAS_TREE_MASK=True, NUM_SPLITS=8, NATIVE_DOT=True))
+        HAS_TREE_MASK=True, HAS_CONTEXT_MASK=True, NUM_SPLITS=8, NATIVE_DOT=True))
     compile_for_sm90(ta._tree_attention_kernel, attention_types("*fp32"), tile | dict(
-        HAS_TREE_MASK=True, NUM_SPLITS=1, NATIVE_DOT=False))
+        HAS_TREE_MASK=True, HAS_CONTEXT_MASK=False, NUM_SPLITS=1, NATIVE_DOT=False))
     compile_for_sm90(ta._merge_splits_kernel, dict(out_ptr="*bf16", part_acc_ptr="*fp32", part_max_ptr="*fp32",
                      part_sum_ptr="*fp32"), dict(NUM_SPLITS=8, SPLITS_PAD=8, HEAD_DIM=80, BLOCK_D=128))
     compile_for_sm90(cache_ops._copy_kv_rows_kernel,
