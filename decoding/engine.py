@@ -167,6 +167,8 @@ class LLMEngine:
             if seq.finished:  # a sibling's failure ended it in this loop
                 continue
             seq.num_computed += s.num_new + max(0, len(res.samples) - 1)
+            if res.masked_slots:
+                seq.add_kv_hole(res.masked_slots)
             if res.forwarded:
                 seq.target_forwards += 1
                 seq.draft_tokens += res.draft_tokens

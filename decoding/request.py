@@ -29,6 +29,11 @@ class Sequence:
     generator: torch.Generator | None  # per-sequence RNG when the request has a seed
     num_computed: int = 0  # leading tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    # Cache slots [lo, hi) that hold no token: the `padded` speculative layout advances every sequence by the
+    # batch's longest accepted path and masks the shortfall, as the vanilla baseline does. Without holes (every
+    # other decoder) token i sits in slot i.
+    kv_holes: list[tuple[int, int]] = field(default_factory=list)
+    num_kv_holes: int = 0
     status: SeqStatus = SeqStatus.WAITING
     text: str = ""
     finish_reason: str | None = None
@@ -67,6 +72,23 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed
+
+    @property
+    def num_kv_slots(self) -> int:
+        """Cache slots in use: computed tokens plus holes (the next token's K/V goes to this slot)."""
+        return self.num_computed + self.num_kv_holes
+
+    def add_kv_hole(self, num_slots: int) -> None:
+        """Leave the next `num_slots` cache slots masked (never attended)."""
+        lo = self.num_kv_slots
+        self.kv_holes.append((lo, lo + num_slots))
+        self.num_kv_holes += num_slots
+
+    def drop_kv_cache(self) -> None:
+        """Forget the cache contents (preemption): recomputed later, densely."""
+        self.num_computed = 0
+        self.kv_holes.clear()
+        self.num_kv_holes = 0
 
     @property
     def finished(self) -> bool:

@@ -15,11 +15,12 @@ from .kv_cache import PagedKVCache
 class SeqChunk:
     """One sequence's new tokens in a forward; their K/V go to cache positions `start`, `start + 1`, ..."""
     block_table: list[int]
-    start: int  # tokens already in the cache (the kernel's context length)
+    start: int  # cache slots already in use (the kernel's context length)
     token_ids: list[int]
     logits_rows: list[int]  # which of `token_ids` need next-token logits
     positions: list[int] | None = None  # rotary positions; default start..start+n-1 (trees use start + depth)
     tree_mask: torch.Tensor | None = None  # bool [n, n] over these tokens; None = causal
+    context_holes: list[tuple[int, int]] = field(default_factory=list)  # context slot ranges never attended
     extra: dict = field(default_factory=dict)
 
 
@@ -45,12 +46,19 @@ def step_metadata(chunks: list[SeqChunk], cache: PagedKVCache,
             rows = c.tree_mask if c.tree_mask is not None else torch.ones(n, n, dtype=torch.bool).tril()
             tree_mask[lo:lo + n, :n] = rows
         tree_mask = tree_mask.to(device)
+    context_mask = None
+    if any(c.context_holes for c in chunks):
+        context_mask = torch.ones(len(chunks), max(c.start for c in chunks), dtype=torch.bool)
+        for row, c in zip(context_mask, chunks):
+            for lo, hi in c.context_holes:
+                row[lo:hi] = False
+        context_mask = context_mask.to(device)
 
     def t(x, dtype):
         return torch.tensor(x, dtype=dtype, device=device)
 
     step = AttentionStep(t(slots, torch.int64), t(tables, torch.int32), t([c.start for c in chunks], torch.int32),
-                         t(cu, torch.int32), tree_mask, bs)
+                         t(cu, torch.int32), tree_mask, bs, context_mask)
     return AttentionMetadata(cache, step), t(positions, torch.int64), cu
 
 

@@ -47,7 +47,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.cache.release(seq.block_table)
-        seq.num_computed = 0
+        seq.drop_kv_cache()
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -61,7 +61,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_uncomputed, budget)
-            while not self.cache.grow(seq.block_table, seq.num_computed + num_new + lookahead):
+            while not self.cache.grow(seq.block_table, seq.num_kv_slots + num_new + lookahead):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
@@ -76,10 +76,10 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             seq = self.waiting[0]
             num_new = min(seq.num_uncomputed, budget)
-            needed = self.cache.blocks_needed(seq.block_table, seq.num_computed + num_new + lookahead)
+            needed = self.cache.blocks_needed(seq.block_table, seq.num_kv_slots + num_new + lookahead)
             if needed + len(self.running) > self.cache.num_free_blocks:
                 break
-            self.cache.grow(seq.block_table, seq.num_computed + num_new + lookahead)
+            self.cache.grow(seq.block_table, seq.num_kv_slots + num_new + lookahead)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

@@ -166,6 +166,61 @@ def test_adaptive_drafts_only_where_drafting_pays(tiny_model_dir, accepted):
         assert sum(o.metrics.accepted_tokens for o in outs) == 0
 
 
+# ---- the padded layout: the vanilla baseline's masked KV slots ---------------------------------------------------
+
+def _uneven_self_draft(llm: LLM) -> list[int]:
+    """Make the (self-)drafter wrong at a position that differs by sequence and step, so that the sequences of
+    one batch accept different lengths; returns the list the spy appends each step's budgets to."""
+    drafter, vocab, steps = llm.engine.decoder.drafter, llm.engine.runner.model.config.vocab_size, []
+    propose = drafter.propose
+
+    def spy(scheduled, budgets):
+        steps.append(list(budgets))
+        trees = propose(scheduled, budgets)
+        for s, tree in zip(scheduled, trees):
+            wrong = (len(steps) + s.seq.seq_id) % 5
+            if wrong < len(tree):
+                tree.tokens[wrong] = (tree.tokens[wrong] + 1) % vocab
+        return trees
+
+    drafter.propose = spy
+    return steps
+
+
+@pytest.mark.parametrize("kv_cache_tokens", [4096, 320])
+def test_padded_layout_advances_every_sequence_by_the_longest_accepted_path(tiny_model_dir, kv_cache_tokens):
+    """In `padded`, each verifying sequence's cache grows by the batch's longest accepted path (+ its bonus
+    token's slot), its shortfall left as masked slots; `packed` leaves none. Outputs equal autoregressive
+    decoding either way, also when the padded slots run the cache out and sequences are preempted (320 tokens)."""
+    path = str(tiny_model_dir)
+    prompts, params = PROMPTS[:5], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(path, kv_cache_tokens=4096).generate(prompts, params, use_tqdm=False)]
+    for layout in ("packed", "padded"):
+        llm = LLM(path, kv_cache_tokens=kv_cache_tokens, speculative_config={
+            "method": "draft_model", "model": path, "num_speculative_tokens": 4, "adaptive": False, "layout": layout})
+        _uneven_self_draft(llm)
+        engine, holes = llm.engine, 0
+        step = engine.step
+
+        def recording_step():
+            nonlocal holes
+            before = {seq: (seq.num_kv_slots, seq.num_computed) for seq in engine.scheduler.running}
+            changed = step()
+            grown = [seq.num_kv_slots - slots for seq, (slots, computed) in before.items()
+                     if not seq.finished and computed and seq in engine.scheduler.running]
+            if layout == "padded" and not engine.scheduler.num_preemptions:
+                assert len(set(grown)) <= 1, grown  # every decoding sequence moved by the same number of slots
+            holes = max([holes] + [seq.num_kv_holes for seq in engine.scheduler.running])
+            return changed
+
+        engine.step = recording_step
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == want, layout
+        assert (holes > 0) == (layout == "padded")
+        if kv_cache_tokens < 4096 and layout == "padded":
+            assert engine.scheduler.num_preemptions > 0
+
+
 # ---- greedy: identical to autoregressive decoding and transformers ------------------------------------------------
 
 @pytest.fixture(scope="module")

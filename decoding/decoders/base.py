@@ -26,6 +26,7 @@ class SeqStep:
     forwarded: bool = False  # took part in a target forward that produced tokens
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    masked_slots: int = 0  # cache slots to leave as a hole after the committed tokens (the padded layout)
 
 
 class Decoder(ABC):
@@ -40,4 +41,5 @@ class Decoder(ABC):
     @abstractmethod
     def step(self, scheduled: list[ScheduledSeq]) -> dict[Sequence, SeqStep]:
         """Run one step; K/V of committed tokens must be in the cache when it returns (`num_computed` is the
-        engine's to advance: it adds the computed prompt chunk and all committed tokens but the last)."""
+        engine's to advance: it adds the computed prompt chunk and all committed tokens but the last, then
+        `masked_slots` holes)."""

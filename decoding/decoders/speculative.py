@@ -2,17 +2,11 @@
 forward, and each sequence commits its own accepted path plus a bonus token.
 
 Layouts (EMS-SD, seed-methods section 1): `packed` concatenates every sequence's `[last token] + candidates`
-with no padding, each with its own count (0 allowed); `padded` is the vanilla baseline's input padding: every
-drafting sequence drafts the same number of tokens and is padded with dummy rows to the batch's widest tree.
-
-`padded` does not emulate the vanilla baseline's KV padding (every sequence advancing by the batch's largest
-accepted length, the shortfall left as masked cache slots): each sequence commits only its own accepted tokens
-and keeps a dense cache, so `padded` pays for the padded input rows but not for the padded slots' memory and
-attention reads. Packed vs padded is therefore the paper's full EMS-SD against its "unpad KV cache only"
-ablation. Holes in the cache would break the engine's invariant that a token's cache slot is its index in the
-sequence, which the scheduler (block allocation), the runner (slot mapping), preemption (recompute) and the
-draft model's cache (it mirrors the target's slots) rely on, and would need a per-slot validity mask in the
-kernel contract.
+with no padding, each with its own count (0 allowed), and each sequence advances by its own accepted length;
+`padded` reproduces the vanilla baseline: every drafting sequence drafts the same number of tokens, is padded
+with dummy rows to the batch's widest tree, and advances its cache by the batch's longest accepted path, the
+shortfall left as masked slots (`Sequence.kv_holes`, hidden from attention by the kernel's `context_mask`), so
+`padded` pays for the padded rows and for the padded slots' memory and attention reads. Outputs are the same.
 
 Adaptive speculation (`adaptive`): per step, `ModeSelector` picks drafting or plain decoding (every budget 0,
 the same forward as the autoregressive decoder) by measured committed tokens per second in the step's
@@ -192,7 +186,7 @@ class SpeculativeDecoder(Decoder):
             except SequenceError as e:
                 results[s.seq] = SeqStep(error=e)
                 continue
-            self._compact(s.seq, accepted)
+            self._compact(s.seq, s.seq.num_kv_slots + s.num_new - 1, accepted)
             if hidden is not None:  # the features of every token this step computed and committed
                 root = chunk_lo + s.num_new - 1
                 rows = list(range(chunk_lo, root + 1)) + [root + node for node in accepted]
@@ -202,6 +196,11 @@ class SpeculativeDecoder(Decoder):
                 self._accept_ema[s.seq] = EMA_DECAY * old + (1 - EMA_DECAY) * len(accepted)
             results[s.seq] = SeqStep(samples=samples, forwarded=True, draft_tokens=len(tree),
                                      accepted_tokens=len(accepted))
+        if self.spec.layout == "padded":  # vanilla: every sequence advances by the batch's longest accepted path
+            verified = [results[s.seq] for s in scheduled if s.completes_prefix and results[s.seq].forwarded]
+            longest = max((r.accepted_tokens for r in verified), default=0)
+            for r in verified:
+                r.masked_slots = longest - r.accepted_tokens
         self._time_step(scheduled, results)
         return results
 
@@ -215,22 +214,21 @@ class SpeculativeDecoder(Decoder):
 
     @staticmethod
     def _chunk(s: ScheduledSeq, tree: DraftTree, num_pad: int) -> SeqChunk:
-        """`[tokens to compute] + candidates (+ pads)`; logits at the root and at every candidate."""
+        """`[tokens to compute] + candidates (+ pads)`; logits at the root and at every candidate. The chunk
+        starts at the sequence's next free cache slot; rotary positions count tokens (holes take none)."""
         seq = s.seq
         start = seq.num_computed
         prefix = seq.token_ids[start:start + s.num_new]
-        if not s.completes_prefix:
-            return SeqChunk(seq.block_table, start, prefix, logits_rows=[])
-        rows = list(range(len(prefix) - 1, len(prefix) + len(tree)))
-        if not len(tree) and not num_pad:
-            return SeqChunk(seq.block_table, start, prefix, logits_rows=rows)
-        mask, offsets = chunk_layout(len(prefix), tree.parents, num_pad)
-        return SeqChunk(seq.block_table, start, prefix + tree.tokens + [prefix[-1]] * num_pad, logits_rows=rows,
-                        positions=[start + o for o in offsets], tree_mask=mask)
+        rows = list(range(len(prefix) - 1, len(prefix) + len(tree))) if s.completes_prefix else []
+        tokens, offsets, mask = prefix, range(len(prefix)), None
+        if s.completes_prefix and (len(tree) or num_pad):
+            mask, offsets = chunk_layout(len(prefix), tree.parents, num_pad)
+            tokens = prefix + tree.tokens + [prefix[-1]] * num_pad
+        return SeqChunk(seq.block_table, seq.num_kv_slots, tokens, logits_rows=rows,
+                        positions=[start + o for o in offsets], tree_mask=mask, context_holes=seq.kv_holes)
 
-    def _compact(self, seq: Sequence, accepted: list[int]) -> None:
-        """Move the accepted nodes' K/V (node i sits at cache position root + i) to root + 1, root + 2, ..."""
-        root = len(seq.token_ids) - 1
+    def _compact(self, seq: Sequence, root: int, accepted: list[int]) -> None:
+        """Move the accepted nodes' K/V (node i sits at cache slot root + i) to root + 1, root + 2, ..."""
         moves = [(root + node, root + depth) for depth, node in enumerate(accepted, start=1) if node != depth]
         if not moves:
             return
