@@ -112,9 +112,14 @@ def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
     # takes over at once; the gap to the next probe restarts at 16 steps and then doubles again.
     assert run(8, 300, {True: 300.0, False: 100.0}) == [("p", 149), ("D", 16), ("p", 2), ("D", 30), ("p", 2),
                                                         ("D", 62), ("p", 2), ("D", 37)]
-    # Every batch-size bucket (a power of two) learns on its own.
-    assert run(3, 6, slow_drafts) == [("D", 2), ("p", 4)]
-    assert set(selector.buckets) == {4, 8}
+    # Every batch-size bucket (a power of two) learns on its own, starting from what its neighbours imply:
+    # bucket 4 lies below bucket 8, which drafts, so it drafts without warming plain decoding up, until its first
+    # probe finds plain decoding faster ...
+    assert run(3, 24, slow_drafts) == [("D", 16), ("p", 8)]
+    # ... and bucket 16 lies above bucket 4, which now decodes plainly, so it starts plainly and leaves drafting
+    # to the probes. (Bucket 8, the first, had no neighbours and warmed both modes up.)
+    assert run(16, 24, slow_drafts) == [("p", 16), ("D", 2), ("p", 6)]
+    assert set(selector.buckets) == {4, 8, 16}
 
 
 class _VirtualClock:

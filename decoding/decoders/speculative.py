@@ -48,6 +48,7 @@ class _Bucket:
     tokens: dict[bool, float] = field(default_factory=dict)  # drafting? -> EMA of committed tokens per step
     seconds: dict[bool, float] = field(default_factory=dict)  # drafting? -> EMA of seconds per step
     timed: dict[bool, int] = field(default_factory=lambda: {False: 0, True: 0})
+    assumed: bool | None = None  # the mode other buckets imply is faster: the other one is only probed, not warmed up
     best: bool | None = None  # the faster mode at the last choice
     interval: int = PROBE_MIN  # steps from one probe to the next
     until_probe: int = PROBE_MIN - PROBE_STEPS  # steps of the best mode left before the next probe
@@ -67,7 +68,10 @@ class ModeSelector:
     concurrency) is re-timed on a vanishing share of steps; a change of choice brings the gap back to PROBE_MIN.
     Only steps without prompt tokens, and not the first step after a switch (a draft model catches up on it),
     are timed; a mode's averages restart with each new run of it in a bucket, so a probe measures now, not the
-    past."""
+    past. Drafting pays less as the batch grows, so a new bucket above one that chose plain decoding (or below
+    one that chose drafting) starts with that choice and leaves the other mode to the probes instead of warming
+    it up: a batch that grows from 8 to 16 requests does not pay several drafting steps to learn again that
+    drafting loses."""
 
     def __init__(self) -> None:
         self.buckets: dict[int, _Bucket] = {}
@@ -76,12 +80,19 @@ class ModeSelector:
 
     def choose(self, num_decoding: int) -> bool:
         """Whether this step drafts."""
-        b = self.buckets.setdefault(1 << (num_decoding - 1).bit_length(), _Bucket())
+        size = 1 << (num_decoding - 1).bit_length()
+        if size not in self.buckets:
+            self.buckets[size] = _Bucket(assumed=self._implied(size))
+        b = self.buckets[size]
         current = self.last is not False
+        unwarmed = None if b.assumed is None else not b.assumed  # left to the probes
         for mode in (current, not current):
-            if b.timed[mode] < WARMUP_STEPS:
+            if mode is not unwarmed and b.timed[mode] < WARMUP_STEPS:
                 return mode
-        best = b.rate(True) >= DRAFT_MARGIN * b.rate(False)
+        if b.timed[True] and b.timed[False]:
+            best = b.rate(True) >= DRAFT_MARGIN * b.rate(False)
+        else:  # the assumed mode is warmed up, the other not yet probed
+            best = bool(b.assumed)
         if best != b.best:
             if b.best is not None:  # a probe (or drift) changed the choice: look again soon
                 b.interval = PROBE_MIN
@@ -96,6 +107,14 @@ class ModeSelector:
         b.interval = min(2 * b.interval, PROBE_MAX)
         b.until_probe = b.interval - PROBE_STEPS
         return not best
+
+    def _implied(self, size: int) -> bool | None:
+        """Plain decoding if a smaller bucket found it faster, drafting if a larger one found drafting faster."""
+        if any(b.best is False for s, b in self.buckets.items() if s < size):
+            return False
+        if any(b.best is True for s, b in self.buckets.items() if s > size):
+            return True
+        return None
 
     def record(self, num_decoding: int, drafted: bool, tokens: int, seconds: float, timeable: bool) -> None:
         """One step's outcome: `tokens` committed in `seconds` of wall time."""
