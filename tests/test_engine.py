@@ -150,3 +150,29 @@ def test_smollm2_greedy_equals_transformers():
     chat = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                     SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0]
     assert "Paris" in chat.text
+
+
+def test_async_engine_runs_all_torch_work_on_its_own_thread(tiny_model_dir, monkeypatch):
+    """The engine is built on the engine thread (not the caller's): a second thread running OpenMP work makes
+    every CPU step pay OpenMP wake-ups. Errors while building reach the caller."""
+    import threading
+
+    from leapserve.decoding import async_engine
+    from leapserve.decoding.config import CacheConfig, EngineConfig, ModelConfig
+
+    built_on = []
+    real_init = async_engine.LLMEngine.__init__
+
+    def recording_init(self, config):
+        built_on.append(threading.current_thread().name)
+        real_init(self, config)
+
+    monkeypatch.setattr(async_engine.LLMEngine, "__init__", recording_init)
+    engine = async_engine.AsyncLLMEngine(EngineConfig(model=ModelConfig(model=str(tiny_model_dir)),
+                                                      cache=CacheConfig(kv_cache_tokens=1024)))
+    try:
+        assert built_on == ["leapserve-engine"] and engine.max_model_len > 0
+    finally:
+        engine.shutdown()
+    with pytest.raises(ValueError, match="unknown decoder"):
+        async_engine.AsyncLLMEngine(EngineConfig(model=ModelConfig(model=str(tiny_model_dir)), decoder="nope"))
