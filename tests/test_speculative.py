@@ -101,24 +101,27 @@ def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
             modes += "D" if drafts else "p"
         return [(mode, len(list(run))) for mode, run in itertools.groupby(modes)]
 
-    slow_drafts = {True: 50.0, False: 100.0}
+    slow_drafts = {True: 50.0, False: 100.0}  # drafting steps take 2x as long and commit at half the rate
     assert run(8, 3, slow_drafts, timeable=False) == [("D", 3)]  # prompt steps are not timed: still warming up
     # Two timed steps of each mode (not the first after a switch), then the faster one.
     assert run(8, 6, slow_drafts) == [("D", 2), ("p", 4)]
-    # Probes of 2 steps re-time drafting; each that changes nothing doubles the gap to the next, up to 256 steps.
-    assert run(8, 600, slow_drafts) == [("p", 13), ("D", 2), ("p", 30), ("D", 2), ("p", 62), ("D", 2), ("p", 126),
-                                        ("D", 2), ("p", 254), ("D", 2), ("p", 105)]
+    # Probes of 2 steps re-time drafting. A drafting step loses 2x its time x (1 - 0.5) = one plain step, so
+    # keeping probes under 5% of throughput puts them 40 steps apart; from there each probe that changes nothing
+    # doubles the gap, up to 256 steps.
+    assert run(8, 600, slow_drafts) == [("p", 37), ("D", 2), ("p", 38), ("D", 2), ("p", 62), ("D", 2), ("p", 126),
+                                        ("D", 2), ("p", 254), ("D", 2), ("p", 73)]
     # Drafting becomes 3x faster: the next probe measures it afresh (not averaged with the old runs) and drafting
-    # takes over at once; the gap to the next probe restarts at 16 steps and then doubles again.
-    assert run(8, 300, {True: 300.0, False: 100.0}) == [("p", 149), ("D", 16), ("p", 2), ("D", 30), ("p", 2),
-                                                        ("D", 62), ("p", 2), ("D", 37)]
+    # takes over at once; a plain step now loses 3x its time x (1 - 1/3), so plain is probed 80 steps apart.
+    assert run(8, 300, {True: 300.0, False: 100.0}) == [("p", 181), ("D", 80), ("p", 2), ("D", 37)]
     # Every batch-size bucket (a power of two) learns on its own, starting from what its neighbours imply:
     # bucket 4 lies below bucket 8, which drafts, so it drafts without warming plain decoding up, until its first
     # probe finds plain decoding faster ...
-    assert run(3, 24, slow_drafts) == [("D", 16), ("p", 8)]
+    assert run(3, 100, slow_drafts) == [("D", 80), ("p", 20)]
     # ... and bucket 16 lies above bucket 4, which now decodes plainly, so it starts plainly and leaves drafting
-    # to the probes. (Bucket 8, the first, had no neighbours and warmed both modes up.)
-    assert run(16, 24, slow_drafts) == [("p", 16), ("D", 2), ("p", 6)]
+    # to the probes. There drafting costs 10x: once measured, probes move to the 256-step limit at once.
+    # (Bucket 8, the first, had no neighbours and warmed both modes up.)
+    assert run(16, 100, {True: 10.0, False: 100.0}) == [("p", 16), ("D", 2), ("p", 82)]
+    assert run(16, 300, {True: 10.0, False: 100.0}) == [("p", 172), ("D", 2), ("p", 126)]
     assert set(selector.buckets) == {4, 8, 16}
 
 

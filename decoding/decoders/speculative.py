@@ -40,6 +40,7 @@ RATE_DECAY = 0.7  # weight of the past in a bucket's EMAs of committed tokens an
 WARMUP_STEPS = 2  # timed steps of each mode before a bucket picks the faster one
 PROBE_STEPS = 2  # a probe runs the other mode this many steps (the first after a switch is not timed)
 PROBE_MIN, PROBE_MAX = 16, 256  # steps between probes: from PROBE_MIN, doubled by each probe that changes nothing
+PROBE_COST = 0.05  # ... and at least far enough apart that probing costs at most this share of throughput
 DRAFT_MARGIN = 1.1  # drafting runs only when measured this much faster: near parity, plain decoding is the safe side
 
 
@@ -50,8 +51,8 @@ class _Bucket:
     timed: dict[bool, int] = field(default_factory=lambda: {False: 0, True: 0})
     assumed: bool | None = None  # the mode other buckets imply is faster: the other one is only probed, not warmed up
     best: bool | None = None  # the faster mode at the last choice
-    interval: int = PROBE_MIN  # steps from one probe to the next
-    until_probe: int = PROBE_MIN - PROBE_STEPS  # steps of the best mode left before the next probe
+    interval: int = PROBE_MIN  # back-off: steps from one probe to the next, unless probes are dear (_probe_gap)
+    since_probe: int = 0  # steps of the best mode since the last probe (or change of choice)
     probing: int = 0  # steps of the current probe left
 
     def rate(self, drafts: bool) -> float:
@@ -64,8 +65,9 @@ class ModeSelector:
     measured committed tokens per second of whole steps: the faster mode runs (drafting only if DRAFT_MARGIN
     times faster); the other is re-timed for PROBE_STEPS steps now and then, so that a change (longer contexts,
     other prompts) is noticed. Probes back off: each one that leaves the choice as it was doubles the gap to the
-    next (PROBE_MIN up to PROBE_MAX steps), so a mode that costs several times the other (a big tree at high
-    concurrency) is re-timed on a vanishing share of steps; a change of choice brings the gap back to PROBE_MIN.
+    next (PROBE_MIN up to PROBE_MAX steps), and the gap is never shorter than what keeps the measured cost of
+    probing under PROBE_COST of throughput, so a mode that costs several times the other (a big tree at high
+    concurrency) is re-timed rarely from the start; a change of choice brings the gap back to PROBE_MIN.
     Only steps without prompt tokens, and not the first step after a switch (a draft model catches up on it),
     are timed; a mode's averages restart with each new run of it in a bucket, so a probe measures now, not the
     past. Drafting pays less as the batch grows, so a new bucket above one that chose plain decoding (or below
@@ -96,17 +98,30 @@ class ModeSelector:
         if best != b.best:
             if b.best is not None:  # a probe (or drift) changed the choice: look again soon
                 b.interval = PROBE_MIN
-            b.best, b.until_probe, b.probing = best, b.interval - PROBE_STEPS, 0
+            b.best, b.since_probe, b.probing = best, 0, 0
         if b.probing:
             b.probing -= 1
             return not best
-        if b.until_probe:
-            b.until_probe -= 1
+        if b.since_probe < self._probe_gap(size, best) - PROBE_STEPS:
+            b.since_probe += 1
             return best
-        b.probing = PROBE_STEPS - 1
+        b.probing, b.since_probe = PROBE_STEPS - 1, 0
         b.interval = min(2 * b.interval, PROBE_MAX)
-        b.until_probe = b.interval - PROBE_STEPS
         return not best
+
+    def _probe_gap(self, size: int, best: bool) -> int:
+        """Steps from one probe to the next: the back-off interval, or more where a probe is dear. A probe step
+        of the other mode lasts t_o instead of t_b and commits at rate r_o instead of r_b, so it loses
+        t_o * (1 - r_o / r_b); the gap keeps PROBE_STEPS of those within PROBE_COST of the gap's time. Times
+        come from the nearest bucket that has measured both modes (this one, once probed)."""
+        b = self.buckets[size]
+        measured = [s for s, x in self.buckets.items() if x.timed[True] and x.timed[False]]
+        if not measured:
+            return b.interval
+        x = self.buckets[min(measured, key=lambda s: (abs(s.bit_length() - size.bit_length()), s))]
+        other = not best
+        loss = x.seconds[other] / x.seconds[best] * max(0.0, 1.0 - x.rate(other) / x.rate(best))
+        return max(b.interval, min(PROBE_MAX, math.ceil(PROBE_STEPS * loss / PROBE_COST)))
 
     def _implied(self, size: int) -> bool | None:
         """Plain decoding if a smaller bucket found it faster, drafting if a larger one found drafting faster."""
