@@ -50,6 +50,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 
+    @property
+    def processes_logits(self) -> bool:
+        """Whether logits change before sampling beyond temperature and truncation (penalties, processors)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logits_processors)
+
     def validate(self) -> None:
         def bad(cond: bool, param: str, msg: str) -> None:
             if cond:

@@ -119,6 +119,9 @@ def load_draft_model(model: str, target: torch.nn.Module, device: torch.device,
 
 
 class DraftModelDrafter:
+    vocab: torch.Tensor | None = None  # token ids of `_execute`'s logit columns (None: the whole vocabulary)
+    vocab_size: int = 0  # with `vocab`: the whole vocabulary's size
+
     def __init__(self, spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler):
         target = runner.cache
         model = load_draft_model(spec.model, runner.model, runner.device, target.k[0].dtype)
@@ -181,14 +184,15 @@ class DraftModelDrafter:
         """Expand every tree level by level; `logits` (and `states`) rows are the draft's outputs at each tree's
         frontier."""
         for level in range(self.shape.num_levels):
-            rows = iter(range(len(logits)))
+            width = self.shape.branching[level] if self.shape.branching is not None else self.shape.top_k
+            expanding = [(g, node) for g in growing for node in g.frontier]  # in logits-row order
             for g in growing:
-                frontier, g.frontier = g.frontier, []
-                for node in frontier:
-                    row = next(rows)
-                    if states is not None:
-                        g.states[node] = states[row]
-                    self._expand(g, node, logits[row], level)
+                g.frontier = []
+            for row, ((g, node), children) in enumerate(zip(expanding, self._children(logits, expanding, width))):
+                if states is not None:
+                    g.states[node] = states[row]
+                g.frontier += [g.add(node, token, logq, q) for token, logq, q in children]
+            for g in growing:
                 if self.shape.branching is None:  # dynamic: the best top_k of this level go on
                     g.frontier = sorted(g.frontier, key=lambda i: -g.scores[i])[:self.shape.top_k]
                 if self.shape.is_chain and len(g.tokens) >= g.budget:
@@ -199,19 +203,44 @@ class DraftModelDrafter:
             logits, states = self._execute([self._frontier_chunk(g) for g in live])
             growing = live
 
-    def _expand(self, g: _Growing, node: int, raw: torch.Tensor, level: int) -> None:
+    def _children(self, logits: torch.Tensor, expanding: list[tuple[_Growing, int]],
+                  width: int) -> list[list[tuple[int, float, torch.Tensor | None]]]:
+        """(token, log q, q or None) of each expanded node's children: its top `width` tokens under the draft
+        distribution q (the request's temperature applied), or, for a sampled chain, one token drawn from q.
+        Rows that need nothing per request (no penalties or processors, not a sampled draw) go through one
+        batched top-k over the drafter's own columns; the others are processed one by one."""
+        children: list = [None] * len(expanding)
+        batched = []
+        for row, (g, node) in enumerate(expanding):
+            p = g.seq.params
+            if p.processes_logits or (width == 1 and not p.greedy):
+                children[row] = self._children_of_row(g, node, logits[row], width)
+            else:
+                batched.append(row)
+        if batched:
+            rows = torch.tensor(batched, device=logits.device)
+            temps = torch.tensor([1.0 if p.greedy else p.temperature for p in (expanding[r][0].seq.params
+                                                                                 for r in batched)],
+                                 device=logits.device)
+            top = torch.topk(torch.log_softmax(logits[rows] / temps[:, None], dim=-1), width)
+            tokens = top.indices if self.vocab is None else self.vocab[top.indices]
+            for row, logqs, ids in zip(batched, top.values.tolist(), tokens.tolist()):
+                children[row] = [(token, logq, None) for token, logq in zip(ids, logqs)]
+        return children
+
+    def _children_of_row(self, g: _Growing, node: int, raw: torch.Tensor,
+                         width: int) -> list[tuple[int, float, torch.Tensor | None]]:
         seq = g.seq
+        if self.vocab is not None:  # over the whole vocabulary: tokens the drafter never proposes get -inf
+            raw = raw.new_full((self.vocab_size,), float("-inf")).index_copy_(0, self.vocab, raw)
         processed = processed_logits(raw, seq, g.paths[node])
-        width = self.shape.branching[level] if self.shape.branching is not None else self.shape.top_k
         if width == 1 and not seq.params.greedy:
             q = target_probs(processed, seq)
             token = draw(q, seq.generator or self.sampler.generator)
-            g.frontier.append(g.add(node, token, float(torch.log(q[token])), q))
-            return
+            return [(token, float(torch.log(q[token])), q)]
         logq = torch.log_softmax(processed if seq.params.greedy else processed / seq.params.temperature, dim=-1)
         top = torch.topk(logq, width)
-        for lp, token in zip(top.values.tolist(), top.indices.tolist()):
-            g.frontier.append(g.add(node, token, lp, None))
+        return [(token, lp, None) for lp, token in zip(top.values.tolist(), top.indices.tolist())]
 
     def _frontier_chunk(self, g: _Growing) -> SeqChunk:
         """Run the frontier through the draft model. A chain appends the new node after its cached ancestors;

@@ -80,6 +80,8 @@ class FSPADDrafter(DraftModelDrafter):
         self.cache = PagedKVCache(1, target.num_blocks, target.block_size, c.num_key_value_heads, c.head_dim,
                                   target.k[0].dtype, runner.device)
         self.device = runner.device
+        if c.draft_vocab_size != c.target_vocab_size:
+            self.vocab, self.vocab_size = self.model.draft_to_target, c.target_vocab_size
         self._init_tree(spec, sampler)
 
     def observe(self, seq: Sequence, start: int, features: torch.Tensor) -> None:
@@ -115,17 +117,10 @@ class FSPADDrafter(DraftModelDrafter):
 
     @torch.inference_mode()
     def _execute(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draft logits over the full vocabulary (-inf outside a reduced draft vocabulary) and predicted features,
-        at the chunks' logits rows."""
+        """Draft logits over the draft vocabulary (`vocab`) and predicted features, at the chunks' logits rows."""
         meta, positions, offsets = step_metadata(chunks, self.cache, self.device)
         ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64, device=self.device)
         feats = torch.cat([c.extra["features"] for c in chunks]).to(device=self.device, dtype=self.head.dtype)
         token_half, feature_half = self.model(feats[None], self.embed(ids)[None], positions[None], meta)
         rows = torch.tensor([lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows], device=self.device)
-        draft = (token_half[0, rows] @ self.head.T).float()
-        c = self.model.config
-        if c.draft_vocab_size == c.target_vocab_size:
-            return draft, feature_half[0, rows]
-        logits = torch.full((len(rows), c.target_vocab_size), float("-inf"), device=self.device)
-        logits[:, self.model.draft_to_target] = draft
-        return logits, feature_half[0, rows]
+        return (token_half[0, rows] @ self.head.T).float(), feature_half[0, rows]

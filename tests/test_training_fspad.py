@@ -114,3 +114,12 @@ def test_trained_tiny_drafter_is_lossless_in_the_speculative_decoder(variant, ti
         drafts.append([(o.metrics.draft_tokens, o.metrics.accepted_tokens) for o in outs])
         assert sum(o.metrics.draft_tokens for o in outs) > 0
     assert drafts[0] == drafts[1]  # the EAGLE-layout export drafts exactly as the original
+    # Penalties make the drafter process each node's logits on its own (over the whole vocabulary, a reduced
+    # draft vocabulary mapped back): still lossless.
+    penalized = SamplingParams(temperature=0, max_tokens=20, presence_penalty=1.5, frequency_penalty=0.5)
+    want = LLM(str(tiny_model_dir), kv_cache_tokens=2048).chat(prompts, penalized, use_tqdm=False)
+    llm = LLM(str(tiny_model_dir), kv_cache_tokens=2048, speculative_config={
+        "method": "fspad", "model": str(out), "tree": {"depth": 3, "top_k": 3, "total_tokens": 8}, "adaptive": False})
+    outs = llm.chat(prompts, penalized, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in want]
+    assert sum(o.metrics.draft_tokens for o in outs) > 0
