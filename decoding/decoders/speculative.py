@@ -37,8 +37,8 @@ from .base import Decoder, SeqStep
 
 EMA_DECAY = 0.7  # weight of the past in the per-sequence EMA of accepted tokens per step
 RATE_DECAY = 0.7  # weight of the past in a bucket's EMAs of committed tokens and seconds per step, per mode
-WARMUP_STEPS = 2  # timed steps of each mode before a bucket picks the faster one
-PROBE_STEPS = 2  # a probe runs the other mode this many steps (the first after a switch is not timed)
+WARMUP_STEPS = 3  # timed steps of each mode before a bucket picks the faster one (a step commits 1 to depth + 1 tokens)
+PROBE_STEPS = 4  # a probe runs the other mode this many steps (the first after a switch is not timed)
 PROBE_MIN, PROBE_MAX = 16, 256  # steps between probes: from PROBE_MIN, doubled by each probe that changes nothing
 PROBE_COST = 0.05  # ... and at least far enough apart that probing costs at most this share of throughput
 DRAFT_MARGIN = 1.1  # drafting runs only when measured this much faster: near parity, plain decoding is the safe side
