@@ -4,6 +4,8 @@ VENV ?= .venv
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?= smollm2-135m-instruct
+# auto: float32 on CPU, bfloat16 on CUDA; DTYPE=bfloat16 pays on CPUs with AMX (see BENCHMARKS.md).
+DTYPE ?= auto
 # The default model is served with its shipped FSPAD drafter and EAGLE-2 trees; SPECULATIVE_CONFIG= turns it off.
 ifeq ($(MODEL),smollm2-135m-instruct)
 SPECULATIVE_CONFIG ?= {"method": "fspad", "model": "checkpoints/smollm2-135m-instruct-fspad", "tree": {"depth": 5, "top_k": 8, "total_tokens": 24}}
@@ -27,7 +29,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: setup
-	$(BIN)/leapserve serve --model $(MODEL) --host $(HOST) --port $(PORT) \
+	$(BIN)/leapserve serve --model $(MODEL) --dtype $(DTYPE) --host $(HOST) --port $(PORT) \
 		$(if $(SPECULATIVE_CONFIG),--speculative-config '$(SPECULATIVE_CONFIG)')
 
 test: setup

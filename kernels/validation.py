@@ -63,18 +63,15 @@ def check_tree_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     num_seqs = block_tables.shape[0]
     _check_int_vector("context_lens", context_lens, num_seqs, (torch.int32,), k_cache.device)
     _check_int_vector("cu_seqlens_q", cu_seqlens_q, num_seqs + 1, (torch.int32,), k_cache.device)
-    if tree_mask is not None:
-        if tree_mask.dtype != torch.bool or tree_mask.dim() != 2 or tree_mask.shape[0] != num_tokens:
-            _fail(f"tree_mask must be a bool [num_tokens={num_tokens}, max_q] tensor, "
-                  f"got {tree_mask.dtype} of shape {tuple(tree_mask.shape)}")
-        if tree_mask.device != k_cache.device:
-            _fail(f"tree_mask is on {tree_mask.device} but the cache is on {k_cache.device}")
-    if context_mask is not None:
-        if context_mask.dtype != torch.bool or context_mask.dim() != 2 or context_mask.shape[0] != num_seqs:
-            _fail(f"context_mask must be a bool [num_seqs={num_seqs}, max_context_len] tensor, "
-                  f"got {context_mask.dtype} of shape {tuple(context_mask.shape)}")
-        if context_mask.device != k_cache.device:
-            _fail(f"context_mask is on {context_mask.device} but the cache is on {k_cache.device}")
+    for name, mask, rows, num_rows, columns in (("tree_mask", tree_mask, "num_tokens", num_tokens, "max_q"),
+                                                ("context_mask", context_mask, "num_seqs", num_seqs, "max_context_len")):
+        if mask is None:
+            continue
+        if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] != num_rows:
+            _fail(f"{name} must be a bool [{rows}={num_rows}, {columns}] tensor, "
+                  f"got {mask.dtype} of shape {tuple(mask.shape)}")
+        if mask.device != k_cache.device:
+            _fail(f"{name} is on {mask.device} but the cache is on {k_cache.device}")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
         _fail(f"out must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), "
               f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
