@@ -102,27 +102,31 @@ def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
         return [(mode, len(list(run))) for mode, run in itertools.groupby(modes)]
 
     slow_drafts = {True: 50.0, False: 100.0}  # drafting steps take 2x as long and commit at half the rate
-    assert run(8, 3, slow_drafts, timeable=False) == [("D", 3)]  # prompt steps are not timed: still warming up
-    # Three timed steps of each mode (not the first after a switch), then the faster one.
-    assert run(8, 8, slow_drafts) == [("D", 3), ("p", 5)]
-    # Probes of 4 steps re-time drafting. A drafting step loses 2x its time x (1 - 0.5) = one plain step, so
+    assert run(1, 3, slow_drafts, timeable=False) == [("D", 3)]  # prompt steps are not timed: still warming up
+    # One sequence: three timed steps of each mode (not the first after a switch), then the faster one.
+    assert run(1, 8, slow_drafts) == [("D", 3), ("p", 5)]
+    # Probes of 1 + 3 steps re-time drafting. A drafting step loses 2x its time x (1 - 0.5) = one plain step, so
     # keeping probes under 5% of throughput puts them 80 steps apart, until the back-off gap (16, doubled by each
     # probe that changes nothing, up to 256) is longer.
-    assert run(8, 600, slow_drafts) == [("p", 75), ("D", 4), ("p", 76), ("D", 4), ("p", 76), ("D", 4), ("p", 124),
+    assert run(1, 600, slow_drafts) == [("p", 75), ("D", 4), ("p", 76), ("D", 4), ("p", 76), ("D", 4), ("p", 124),
                                         ("D", 4), ("p", 233)]
     # Drafting becomes 3x faster: the next probe measures it afresh (not averaged with the old runs) and drafting
     # takes over at once; a plain step now loses 3x its time x (1 - 1/3), so plain is probed 160 steps apart.
-    assert run(8, 300, {True: 300.0, False: 100.0}) == [("p", 19), ("D", 158), ("p", 4), ("D", 119)]
-    # Every batch-size bucket (a power of two) learns on its own, starting from what its neighbours imply:
-    # bucket 4 lies below bucket 8, which drafts, so it drafts without warming plain decoding up, until its first
-    # probe (as dear as bucket 8's) finds plain decoding faster ...
-    assert run(3, 200, slow_drafts) == [("D", 159), ("p", 41)]
-    # ... and bucket 16 lies above bucket 4, which now decodes plainly, so it starts plainly and leaves drafting
-    # to the probes. There drafting costs 10x: once measured, probes move to the 256-step limit at once.
-    # (Bucket 8, the first, had no neighbours and warmed both modes up.)
-    assert run(16, 100, {True: 10.0, False: 100.0}) == [("p", 15), ("D", 4), ("p", 81)]
-    assert run(16, 300, {True: 10.0, False: 100.0}) == [("p", 171), ("D", 4), ("p", 125)]
-    assert set(selector.buckets) == {4, 8, 16}
+    assert run(1, 300, {True: 300.0, False: 100.0}) == [("p", 19), ("D", 158), ("p", 4), ("D", 119)]
+    # Every batch-size bucket (a power of two) learns on its own. With 3 sequences (bucket 4) a step's committed
+    # tokens vary less: one timed step of each mode decides, and a probe is 2 steps (gaps 40, then back-off).
+    assert run(3, 200, slow_drafts) == [("D", 1), ("p", 40), ("D", 2), ("p", 38), ("D", 2), ("p", 62), ("D", 2),
+                                        ("p", 53)]
+    # A new bucket starts from its neighbours: bucket 16 lies above bucket 4, which decodes plainly, so it starts
+    # plainly and leaves drafting to the probes. There drafting costs 10x: once measured, probes move to the
+    # 256-step limit at once.
+    assert run(16, 100, {True: 10.0, False: 100.0}) == [("p", 39), ("D", 2), ("p", 59)]
+    assert run(16, 300, {True: 10.0, False: 100.0}) == [("p", 195), ("D", 2), ("p", 103)]
+    assert set(selector.buckets) == {1, 4, 16}
+    # Below a bucket that drafts, a new bucket drafts without warming plain decoding up.
+    selector = ModeSelector()
+    assert run(8, 10, {True: 300.0, False: 100.0}) == [("D", 2), ("p", 2), ("D", 6)]
+    assert run(3, 30, {True: 300.0, False: 100.0}) == [("D", 30)]
 
 
 class _VirtualClock:

@@ -37,8 +37,10 @@ from .base import Decoder, SeqStep
 
 EMA_DECAY = 0.7  # weight of the past in the per-sequence EMA of accepted tokens per step
 RATE_DECAY = 0.7  # weight of the past in a bucket's EMAs of committed tokens and seconds per step, per mode
-WARMUP_STEPS = 3  # timed steps of each mode before a bucket picks the faster one (a step commits 1 to depth + 1 tokens)
-PROBE_STEPS = 4  # a probe runs the other mode this many steps (the first after a switch is not timed)
+# Timed steps of a mode a decision rests on (warm-up, and each probe after its untimed first step): 3 for one
+# sequence, whose drafting step commits anywhere from 1 to depth + 1 tokens; ceil(3 / n) for n sequences, whose
+# committed tokens add up and vary less.
+SAMPLES = 3
 PROBE_MIN, PROBE_MAX = 16, 256  # steps between probes: from PROBE_MIN, doubled by each probe that changes nothing
 PROBE_COST = 0.05  # ... and at least far enough apart that probing costs at most this share of throughput
 DRAFT_MARGIN = 1.1  # drafting runs only when measured this much faster: near parity, plain decoding is the safe side
@@ -63,8 +65,8 @@ class _Bucket:
 class ModeSelector:
     """Drafting or plain decoding, per batch-size bucket (decoding sequences rounded up to a power of two), by
     measured committed tokens per second of whole steps: the faster mode runs (drafting only if DRAFT_MARGIN
-    times faster); the other is re-timed for PROBE_STEPS steps now and then, so that a change (longer contexts,
-    other prompts) is noticed. Probes back off: each one that leaves the choice as it was doubles the gap to the
+    times faster); the other is re-timed now and then (a probe: one untimed step, then SAMPLES-derived timed
+    ones), so that a change (longer contexts, other prompts) is noticed. Probes back off: each one that leaves the choice as it was doubles the gap to the
     next (PROBE_MIN up to PROBE_MAX steps), and the gap is never shorter than what keeps the measured cost of
     probing under PROBE_COST of throughput, so a mode that costs several times the other (a big tree at high
     concurrency) is re-timed rarely from the start; a change of choice brings the gap back to PROBE_MIN.
@@ -80,6 +82,10 @@ class ModeSelector:
         self.last: bool | None = None  # the previous step's mode
         self.last_timed: tuple[int, bool] | None = None  # (bucket, mode) of the last timed step, while its run goes on
 
+    @staticmethod
+    def _samples(size: int) -> int:
+        return -(-SAMPLES // size)
+
     def choose(self, num_decoding: int) -> bool:
         """Whether this step drafts."""
         size = 1 << (num_decoding - 1).bit_length()
@@ -89,7 +95,7 @@ class ModeSelector:
         current = self.last is not False
         unwarmed = None if b.assumed is None else not b.assumed  # left to the probes
         for mode in (current, not current):
-            if mode is not unwarmed and b.timed[mode] < WARMUP_STEPS:
+            if mode is not unwarmed and b.timed[mode] < self._samples(size):
                 return mode
         if b.timed[True] and b.timed[False]:
             best = b.rate(True) >= DRAFT_MARGIN * b.rate(False)
@@ -102,17 +108,17 @@ class ModeSelector:
         if b.probing:
             b.probing -= 1
             return not best
-        if b.since_probe < self._probe_gap(size, best) - PROBE_STEPS:
+        if b.since_probe < self._probe_gap(size, best) - 1 - self._samples(size):
             b.since_probe += 1
             return best
-        b.probing, b.since_probe = PROBE_STEPS - 1, 0
+        b.probing, b.since_probe = self._samples(size), 0
         b.interval = min(2 * b.interval, PROBE_MAX)
         return not best
 
     def _probe_gap(self, size: int, best: bool) -> int:
         """Steps from one probe to the next: the back-off interval, or more where a probe is dear. A probe step
         of the other mode lasts t_o instead of t_b and commits at rate r_o instead of r_b, so it loses
-        t_o * (1 - r_o / r_b); the gap keeps PROBE_STEPS of those within PROBE_COST of the gap's time. Times
+        t_o * (1 - r_o / r_b); the gap keeps a probe's steps' losses within PROBE_COST of the gap's time. Times
         come from the nearest bucket that has measured both modes (this one, once probed)."""
         b = self.buckets[size]
         measured = [s for s, x in self.buckets.items() if x.timed[True] and x.timed[False]]
@@ -121,7 +127,7 @@ class ModeSelector:
         x = self.buckets[min(measured, key=lambda s: (abs(s.bit_length() - size.bit_length()), s))]
         other = not best
         loss = x.seconds[other] / x.seconds[best] * max(0.0, 1.0 - x.rate(other) / x.rate(best))
-        return max(b.interval, min(PROBE_MAX, math.ceil(PROBE_STEPS * loss / PROBE_COST)))
+        return max(b.interval, min(PROBE_MAX, math.ceil((1 + self._samples(size)) * loss / PROBE_COST)))
 
     def _implied(self, size: int) -> bool | None:
         """Plain decoding if a smaller bucket found it faster, drafting if a larger one found drafting faster."""
