@@ -218,10 +218,9 @@ class DraftModelDrafter:
             else:
                 batched.append(row)
         if batched:
+            params = [expanding[row][0].seq.params for row in batched]
+            temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
             rows = torch.tensor(batched, device=logits.device)
-            temps = torch.tensor([1.0 if p.greedy else p.temperature for p in (expanding[r][0].seq.params
-                                                                                 for r in batched)],
-                                 device=logits.device)
             top = torch.topk(torch.log_softmax(logits[rows] / temps[:, None], dim=-1), width)
             tokens = top.indices if self.vocab is None else self.vocab[top.indices]
             for row, logqs, ids in zip(batched, top.values.tolist(), tokens.tolist()):
