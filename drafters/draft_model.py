@@ -182,20 +182,23 @@ class DraftModelDrafter:
 
     def _grow(self, growing: list[_Growing], logits: torch.Tensor, states: torch.Tensor | None) -> None:
         """Expand every tree level by level; `logits` (and `states`) rows are the draft's outputs at each tree's
-        frontier."""
+        frontier. A tree keeps its best `budget` nodes by cumulative log q, which only decreases from parent to
+        child, so those nodes lie at most `budget` deep with at most `budget` per level and per parent: a small
+        budget (many requests) grows only that much of the shape, and keeps the same nodes."""
         for level in range(self.shape.num_levels):
             width = self.shape.branching[level] if self.shape.branching is not None else self.shape.top_k
             expanding = [(g, node) for g in growing for node in g.frontier]  # in logits-row order
             for g in growing:
                 g.frontier = []
-            for row, ((g, node), children) in enumerate(zip(expanding, self._children(logits, expanding, width))):
+            widths = [min(width, g.budget) for g, _ in expanding]
+            for row, ((g, node), children) in enumerate(zip(expanding, self._children(logits, expanding, widths))):
                 if states is not None:
                     g.states[node] = states[row]
                 g.frontier += [g.add(node, token, logq, q) for token, logq, q in children]
             for g in growing:
                 if self.shape.branching is None:  # dynamic: the best top_k of this level go on
-                    g.frontier = sorted(g.frontier, key=lambda i: -g.scores[i])[:self.shape.top_k]
-                if self.shape.is_chain and len(g.tokens) >= g.budget:
+                    g.frontier = sorted(g.frontier, key=lambda i: -g.scores[i])[:min(self.shape.top_k, g.budget)]
+                if level + 1 >= g.budget:
                     g.frontier = []
             live = [g for g in growing if g.frontier]
             if level == self.shape.num_levels - 1 or not live:
@@ -204,27 +207,27 @@ class DraftModelDrafter:
             growing = live
 
     def _children(self, logits: torch.Tensor, expanding: list[tuple[_Growing, int]],
-                  width: int) -> list[list[tuple[int, float, torch.Tensor | None]]]:
-        """(token, log q, q or None) of each expanded node's children: its top `width` tokens under the draft
-        distribution q (the request's temperature applied), or, for a sampled chain, one token drawn from q.
-        Rows that need nothing per request (no penalties or processors, not a sampled draw) go through one
+                  widths: list[int]) -> list[list[tuple[int, float, torch.Tensor | None]]]:
+        """(token, log q, q or None) of each expanded node's children: its top `widths[row]` tokens under the
+        draft distribution q (the request's temperature applied), or, for a sampled chain, one token drawn from
+        q. Rows that need nothing per request (no penalties or processors, not a sampled draw) go through one
         batched top-k over the drafter's own columns; the others are processed one by one."""
         children: list = [None] * len(expanding)
         batched = []
         for row, (g, node) in enumerate(expanding):
             p = g.seq.params
-            if p.processes_logits or (width == 1 and not p.greedy):
-                children[row] = self._children_of_row(g, node, logits[row], width)
+            if p.processes_logits or (widths[row] == 1 and not p.greedy):
+                children[row] = self._children_of_row(g, node, logits[row], widths[row])
             else:
                 batched.append(row)
         if batched:
             params = [expanding[row][0].seq.params for row in batched]
             temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
             rows = torch.tensor(batched, device=logits.device)
-            top = torch.topk(torch.log_softmax(logits[rows] / temps[:, None], dim=-1), width)
+            top = torch.topk(torch.log_softmax(logits[rows] / temps[:, None], dim=-1), max(widths[r] for r in batched))
             tokens = top.indices if self.vocab is None else self.vocab[top.indices]
             for row, logqs, ids in zip(batched, top.values.tolist(), tokens.tolist()):
-                children[row] = [(token, logq, None) for token, logq in zip(ids, logqs)]
+                children[row] = [(token, logq, None) for token, logq in zip(ids, logqs)][:widths[row]]
         return children
 
     def _children_of_row(self, g: _Growing, node: int, raw: torch.Tensor,
