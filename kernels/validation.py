@@ -63,8 +63,9 @@ def check_tree_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     num_seqs = block_tables.shape[0]
     _check_int_vector("context_lens", context_lens, num_seqs, (torch.int32,), k_cache.device)
     _check_int_vector("cu_seqlens_q", cu_seqlens_q, num_seqs + 1, (torch.int32,), k_cache.device)
-    for name, mask, rows, num_rows, columns in (("tree_mask", tree_mask, "num_tokens", num_tokens, "max_q"),
-                                                ("context_mask", context_mask, "num_seqs", num_seqs, "max_context_len")):
+    masks = (("tree_mask", tree_mask, "num_tokens", num_tokens, "max_q"),
+             ("context_mask", context_mask, "num_seqs", num_seqs, "max_context_len"))
+    for name, mask, rows, num_rows, columns in masks:
         if mask is None:
             continue
         if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] != num_rows:

@@ -63,19 +63,19 @@ class _Bucket:
 
 
 class ModeSelector:
-    """Drafting or plain decoding, per batch-size bucket (decoding sequences rounded up to a power of two), by
-    measured committed tokens per second of whole steps: the faster mode runs (drafting only if DRAFT_MARGIN
-    times faster); the other is re-timed now and then (a probe: one untimed step, then SAMPLES-derived timed
-    ones), so that a change (longer contexts, other prompts) is noticed. Probes back off: each one that leaves the choice as it was doubles the gap to the
-    next (PROBE_MIN up to PROBE_MAX steps), and the gap is never shorter than what keeps the measured cost of
-    probing under PROBE_COST of throughput, so a mode that costs several times the other (a big tree at high
-    concurrency) is re-timed rarely from the start; a change of choice brings the gap back to PROBE_MIN.
-    Only steps without prompt tokens, and not the first step after a switch (a draft model catches up on it),
-    are timed; a mode's averages restart with each new run of it in a bucket, so a probe measures now, not the
-    past. Drafting pays less as the batch grows, so a new bucket above one that chose plain decoding (or below
-    one that chose drafting) starts with that choice and leaves the other mode to the probes instead of warming
-    it up: a batch that grows from 8 to 16 requests does not pay several drafting steps to learn again that
-    drafting loses."""
+    """Drafting or plain decoding, per batch-size bucket (decoding sequences rounded up to a power of two), by measured
+    committed tokens per second of whole steps: the faster mode runs (drafting only if DRAFT_MARGIN times
+    faster); the other is re-timed now and then (a probe: one untimed step, then `_samples` timed ones), so that
+    a change (longer contexts, other prompts) is noticed. Probes back off: each one that leaves the choice as it
+    was doubles the gap to the next (PROBE_MIN up to PROBE_MAX steps), and the gap is never shorter than what
+    keeps the measured cost of probing under PROBE_COST of throughput, so a mode that costs several times the
+    other (a big tree at high concurrency) is re-timed rarely from the start; a change of choice brings the gap
+    back to PROBE_MIN. Only steps without prompt tokens, and not the first step after a switch (a draft model
+    catches up on it), are timed; a mode's averages restart with each new run of it in a bucket, so a probe
+    measures now, not the past. Drafting pays less as the batch grows, so a new bucket above one that chose
+    plain decoding (or below one that chose drafting) starts with that choice and leaves the other mode to the
+    probes instead of warming it up: a batch that grows from 8 to 16 requests does not pay several drafting
+    steps to learn again that drafting loses."""
 
     def __init__(self) -> None:
         self.buckets: dict[int, _Bucket] = {}
@@ -83,12 +83,17 @@ class ModeSelector:
         self.last_timed: tuple[int, bool] | None = None  # (bucket, mode) of the last timed step, while its run goes on
 
     @staticmethod
+    def _bucket(num_decoding: int) -> int:
+        """Decoding sequences rounded up to a power of two."""
+        return 1 << (num_decoding - 1).bit_length()
+
+    @staticmethod
     def _samples(size: int) -> int:
         return -(-SAMPLES // size)
 
     def choose(self, num_decoding: int) -> bool:
         """Whether this step drafts."""
-        size = 1 << (num_decoding - 1).bit_length()
+        size = self._bucket(num_decoding)
         if size not in self.buckets:
             self.buckets[size] = _Bucket(assumed=self._implied(size))
         b = self.buckets[size]
@@ -139,7 +144,7 @@ class ModeSelector:
 
     def record(self, num_decoding: int, drafted: bool, tokens: int, seconds: float, timeable: bool) -> None:
         """One step's outcome: `tokens` committed in `seconds` of wall time."""
-        size = 1 << (num_decoding - 1).bit_length()
+        size = self._bucket(num_decoding)
         b = self.buckets[size]
         if self.last is not drafted or self.last_timed not in (None, (size, drafted)):
             self.last_timed = None  # a new run of this mode in this bucket
