@@ -37,11 +37,13 @@ DRAFTER_TYPE = "fspad"
 class _FeatureState:
     computed: int = 0  # draft-cache positions holding (f_i, token i+1) pairs: i < computed
     pending: list[torch.Tensor] = field(default_factory=list)  # target features of positions computed, computed+1..
+    num_features: int = 0  # computed + the rows of pending (kept, not summed: pending grows while plain decoding)
     written: list[int] = field(default_factory=list)  # unused (a draft model's chain reuse); kept for the base
 
-    @property
-    def num_features(self) -> int:
-        return self.computed + sum(len(f) for f in self.pending)
+    def restart(self, computed: int = 0) -> None:
+        """Nothing pending; the draft cache holds the first `computed` pairs."""
+        self.computed = self.num_features = computed
+        self.pending = []
 
 
 def load_fspad(path: str | Path, device: torch.device, dtype: torch.dtype) -> FSPADModel:
@@ -88,24 +90,25 @@ class FSPADDrafter(DraftModelDrafter):
         """The target's features of positions `start, start + 1, ...` (committed tokens), in order."""
         state = self._state.setdefault(seq, _FeatureState())
         if start != state.num_features:  # preempted and recomputed (or out of step): start over
-            state.computed, state.pending = 0, []
+            state.restart()
             if start != 0:
                 return
         state.pending.append(features)
+        state.num_features += len(features)
 
     def _catch_up(self, s: ScheduledSeq, budget: int) -> SeqChunk | None:
         """The (feature, next token) pairs not yet in the draft cache; the last one is the root's row. None while
         the features of the sequence's last prompt chunk are still to come."""
         state = self._state.setdefault(s.seq, _FeatureState())
         if s.seq.num_computed < state.computed:  # preempted: its blocks (and our K/V) are gone
-            state.computed, state.pending = 0, []
+            state.restart()
         tokens = s.seq.token_ids
         if budget == 0 or state.num_features != len(tokens) - 1 or len(tokens) < 2:
             return None
         start = state.computed
         chunk = SeqChunk(s.seq.block_table, start, tokens[start + 1:], logits_rows=[len(tokens) - 2 - start],
                          extra={"features": torch.cat(state.pending)})
-        state.computed, state.pending = len(tokens) - 1, []
+        state.restart(len(tokens) - 1)
         return chunk
 
     def _frontier_chunk(self, g: _Growing) -> SeqChunk:

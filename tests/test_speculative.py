@@ -97,7 +97,7 @@ def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
         modes = ""
         for _ in range(steps):
             drafts = selector.choose(n)
-            selector.record(n, drafts, 10, 10 / rate[drafts], timeable)
+            selector.record(n, drafts, 10 * n, 10 / rate[drafts], timeable)  # `rate`: tokens per sequence per s
             modes += "D" if drafts else "p"
         return [(mode, len(list(run))) for mode, run in itertools.groupby(modes)]
 
@@ -105,28 +105,45 @@ def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
     assert run(1, 3, slow_drafts, timeable=False) == [("D", 3)]  # prompt steps are not timed: still warming up
     # One sequence: three timed steps of each mode (not the first after a switch), then the faster one.
     assert run(1, 8, slow_drafts) == [("D", 3), ("p", 5)]
-    # Probes of 1 + 3 steps re-time drafting. A drafting step loses 2x its time x (1 - 0.5) = one plain step, so
-    # keeping probes under 5% of throughput puts them 80 steps apart, until the back-off gap (16, doubled by each
-    # probe that changes nothing, up to 256) is longer.
-    assert run(1, 600, slow_drafts) == [("p", 75), ("D", 4), ("p", 76), ("D", 4), ("p", 76), ("D", 4), ("p", 124),
-                                        ("D", 4), ("p", 233)]
+    # Probes of 1 + 3 steps re-time drafting. Drafting's last 4 timed-or-first steps took 0.8 s for 40 tokens that
+    # plain decoding commits in 0.4 s: a probe loses 4 plain steps, so keeping probes under 1% of throughput
+    # would put them 400 steps apart; the 256-step limit keeps re-timing the other mode.
+    assert run(1, 600, slow_drafts) == [("p", 251), ("D", 4), ("p", 252), ("D", 4), ("p", 89)]
     # Drafting becomes 3x faster: the next probe measures it afresh (not averaged with the old runs) and drafting
-    # takes over at once; a plain step now loses 3x its time x (1 - 1/3), so plain is probed 160 steps apart.
-    assert run(1, 300, {True: 300.0, False: 100.0}) == [("p", 19), ("D", 158), ("p", 4), ("D", 119)]
+    # takes over at once; 4 plain steps commit what 1.33 drafting steps do, so plain is probed 256 steps apart.
+    assert run(1, 600, {True: 300.0, False: 100.0}) == [("p", 163), ("D", 254), ("p", 4), ("D", 179)]
     # Every batch-size bucket (a power of two) learns on its own. With 3 sequences (bucket 4) a step's committed
-    # tokens vary less: one timed step of each mode decides, and a probe is 2 steps (gaps 40, then back-off).
-    assert run(3, 200, slow_drafts) == [("D", 1), ("p", 40), ("D", 2), ("p", 38), ("D", 2), ("p", 62), ("D", 2),
-                                        ("p", 53)]
+    # tokens vary less: one timed step of each mode decides, and a probe is 2 steps. The warm-up's one drafting
+    # step lost a plain step (gap 100), each 2-step probe loses 2 (gap 200).
+    assert run(3, 400, slow_drafts) == [("D", 1), ("p", 100), ("D", 2), ("p", 198), ("D", 2), ("p", 97)]
     # A new bucket starts from its neighbours: bucket 16 lies above bucket 4, which decodes plainly, so it starts
-    # plainly and leaves drafting to the probes. There drafting costs 10x: once measured, probes move to the
-    # 256-step limit at once.
-    assert run(16, 100, {True: 10.0, False: 100.0}) == [("p", 39), ("D", 2), ("p", 59)]
-    assert run(16, 300, {True: 10.0, False: 100.0}) == [("p", 195), ("D", 2), ("p", 103)]
+    # plainly, leaves drafting to the probes and spaces them by bucket 4's probe cost until it has its own. There
+    # drafting costs 10x: once measured, probes move to the 256-step limit.
+    assert run(16, 200, {True: 10.0, False: 100.0}) == [("p", 199), ("D", 1)]
+    assert run(16, 300, {True: 10.0, False: 100.0}) == [("D", 1), ("p", 254), ("D", 2), ("p", 43)]
     assert set(selector.buckets) == {1, 4, 16}
     # Below a bucket that drafts, a new bucket drafts without warming plain decoding up.
     selector = ModeSelector()
     assert run(8, 10, {True: 300.0, False: 100.0}) == [("D", 2), ("p", 2), ("D", 6)]
     assert run(3, 30, {True: 300.0, False: 100.0}) == [("D", 30)]
+    # Near parity (drafting 1.05x, below the 1.1x margin) a probe costs nothing: the back-off alone spaces them,
+    # 16 steps at first and twice as far after each probe that changes nothing, up to 256.
+    selector = ModeSelector()
+    assert run(2, 700, {True: 105.0, False: 100.0}) == [("D", 3), ("p", 16), ("D", 3), ("p", 29), ("D", 3),
+                                                        ("p", 61), ("D", 3), ("p", 125), ("D", 3), ("p", 253),
+                                                        ("D", 3), ("p", 198)]
+    # The batch size varies within a bucket (9 to 16 sequences here): modes are compared by tokens per sequence,
+    # so plain steps of 10 sequences are not judged against drafting steps of 16. Per step, drafting commits 2.2
+    # tokens per sequence in 224 ms; plain decoding one in 60 ms + 1.5 ms per sequence (84 ms for 16, 75 ms for
+    # 10: per step, drafting 16 sequences commits 157 tokens/s, plain decoding 10 sequences 133).
+    selector, modes = ModeSelector(), ""
+    for i in range(400):
+        n = 16 if i < 20 else 10
+        drafts = selector.choose(n)
+        selector.record(n, drafts, 2.2 * n if drafts else n, 0.224 if drafts else 0.060 + 0.0015 * n, True)
+        modes += "D" if drafts else "p"
+    assert [(mode, len(list(run))) for mode, run in itertools.groupby(modes)] == [
+        ("D", 2), ("p", 158), ("D", 2), ("p", 156), ("D", 2), ("p", 80)]
 
 
 class _VirtualClock:

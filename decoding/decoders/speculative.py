@@ -9,8 +9,8 @@ shortfall left as masked slots (`Sequence.kv_holes`, hidden from attention by th
 `padded` pays for the padded rows and for the padded slots' memory and attention reads. Outputs are the same.
 
 Adaptive speculation (`adaptive`): per step, `ModeSelector` picks drafting or plain decoding (every budget 0,
-the same forward as the autoregressive decoder) by measured committed tokens per second in the step's
-batch-size bucket, so that speculation is switched off where it does not pay, e.g. at high concurrency on a
+the same forward as the autoregressive decoder) by measured committed tokens per sequence per second in the
+step's batch-size bucket, so that speculation is switched off where it does not pay, e.g. at high concurrency on a
 compute-bound device; while drafting, each sequence's budget follows its own acceptance.
 """
 from __future__ import annotations
@@ -36,21 +36,34 @@ from ..verification import verify
 from .base import Decoder, SeqStep
 
 EMA_DECAY = 0.7  # weight of the past in the per-sequence EMA of accepted tokens per step
-RATE_DECAY = 0.7  # weight of the past in a bucket's EMAs of committed tokens and seconds per step, per mode
+RATE_DECAY = 0.7  # weight of the past in a bucket's EMAs of tokens per sequence and seconds per step, per mode
 # Timed steps of a mode a decision rests on (warm-up, and each probe after its untimed first step): 3 for one
 # sequence, whose drafting step commits anywhere from 1 to depth + 1 tokens; ceil(3 / n) for n sequences, whose
 # committed tokens add up and vary less.
 SAMPLES = 3
 PROBE_MIN, PROBE_MAX = 16, 256  # steps between probes: from PROBE_MIN, doubled by each probe that changes nothing
-PROBE_COST = 0.05  # ... and at least far enough apart that probing costs at most this share of throughput
+PROBE_COST = 0.01  # ... and at least far enough apart that probing costs at most this share of throughput
 DRAFT_MARGIN = 1.1  # drafting runs only when measured this much faster: near parity, plain decoding is the safe side
 
 
 @dataclass
+class _Run:
+    """Consecutive steps of one mode in one bucket; `seconds` and `tokens` add up its first steps without prompt
+    tokens, as many as a probe has (the first after a switch included: a draft model catches up on it)."""
+    size: int
+    drafts: bool
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: float = 0.0  # per sequence
+    timed: bool = False  # a step of it entered the bucket's averages
+
+
+@dataclass
 class _Bucket:
-    tokens: dict[bool, float] = field(default_factory=dict)  # drafting? -> EMA of committed tokens per step
+    tokens: dict[bool, float] = field(default_factory=dict)  # drafting? -> EMA of tokens per sequence per step
     seconds: dict[bool, float] = field(default_factory=dict)  # drafting? -> EMA of seconds per step
     timed: dict[bool, int] = field(default_factory=lambda: {False: 0, True: 0})
+    opening: dict[bool, _Run] = field(default_factory=dict)  # drafting? -> the opening steps of its last run
     assumed: bool | None = None  # the mode other buckets imply is faster: the other one is only probed, not warmed up
     best: bool | None = None  # the faster mode at the last choice
     interval: int = PROBE_MIN  # back-off: steps from one probe to the next, unless probes are dear (_probe_gap)
@@ -58,29 +71,38 @@ class _Bucket:
     probing: int = 0  # steps of the current probe left
 
     def rate(self, drafts: bool) -> float:
-        """Committed tokens per second (a ratio of averages: a step's tokens and time go together)."""
+        """Committed tokens per sequence per second (a ratio of averages: a step's tokens and time go together)."""
         return self.tokens[drafts] / self.seconds[drafts]
+
+    def probe_loss(self, best: bool) -> float | None:
+        """What a probe of the other mode costs, in steps of `best`: the seconds its last run's opening steps
+        took beyond those `best` would have needed for the same tokens. None until both are measured."""
+        run = self.opening.get(not best)
+        if run is None or not run.steps or not (self.timed[True] and self.timed[False]):
+            return None
+        return max(0.0, run.seconds - run.tokens / self.rate(best)) / self.seconds[best]
 
 
 class ModeSelector:
     """Drafting or plain decoding, per batch-size bucket (decoding sequences rounded up to a power of two), by measured
-    committed tokens per second of whole steps: the faster mode runs (drafting only if DRAFT_MARGIN times
+    committed tokens per sequence per second of whole steps (per sequence: the batch size varies within a
+    bucket, and each mode must be judged at the same size): the faster mode runs (drafting only if DRAFT_MARGIN times
     faster); the other is re-timed now and then (a probe: one untimed step, then `_samples` timed ones), so that
     a change (longer contexts, other prompts) is noticed. Probes back off: each one that leaves the choice as it
     was doubles the gap to the next (PROBE_MIN up to PROBE_MAX steps), and the gap is never shorter than what
     keeps the measured cost of probing under PROBE_COST of throughput, so a mode that costs several times the
-    other (a big tree at high concurrency) is re-timed rarely from the start; a change of choice brings the gap
-    back to PROBE_MIN. Only steps without prompt tokens, and not the first step after a switch (a draft model
-    catches up on it), are timed; a mode's averages restart with each new run of it in a bucket, so a probe
-    measures now, not the past. Drafting pays less as the batch grows, so a new bucket above one that chose
-    plain decoding (or below one that chose drafting) starts with that choice and leaves the other mode to the
-    probes instead of warming it up: a batch that grows from 8 to 16 requests does not pay several drafting
-    steps to learn again that drafting loses."""
+    other (a big tree at high concurrency) is re-timed rarely; a change of choice brings the gap back to
+    PROBE_MIN. Only steps without prompt tokens, and not the first step after a switch (a draft model catches up
+    on it), are timed; a probe's cost counts that first step too. A mode's averages restart with each new run of
+    it in a bucket, so a probe measures now, not the past. Drafting pays less as the batch grows, so a new
+    bucket above one that chose plain decoding (or below one that chose drafting) starts with that choice and
+    leaves the other mode to the probes instead of warming it up: a batch that grows from 8 to 16 requests does
+    not pay several drafting steps to learn again that drafting loses."""
 
     def __init__(self) -> None:
         self.buckets: dict[int, _Bucket] = {}
         self.last: bool | None = None  # the previous step's mode
-        self.last_timed: tuple[int, bool] | None = None  # (bucket, mode) of the last timed step, while its run goes on
+        self.run: _Run | None = None  # the current run of a mode in a bucket
 
     @staticmethod
     def _bucket(num_decoding: int) -> int:
@@ -121,18 +143,12 @@ class ModeSelector:
         return not best
 
     def _probe_gap(self, size: int, best: bool) -> int:
-        """Steps from one probe to the next: the back-off interval, or more where a probe is dear. A probe step
-        of the other mode lasts t_o instead of t_b and commits at rate r_o instead of r_b, so it loses
-        t_o * (1 - r_o / r_b); the gap keeps a probe's steps' losses within PROBE_COST of the gap's time. Times
-        come from the nearest bucket that has measured both modes (this one, once probed)."""
-        b = self.buckets[size]
-        measured = [s for s, x in self.buckets.items() if x.timed[True] and x.timed[False]]
-        if not measured:
-            return b.interval
-        x = self.buckets[min(measured, key=lambda s: (abs(s.bit_length() - size.bit_length()), s))]
-        other = not best
-        loss = x.seconds[other] / x.seconds[best] * max(0.0, 1.0 - x.rate(other) / x.rate(best))
-        return max(b.interval, min(PROBE_MAX, math.ceil((1 + self._samples(size)) * loss / PROBE_COST)))
+        """Steps from one probe to the next: the back-off interval, or more where a probe is dear, so that its
+        measured loss (`_Bucket.probe_loss`, in steps) stays within PROBE_COST of the gap. The loss comes from
+        this bucket once it has run both modes, else from the nearest bucket that has."""
+        by_distance = sorted(self.buckets, key=lambda s: (abs(s.bit_length() - size.bit_length()), s))
+        loss = next((x for x in (self.buckets[s].probe_loss(best) for s in by_distance) if x is not None), 0.0)
+        return max(self.buckets[size].interval, min(PROBE_MAX, math.ceil(loss / PROBE_COST)))
 
     def _implied(self, size: int) -> bool | None:
         """Plain decoding if a smaller bucket found it faster, drafting if a larger one found drafting faster."""
@@ -142,17 +158,22 @@ class ModeSelector:
             return True
         return None
 
-    def record(self, num_decoding: int, drafted: bool, tokens: int, seconds: float, timeable: bool) -> None:
-        """One step's outcome: `tokens` committed in `seconds` of wall time."""
-        size = self._bucket(num_decoding)
+    def record(self, num_decoding: int, drafted: bool, tokens: float, seconds: float, timeable: bool) -> None:
+        """One step's outcome: `tokens` committed (over all sequences) in `seconds` of wall time."""
+        size, tokens = self._bucket(num_decoding), tokens / num_decoding
         b = self.buckets[size]
-        if self.last is not drafted or self.last_timed not in (None, (size, drafted)):
-            self.last_timed = None  # a new run of this mode in this bucket
-        if timeable and self.last is drafted and seconds > 0:
-            for ema, x in ((b.tokens, tokens), (b.seconds, seconds)):
-                ema[drafted] = x if self.last_timed is None else RATE_DECAY * ema[drafted] + (1 - RATE_DECAY) * x
-            b.timed[drafted] += 1
-            self.last_timed = (size, drafted)
+        run = self.run
+        if run is None or (run.size, run.drafts) != (size, drafted):
+            run = self.run = _Run(size, drafted)
+            b.opening[drafted] = run
+        if timeable and seconds > 0:
+            if run.steps <= self._samples(size):
+                run.steps, run.seconds, run.tokens = run.steps + 1, run.seconds + seconds, run.tokens + tokens
+            if self.last is drafted:
+                for ema, x in ((b.tokens, tokens), (b.seconds, seconds)):
+                    ema[drafted] = RATE_DECAY * ema[drafted] + (1 - RATE_DECAY) * x if run.timed else x
+                b.timed[drafted] += 1
+                run.timed = True
         self.last = drafted
 
 
