@@ -144,6 +144,27 @@ def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
         modes += "D" if drafts else "p"
     assert [(mode, len(list(run))) for mode, run in itertools.groupby(modes)] == [
         ("D", 2), ("p", 158), ("D", 2), ("p", 156), ("D", 2), ("p", 80)]
+    # Steps with prompt tokens are not timed, and a probe lasts until it has its timed step: here every other
+    # step carries a prompt, and the second probe's timed step comes third (after the untimed switch).
+    selector, modes = ModeSelector(), ""
+    for i in range(400):
+        drafts = selector.choose(16)
+        selector.record(16, drafts, 2.2 * 16 if drafts else 16, 0.3 if drafts else 0.08, timeable=i % 2 == 1)
+        modes += "D" if drafts else "p"
+    assert [(mode, len(list(run))) for mode, run in itertools.groupby(modes)] == [
+        ("D", 2), ("p", 155), ("D", 3), ("p", 240)]
+    # Near parity (drafting 0.97x per sequence) with noise: every tenth and eleventh step takes 1.5x as long,
+    # whatever its mode. A step-time mean would hold those slow steps against the mode that ran longest, and a
+    # probe of one timed step would usually look 10% faster than it is: drafting would take over and lose. The
+    # median of the last steps does not: drafting runs on probes only (an untimed step and a timed one).
+    selector, modes = ModeSelector(), ""
+    for i in range(1000):
+        drafts = selector.choose(16)
+        slow = 1.5 if i % 10 in (0, 9) else 1.0
+        selector.record(16, drafts, 2.2 * 16 if drafts else 16, slow * (0.140 if drafts else 0.062), True)
+        modes += "D" if drafts else "p"
+    drafting_runs = [len(run) for run in modes.split("p") if run]
+    assert len(drafting_runs) >= 5 and set(drafting_runs) == {2}
 
 
 class _VirtualClock:

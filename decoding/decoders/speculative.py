@@ -16,7 +16,9 @@ compute-bound device; while drafting, each sequence's budget follows its own acc
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from weakref import WeakKeyDictionary
@@ -36,13 +38,19 @@ from ..verification import verify
 from .base import Decoder, SeqStep
 
 EMA_DECAY = 0.7  # weight of the past in the per-sequence EMA of accepted tokens per step
-RATE_DECAY = 0.7  # weight of the past in a bucket's EMAs of tokens per sequence and seconds per step, per mode
+# A bucket's estimates per mode: tokens per sequence per step, a mean (evenly over a run's first timed steps, then
+# exponential with this weight of the past); seconds per step, the median of the last STEP_WINDOW timed steps:
+# noise only ever adds time (another process taking the CPU), and a mean would hold a rare slow step against the
+# mode that ran longest, so that a probe of a few steps would usually look faster than it is.
+RATE_DECAY = 0.9
+STEP_WINDOW = 9
 # Timed steps of a mode a decision rests on (warm-up, and each probe after its untimed first step): 3 for one
 # sequence, whose drafting step commits anywhere from 1 to depth + 1 tokens; ceil(3 / n) for n sequences, whose
 # committed tokens add up and vary less.
 SAMPLES = 3
 PROBE_MIN, PROBE_MAX = 16, 256  # steps between probes: from PROBE_MIN, doubled by each probe that changes nothing
 PROBE_COST = 0.01  # ... and at least far enough apart that probing costs at most this share of throughput
+PROBE_PATIENCE = 4  # a probe whose steps carry prompt tokens (not timed) ends after this many times its length
 DRAFT_MARGIN = 1.1  # drafting runs only when measured this much faster: near parity, plain decoding is the safe side
 
 
@@ -55,24 +63,31 @@ class _Run:
     steps: int = 0
     seconds: float = 0.0
     tokens: float = 0.0  # per sequence
-    timed: bool = False  # a step of it entered the bucket's averages
+    carried: bool = False  # goes on with the bucket's averages instead of restarting them
+    timed: int = 0  # its steps that entered the bucket's averages
 
 
 @dataclass
 class _Bucket:
-    tokens: dict[bool, float] = field(default_factory=dict)  # drafting? -> EMA of tokens per sequence per step
-    seconds: dict[bool, float] = field(default_factory=dict)  # drafting? -> EMA of seconds per step
+    tokens: dict[bool, float] = field(default_factory=dict)  # drafting? -> mean tokens per sequence per step
+    times: dict[bool, deque[float]] = field(  # drafting? -> seconds of its last timed steps
+        default_factory=lambda: {m: deque(maxlen=STEP_WINDOW) for m in (False, True)})
     timed: dict[bool, int] = field(default_factory=lambda: {False: 0, True: 0})
     opening: dict[bool, _Run] = field(default_factory=dict)  # drafting? -> the opening steps of its last run
     assumed: bool | None = None  # the mode other buckets imply is faster: the other one is only probed, not warmed up
     best: bool | None = None  # the faster mode at the last choice
     interval: int = PROBE_MIN  # back-off: steps from one probe to the next, unless probes are dear (_probe_gap)
     since_probe: int = 0  # steps of the best mode since the last probe (or change of choice)
-    probing: int = 0  # steps of the current probe left
+    probing: int = 0  # timed steps the current probe still needs
+    probe_steps: int = 0  # steps the current probe has run
 
     def rate(self, drafts: bool) -> float:
         """Committed tokens per sequence per second (a ratio of averages: a step's tokens and time go together)."""
-        return self.tokens[drafts] / self.seconds[drafts]
+        return self.tokens[drafts] / self.seconds(drafts)
+
+    def seconds(self, drafts: bool) -> float:
+        """Seconds per step: the median of the last timed steps."""
+        return statistics.median(self.times[drafts])
 
     def probe_loss(self, best: bool) -> float | None:
         """What a probe of the other mode costs, in steps of `best`: the seconds its last run's opening steps
@@ -80,24 +95,26 @@ class _Bucket:
         run = self.opening.get(not best)
         if run is None or not run.steps or not (self.timed[True] and self.timed[False]):
             return None
-        return max(0.0, run.seconds - run.tokens / self.rate(best)) / self.seconds[best]
+        return max(0.0, run.seconds - run.tokens / self.rate(best)) / self.seconds(best)
 
 
 class ModeSelector:
     """Drafting or plain decoding, per batch-size bucket (decoding sequences rounded up to a power of two), by measured
     committed tokens per sequence per second of whole steps (per sequence: the batch size varies within a
-    bucket, and each mode must be judged at the same size): the faster mode runs (drafting only if DRAFT_MARGIN times
-    faster); the other is re-timed now and then (a probe: one untimed step, then `_samples` timed ones), so that
-    a change (longer contexts, other prompts) is noticed. Probes back off: each one that leaves the choice as it
-    was doubles the gap to the next (PROBE_MIN up to PROBE_MAX steps), and the gap is never shorter than what
-    keeps the measured cost of probing under PROBE_COST of throughput, so a mode that costs several times the
-    other (a big tree at high concurrency) is re-timed rarely; a change of choice brings the gap back to
-    PROBE_MIN. Only steps without prompt tokens, and not the first step after a switch (a draft model catches up
-    on it), are timed; a probe's cost counts that first step too. A mode's averages restart with each new run of
-    it in a bucket, so a probe measures now, not the past. Drafting pays less as the batch grows, so a new
-    bucket above one that chose plain decoding (or below one that chose drafting) starts with that choice and
-    leaves the other mode to the probes instead of warming it up: a batch that grows from 8 to 16 requests does
-    not pay several drafting steps to learn again that drafting loses."""
+    bucket, and both modes must be judged at the same size): the faster mode runs (drafting only if DRAFT_MARGIN
+    times faster); the other is re-timed now and then (a probe: one untimed step, then `_samples` timed ones), so
+    that a change (longer contexts, other prompts) is noticed. Only steps without prompt tokens, and not the
+    first step after a switch (a draft model catches up on it), are timed; a probe lasts until it has its timed
+    steps (at most PROBE_PATIENCE times its length). A probed mode is measured afresh, not averaged with its
+    past; the best mode, back after a probe, goes on with its averages.
+
+    Probes back off: each one that leaves the choice as it was doubles the gap to the next (PROBE_MIN up to
+    PROBE_MAX steps), and the gap is never shorter than what keeps the measured cost of probing (the first step
+    included) under PROBE_COST of throughput, so a mode that costs several times the other (a big tree at high
+    concurrency) is re-timed rarely; a change of choice brings the gap back to PROBE_MIN. Drafting pays less as
+    the batch grows, so a new bucket above one that chose plain decoding (or below one that chose drafting)
+    starts with that choice and leaves the other mode to the probes instead of warming it up: a batch that grows
+    from 8 to 16 requests does not pay several drafting steps to learn again that drafting loses."""
 
     def __init__(self) -> None:
         self.buckets: dict[int, _Bucket] = {}
@@ -132,13 +149,13 @@ class ModeSelector:
             if b.best is not None:  # a probe (or drift) changed the choice: look again soon
                 b.interval = PROBE_MIN
             b.best, b.since_probe, b.probing = best, 0, 0
-        if b.probing:
-            b.probing -= 1
+        if b.probing and b.probe_steps < PROBE_PATIENCE * (1 + self._samples(size)):
+            b.probe_steps += 1
             return not best
         if b.since_probe < self._probe_gap(size, best) - 1 - self._samples(size):
             b.since_probe += 1
             return best
-        b.probing, b.since_probe = self._samples(size), 0
+        b.probing, b.probe_steps, b.since_probe = self._samples(size), 1, 0
         b.interval = min(2 * b.interval, PROBE_MAX)
         return not best
 
@@ -164,16 +181,22 @@ class ModeSelector:
         b = self.buckets[size]
         run = self.run
         if run is None or (run.size, run.drafts) != (size, drafted):
-            run = self.run = _Run(size, drafted)
+            # The best mode, back after a probe, goes on with its averages; any other run measures afresh.
+            run = self.run = _Run(size, drafted, carried=drafted is b.best and b.timed[drafted] > 0)
             b.opening[drafted] = run
         if timeable and seconds > 0:
             if run.steps <= self._samples(size):
                 run.steps, run.seconds, run.tokens = run.steps + 1, run.seconds + seconds, run.tokens + tokens
             if self.last is drafted:
-                for ema, x in ((b.tokens, tokens), (b.seconds, seconds)):
-                    ema[drafted] = RATE_DECAY * ema[drafted] + (1 - RATE_DECAY) * x if run.timed else x
+                run.timed += 1
+                weight = 1 - RATE_DECAY if run.carried else max(1 / run.timed, 1 - RATE_DECAY)
+                b.tokens[drafted] = (1 - weight) * b.tokens.get(drafted, 0.0) + weight * tokens
+                if weight == 1:
+                    b.times[drafted].clear()
+                b.times[drafted].append(seconds)
                 b.timed[drafted] += 1
-                run.timed = True
+                if b.probing and drafted is not b.best:
+                    b.probing -= 1
         self.last = drafted
 
 
