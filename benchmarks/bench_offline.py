@@ -1,12 +1,13 @@
 """`leapserve bench offline`: decoders on the in-process engine, on the same prompts in the same run.
 
-For each batch size b, every decoder generates greedily for the whole prompt set in groups of b prompts; the
-decoders take turns within each repeat (interleaved, so that drift on a shared machine hits all alike) and each
-figure is the median over repeats. Reported per (decoder, b): output tokens/s, the speedup over `autoregressive`,
-target forwards per output token, mean acceptance length, and the weight bandwidth the target achieves (weight bytes
-x target forwards/s: every forward streams all weights once). `--baselines hf` adds `transformers`' `generate` on
-the same checkpoint: plain (left-padded batches), with `assistant_model` and with `prompt_lookup_num_tokens` (both
-batch size 1 only, as transformers allows).
+For each batch size b, every decoder generates greedily for the whole prompt set in groups of b prompts (or, with
+`--continuous`, submitted at once with at most b running: continuous batching, a finished request's place going
+to the next prompt, as under a server's steady load); the decoders take turns within each repeat (interleaved, so
+that drift on a shared machine hits all alike) and each figure is the median over repeats. Reported per (decoder,
+b): output tokens/s, the speedup over `autoregressive`, target forwards per output token, mean acceptance length,
+and the weight bandwidth the target achieves (weight bytes x target forwards/s: every forward streams all weights
+once). `--baselines hf` adds `transformers`' `generate` on the same checkpoint: plain (left-padded batches), with
+`assistant_model` and with `prompt_lookup_num_tokens` (both batch size 1 only, as transformers allows).
 """
 from __future__ import annotations
 
@@ -138,6 +139,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chat | code | summarization | math | mixed (the 'test' split), or a .jsonl file with "
                         "'prompt' or 'messages' per line")
     p.add_argument("--num-prompts", type=int, help="prompts per (decoder, batch size); None: the largest batch")
+    p.add_argument("--continuous", action="store_true",
+                   help="submit all prompts at once, at most BATCH running (continuous batching), instead of "
+                        "generating them in groups of BATCH; use several times the largest batch in --num-prompts")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per prompt at most")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed passes; figures are their median")
@@ -197,14 +201,18 @@ def copy_bandwidth_gb_s(device: torch.device, num_bytes: int = 256 * 2**20) -> f
 Pass = tuple[OfflineRun, list[list[int]]]  # the timed figures and every prompt's output tokens
 
 
-def engine_pass(llm: LLM, prompts: list[list[int]], batch_size: int, params: SamplingParams) -> Pass:
-    """All prompts, `batch_size` at a time, through the engine."""
+def engine_pass(llm: LLM, prompts: list[list[int]], batch_size: int, params: SamplingParams,
+                continuous: bool = False) -> Pass:
+    """All prompts through the engine: in groups of `batch_size`, or (`continuous`) all at once with at most
+    `batch_size` running."""
     runner = llm.engine.runner
     forwards = runner.num_forwards
+    llm.engine.scheduler.config.max_num_seqs = batch_size
+    groups = [prompts] if continuous else [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     outs = []
     start = time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        outs += llm.generate(prompts[i:i + batch_size], params, use_tqdm=False)
+    for group in groups:
+        outs += llm.generate(group, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     tokens = [o.outputs[0].token_ids for o in outs]
     return OfflineRun(output_tokens=sum(map(len, tokens)), elapsed=elapsed,
@@ -282,7 +290,8 @@ class HFBaselines:
         return row
 
 
-def step_breakdown(llm: LLM, prompts: list[list[int]], batch_size: int, params: SamplingParams) -> dict[str, float]:
+def step_breakdown(llm: LLM, prompts: list[list[int]], batch_size: int, params: SamplingParams,
+                   continuous: bool) -> dict[str, float]:
     """Where an engine step's time goes, under torch.profiler: matmuls, paged attention, and everything else."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -291,7 +300,7 @@ def step_breakdown(llm: LLM, prompts: list[list[int]], batch_size: int, params: 
     attention.PROFILE = True
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            run_, _ = engine_pass(llm, prompts, batch_size, params)
+            run_, _ = engine_pass(llm, prompts, batch_size, params, continuous)
     finally:
         attention.PROFILE = False
     steps = run_.target_forwards
@@ -321,9 +330,11 @@ def bench(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[dict
     baseline = args.decoders[0].label  # autoregressive, see decoder_list
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
     passes: dict[str, Callable[[list[list[int]], int], Pass | None]] = {
-        label: (lambda ps, b, llm=llm: engine_pass(llm, ps, b, params)) for label, llm in engines.items()}
+        label: (lambda ps, b, llm=llm: engine_pass(llm, ps, b, params, args.continuous))
+        for label, llm in engines.items()}
     base = engines[baseline]
-    setup: dict = {"decoders": {d.label: d.speculative_config for d in args.decoders}}
+    setup: dict = {"decoders": {d.label: d.speculative_config for d in args.decoders},
+                   "batching": "continuous" if args.continuous else "static"}
     if args.baselines == "hf":
         hf = HFBaselines(base, args.decoders, args.max_tokens, args.ignore_eos)
         passes.update({mode: (lambda ps, b, mode=mode: hf.run(mode, ps, b)) for mode in hf.modes})
@@ -352,7 +363,8 @@ def bench(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[dict
                          "speedup": speedup(summary["tokens_per_s"], baseline_tps),
                          "identical_to_autoregressive": results[-1][1] == reference})
             if args.profile and label in engines:
-                rows[-1]["step_breakdown"] = step_breakdown(engines[label], prompts, batch_size, params)
+                rows[-1]["step_breakdown"] = step_breakdown(engines[label], prompts, batch_size, params,
+                                                            args.continuous)
     bar.close()
     return rows, setup
 
@@ -364,8 +376,10 @@ def tables(rows: list[dict], setup: dict) -> str:
     body = [[r["decoder"], r["batch_size"], r["tokens_per_s"], r["speedup"], r["target_forwards_per_token"],
              r["mean_acceptance_length"], r["weight_GB_s"], "yes" if r["identical_to_autoregressive"] else "no"]
             for r in rows]
-    text = (f"weights: {setup['weight_bytes'] / 1e6:.0f} MB; measured copy bandwidth: {setup['copy_GB_s']:.1f} GB/s\n\n"
-            + markdown_table(headers, body))
+    batching = ("continuous batching (batch: requests running at most)" if setup["batching"] == "continuous"
+                else "static groups of `batch` prompts")
+    text = (f"weights: {setup['weight_bytes'] / 1e6:.0f} MB; measured copy bandwidth: {setup['copy_GB_s']:.1f} GB/s; "
+            f"{batching}\n\n" + markdown_table(headers, body))
     profiled = [r for r in rows if "step_breakdown" in r]
     if profiled:
         headers = ["decoder", "batch", "ms/step (profiled)", "matmuls", "attention", "other ops + Python"]
@@ -377,6 +391,9 @@ def tables(rows: list[dict], setup: dict) -> str:
 def run(args: argparse.Namespace) -> None:
     """The `leapserve bench offline` handler."""
     num_prompts = args.num_prompts or max(args.batch_sizes)
+    if args.continuous and args.baselines == "hf":
+        sys.exit("leapserve bench offline: error: --baselines hf cannot run --continuous (transformers' generate "
+                 "has no continuous batching)")
     try:
         tokenizer = load_tokenizer(resolve_model(args.model))
         texts = load_prompts(args.dataset, "test", num_prompts, args.seed)
@@ -394,6 +411,8 @@ def run(args: argparse.Namespace) -> None:
     write_outputs(record, tables(rows, setup), args.output_json, args.output_md)
     if args.output_json is not None:
         plot = Path(args.output_json).with_suffix(".png")
+        batching = "continuous batching" if args.continuous else "static groups"
         plot_offline(rows, plot, f"{args.model}, {len(prompts)} prompts from {args.dataset}, "
-                                 f"{args.max_tokens} tokens max, greedy")
+                                 f"{args.max_tokens} tokens max, greedy, {batching}",
+                     "requests running at most" if args.continuous else "batch size")
         print(f"wrote {plot}")

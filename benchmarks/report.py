@@ -136,7 +136,7 @@ def _log2_ticks(ax, values: list[int]) -> None:
     ax.minorticks_off()
 
 
-def plot_offline(rows: Sequence[dict], path: Path, title: str) -> None:
+def plot_offline(rows: Sequence[dict], path: Path, title: str, batch_label: str = "batch size") -> None:
     """Output tokens/s and speedup over autoregressive against batch size, one line per decoder."""
     plt, fig, axes = _figure(1, 2)
     for key, ax, label in (("tokens_per_s", axes[0], "output tokens/s"),
@@ -146,7 +146,7 @@ def plot_offline(rows: Sequence[dict], path: Path, title: str) -> None:
             if points:
                 ax.plot(*zip(*points), marker="o", label=decoder)
         _log2_ticks(ax, sorted({r["batch_size"] for r in rows}))
-        ax.set_xlabel("batch size")
+        ax.set_xlabel(batch_label)
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
     axes[1].axhline(1.0, color="gray", linewidth=0.8)

@@ -187,6 +187,27 @@ def test_bench_offline_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "offline.md").read_text().startswith("`leapserve bench offline")
 
 
+def test_bench_offline_continuous_batching(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """All prompts submitted at once, at most BATCH running: same outputs as autoregressive decoding, and the
+    record and table say which batching ran."""
+    out = tmp_path / "continuous.json"
+    _run_cli(monkeypatch, ["bench", "offline", "--model", str(tiny_model_dir), "--decoders",
+                           "autoregressive,speculative:ngram", "--batch-sizes", "2", "--continuous",
+                           "--dataset", "chat", "--num-prompts", "5", "--max-tokens", "8", "--ignore-eos",
+                           "--repeats", "1", "--output-json", str(out)])
+    record = _check_outputs(out, "offline")
+    assert record["batching"] == "continuous" and record["options"]["continuous"] is True
+    for row in record["results"]:
+        assert row["output_tokens"] == 40 and row["identical_to_autoregressive"]
+    assert "continuous batching" in capsys.readouterr().out
+
+
+def test_bench_offline_continuous_has_no_hf_baseline(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "offline", "--continuous", "--baselines", "hf"])
+    assert "no continuous batching" in str(exc.value)
+
+
 def test_bench_serve_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     dataset = tmp_path / "prompts.jsonl"
     dataset.write_text("\n".join(json.dumps(line) for line in [
