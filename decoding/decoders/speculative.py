@@ -191,7 +191,7 @@ class ModeSelector:
                 run.timed += 1
                 weight = 1 - RATE_DECAY if run.carried else max(1 / run.timed, 1 - RATE_DECAY)
                 b.tokens[drafted] = (1 - weight) * b.tokens.get(drafted, 0.0) + weight * tokens
-                if weight == 1:
+                if run.timed == 1 and not run.carried:  # a fresh measurement: forget the old step times
                     b.times[drafted].clear()
                 b.times[drafted].append(seconds)
                 b.timed[drafted] += 1
