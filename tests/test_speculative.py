@@ -96,15 +96,16 @@ def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
         """The modes chosen, as (mode, run length) pairs."""
         modes = ""
         for _ in range(steps):
-            drafts = selector.choose(n)
+            drafts = selector.choose(n, timeable)
             selector.record(n, drafts, 10 * n, 10 / rate[drafts], timeable)  # `rate`: tokens per sequence per s
             modes += "D" if drafts else "p"
         return [(mode, len(list(run))) for mode, run in itertools.groupby(modes)]
 
     slow_drafts = {True: 50.0, False: 100.0}  # drafting steps take 2x as long and commit at half the rate
-    assert run(1, 3, slow_drafts, timeable=False) == [("D", 3)]  # prompt steps are not timed: still warming up
+    # Steps with prompt tokens are not timed; drafting's warm-up waits for one that is, plain decoding meanwhile.
+    assert run(1, 3, slow_drafts, timeable=False) == [("p", 3)]
     # One sequence: three timed steps of each mode (not the first after a switch), then the faster one.
-    assert run(1, 8, slow_drafts) == [("D", 3), ("p", 5)]
+    assert run(1, 8, slow_drafts) == [("p", 3), ("D", 4), ("p", 1)]
     # Probes of 1 + 3 steps re-time drafting. Drafting's last 4 timed-or-first steps took 0.8 s for 40 tokens that
     # plain decoding commits in 0.4 s: a probe loses 4 plain steps, so keeping probes under 1% of throughput
     # would put them 400 steps apart; the 256-step limit keeps re-timing the other mode.
@@ -144,15 +145,17 @@ def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
         modes += "D" if drafts else "p"
     assert [(mode, len(list(run))) for mode, run in itertools.groupby(modes)] == [
         ("D", 2), ("p", 158), ("D", 2), ("p", 156), ("D", 2), ("p", 80)]
-    # Steps with prompt tokens are not timed, and a probe lasts until it has its timed step: here every other
-    # step carries a prompt, and the second probe's timed step comes third (after the untimed switch).
+    # Steps with prompt tokens are not timed: here every other step carries a prompt. A warm-up or probe of
+    # drafting starts only on a step without (plain decoding meanwhile), and lasts until it has its timed step.
     selector, modes = ModeSelector(), ""
     for i in range(400):
-        drafts = selector.choose(16)
+        drafts = selector.choose(16, timeable=i % 2 == 1)
         selector.record(16, drafts, 2.2 * 16 if drafts else 16, 0.3 if drafts else 0.08, timeable=i % 2 == 1)
         modes += "D" if drafts else "p"
     assert [(mode, len(list(run))) for mode, run in itertools.groupby(modes)] == [
-        ("D", 2), ("p", 155), ("D", 3), ("p", 240)]
+        ("p", 3), ("D", 3), ("p", 255), ("D", 3), ("p", 136)]
+    starts = [i for i in range(1, len(modes)) if modes[i - 1:i + 1] == "pD"]
+    assert starts and all(i % 2 == 1 for i in starts)  # drafting starts only on steps without prompt tokens
     # Near parity (drafting 0.97x per sequence) with noise: every tenth and eleventh step takes 1.5x as long,
     # whatever its mode. A step-time mean would hold those slow steps against the mode that ran longest, and a
     # probe of one timed step would usually look 10% faster than it is: drafting would take over and lose. The

@@ -130,8 +130,10 @@ class ModeSelector:
     def _samples(size: int) -> int:
         return -(-SAMPLES // size)
 
-    def choose(self, num_decoding: int) -> bool:
-        """Whether this step drafts."""
+    def choose(self, num_decoding: int, timeable: bool = True) -> bool:
+        """Whether this step drafts. A warm-up of drafting, or a probe, starts only on a step that will be
+        timed (one without prompt tokens; until then plain decoding, the cheap mode, or the best one runs), so
+        that a run of prompt arrivals does not stretch it; once started it goes on through such steps."""
         size = self._bucket(num_decoding)
         if size not in self.buckets:
             self.buckets[size] = _Bucket(assumed=self._implied(size))
@@ -140,7 +142,7 @@ class ModeSelector:
         unwarmed = None if b.assumed is None else not b.assumed  # left to the probes
         for mode in (current, not current):
             if mode is not unwarmed and b.timed[mode] < self._samples(size):
-                return mode
+                return mode and (timeable or self.last is True)
         if b.timed[True] and b.timed[False]:
             best = b.rate(True) >= DRAFT_MARGIN * b.rate(False)
         else:  # the assumed mode is warmed up, the other not yet probed
@@ -152,7 +154,7 @@ class ModeSelector:
         if b.probing and b.probe_steps < PROBE_PATIENCE * (1 + self._samples(size)):
             b.probe_steps += 1
             return not best
-        if b.since_probe < self._probe_gap(size, best) - 1 - self._samples(size):
+        if not timeable or b.since_probe < self._probe_gap(size, best) - 1 - self._samples(size):
             b.since_probe += 1
             return best
         b.probing, b.probe_steps, b.since_probe = self._samples(size), 1, 0
@@ -218,6 +220,7 @@ class SpeculativeDecoder(Decoder):
         self.clock: Callable[[], float] = time.perf_counter
         self._step_start = 0.0
         self._step_drafts: bool | None = None  # this step's mode, when the selector chose it
+        self._step_timeable = False  # this step carries no prompt tokens: its time measures its mode
 
     def _budgets(self, scheduled: list[ScheduledSeq]) -> list[int]:
         """Draft tokens per sequence: none while prefilling; at most what max_tokens leaves; adaptive: none when
@@ -225,7 +228,9 @@ class SpeculativeDecoder(Decoder):
         grows. Starts the step's clock."""
         self._step_start = self.clock()
         drafting = [s for s in scheduled if s.completes_prefix]
-        self._step_drafts = self.selector.choose(len(drafting)) if self.spec.adaptive and drafting else None
+        self._step_timeable = all(s.num_new == 1 for s in scheduled)
+        self._step_drafts = (self.selector.choose(len(drafting), self._step_timeable)
+                             if self.spec.adaptive and drafting else None)
         cap = self.max_nodes
         if self._step_drafts is False:
             cap = 0
@@ -299,7 +304,7 @@ class SpeculativeDecoder(Decoder):
             return
         decoding = [s for s in scheduled if s.completes_prefix]
         self.selector.record(len(decoding), self._step_drafts, sum(len(results[s.seq].samples) for s in decoding),
-                             self.clock() - self._step_start, timeable=all(s.num_new == 1 for s in scheduled))
+                             self.clock() - self._step_start, self._step_timeable)
 
     @staticmethod
     def _chunk(s: ScheduledSeq, tree: DraftTree, num_pad: int) -> SeqChunk:
