@@ -45,9 +45,10 @@ EMA_DECAY = 0.7  # weight of the past in the per-sequence EMA of accepted tokens
 RATE_DECAY = 0.9
 STEP_WINDOW = 9
 # Timed steps of a mode a decision rests on (warm-up, and each probe after its untimed first step): 3 for one
-# sequence, whose drafting step commits anywhere from 1 to depth + 1 tokens; ceil(3 / n) for n sequences, whose
-# committed tokens add up and vary less.
-SAMPLES = 3
+# sequence, whose drafting step commits anywhere from 1 to depth + 1 tokens; for n sequences ceil(3 / n), whose
+# committed tokens add up and vary less, but at least 2: their acceptance moves together (one step's mean over 15
+# requests still varied by about 20%), and one lucky drafting step must not switch a whole bucket to drafting.
+SAMPLES, MIN_SAMPLES = 3, 2
 PROBE_MIN, PROBE_MAX = 16, 256  # steps between probes: from PROBE_MIN, doubled by each probe that changes nothing
 PROBE_COST = 0.01  # ... and at least far enough apart that probing costs at most this share of throughput
 PROBE_PATIENCE = 4  # a probe whose steps carry prompt tokens (not timed) ends after this many times its length
@@ -128,7 +129,7 @@ class ModeSelector:
 
     @staticmethod
     def _samples(size: int) -> int:
-        return -(-SAMPLES // size)
+        return max(MIN_SAMPLES, -(-SAMPLES // size))
 
     def choose(self, num_decoding: int, timeable: bool = True) -> bool:
         """Whether this step drafts. A warm-up of drafting, or a probe, starts only on a step that will be
@@ -143,6 +144,10 @@ class ModeSelector:
         for mode in (current, not current):
             if mode is not unwarmed and b.timed[mode] < self._samples(size):
                 return mode and (timeable or self.last is True)
+        if b.probing and b.probe_steps < PROBE_PATIENCE * (1 + self._samples(size)):  # decide when it is done
+            b.probe_steps += 1
+            return not b.best
+        b.probing = 0
         if b.timed[True] and b.timed[False]:
             best = b.rate(True) >= DRAFT_MARGIN * b.rate(False)
         else:  # the assumed mode is warmed up, the other not yet probed
@@ -150,10 +155,7 @@ class ModeSelector:
         if best != b.best:
             if b.best is not None:  # a probe (or drift) changed the choice: look again soon
                 b.interval = PROBE_MIN
-            b.best, b.since_probe, b.probing = best, 0, 0
-        if b.probing and b.probe_steps < PROBE_PATIENCE * (1 + self._samples(size)):
-            b.probe_steps += 1
-            return not best
+            b.best, b.since_probe = best, 0
         if not timeable or b.since_probe < self._probe_gap(size, best) - 1 - self._samples(size):
             b.since_probe += 1
             return best
