@@ -106,8 +106,8 @@ class ModeSelector:
     times faster); the other is re-timed now and then (a probe: one untimed step, then `_samples` timed ones), so
     that a change (longer contexts, other prompts) is noticed. Only steps without prompt tokens, and not the
     first step after a switch (a draft model catches up on it), are timed; a probe lasts until it has its timed
-    steps (at most PROBE_PATIENCE times its length), and only then decides. A probed mode is measured afresh, not averaged with its
-    past; the best mode, back after a probe, goes on with its averages.
+    steps (at most PROBE_PATIENCE times its length), and only then decides. A probed mode is measured afresh,
+    not averaged with its past; the best mode, back after a probe, goes on with its averages.
 
     Probes back off: each one that leaves the choice as it was doubles the gap to the next (PROBE_MIN up to
     PROBE_MAX steps), and the gap is never shorter than what keeps the measured cost of probing (the first step
