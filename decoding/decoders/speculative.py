@@ -41,9 +41,7 @@ EMA_DECAY = 0.7  # weight of the past in the per-sequence EMA of accepted tokens
 # A bucket's estimates per mode: tokens per sequence per step, a mean (evenly over a run's first timed steps, then
 # exponential with this weight of the past); seconds per step, the median of the last STEP_WINDOW timed steps:
 # noise only ever adds time (another process taking the CPU), and a mean would hold a rare slow step against the
-# mode that ran longest, so that a probe of a few steps would usually look faster than it is. Step times are kept
-# per number of requests and compared at the same number: a step's time grows with it (on a CPU, markedly), and
-# a draining batch would otherwise judge drafting at 12 requests against plain decoding at 16.
+# mode that ran longest, so that a probe of a few steps would usually look faster than it is.
 RATE_DECAY = 0.9
 STEP_WINDOW = 9
 # Timed steps of a mode a decision rests on (warm-up, and each probe after its untimed first step): 3 for one
@@ -73,8 +71,8 @@ class _Run:
 @dataclass
 class _Bucket:
     tokens: dict[bool, float] = field(default_factory=dict)  # drafting? -> mean tokens per sequence per step
-    times: dict[bool, dict[int, deque[float]]] = field(  # drafting? -> requests -> seconds of its last timed steps
-        default_factory=lambda: {False: {}, True: {}})
+    times: dict[bool, deque[float]] = field(  # drafting? -> seconds of its last timed steps
+        default_factory=lambda: {m: deque(maxlen=STEP_WINDOW) for m in (False, True)})
     timed: dict[bool, int] = field(default_factory=lambda: {False: 0, True: 0})
     opening: dict[bool, _Run] = field(default_factory=dict)  # drafting? -> the opening steps of its last run
     assumed: bool | None = None  # the mode other buckets imply is faster: the other one is only probed, not warmed up
@@ -84,24 +82,21 @@ class _Bucket:
     probing: int = 0  # timed steps the current probe still needs
     probe_steps: int = 0  # steps the current probe has run
 
-    def rate(self, drafts: bool, n: int) -> float:
-        """Committed tokens per sequence per second with `n` sequences (a ratio of averages: a step's tokens and
-        time go together)."""
-        return self.tokens[drafts] / self.seconds(drafts, n)
+    def rate(self, drafts: bool) -> float:
+        """Committed tokens per sequence per second (a ratio of averages: a step's tokens and time go together)."""
+        return self.tokens[drafts] / self.seconds(drafts)
 
-    def seconds(self, drafts: bool, n: int) -> float:
-        """Seconds per step: the median of the last timed steps with `n` sequences, or with the nearest number
-        timed."""
-        times = self.times[drafts]
-        return statistics.median(times[min(times, key=lambda m: (abs(m - n), -m))])
+    def seconds(self, drafts: bool) -> float:
+        """Seconds per step: the median of the last timed steps."""
+        return statistics.median(self.times[drafts])
 
-    def probe_loss(self, best: bool, n: int) -> float | None:
+    def probe_loss(self, best: bool) -> float | None:
         """What a probe of the other mode costs, in steps of `best`: the seconds its last run's opening steps
         took beyond those `best` would have needed for the same tokens. None until both are measured."""
         run = self.opening.get(not best)
         if run is None or not run.steps or not (self.timed[True] and self.timed[False]):
             return None
-        return max(0.0, run.seconds - run.tokens / self.rate(best, n)) / self.seconds(best, n)
+        return max(0.0, run.seconds - run.tokens / self.rate(best)) / self.seconds(best)
 
 
 class ModeSelector:
@@ -154,28 +149,26 @@ class ModeSelector:
             return not b.best
         b.probing = 0
         if b.timed[True] and b.timed[False]:
-            best = b.rate(True, num_decoding) >= DRAFT_MARGIN * b.rate(False, num_decoding)
+            best = b.rate(True) >= DRAFT_MARGIN * b.rate(False)
         else:  # the assumed mode is warmed up, the other not yet probed
             best = bool(b.assumed)
         if best != b.best:
             if b.best is not None:  # a probe (or drift) changed the choice: look again soon
                 b.interval = PROBE_MIN
             b.best, b.since_probe = best, 0
-        if not timeable or b.since_probe < self._probe_gap(num_decoding, best) - 1 - self._samples(size):
+        if not timeable or b.since_probe < self._probe_gap(size, best) - 1 - self._samples(size):
             b.since_probe += 1
             return best
         b.probing, b.probe_steps, b.since_probe = self._samples(size), 1, 0
         b.interval = min(2 * b.interval, PROBE_MAX)
         return not best
 
-    def _probe_gap(self, num_decoding: int, best: bool) -> int:
+    def _probe_gap(self, size: int, best: bool) -> int:
         """Steps from one probe to the next: the back-off interval, or more where a probe is dear, so that its
         measured loss (`_Bucket.probe_loss`, in steps) stays within PROBE_COST of the gap. The loss comes from
         this bucket once it has run both modes, else from the nearest bucket that has."""
-        size = self._bucket(num_decoding)
         by_distance = sorted(self.buckets, key=lambda s: (abs(s.bit_length() - size.bit_length()), s))
-        losses = (self.buckets[s].probe_loss(best, num_decoding) for s in by_distance)
-        loss = next((x for x in losses if x is not None), 0.0)
+        loss = next((x for x in (self.buckets[s].probe_loss(best) for s in by_distance) if x is not None), 0.0)
         return max(self.buckets[size].interval, min(PROBE_MAX, math.ceil(loss / PROBE_COST)))
 
     def _implied(self, size: int) -> bool | None:
@@ -204,7 +197,7 @@ class ModeSelector:
                 b.tokens[drafted] = (1 - weight) * b.tokens.get(drafted, 0.0) + weight * tokens
                 if run.timed == 1 and not run.carried:  # a fresh measurement: forget the old step times
                     b.times[drafted].clear()
-                b.times[drafted].setdefault(num_decoding, deque(maxlen=STEP_WINDOW)).append(seconds)
+                b.times[drafted].append(seconds)
                 b.timed[drafted] += 1
                 if b.probing and drafted is not b.best:
                     b.probing -= 1
