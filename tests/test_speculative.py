@@ -108,24 +108,28 @@ def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
     assert run(1, 8, slow_drafts) == [("p", 3), ("D", 4), ("p", 1)]
     # Probes of 1 + 3 steps re-time drafting. Drafting's last 4 timed-or-first steps took 0.8 s for 40 tokens that
     # plain decoding commits in 0.4 s: a probe loses 4 plain steps, so keeping probes under 1% of throughput
-    # would put them 400 steps apart; the 256-step limit keeps re-timing the other mode.
-    assert run(1, 600, slow_drafts) == [("p", 251), ("D", 4), ("p", 252), ("D", 4), ("p", 89)]
-    # Drafting becomes 3x faster: the next probe measures it afresh (not averaged with the old runs) and drafting
-    # takes over when it ends; 4 plain steps commit what 1.33 drafting steps do, so plain is probed 256 steps apart.
-    assert run(1, 600, {True: 300.0, False: 100.0}) == [("p", 163), ("D", 256), ("p", 4), ("D", 177)]
+    # puts them 400 steps apart.
+    assert run(1, 600, slow_drafts) == [("p", 395), ("D", 4), ("p", 201)]
+    # Drafting becomes 3x faster: the next probe measures it afresh (not averaged with the old runs), goes on
+    # until it has 3 x 3 timed steps (a switch to drafting needs them) and drafting takes over. A probe of plain
+    # decoding would now lose 8 drafting steps (4 plain steps commit what 1.33 drafting steps do): 800 apart.
+    assert run(1, 600, {True: 300.0, False: 100.0}) == [("p", 195), ("D", 405)]
     # Every batch-size bucket (a power of two) learns on its own. With 3 sequences (bucket 4) a step's committed
     # tokens vary less: two timed steps of each mode decide, and a probe is 3 steps. The warm-up's two drafting
     # steps lost two plain steps (gap 200), a 3-step probe loses 3 (gap 256, the limit).
     assert run(3, 400, slow_drafts) == [("D", 2), ("p", 200), ("D", 3), ("p", 195)]
     # A new bucket starts from its neighbours: bucket 16 lies above bucket 4, which decodes plainly, so it starts
     # plainly, leaves drafting to the probes and spaces them by bucket 4's probe cost until it has its own. There
-    # drafting costs 10x: once measured, probes move to the 256-step limit.
+    # drafting costs 10x: once measured, probes move 2,048 steps apart, the limit.
     assert run(16, 200, {True: 10.0, False: 100.0}) == [("p", 200)]
-    assert run(16, 300, {True: 10.0, False: 100.0}) == [("p", 55), ("D", 3), ("p", 242)]
+    assert run(16, 300, {True: 10.0, False: 100.0}) == [("p", 100), ("D", 3), ("p", 197)]
+    assert selector._probe_gap(16, False) == 2048
     assert set(selector.buckets) == {1, 4, 16}
-    # Below a bucket that drafts, a new bucket drafts without warming plain decoding up.
+    # Below a bucket that drafts, a new bucket drafts without warming plain decoding up. (Bucket 8 switches to
+    # drafting once it has 3 x 2 fresh timed steps of it: the warm-up's are forgotten when plain decoding runs.)
     selector = ModeSelector()
-    assert run(8, 10, {True: 300.0, False: 100.0}) == [("D", 3), ("p", 3), ("D", 4)]
+    assert run(8, 14, {True: 300.0, False: 100.0}) == [("D", 3), ("p", 3), ("D", 8)]
+    assert selector.buckets[8].best is True
     assert run(3, 30, {True: 300.0, False: 100.0}) == [("D", 30)]
     # Near parity (drafting 1.05x, below the 1.1x margin) a probe costs nothing: the back-off alone spaces them,
     # 16 steps at first and twice as far after each probe that changes nothing, up to 256.
@@ -145,17 +149,20 @@ def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
         modes += "D" if drafts else "p"
     assert [(mode, len(list(run))) for mode, run in itertools.groupby(modes)] == [
         ("D", 3), ("p", 237), ("D", 3), ("p", 157)]
-    # Steps with prompt tokens are not timed: here every other step carries a prompt. A warm-up or probe of
-    # drafting starts only on a step without (plain decoding meanwhile), and lasts until it has its timed step.
-    selector, modes = ModeSelector(), ""
-    for i in range(400):
-        drafts = selector.choose(16, timeable=i % 2 == 1)
-        selector.record(16, drafts, 2.2 * 16 if drafts else 16, 0.3 if drafts else 0.08, timeable=i % 2 == 1)
-        modes += "D" if drafts else "p"
-    assert [(mode, len(list(run))) for mode, run in itertools.groupby(modes)] == [
-        ("p", 5), ("D", 5), ("p", 253), ("D", 5), ("p", 132)]
-    starts = [i for i in range(1, len(modes)) if modes[i - 1:i + 1] == "pD"]
-    assert starts and all(i % 2 == 1 for i in starts)  # drafting starts only on steps without prompt tokens
+    # Steps with prompt tokens ("_" plain, "d" drafting) are not timed: here every other step carries a prompt.
+    # Within a warm-up or probe of drafting they decode plainly, neither ending nor joining it (the warm-up's
+    # three drafting steps are those without); where drafting is the choice, they draft too.
+    def alternating(drafting_seconds: float, steps: int) -> str:
+        selector, modes = ModeSelector(), ""
+        for i in range(steps):
+            timeable = i % 2 == 1
+            drafts = selector.choose(16, timeable)
+            selector.record(16, drafts, 2.2 * 16 if drafts else 16, drafting_seconds if drafts else 0.08, timeable)
+            modes += ("D" if drafts else "p") if timeable else ("d" if drafts else "_")
+        return modes
+
+    assert alternating(0.3, 400) == "_p_p_D_D_D" + "_p" * 195  # drafting loses
+    assert alternating(0.05, 60) == "_p_p_D_D_D_D_D_D_D" + "dD" * 21  # drafting wins, after 3 x 2 timed steps
     # Near parity (drafting 0.97x per sequence) with noise: every tenth and eleventh step takes 1.5x as long,
     # whatever its mode. A step-time mean would hold those slow steps against the mode that ran longest, and a
     # probe of two timed steps would usually look 10% faster than it is: drafting would take over and lose. The
@@ -168,6 +175,24 @@ def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
         modes += "D" if drafts else "p"
     drafting_runs = [len(run) for run in modes.split("p") if run]
     assert len(drafting_runs) >= 5 and set(drafting_runs) == {3}
+
+
+def test_mode_selector_switches_to_drafting_only_on_enough_steps():
+    """Drafting costs 2x a plain step and commits 3 tokens per sequence on the first two timed steps of a run, one
+    after: 2/3 of plain decoding's rate over a run, 1.5x on a probe's two timed steps. A probe that finds drafting
+    faster goes on until it has 3 x 2 timed steps or no longer finds it faster, so lucky probes do not switch the
+    bucket, and the back-off spaces them further each time."""
+    selector, modes, run_length = ModeSelector(), "", 0
+    for _ in range(300):
+        drafts = selector.choose(4)
+        run_length = run_length + 1 if drafts else 0
+        tokens = 3.0 if drafts and run_length in (2, 3) else 1.0
+        selector.record(4, drafts, 4 * tokens, 0.2 if drafts else 0.1, True)
+        modes += "D" if drafts else "p"
+    assert [(mode, len(list(run))) for mode, run in itertools.groupby(modes)] == [
+        ("D", 3), ("p", 3), ("D", 5), ("p", 13), ("D", 5), ("p", 29), ("D", 5), ("p", 61), ("D", 5), ("p", 125),
+        ("D", 5), ("p", 41)]
+    assert selector.buckets[4].best is False
 
 
 class _VirtualClock:

@@ -50,9 +50,13 @@ STEP_WINDOW = 9
 # requests still varied by about 20%), and one lucky drafting step must not switch a whole bucket to drafting.
 SAMPLES, MIN_SAMPLES = 3, 2
 PROBE_MIN, PROBE_MAX = 16, 256  # steps between probes: from PROBE_MIN, doubled by each probe that changes nothing
-PROBE_COST = 0.01  # ... and at least far enough apart that probing costs at most this share of throughput
+PROBE_COST = 0.01  # ... and at least far enough apart that probing costs at most this share of throughput,
+PROBE_COST_MAX = 2048  # ... up to this many steps (a dear mode is still re-timed now and then)
 PROBE_PATIENCE = 4  # a probe whose steps carry prompt tokens (not timed) ends after this many times its length
 DRAFT_MARGIN = 1.1  # drafting runs only when measured this much faster: near parity, plain decoding is the safe side
+# ... on at least CONFIRM times a decision's timed steps: acceptance varies enough over a few steps that, at 4 requests
+# in fp32, one of about ten probes of a drafter 25% slower than plain decoding found it faster and switched to it.
+CONFIRM = 3
 
 
 @dataclass
@@ -103,19 +107,22 @@ class ModeSelector:
     """Drafting or plain decoding, per batch-size bucket (decoding sequences rounded up to a power of two), by measured
     committed tokens per sequence per second of whole steps (per sequence: the batch size varies within a
     bucket, and both modes must be judged at the same size): the faster mode runs (drafting only if DRAFT_MARGIN
-    times faster); the other is re-timed now and then (a probe: one untimed step, then `_samples` timed ones), so
+    times faster, and only on CONFIRM times as many timed steps: a probe that finds drafting faster goes on until
+    it has them); the other is re-timed now and then (a probe: one untimed step, then `_samples` timed ones), so
     that a change (longer contexts, other prompts) is noticed. Only steps without prompt tokens, and not the
     first step after a switch (a draft model catches up on it), are timed; a probe lasts until it has its timed
-    steps (at most PROBE_PATIENCE times its length), and only then decides. A probed mode is measured afresh,
-    not averaged with its past; the best mode, back after a probe, goes on with its averages.
+    steps (at most PROBE_PATIENCE times its length), and only then decides; its steps with prompt tokens decode
+    plainly. A probed mode is measured afresh, not averaged with its past; the best mode, back after a probe,
+    goes on with its averages.
 
     Probes back off: each one that leaves the choice as it was doubles the gap to the next (PROBE_MIN up to
     PROBE_MAX steps), and the gap is never shorter than what keeps the measured cost of probing (the first step
-    included) under PROBE_COST of throughput, so a mode that costs several times the other (a big tree at high
-    concurrency) is re-timed rarely; a change of choice brings the gap back to PROBE_MIN. Drafting pays less as
-    the batch grows, so a new bucket above one that chose plain decoding (or below one that chose drafting)
-    starts with that choice and leaves the other mode to the probes instead of warming it up: a batch that grows
-    from 8 to 16 requests does not pay several drafting steps to learn again that drafting loses."""
+    included) under PROBE_COST of throughput (up to PROBE_COST_MAX steps), so a mode that costs several times
+    the other (a big tree at high concurrency) is re-timed rarely; a change of choice brings the gap back to
+    PROBE_MIN. Drafting pays less as the batch grows, so a new bucket above one that chose plain decoding (or
+    below one that chose drafting) starts with that choice and leaves the other mode to the probes instead of
+    warming it up: a batch that grows from 8 to 16 requests does not pay several drafting steps to learn again
+    that drafting loses."""
 
     def __init__(self) -> None:
         self.buckets: dict[int, _Bucket] = {}
@@ -132,9 +139,9 @@ class ModeSelector:
         return max(MIN_SAMPLES, -(-SAMPLES // size))
 
     def choose(self, num_decoding: int, timeable: bool = True) -> bool:
-        """Whether this step drafts. A warm-up of drafting, or a probe, starts only on a step that will be
-        timed (one without prompt tokens; until then plain decoding, the cheap mode, or the best one runs), so
-        that a run of prompt arrivals does not stretch it; once started it goes on through such steps."""
+        """Whether this step drafts. A step with prompt tokens (`timeable` false) drafts only where drafting is
+        the bucket's choice: within a warm-up or probe of drafting it decodes plainly, without ending it, since
+        it is never timed and drafting costs most there (the drafter also catches up on the new prompts)."""
         size = self._bucket(num_decoding)
         if size not in self.buckets:
             self.buckets[size] = _Bucket(assumed=self._implied(size))
@@ -143,13 +150,16 @@ class ModeSelector:
         unwarmed = None if b.assumed is None else not b.assumed  # left to the probes
         for mode in (current, not current):
             if mode is not unwarmed and b.timed[mode] < self._samples(size):
-                return mode and (timeable or self.last is True)
+                return mode and timeable
         if b.probing and b.probe_steps < PROBE_PATIENCE * (1 + self._samples(size)):  # decide when it is done
             b.probe_steps += 1
-            return not b.best
+            return not b.best and timeable
         b.probing = 0
         if b.timed[True] and b.timed[False]:
             best = b.rate(True) >= DRAFT_MARGIN * b.rate(False)
+            if best and b.best is not True and len(b.times[True]) < CONFIRM * self._samples(size):
+                b.probing, b.probe_steps = self._samples(size), 1  # time more drafting steps before switching
+                return timeable
         else:  # the assumed mode is warmed up, the other not yet probed
             best = bool(b.assumed)
         if best != b.best:
@@ -169,7 +179,7 @@ class ModeSelector:
         this bucket once it has run both modes, else from the nearest bucket that has."""
         by_distance = sorted(self.buckets, key=lambda s: (abs(s.bit_length() - size.bit_length()), s))
         loss = next((x for x in (self.buckets[s].probe_loss(best) for s in by_distance) if x is not None), 0.0)
-        return max(self.buckets[size].interval, min(PROBE_MAX, math.ceil(loss / PROBE_COST)))
+        return max(self.buckets[size].interval, min(PROBE_COST_MAX, math.ceil(loss / PROBE_COST)))
 
     def _implied(self, size: int) -> bool | None:
         """Plain decoding if a smaller bucket found it faster, drafting if a larger one found drafting faster."""
@@ -183,6 +193,8 @@ class ModeSelector:
         """One step's outcome: `tokens` committed (over all sequences) in `seconds` of wall time."""
         size, tokens = self._bucket(num_decoding), tokens / num_decoding
         b = self.buckets[size]
+        if not (drafted or timeable) and self.last is True and b.best is not True:
+            return  # a prompt step decoded plainly within a warm-up or probe of drafting: it neither ends nor joins it
         run = self.run
         if run is None or (run.size, run.drafts) != (size, drafted):
             # The best mode, back after a probe, goes on with its averages; any other run measures afresh.
