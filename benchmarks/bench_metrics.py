@@ -1,5 +1,6 @@
 """Benchmark arithmetic, no I/O: latencies of streamed requests as vLLM's `bench serve` defines them, percentiles,
-speculative-decoding acceptance from before/after counter scrapes, and the offline throughput figures.
+speculative-decoding acceptance from before/after counter scrapes, the offline throughput figures, and what
+drafting cost against plain decoding within a pass (`drafting_cost`).
 
 Definitions (times in seconds from `time.perf_counter`, reported in milliseconds):
 - TTFT: from sending the request to the first chunk that carries output text.
@@ -13,6 +14,10 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
+
+import torch
+
+from leapserve.decoding.decoders.speculative import StepRecord
 
 
 @dataclass
@@ -105,6 +110,25 @@ def spec_decode_stats(before: Mapping[str, float], after: Mapping[str, float]) -
             "mean_acceptance_length": mean_acceptance_length(accepted, drafts)}
 
 
+def drafting_cost(steps: Sequence[StepRecord]) -> float | None:
+    """What drafting cost against plain decoding within one pass, as a share of the pass's step time: the seconds
+    its drafting steps took beyond plain steps committing the same tokens, these priced by a least-squares fit
+    t = a + b n + c P over the same pass's plain steps (n decoding sequences, P prompt tokens). Negative where
+    drafting paid; immune to the machine's drift between passes. None without enough plain steps to fit."""
+    plain = [s for s in steps if not s.drafted]
+    if len({(s.num_decoding, s.prompt_tokens) for s in plain}) < 3:
+        return None if any(s.drafted for s in steps) else 0.0
+    x = torch.tensor([[1.0, s.num_decoding, s.prompt_tokens] for s in plain], dtype=torch.float64)
+    y = torch.tensor([[s.seconds] for s in plain], dtype=torch.float64)
+    a, b, c = torch.linalg.lstsq(x, y).solution.flatten().tolist()
+    excess = 0.0
+    for s in steps:
+        if s.drafted and s.num_decoding:
+            decode = a + b * s.num_decoding  # a plain step without prompt tokens
+            excess += s.seconds - (decode + c * s.prompt_tokens + (s.tokens / s.num_decoding - 1) * decode)
+    return excess / sum(s.seconds for s in steps)
+
+
 @dataclass
 class OfflineRun:
     """One timed pass of a decoder over the prompt set at one batch size."""
@@ -114,6 +138,7 @@ class OfflineRun:
     request_forwards: int  # summed over requests: the forwards each took part in
     accepted_tokens: int | None = None  # None: the decoder does not report acceptance (transformers' generate)
     num_drafts: int | None = None
+    drafting_cost: float | None = None  # `drafting_cost` of the pass's steps; None: not a speculative decoder
 
 
 def offline_summary(runs: Sequence[OfflineRun], weight_bytes: int) -> dict:
@@ -124,6 +149,7 @@ def offline_summary(runs: Sequence[OfflineRun], weight_bytes: int) -> dict:
     forwards = sum(r.request_forwards for r in runs)
     accepted = [r.accepted_tokens for r in runs]
     drafts = [r.num_drafts for r in runs]
+    costs = [r.drafting_cost for r in runs]
     return {
         "tokens_per_s": statistics.median(r.output_tokens / r.elapsed for r in runs),
         "runs_tokens_per_s": [r.output_tokens / r.elapsed for r in runs],
@@ -132,6 +158,8 @@ def offline_summary(runs: Sequence[OfflineRun], weight_bytes: int) -> dict:
         "mean_acceptance_length": (None if None in accepted or None in drafts
                                    else mean_acceptance_length(sum(accepted), sum(drafts))),
         "weight_GB_s": statistics.median(weight_bytes * r.target_forwards / r.elapsed for r in runs) / 1e9,
+        "drafting_cost": (None if None in costs else statistics.median(costs)),
+        "runs_drafting_cost": costs,
     }
 
 

@@ -5,8 +5,10 @@ For each batch size b, every decoder generates greedily for the whole prompt set
 to the next prompt, as under a server's steady load); the decoders take turns within each repeat (interleaved, so
 that drift on a shared machine hits all alike) and each figure is the median over repeats. Reported per (decoder,
 b): output tokens/s, the speedup over `autoregressive`, target forwards per output token, mean acceptance length,
-and the weight bandwidth the target achieves (weight bytes x target forwards/s: every forward streams all weights
-once). `--baselines hf` adds `transformers`' `generate` on the same checkpoint: plain (left-padded batches), with
+the weight bandwidth the target achieves (weight bytes x target forwards/s: every forward streams all weights
+once), and for speculative decoders what their drafting steps cost against their own plain steps in the same pass
+(`bench_metrics.drafting_cost`: blind to the drift between passes that moves tok/s by 5-10% on a shared CPU, so
+it shows the price of adaptive speculation's probes where the speedup cannot). `--baselines hf` adds `transformers`' `generate` on the same checkpoint: plain (left-padded batches), with
 `assistant_model` and with `prompt_lookup_num_tokens` (both batch size 1 only, as transformers allows).
 """
 from __future__ import annotations
@@ -25,11 +27,12 @@ from tqdm import tqdm
 
 from leapserve.decoding import LLM, SamplingParams
 from leapserve.decoding.config import SpeculativeConfig
+from leapserve.decoding.decoders.speculative import SpeculativeDecoder
 from leapserve.decoding.model_loader import load_tokenizer, resolve_model
 from leapserve.drafters.draft_model import load_draft_model
 from leapserve.prompts import load as load_prompts
 
-from .bench_metrics import OfflineRun, offline_summary, speedup
+from .bench_metrics import OfflineRun, drafting_cost, offline_summary, speedup
 from .report import add_output_arguments, markdown_table, plot_offline, positive_int_list, run_record, \
     write_outputs
 
@@ -205,9 +208,12 @@ def engine_pass(llm: LLM, prompts: list[list[int]], batch_size: int, params: Sam
                 continuous: bool = False) -> Pass:
     """All prompts through the engine: in groups of `batch_size`, or (`continuous`) all at once with at most
     `batch_size` running."""
-    runner = llm.engine.runner
+    runner, decoder = llm.engine.runner, llm.engine.decoder
     forwards = runner.num_forwards
     llm.engine.scheduler.config.max_num_seqs = batch_size
+    speculative = isinstance(decoder, SpeculativeDecoder)
+    if speculative:
+        decoder.step_log = []
     groups = [prompts] if continuous else [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     outs = []
     start = time.perf_counter()
@@ -215,11 +221,14 @@ def engine_pass(llm: LLM, prompts: list[list[int]], batch_size: int, params: Sam
         outs += llm.generate(group, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     tokens = [o.outputs[0].token_ids for o in outs]
+    cost = None
+    if speculative:
+        cost, decoder.step_log = drafting_cost(decoder.step_log), None
     return OfflineRun(output_tokens=sum(map(len, tokens)), elapsed=elapsed,
                       target_forwards=runner.num_forwards - forwards,
                       request_forwards=sum(o.metrics.target_forwards for o in outs),
                       accepted_tokens=sum(o.metrics.accepted_tokens for o in outs),
-                      num_drafts=sum(o.metrics.num_drafts for o in outs)), tokens
+                      num_drafts=sum(o.metrics.num_drafts for o in outs), drafting_cost=cost), tokens
 
 
 class HFBaselines:
@@ -372,9 +381,11 @@ def bench(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[dict
 def tables(rows: list[dict], setup: dict) -> str:
     """The results table, and the step breakdown table when profiled."""
     headers = ["decoder", "batch", "output tok/s", "speedup", "target forwards / token", "mean acceptance length",
-               "weight GB/s", "same output as AR"]
+               "weight GB/s", "drafting cost (same pass)", "same output as AR"]
     body = [[r["decoder"], r["batch_size"], r["tokens_per_s"], r["speedup"], r["target_forwards_per_token"],
-             r["mean_acceptance_length"], r["weight_GB_s"], "yes" if r["identical_to_autoregressive"] else "no"]
+             r["mean_acceptance_length"], r["weight_GB_s"],
+             None if r.get("drafting_cost") is None else f"{100 * r['drafting_cost']:+.1f}%",
+             "yes" if r["identical_to_autoregressive"] else "no"]
             for r in rows]
     batching = ("continuous batching (batch: requests running at most)" if setup["batching"] == "continuous"
                 else "static groups of `batch` prompts")

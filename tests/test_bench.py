@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leapserve.benchmarks.bench_metrics import (OfflineRun, StreamedRequest, mean_acceptance_length, offline_summary,
-                                                percentile, serve_summary, spec_decode_stats, speedup, summary_ms)
+from leapserve.benchmarks.bench_metrics import (OfflineRun, StreamedRequest, drafting_cost, mean_acceptance_length,
+                                                offline_summary, percentile, serve_summary, spec_decode_stats, speedup,
+                                                summary_ms)
 from leapserve.benchmarks.bench_offline import NAMED_CONFIGS, Decoder, decoder_list, split_top_level
+from leapserve.decoding.decoders.speculative import StepRecord
 from leapserve.benchmarks.bench_serve import spec_counters
 from leapserve.server import cli
 from test_server import API_KEY, MODEL, running_server
@@ -108,6 +110,26 @@ def test_offline_summary_medians_and_ratios():
     assert speedup(50.0, 25.0) == 2.0 and speedup(None, 25.0) is None and speedup(1.0, None) is None
 
 
+def test_drafting_cost_prices_drafting_steps_by_the_same_passs_plain_steps():
+    """Plain steps cost 50 ms + 10 ms per decoding sequence + 2 ms per prompt token. A drafting step of 8
+    sequences committing 2.5 tokens each is worth 2.5 plain steps of 8 (325 ms); one with 100 prompt tokens
+    committing 2 each, a plain step with that prompt plus one more plain step (460 ms)."""
+    def plain(n: int, prompt: int) -> StepRecord:
+        return StepRecord(False, n, prompt, n, 0.05 + 0.01 * n + 0.002 * prompt)
+
+    plains = [plain(n, p) for n in (4, 8, 16) for p in (0, 0, 100)]
+    decode, prompt = StepRecord(True, 8, 0, 20, 0.425), StepRecord(True, 8, 100, 16, 0.46)
+    steps = plains + [decode, decode, prompt]
+    assert drafting_cost(steps) == pytest.approx(0.2 / sum(s.seconds for s in steps))  # 100 ms too much, twice
+    paying = StepRecord(True, 8, 0, 40, 0.4)  # 5 tokens each for 0.4 s: worth 0.65 s of plain decoding
+    assert drafting_cost(plains + [paying]) == pytest.approx(-0.25 / (sum(s.seconds for s in plains) + 0.4))
+    assert drafting_cost(plains) == 0.0  # no drafting, no cost
+    assert drafting_cost([plain(4, 0), plain(4, 0), decode]) is None  # too few kinds of plain steps to price it
+    runs = [OfflineRun(output_tokens=10, elapsed=1.0, target_forwards=10, request_forwards=10, drafting_cost=c)
+            for c in (0.01, -0.02, 0.03)]
+    assert offline_summary(runs, 10**9)["drafting_cost"] == 0.01
+
+
 # ---- command line ----------------------------------------------------------------------------------------------
 
 def test_decoder_specs():
@@ -181,9 +203,11 @@ def test_bench_offline_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
         # The target drafts for itself: every draft token is accepted, 2 per verification but near the end.
         assert rows[("self-draft", b)]["mean_acceptance_length"] > 2.0
         assert rows[("self-draft", b)]["target_forwards_per_token"] <= 0.5
+        assert rows[("autoregressive", b)]["drafting_cost"] is None  # only speculative decoders draft
     assert record["hf_generate_options"]["hf-assisted"]["assistant_model"] == str(tiny_model_dir)
     printed = capsys.readouterr().out
     assert "| decoder | batch | output tok/s |" in printed and "| self-draft | 2 |" in printed
+    assert "drafting cost (same pass)" in printed
     assert (tmp_path / "offline.md").read_text().startswith("`leapserve bench offline")
 
 

@@ -60,6 +60,16 @@ CONFIRM = 3
 
 
 @dataclass
+class StepRecord:
+    """One speculative step as timed for the mode choice (`SpeculativeDecoder.step_log`, read by benchmarks)."""
+    drafted: bool  # some sequence drafted
+    num_decoding: int  # sequences that committed tokens (or could have)
+    prompt_tokens: int  # tokens computed beyond one per decoding sequence: prompt chunks
+    tokens: int  # committed
+    seconds: float
+
+
+@dataclass
 class _Run:
     """Consecutive steps of one mode in one bucket; `seconds` and `tokens` add up its first steps without prompt
     tokens, as many as a probe has (the first after a switch included: a draft model catches up on it)."""
@@ -235,6 +245,7 @@ class SpeculativeDecoder(Decoder):
         self._step_start = 0.0
         self._step_drafts: bool | None = None  # this step's mode, when the selector chose it
         self._step_timeable = False  # this step carries no prompt tokens: its time measures its mode
+        self.step_log: list[StepRecord] | None = None  # a list: every step is appended to it
 
     def _budgets(self, scheduled: list[ScheduledSeq]) -> list[int]:
         """Draft tokens per sequence: none while prefilling; at most what max_tokens leaves; adaptive: none when
@@ -313,12 +324,15 @@ class SpeculativeDecoder(Decoder):
         return results
 
     def _time_step(self, scheduled: list[ScheduledSeq], results: dict[Sequence, SeqStep]) -> None:
-        """Report the step's committed tokens and wall time to the selector (steps with prompt tokens excluded)."""
-        if self._step_drafts is None:
-            return
+        """Report the step's committed tokens and wall time to the selector (steps with prompt tokens excluded),
+        and to `step_log`."""
         decoding = [s for s in scheduled if s.completes_prefix]
-        self.selector.record(len(decoding), self._step_drafts, sum(len(results[s.seq].samples) for s in decoding),
-                             self.clock() - self._step_start, self._step_timeable)
+        tokens, seconds = sum(len(results[s.seq].samples) for s in decoding), self.clock() - self._step_start
+        if self.step_log is not None:
+            self.step_log.append(StepRecord(any(r.draft_tokens for r in results.values()), len(decoding),
+                                            sum(s.num_new for s in scheduled) - len(decoding), tokens, seconds))
+        if self._step_drafts is not None:
+            self.selector.record(len(decoding), self._step_drafts, tokens, seconds, self._step_timeable)
 
     @staticmethod
     def _chunk(s: ScheduledSeq, tree: DraftTree, num_pad: int) -> SeqChunk:
