@@ -7,9 +7,10 @@ that drift on a shared machine hits all alike) and each figure is the median ove
 b): output tokens/s, the speedup over `autoregressive`, target forwards per output token, mean acceptance length,
 the weight bandwidth the target achieves (weight bytes x target forwards/s: every forward streams all weights
 once), and for speculative decoders what their drafting steps cost against their own plain steps in the same pass
-(`bench_metrics.drafting_cost`: blind to the drift between passes that moves tok/s by 5-10% on a shared CPU, so
-it shows the price of adaptive speculation's probes where the speedup cannot). `--baselines hf` adds `transformers`' `generate` on the same checkpoint: plain (left-padded batches), with
-`assistant_model` and with `prompt_lookup_num_tokens` (both batch size 1 only, as transformers allows).
+(`bench_metrics.drafting_cost`: blind to the drift between passes that moves tok/s by 5-15% on a shared CPU, so
+it shows the price of adaptive speculation's probes where the speedup cannot). `--baselines hf` adds
+`transformers`' `generate` on the same checkpoint: plain (left-padded batches), with `assistant_model` and with
+`prompt_lookup_num_tokens` (both batch size 1 only, as transformers allows).
 """
 from __future__ import annotations
 
