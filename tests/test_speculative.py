@@ -116,7 +116,7 @@ def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
     assert run(1, 600, {True: 300.0, False: 100.0}) == [("p", 195), ("D", 405)]
     # Every batch-size bucket (a power of two) learns on its own. With 3 sequences (bucket 4) a step's committed
     # tokens vary less: two timed steps of each mode decide, and a probe is 3 steps. The warm-up's two drafting
-    # steps lost two plain steps (gap 200), a 3-step probe loses 3 (gap 256, the limit).
+    # steps lost two plain steps (gap 200), a 3-step probe loses 3 (gap 300, beyond this run).
     assert run(3, 400, slow_drafts) == [("D", 2), ("p", 200), ("D", 3), ("p", 195)]
     # A new bucket starts from its neighbours: bucket 16 lies above bucket 4, which decodes plainly, so it starts
     # plainly, leaves drafting to the probes and spaces them by bucket 4's probe cost until it has its own. There
@@ -179,7 +179,7 @@ def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
 
 def test_mode_selector_switches_to_drafting_only_on_enough_steps():
     """Drafting costs 2x a plain step and commits 3 tokens per sequence on the first two timed steps of a run, one
-    after: 2/3 of plain decoding's rate over a run, 1.5x on a probe's two timed steps. A probe that finds drafting
+    after: 1.5x plain decoding's rate on a probe's two timed steps, half of it from then on. A probe that finds drafting
     faster goes on until it has 3 x 2 timed steps or no longer finds it faster, so lucky probes do not switch the
     bucket, and the back-off spaces them further each time."""
     selector, modes, run_length = ModeSelector(), "", 0
