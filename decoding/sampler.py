@@ -27,6 +27,18 @@ def apply_penalties(logits: torch.Tensor, seq: Sequence, output_ids: list[int]) 
     return logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
+def plain_greedy(seq: Sequence) -> bool:
+    """Greedy on the raw logits: no penalties and no logits processors change what the argmax sees."""
+    p = seq.params
+    return p.greedy and not (p.presence_penalty or p.frequency_penalty or p.logits_processors)
+
+
+def row_argmax(logits: torch.Tensor, seqs: list[Sequence]) -> list[int] | None:
+    """Every row's argmax in one call where some of `seqs` (the rows' sequences) is `plain_greedy`, else None:
+    one op per row costs mostly its overhead on a CPU."""
+    return logits.argmax(dim=-1).tolist() if any(map(plain_greedy, seqs)) else None
+
+
 def processed_logits(logits: torch.Tensor, seq: Sequence, pending: list[int] | None = None) -> torch.Tensor:
     """Logits after penalties and the request's logits processors (what greedy takes the argmax of).
 
@@ -91,16 +103,20 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample | SequenceError]:
         """One next token per row of `logits` `[N, V]` (row i belongs to `seqs[i]`); a failing row yields its error."""
         samples: list[Sample | SequenceError] = []
-        for raw, seq in zip(logits, seqs):
-            try:
-                processed = processed_logits(raw, seq)
-            except SequenceError as e:
-                samples.append(e)
-                continue
-            if seq.params.greedy:
-                token = int(torch.argmax(processed))
+        argmax = row_argmax(logits, seqs)
+        for i, (raw, seq) in enumerate(zip(logits, seqs)):
+            if argmax is not None and plain_greedy(seq):
+                token = argmax[i]
             else:
-                token = draw(target_probs(processed, seq), seq.generator or self.generator)
+                try:
+                    processed = processed_logits(raw, seq)
+                except SequenceError as e:
+                    samples.append(e)
+                    continue
+                if seq.params.greedy:
+                    token = int(torch.argmax(processed))
+                else:
+                    token = draw(target_probs(processed, seq), seq.generator or self.generator)
             k = seq.params.logprobs
             samples.append(Sample(token, None if k is None else self.token_logprobs(raw, token, k)))
         return samples

@@ -12,7 +12,7 @@ import torch
 
 from .drafter import DraftTree
 from .request import Sequence
-from .sampler import Sample, Sampler, draw, processed_logits, target_probs
+from .sampler import Sample, Sampler, draw, plain_greedy, processed_logits, target_probs
 from .tree import tree_children
 
 
@@ -26,8 +26,10 @@ def _residual(p: torch.Tensor, q: torch.Tensor | None, token: int) -> torch.Tens
     return r / total if total > 0 else p  # total 0 means p == q, where the child is always accepted
 
 
-def verify(tree: DraftTree, logits: torch.Tensor, seq: Sequence, sampler: Sampler) -> tuple[list[int], list[Sample]]:
-    """`logits` `[N+1, V]`: the target's raw logits at the root and at every node.
+def verify(tree: DraftTree, logits: torch.Tensor, seq: Sequence, sampler: Sampler,
+           argmax: list[int] | None = None) -> tuple[list[int], list[Sample]]:
+    """`logits` `[N+1, V]`: the target's raw logits at the root and at every node; `argmax`, where given, their
+    rows' argmax (`sampler.row_argmax`), which a `plain_greedy` request takes instead of one argmax per node.
 
     Returns the accepted nodes (root to leaf, 1-based) and the committed samples: one per accepted node plus
     the bonus token. Raises SequenceError if the request's logits processors fail.
@@ -36,15 +38,15 @@ def verify(tree: DraftTree, logits: torch.Tensor, seq: Sequence, sampler: Sample
     generator = seq.generator or sampler.generator
     k = seq.params.logprobs
     node, accepted, tokens, samples = 0, [], [], []
+    fast = argmax is not None and plain_greedy(seq)
     while True:
         raw = logits[node]
-        processed = processed_logits(raw, seq, tokens)
         nxt = None
         if seq.params.greedy:
-            token = int(torch.argmax(processed))
+            token = argmax[node] if fast else int(torch.argmax(processed_logits(raw, seq, tokens)))
             nxt = next((c for c in children[node] if tree.tokens[c - 1] == token), None)
         else:
-            p = target_probs(processed, seq)
+            p = target_probs(processed_logits(raw, seq, tokens), seq)
             for c in children[node]:
                 x, q = tree.tokens[c - 1], tree.q[c - 1]
                 qx = 1.0 if q is None else float(q[x])

@@ -87,6 +87,31 @@ def test_speculative_config_selects_decoder_and_reserves_lookahead(tiny_model_di
         LLM(str(tiny_model_dir), kv_cache_tokens=1024, decoder="speculative")
 
 
+def test_plain_and_penalised_greedy_requests_verified_in_one_batch(tiny_model_dir):
+    """Plain greedy rows take their argmax from one call over the whole step (`row_argmax`); rows whose penalties
+    or logits processors change the argmax are processed one by one. Mixed in one batch of trees, each request still gets exactly what
+    autoregressive decoding gives it."""
+    path = str(tiny_model_dir)
+    plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    def odd_only(prompt_ids, output_ids, logits):
+        return logits.masked_fill(torch.arange(logits.shape[-1]) % 2 == 0, float("-inf"))
+
+    penalised = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, presence_penalty=2.0,
+                               frequency_penalty=2.0, logits_processors=[odd_only], logprobs=2)
+    prompts, params = [PROMPTS[3], PROMPTS[3], PROMPTS[0], PROMPTS[0]], [plain, penalised, plain, penalised]
+    want = LLM(path, kv_cache_tokens=2048).generate(prompts, params, use_tqdm=False)
+    llm = LLM(path, kv_cache_tokens=2048, speculative_config={
+        "method": "draft_model", "model": path, "tree": [2, 2, 1], "adaptive": False})
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert all(t % 2 for t in got[1].outputs[0].token_ids)  # the processor was applied...
+    assert any(t % 2 == 0 for t in got[0].outputs[0].token_ids)  # ... to its request only
+    for lp, ref in zip(got[1].outputs[0].logprobs, want[1].outputs[0].logprobs):  # the raw model's, both ways
+        assert {t: v.rank for t, v in lp.items()} == {t: v.rank for t, v in ref.items()}
+        assert [v.logprob for v in lp.values()] == pytest.approx([v.logprob for v in ref.values()], abs=1e-4)
+    assert sum(o.metrics.accepted_tokens for o in got) > 0
+
+
 # ---- adaptive speculation: drafting only where it pays ---------------------------------------------------------
 
 def test_mode_selector_runs_the_faster_mode_and_probes_the_other():

@@ -31,7 +31,7 @@ from ..config import EngineConfig, SpeculativeConfig
 from ..drafter import DraftTree, make_drafter
 from ..request import Sequence
 from ..runner import ModelRunner, SeqChunk
-from ..sampler import Sampler, SequenceError
+from ..sampler import Sampler, SequenceError, row_argmax
 from ..scheduler import ScheduledSeq
 from ..tree import chunk_layout
 from ..verification import verify
@@ -291,6 +291,7 @@ class SpeculativeDecoder(Decoder):
             logits = self.runner.execute(chunks)
         results: dict[Sequence, SeqStep] = {}
         observed: list[tuple[Sequence, list[int]]] = []  # the hidden rows of each sequence's computed, kept tokens
+        argmax = row_argmax(logits, [s.seq for s in scheduled if s.completes_prefix])
         row = lo = 0
         for s, tree, chunk in zip(scheduled, trees, chunks):
             lo, chunk_lo = lo + len(chunk.token_ids), lo
@@ -299,9 +300,10 @@ class SpeculativeDecoder(Decoder):
                 results[s.seq] = SeqStep()
                 continue
             seq_logits = logits[row:row + len(tree) + 1]
+            seq_argmax = None if argmax is None else argmax[row:row + len(tree) + 1]
             row += len(tree) + 1
             try:
-                accepted, samples = verify(tree, seq_logits, s.seq, self.sampler)
+                accepted, samples = verify(tree, seq_logits, s.seq, self.sampler, seq_argmax)
             except SequenceError as e:
                 results[s.seq] = SeqStep(error=e)
                 continue
