@@ -290,13 +290,14 @@ class SpeculativeDecoder(Decoder):
         else:
             logits = self.runner.execute(chunks)
         results: dict[Sequence, SeqStep] = {}
-        observed: list[tuple[Sequence, list[int]]] = []  # the hidden rows of each sequence's computed, kept tokens
+        observed: list[tuple[Sequence, list[int]]] = []  # feature drafters: each sequence's hidden rows to observe
         argmax = row_argmax(logits, [s.seq for s in scheduled if s.completes_prefix])
         row = lo = 0
         for s, tree, chunk in zip(scheduled, trees, chunks):
             lo, chunk_lo = lo + len(chunk.token_ids), lo
             if not s.completes_prefix:
-                observed.append((s.seq, list(range(chunk_lo, lo))))
+                if hidden is not None:
+                    observed.append((s.seq, list(range(chunk_lo, lo))))
                 results[s.seq] = SeqStep()
                 continue
             seq_logits = logits[row:row + len(tree) + 1]
@@ -308,8 +309,9 @@ class SpeculativeDecoder(Decoder):
                 results[s.seq] = SeqStep(error=e)
                 continue
             self._compact(s.seq, s.seq.num_kv_slots + s.num_new - 1, accepted)
-            root = chunk_lo + s.num_new - 1
-            observed.append((s.seq, list(range(chunk_lo, root + 1)) + [root + node for node in accepted]))
+            if hidden is not None:  # the features of every token this step computed and committed
+                root = chunk_lo + s.num_new - 1
+                observed.append((s.seq, list(range(chunk_lo, root + 1)) + [root + node for node in accepted]))
             if len(tree):
                 old = self._accept_ema.get(s.seq, float(self.max_depth))
                 self._accept_ema[s.seq] = EMA_DECAY * old + (1 - EMA_DECAY) * len(accepted)
@@ -320,7 +322,7 @@ class SpeculativeDecoder(Decoder):
             longest = max((r.accepted_tokens for r in verified), default=0)
             for r in verified:
                 r.masked_slots = longest - r.accepted_tokens
-        if hidden is not None and observed:  # one gather for the whole batch, then a view per sequence
+        if observed:  # one gather for the whole batch, then a view per sequence
             rows = torch.tensor([r for _, seq_rows in observed for r in seq_rows], device=hidden.device)
             for (seq, seq_rows), features in zip(observed, hidden[rows].split([len(r) for _, r in observed])):
                 self.drafter.observe(seq, seq.num_computed, features)
