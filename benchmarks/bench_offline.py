@@ -10,11 +10,13 @@ once), and for speculative decoders what their drafting steps cost against their
 (`bench_metrics.drafting_cost`: blind to the drift between passes that moves tok/s by 5-15% on a shared CPU, so
 it shows the price of adaptive speculation's probes where the speedup cannot). `--baselines hf` adds
 `transformers`' `generate` on the same checkpoint: plain (left-padded batches), with `assistant_model` and with
-`prompt_lookup_num_tokens` (both batch size 1 only, as transformers allows).
+`prompt_lookup_num_tokens` (both batch size 1 only, as transformers allows). `--roofline` times every pass on a
+modeled accelerator instead of the wall clock (`roofline.py`): what adaptive speculation would do on a GPU, here.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -34,6 +36,7 @@ from leapserve.drafters.draft_model import load_draft_model
 from leapserve.prompts import load as load_prompts
 
 from .bench_metrics import OfflineRun, drafting_cost, offline_summary, speedup
+from .roofline import Roofline, VirtualClock
 from .report import add_output_arguments, markdown_table, plot_offline, positive_int_list, run_record, \
     write_outputs
 
@@ -156,6 +159,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hf: also transformers' generate, plain, with assistant_model and with prompt lookup")
     p.add_argument("--profile", action="store_true",
                    help="also split an engine step into matmuls / attention / other (one profiled pass each)")
+    p.add_argument("--roofline", type=roofline_arg, metavar="MS,KNEE[,DRAFT_SHARE]",
+                   help="time on a modeled accelerator instead of the wall clock: a target forward of T tokens "
+                        "takes max(MS, MS x T / KNEE) ms, a drafter forward DRAFT_SHARE (default 0.1) of that; "
+                        "e.g. 10,128")
     g = p.add_argument_group("engine")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -163,6 +170,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="per engine; default: enough for the largest batch of the longest prompts")
     add_output_arguments(p)
     p.set_defaults(handler=run)
+
+
+def roofline_arg(text: str) -> Roofline:
+    """argparse type: `--roofline`."""
+    try:
+        return Roofline.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def prompt_token_ids(tokenizer, prompts: list[str | list[dict]], context_words: int) -> list[list[int]]:
@@ -206,9 +221,9 @@ Pass = tuple[OfflineRun, list[list[int]]]  # the timed figures and every prompt'
 
 
 def engine_pass(llm: LLM, prompts: list[list[int]], batch_size: int, params: SamplingParams,
-                continuous: bool = False) -> Pass:
+                continuous: bool = False, clock: Callable[[], float] = time.perf_counter) -> Pass:
     """All prompts through the engine: in groups of `batch_size`, or (`continuous`) all at once with at most
-    `batch_size` running."""
+    `batch_size` running; timed by `clock`."""
     runner, decoder = llm.engine.runner, llm.engine.decoder
     forwards = runner.num_forwards
     llm.engine.scheduler.config.max_num_seqs = batch_size
@@ -217,10 +232,10 @@ def engine_pass(llm: LLM, prompts: list[list[int]], batch_size: int, params: Sam
         decoder.step_log = []
     groups = [prompts] if continuous else [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     outs = []
-    start = time.perf_counter()
+    start = clock()
     for group in groups:
         outs += llm.generate(group, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
+    elapsed = clock() - start
     tokens = [o.outputs[0].token_ids for o in outs]
     cost = None
     if speculative:
@@ -337,14 +352,20 @@ def bench(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[dict
     """Every (batch size, decoder) row, and what the record says about the setup."""
     kv_tokens = args.kv_cache_tokens or kv_tokens_needed(prompts, max(args.batch_sizes), args.max_tokens)
     engines = {d.label: build_engine(args, d, kv_tokens) for d in args.decoders}
+    clocks: dict[str, Callable[[], float]] = {label: time.perf_counter for label in engines}
+    if args.roofline:
+        clocks = {label: VirtualClock.of(args.roofline) for label in engines}
+        for label, llm in engines.items():
+            clocks[label].attach(llm)
     baseline = args.decoders[0].label  # autoregressive, see decoder_list
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
     passes: dict[str, Callable[[list[list[int]], int], Pass | None]] = {
-        label: (lambda ps, b, llm=llm: engine_pass(llm, ps, b, params, args.continuous))
+        label: (lambda ps, b, llm=llm, clock=clocks[label]: engine_pass(llm, ps, b, params, args.continuous, clock))
         for label, llm in engines.items()}
     base = engines[baseline]
     setup: dict = {"decoders": {d.label: d.speculative_config for d in args.decoders},
-                   "batching": "continuous" if args.continuous else "static"}
+                   "batching": "continuous" if args.continuous else "static",
+                   "roofline": dataclasses.asdict(args.roofline) if args.roofline else None}
     if args.baselines == "hf":
         hf = HFBaselines(base, args.decoders, args.max_tokens, args.ignore_eos)
         passes.update({mode: (lambda ps, b, mode=mode: hf.run(mode, ps, b)) for mode in hf.modes})
@@ -391,7 +412,13 @@ def tables(rows: list[dict], setup: dict) -> str:
     batching = ("continuous batching (batch: requests running at most)" if setup["batching"] == "continuous"
                 else "static groups of `batch` prompts")
     text = (f"weights: {setup['weight_bytes'] / 1e6:.0f} MB; measured copy bandwidth: {setup['copy_GB_s']:.1f} GB/s; "
-            f"{batching}\n\n" + markdown_table(headers, body))
+            f"{batching}\n\n")
+    if setup.get("roofline"):
+        r = setup["roofline"]
+        text += (f"virtual time on a modeled accelerator (`--roofline`): a target forward of T tokens takes "
+                 f"max({r['forward_ms']:g}, {r['forward_ms']:g} x T / {r['knee_tokens']}) ms, a drafter "
+                 f"forward {r['draft_share']:g} of that; tok/s, weight GB/s and drafting cost are in that time\n\n")
+    text += markdown_table(headers, body)
     profiled = [r for r in rows if "step_breakdown" in r]
     if profiled:
         headers = ["decoder", "batch", "ms/step (profiled)", "matmuls", "attention", "other ops + Python"]
@@ -406,6 +433,9 @@ def run(args: argparse.Namespace) -> None:
     if args.continuous and args.baselines == "hf":
         sys.exit("leapserve bench offline: error: --baselines hf cannot run --continuous (transformers' generate "
                  "has no continuous batching)")
+    if args.roofline and (args.baselines == "hf" or args.profile):
+        sys.exit("leapserve bench offline: error: --roofline times the engine's forwards only: it cannot time "
+                 "--baselines hf or --profile")
     try:
         tokenizer = load_tokenizer(resolve_model(args.model))
         texts = load_prompts(args.dataset, "test", num_prompts, args.seed)

@@ -119,7 +119,7 @@ def load_draft_model(model: str, target: torch.nn.Module, device: torch.device,
 
 
 class DraftModelDrafter:
-    vocab: torch.Tensor | None = None  # token ids of `_execute`'s logit columns (None: the whole vocabulary)
+    vocab: torch.Tensor | None = None  # token ids of `execute`'s logit columns (None: the whole vocabulary)
     vocab_size: int = 0  # with `vocab`: the whole vocabulary's size
 
     def __init__(self, spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler):
@@ -157,7 +157,7 @@ class DraftModelDrafter:
             growing.append(_Growing(s.seq, budget, chunk.start + chunk.logits_rows[0]))
             trees.append(growing[-1])
         if growing:
-            self._grow(growing, *self._execute(catch_up))
+            self._grow(growing, *self.execute(catch_up))
         return [self._finish(t) if isinstance(t, _Growing) else t for t in trees]
 
     def _catch_up(self, s: ScheduledSeq, budget: int) -> SeqChunk | None:
@@ -176,7 +176,7 @@ class DraftModelDrafter:
         state.computed, state.written = len(tokens), []
         return SeqChunk(s.seq.block_table, start, tokens[start:], logits_rows=[len(tokens) - 1 - start])
 
-    def _execute(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def execute(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The draft's logits at the chunks' logits rows, and per row any state its children need (none here)."""
         return self.runner.execute(chunks), None
 
@@ -203,7 +203,7 @@ class DraftModelDrafter:
             live = [g for g in growing if g.frontier]
             if level == self.shape.num_levels - 1 or not live:
                 return
-            logits, states = self._execute([self._frontier_chunk(g) for g in live])
+            logits, states = self.execute([self._frontier_chunk(g) for g in live])
             growing = live
 
     def _children(self, logits: torch.Tensor, expanding: list[tuple[_Growing, int]],

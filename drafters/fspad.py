@@ -119,7 +119,7 @@ class FSPADDrafter(DraftModelDrafter):
         return chunk
 
     @torch.inference_mode()
-    def _execute(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+    def execute(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor]:
         """Draft logits over the draft vocabulary (`vocab`) and predicted features, at the chunks' logits rows."""
         meta, positions, offsets = step_metadata(chunks, self.cache, self.device)
         ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64, device=self.device)

@@ -156,6 +156,8 @@ def test_decoder_specs():
     (["offline", "--decoders", "speculative:ngram,speculative:ngram"], "labels must differ"),
     (["offline", "--batch-sizes", "1,0"], "positive integers"),
     (["serve", "--concurrency", "1,four"], "positive integers"),
+    (["offline", "--roofline", "10"], "expected MS,KNEE[,DRAFT_SHARE]"),
+    (["offline", "--roofline", "10,0"], "KNEE at least 1"),
 ])
 def test_bad_arguments_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -230,6 +232,31 @@ def test_bench_offline_continuous_has_no_hf_baseline(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", "offline", "--continuous", "--baselines", "hf"])
     assert "no continuous batching" in str(exc.value)
+
+
+def test_bench_offline_roofline_cannot_time_transformers(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "offline", "--roofline", "10,128", "--baselines", "hf"])
+    assert "--roofline times the engine's forwards only" in str(exc.value)
+
+
+def test_bench_offline_on_a_modeled_accelerator(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`--roofline 10,1`: every forward token costs 10 ms of virtual time (the knee at one token), so plain decoding
+    of 2 prompts x 8 tokens, one at a time, takes 10 ms x (the prompts' tokens + 2 x 7 decode steps) whatever this
+    machine does meanwhile; drafters are charged too, and the mode choice runs on the same clock."""
+    out = tmp_path / "roofline.json"
+    draft = json.dumps({"method": "draft_model", "model": str(tiny_model_dir), "num_speculative_tokens": 2})
+    _run_cli(monkeypatch, ["bench", "offline", "--model", str(tiny_model_dir), "--decoders",
+                           f"autoregressive,self-draft=speculative:{draft}", "--batch-sizes", "1", "--dataset", "chat",
+                           "--num-prompts", "2", "--max-tokens", "8", "--ignore-eos", "--repeats", "1",
+                           "--roofline", "10,1", "--output-json", str(out)])
+    record = _check_outputs(out, "offline")
+    assert record["roofline"] == {"forward_ms": 10.0, "knee_tokens": 1, "draft_share": 0.1}
+    rows = {r["decoder"]: r for r in record["results"]}
+    seconds = 0.010 * (2 * record["mean_prompt_tokens"] + 2 * 7)
+    assert rows["autoregressive"]["tokens_per_s"] == pytest.approx(16 / seconds, rel=1e-6)
+    assert rows["self-draft"]["identical_to_autoregressive"] and rows["self-draft"]["drafting_cost"] is not None
+    assert "virtual time on a modeled accelerator" in capsys.readouterr().out
 
 
 def test_bench_serve_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from conftest import save_tiny_llama
+from leapserve.benchmarks.roofline import Roofline, VirtualClock
 from leapserve.decoding import LLM, SamplingParams
 from leapserve.decoding.config import SpeculativeConfig
 from leapserve.decoding.decoders.speculative import ModeSelector
@@ -222,24 +223,6 @@ def test_mode_selector_switches_to_drafting_only_on_enough_steps():
     assert selector.buckets[4].best is False
 
 
-class _VirtualClock:
-    """Deterministic step times: each forward of a charged model costs `cost(tokens, forwards so far)` seconds."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def charge(self, model: torch.nn.Module, cost: Callable[[int, int], float]) -> None:
-        forwards = itertools.count()
-
-        def hook(module, args, kwargs):
-            self.now += cost(kwargs["input_ids"].shape[1], next(forwards))
-
-        model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
-
-
 @pytest.mark.parametrize("accepted", [False, True])
 def test_adaptive_drafts_only_where_drafting_pays(tiny_model_dir, accepted):
     """A self-drafting target accepts everything; shifting every drafted token by one makes it accept nothing.
@@ -252,9 +235,7 @@ def test_adaptive_drafts_only_where_drafting_pays(tiny_model_dir, accepted):
     llm = LLM(path, kv_cache_tokens=4096, speculative_config={"method": "draft_model", "model": path,
                                                                "num_speculative_tokens": 4})
     decoder = llm.engine.decoder
-    clock = decoder.clock = _VirtualClock()
-    clock.charge(llm.engine.runner.model, lambda tokens, _: 0.010 + 0.001 * tokens)
-    clock.charge(decoder.drafter.runner.model, lambda tokens, _: 0.001)
+    VirtualClock(lambda tokens: 0.010 + 0.001 * tokens, lambda tokens: 0.001).attach(llm)
     propose, vocab, drafted = decoder.drafter.propose, llm.engine.runner.model.config.vocab_size, []
 
     def spy(scheduled, budgets):
@@ -284,17 +265,17 @@ def _on_roofline(path: str, running: int, knee: int, accept: float, speculative_
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(32, 256))] for _ in range(48)]
     llm = LLM(path, kv_cache_tokens=running * 640, max_num_seqs=running, speculative_config=speculative_config)
+    roofline = Roofline(forward_ms=10, knee_tokens=knee)
 
-    def roofline(scale: float) -> Callable[[int, int], float]:
-        return lambda tokens, i: scale * max(0.010, 0.010 * tokens / knee) * (
-            1.5 if slow_every and i % slow_every == 0 else 1.0)
+    def slowed(share: float) -> Callable[[int], float]:
+        forwards = itertools.count()
+        return lambda tokens: share * roofline.seconds(tokens) * (
+            1.5 if slow_every and next(forwards) % slow_every == 0 else 1.0)
 
-    clock = _VirtualClock()
-    clock.charge(llm.engine.runner.model, roofline(1.0))
+    clock = VirtualClock(slowed(1.0), slowed(0.1))
+    clock.attach(llm)
     if speculative_config:
         decoder = llm.engine.decoder
-        decoder.clock = clock
-        clock.charge(decoder.drafter.runner.model, roofline(0.1))
         propose, vocab, keep = decoder.drafter.propose, llm.engine.runner.model.config.vocab_size, random.Random(1)
 
         def corrupted(scheduled, budgets):
