@@ -454,7 +454,10 @@ def run(args: argparse.Namespace) -> None:
     if args.output_json is not None:
         plot = Path(args.output_json).with_suffix(".png")
         batching = "continuous batching" if args.continuous else "static groups"
+        modeled = "" if args.roofline is None else (f"\nvirtual time on a modeled accelerator: a forward of T tokens "
+                                                    f"max({args.roofline.forward_ms:g}, {args.roofline.forward_ms:g}"
+                                                    f" x T / {args.roofline.knee_tokens}) ms")
         plot_offline(rows, plot, f"{args.model}, {len(prompts)} prompts from {args.dataset}, "
-                                 f"{args.max_tokens} tokens max, greedy, {batching}",
+                                 f"{args.max_tokens} tokens max, greedy, {batching}{modeled}",
                      "requests running at most" if args.continuous else "batch size")
         print(f"wrote {plot}")

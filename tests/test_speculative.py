@@ -257,13 +257,13 @@ def test_adaptive_drafts_only_where_drafting_pays(tiny_model_dir, accepted):
 
 def _on_roofline(path: str, running: int, knee: int, accept: float, speculative_config: dict | None = None,
                  slow_every: int = 0) -> tuple[float, list[list[int]]]:
-    """48 requests (prompts of 32-256 random tokens, 48 tokens each) under continuous batching with at most
+    """64 requests (prompts of 32-256 random tokens, 48 tokens each) under continuous batching with at most
     `running` at once, on a modeled accelerator: a target forward of T tokens costs max(10 ms, 10 ms x T / knee)
     (flat while the weights' stream dominates, then linear), a draft forward a tenth of that, and with
     `slow_every` every such forward 1.5x (a neighbour on the device). Each drafted token is kept with probability
     `accept`, up to the first one corrupted. Returns the virtual seconds and the outputs."""
     rng = random.Random(0)
-    prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(32, 256))] for _ in range(48)]
+    prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(32, 256))] for _ in range(64)]
     llm = LLM(path, kv_cache_tokens=running * 640, max_num_seqs=running, speculative_config=speculative_config)
     roofline = Roofline(forward_ms=10, knee_tokens=knee)
 
@@ -301,8 +301,8 @@ def test_adaptive_speculation_on_a_modeled_accelerator(tiny_model_dir, running, 
     """Point 5 of issue 4 on hardware whose forward cost is flat up to a knee and then linear (GPUs, AMX), modeled
     by a virtual clock over the real engine and drafter. Where drafting on every step loses (a chain of 4 at 16
     running), adaptive speculation is at least 0.98x plain batched decoding: it pays its warm-up and probes only;
-    where drafting pays, it keeps at least 85% of fixed drafting's gain (about 90%: it warms up and probes plain
-    decoding). Outputs stay autoregressive decoding's."""
+    where drafting pays, it keeps at least 85% of fixed drafting's gain (it warms up and probes plain decoding;
+    here it gains as much). Outputs stay autoregressive decoding's."""
     path = str(tiny_model_dir)
     plain, want = _on_roofline(path, running, knee, accept, slow_every=slow_every)
     spec = {"method": "draft_model", "model": path, "num_speculative_tokens": 4}
