@@ -414,10 +414,8 @@ def tables(rows: list[dict], setup: dict) -> str:
     text = (f"weights: {setup['weight_bytes'] / 1e6:.0f} MB; measured copy bandwidth: {setup['copy_GB_s']:.1f} GB/s; "
             f"{batching}\n\n")
     if setup.get("roofline"):
-        r = setup["roofline"]
-        text += (f"virtual time on a modeled accelerator (`--roofline`): a target forward of T tokens takes "
-                 f"max({r['forward_ms']:g}, {r['forward_ms']:g} x T / {r['knee_tokens']}) ms, a drafter "
-                 f"forward {r['draft_share']:g} of that; tok/s, weight GB/s and drafting cost are in that time\n\n")
+        text += (f"virtual time on a modeled accelerator (`--roofline`): {Roofline(**setup['roofline']).describe()}; "
+                 f"tok/s, weight GB/s and drafting cost are in that time\n\n")
     text += markdown_table(headers, body)
     profiled = [r for r in rows if "step_breakdown" in r]
     if profiled:
@@ -454,9 +452,7 @@ def run(args: argparse.Namespace) -> None:
     if args.output_json is not None:
         plot = Path(args.output_json).with_suffix(".png")
         batching = "continuous batching" if args.continuous else "static groups"
-        modeled = "" if args.roofline is None else (f"\nvirtual time on a modeled accelerator: a forward of T tokens "
-                                                    f"max({args.roofline.forward_ms:g}, {args.roofline.forward_ms:g}"
-                                                    f" x T / {args.roofline.knee_tokens}) ms")
+        modeled = "" if args.roofline is None else f"\nvirtual time: {args.roofline.describe()}"
         plot_offline(rows, plot, f"{args.model}, {len(prompts)} prompts from {args.dataset}, "
                                  f"{args.max_tokens} tokens max, greedy, {batching}{modeled}",
                      "requests running at most" if args.continuous else "batch size")

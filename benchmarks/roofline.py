@@ -34,6 +34,10 @@ class Roofline:
             raise ValueError(f"MS must be positive, KNEE at least 1 and DRAFT_SHARE not negative, got {text!r}")
         return roofline
 
+    def describe(self) -> str:
+        return (f"a target forward of T tokens takes max({self.forward_ms:g}, {self.forward_ms:g} x T / "
+                f"{self.knee_tokens}) ms, a drafter forward {self.draft_share:g} of that")
+
     def seconds(self, tokens: int) -> float:
         """A target forward of `tokens` tokens."""
         return self.forward_ms / 1e3 * max(1.0, tokens / self.knee_tokens)
