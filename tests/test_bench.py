@@ -14,8 +14,8 @@ from leapserve.benchmarks.bench_metrics import (OfflineRun, StreamedRequest, dra
                                                 offline_summary, percentile, serve_summary, spec_decode_stats, speedup,
                                                 summary_ms)
 from leapserve.benchmarks.bench_offline import NAMED_CONFIGS, Decoder, decoder_list, split_top_level
-from leapserve.decoding.decoders.speculative import StepRecord
 from leapserve.benchmarks.bench_serve import spec_counters
+from leapserve.decoding.decoders.speculative import StepRecord
 from leapserve.server import cli
 from test_server import API_KEY, MODEL, running_server
 

@@ -92,8 +92,8 @@ def test_speculative_config_selects_decoder_and_reserves_lookahead(tiny_model_di
 
 def test_plain_and_penalised_greedy_requests_verified_in_one_batch(tiny_model_dir):
     """Plain greedy rows take their argmax from one call over the whole step (`row_argmax`); rows whose penalties
-    or logits processors change the argmax are processed one by one. Mixed in one batch of trees, each request still gets exactly what
-    autoregressive decoding gives it."""
+    or logits processors change the argmax are processed one by one. Mixed in one batch of trees, each request
+    still gets exactly what autoregressive decoding gives it."""
     path = str(tiny_model_dir)
     plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     def odd_only(prompt_ids, output_ids, logits):
