@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from leapserve.decoding.decoders.speculative import StepRecord
+from leapserve.decoding.observe import StepRecord
 
 
 @dataclass
@@ -116,16 +116,16 @@ def drafting_cost(steps: Sequence[StepRecord]) -> float | None:
     t = a + b n + c P over the same pass's plain steps (n decoding sequences, P prompt tokens). Negative where
     drafting paid; immune to the machine's drift between passes. None without enough plain steps to fit."""
     plain = [s for s in steps if not s.drafted]
-    if len({(s.num_decoding, s.prompt_tokens) for s in plain}) < 3:
+    if len({(s.sequences, s.prompt_tokens) for s in plain}) < 3:
         return None if any(s.drafted for s in steps) else 0.0
-    x = torch.tensor([[1.0, s.num_decoding, s.prompt_tokens] for s in plain], dtype=torch.float64)
+    x = torch.tensor([[1.0, s.sequences, s.prompt_tokens] for s in plain], dtype=torch.float64)
     y = torch.tensor([[s.seconds] for s in plain], dtype=torch.float64)
     a, b, c = torch.linalg.lstsq(x, y).solution.flatten().tolist()
     excess = 0.0
     for s in steps:
-        if s.drafted and s.num_decoding:
-            decode = a + b * s.num_decoding  # a plain step without prompt tokens
-            excess += s.seconds - (decode + c * s.prompt_tokens + (s.tokens / s.num_decoding - 1) * decode)
+        if s.drafted and s.sequences:
+            decode = a + b * s.sequences  # a plain step without prompt tokens
+            excess += s.seconds - (decode + c * s.prompt_tokens + (s.committed_tokens / s.sequences - 1) * decode)
     return excess / sum(s.seconds for s in steps)
 
 
@@ -139,6 +139,9 @@ class OfflineRun:
     accepted_tokens: int | None = None  # None: the decoder does not report acceptance (transformers' generate)
     num_drafts: int | None = None
     drafting_cost: float | None = None  # `drafting_cost` of the pass's steps; None: not a speculative decoder
+
+
+Pass = tuple[OfflineRun, list[list[int]]]  # one pass's timed figures and every prompt's output tokens
 
 
 def offline_summary(runs: Sequence[OfflineRun], weight_bytes: int) -> dict:

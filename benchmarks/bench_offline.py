@@ -21,6 +21,8 @@ import json
 import re
 import sys
 import time
+import uuid
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,14 +30,15 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from leapserve.decoding import LLM, SamplingParams
+from leapserve.decoding import LLM, RequestOutput, SamplingParams
 from leapserve.decoding.config import SpeculativeConfig
-from leapserve.decoding.decoders.speculative import SpeculativeDecoder
+from leapserve.decoding.engine import LLMEngine
+from leapserve.decoding.observe import StepObserver, StepRecord
 from leapserve.decoding.model_loader import load_tokenizer, resolve_model
-from leapserve.drafters.draft_model import load_draft_model
 from leapserve.prompts import load as load_prompts
 
-from .bench_metrics import OfflineRun, drafting_cost, offline_summary, speedup
+from .bench_metrics import OfflineRun, Pass, drafting_cost, offline_summary, speedup
+from .hf_baselines import DEFAULT_NGRAM, HFBaselines
 from .roofline import Roofline, VirtualClock
 from .report import add_output_arguments, markdown_table, plot_offline, positive_int_list, run_record, \
     write_outputs
@@ -43,11 +46,12 @@ from .report import add_output_arguments, markdown_table, plot_offline, positive
 BASELINE = "autoregressive"
 # `speculative:NAME` shorthands; anything else after `speculative:` is a JSON speculative config.
 NAMED_CONFIGS = {
-    "ngram": {"method": "ngram", "num_speculative_tokens": 4},
+    "ngram": DEFAULT_NGRAM,
     "ngram-padded": {"method": "ngram", "num_speculative_tokens": 4, "layout": "padded"},
 }
 FILLER = "The quick brown fox jumps over the lazy dog. "  # 9 words
 SPEC_SLACK_TOKENS = 128  # KV room per sequence beyond prompt + output, for draft tokens under verification
+ATTENTION_FRAME = "paged_attention"  # the attention function's Python frame, in profiled ops' stacks
 
 
 @dataclass(frozen=True)
@@ -217,121 +221,82 @@ def copy_bandwidth_gb_s(device: torch.device, num_bytes: int = 256 * 2**20) -> f
     return 2 * num_bytes / best / 1e9
 
 
-Pass = tuple[OfflineRun, list[list[int]]]  # the timed figures and every prompt's output tokens
+class StepLog(StepObserver):
+    """The engine's step records since the last `clear` (an observer passed at construction)."""
+
+    def __init__(self) -> None:
+        self.records: list[StepRecord] = []
+
+    def on_step(self, record: StepRecord) -> None:
+        self.records.append(record)
+
+    def clear(self) -> None:
+        self.records = []
 
 
-def engine_pass(llm: LLM, prompts: list[list[int]], batch_size: int, params: SamplingParams,
-                continuous: bool = False, clock: Callable[[], float] = time.perf_counter) -> Pass:
-    """All prompts through the engine: in groups of `batch_size`, or (`continuous`) all at once with at most
-    `batch_size` running; timed by `clock`."""
-    runner, decoder = llm.engine.runner, llm.engine.decoder
-    forwards = runner.num_forwards
-    llm.engine.scheduler.config.max_num_seqs = batch_size
-    speculative = isinstance(decoder, SpeculativeDecoder)
-    if speculative:
-        decoder.step_log = []
-    groups = [prompts] if continuous else [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-    outs = []
+@dataclass
+class Engine:
+    """One decoder's engine in the benchmark, with its clock and step log."""
+    llm: LLM
+    steps: StepLog
+    clock: Callable[[], float] = time.perf_counter
+
+    @property
+    def speculative(self) -> bool:
+        return self.llm.engine.decoder.name == "speculative"
+
+
+def generate_capped(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, batch_size: int,
+                    continuous: bool) -> list[RequestOutput]:
+    """Every prompt through `engine` with at most `batch_size` running: in groups of `batch_size`, each to its end,
+    or (`continuous`) a finished request's place going to the next prompt at once, as under a server's steady
+    load. Outputs in prompt order."""
+    waiting, outputs, running = deque(enumerate(prompts)), {}, 0
+    while waiting or running:
+        if continuous or not running:
+            while waiting and running < batch_size:
+                index, prompt = waiting.popleft()
+                engine.add_request(f"bench-{uuid.uuid4().hex}-{index}", prompt, params)
+                running += 1
+        for req in engine.step():
+            if req.finished:
+                outputs[int(req.request_id.rpartition("-")[2])] = req.output()
+                running -= 1
+    return [outputs[i] for i in range(len(prompts))]
+
+
+def engine_pass(bench_engine: Engine, prompts: list[list[int]], batch_size: int, params: SamplingParams,
+                continuous: bool = False) -> Pass:
+    """All prompts through the engine with at most `batch_size` running (`generate_capped`), timed by its clock."""
+    bench_engine.steps.clear()
+    clock = bench_engine.clock
     start = clock()
-    for group in groups:
-        outs += llm.generate(group, params, use_tqdm=False)
+    outs = generate_capped(bench_engine.llm.engine, prompts, params, batch_size, continuous)
     elapsed = clock() - start
     tokens = [o.outputs[0].token_ids for o in outs]
-    cost = None
-    if speculative:
-        cost, decoder.step_log = drafting_cost(decoder.step_log), None
+    steps = bench_engine.steps.records
     return OfflineRun(output_tokens=sum(map(len, tokens)), elapsed=elapsed,
-                      target_forwards=runner.num_forwards - forwards,
+                      target_forwards=sum(s.target_forwards for s in steps),
                       request_forwards=sum(o.metrics.target_forwards for o in outs),
                       accepted_tokens=sum(o.metrics.accepted_tokens for o in outs),
-                      num_drafts=sum(o.metrics.num_drafts for o in outs), drafting_cost=cost), tokens
+                      num_drafts=sum(o.metrics.num_drafts for o in outs),
+                      drafting_cost=drafting_cost(steps) if bench_engine.speculative else None), tokens
 
 
-class HFBaselines:
-    """transformers' `generate` on the engine's checkpoint: plain, with a draft model (`assistant_model`, from the
-    first draft_model decoder) and with prompt lookup (sized like the first ngram decoder)."""
-
-    def __init__(self, llm: LLM, decoders: list[Decoder], max_tokens: int, ignore_eos: bool):
-        from transformers import AutoModelForCausalLM
-
-        engine = llm.engine
-        self.model = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=engine.dtype).to(engine.device)
-        self.model.eval()
-        self.forwards = 0
-        self.model.register_forward_hook(self._count)
-        self.eos = engine.eos_token_ids
-        self.pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else min(self.eos)
-        self.device = engine.device
-        self.common = {"max_new_tokens": max_tokens, "do_sample": False, "pad_token_id": self.pad,
-                       **({"min_new_tokens": max_tokens} if ignore_eos else {})}
-        configs = [d.speculative_config for d in decoders if d.speculative_config]
-        ngram = next((c for c in configs if c["method"] == "ngram"), NAMED_CONFIGS["ngram"])
-        self.modes: dict[str, dict] = {
-            "hf-generate": {},
-            "hf-prompt-lookup": {"prompt_lookup_num_tokens": ngram.get("num_speculative_tokens") or 4,
-                                 "max_matching_ngram_size": ngram.get("prompt_lookup_max", 4)},
-        }
-        self.options = {mode: dict(kwargs) for mode, kwargs in self.modes.items()}  # for the record
-        draft = next((c for c in configs if c["method"] == "draft_model"), None)
-        if draft is not None:
-            # a draft that shares the target's embedding and head (AdaSPEC) gets them from this model
-            assistant = load_draft_model(draft["model"], self.model, engine.device, engine.dtype)
-            k = draft.get("num_speculative_tokens") or 4
-            self.modes["hf-assisted"] = {"assistant_model": assistant,
-                                         "num_assistant_tokens": k}
-            self.options["hf-assisted"] = {"assistant_model": draft["model"], "num_assistant_tokens": k}
-
-    def _count(self, *_) -> None:
-        self.forwards += 1
-
-    @torch.inference_mode()
-    def run(self, mode: str, prompts: list[list[int]], batch_size: int) -> Pass | None:
-        """All prompts through `generate` in left-padded groups of `batch_size`; None where transformers cannot
-        (assisted modes need batch size 1)."""
-        if mode != "hf-generate" and batch_size > 1:
-            return None
-        tokens: list[list[int]] = []
-        forwards = request_forwards = 0
-        start = time.perf_counter()
-        for i in range(0, len(prompts), batch_size):
-            group = prompts[i:i + batch_size]
-            width = max(map(len, group))
-            ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in group], device=self.device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=self.device)
-            before = self.forwards
-            out = self.model.generate(input_ids=ids, attention_mask=mask, **self.common, **self.modes[mode])
-            forwards += self.forwards - before
-            request_forwards += (self.forwards - before) * len(group)  # finished rows ride along to the end
-            tokens += [self._until_eos(row[width:].tolist()) for row in out]
-        elapsed = time.perf_counter() - start
-        return OfflineRun(output_tokens=sum(map(len, tokens)), elapsed=elapsed, target_forwards=forwards,
-                          request_forwards=request_forwards), tokens
-
-    def _until_eos(self, row: list[int]) -> list[int]:
-        """A generated row up to and including its first end-of-sequence token (the rest is padding)."""
-        for i, token in enumerate(row):
-            if token in self.eos:
-                return row[:i + 1]
-        return row
-
-
-def step_breakdown(llm: LLM, prompts: list[list[int]], batch_size: int, params: SamplingParams,
+def step_breakdown(bench_engine: Engine, prompts: list[list[int]], batch_size: int, params: SamplingParams,
                    continuous: bool) -> dict[str, float]:
-    """Where an engine step's time goes, under torch.profiler: matmuls, paged attention, and everything else."""
+    """Where an engine step's time goes, under torch.profiler: matmuls, paged attention (the ops run beneath the
+    attention function, found by their Python stacks), and everything else."""
     from torch.profiler import ProfilerActivity, profile
 
-    from leapserve.decoding import attention
-
-    attention.PROFILE = True
-    try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            run_, _ = engine_pass(llm, prompts, batch_size, params, continuous)
-    finally:
-        attention.PROFILE = False
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        run_, _ = engine_pass(bench_engine, prompts, batch_size, params, continuous)
     steps = run_.target_forwards
-    totals = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages()}
+    events = prof.events()
+    matmul = sum(e.cpu_time_total for e in events if e.name == "aten::linear") / 1e3 / steps
+    attend = sum(e.self_cpu_time_total for e in events
+                 if any(ATTENTION_FRAME in frame for frame in e.stack)) / 1e3 / steps
     per_step = run_.elapsed * 1e3 / steps
-    matmul, attend = totals.get("aten::linear", 0.0) / steps, totals.get("leapserve.attention", 0.0) / steps
     return {"ms_per_step": per_step, "matmul_ms": matmul, "attention_ms": attend,
             "other_ms": per_step - matmul - attend}
 
@@ -342,32 +307,32 @@ def kv_tokens_needed(prompts: list[list[int]], batch_size: int, max_tokens: int,
     return batch_size * (per_seq + block_size - 1) // block_size * block_size
 
 
-def build_engine(args: argparse.Namespace, decoder: Decoder, kv_tokens: int) -> LLM:
-    return LLM(args.model, decoder="speculative" if decoder.speculative_config else BASELINE,
-               speculative_config=decoder.speculative_config, dtype=args.dtype, device=args.device,
-               kv_cache_tokens=kv_tokens, max_num_seqs=max(args.batch_sizes), seed=args.seed)
+def build_engine(args: argparse.Namespace, decoder: Decoder, kv_tokens: int) -> Engine:
+    """One decoder's engine, on the wall clock or (`--roofline`) a modeled accelerator's virtual clock."""
+    steps = StepLog()
+    clock = VirtualClock.of(args.roofline) if args.roofline else None
+    llm = LLM(args.model, decoder="speculative" if decoder.speculative_config else BASELINE,
+              speculative_config=decoder.speculative_config, dtype=args.dtype, device=args.device,
+              kv_cache_tokens=kv_tokens, max_num_seqs=max(args.batch_sizes), seed=args.seed,
+              **({"clock": clock, "observers": [steps, clock]} if clock else {"observers": [steps]}))
+    return Engine(llm, steps, clock or time.perf_counter)
 
 
 def bench(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[dict], dict]:
     """Every (batch size, decoder) row, and what the record says about the setup."""
     kv_tokens = args.kv_cache_tokens or kv_tokens_needed(prompts, max(args.batch_sizes), args.max_tokens)
     engines = {d.label: build_engine(args, d, kv_tokens) for d in args.decoders}
-    clocks: dict[str, Callable[[], float]] = {label: time.perf_counter for label in engines}
-    if args.roofline:
-        clocks = {label: VirtualClock.of(args.roofline) for label in engines}
-        for label, llm in engines.items():
-            clocks[label].attach(llm)
     baseline = args.decoders[0].label  # autoregressive, see decoder_list
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
     passes: dict[str, Callable[[list[list[int]], int], Pass | None]] = {
-        label: (lambda ps, b, llm=llm, clock=clocks[label]: engine_pass(llm, ps, b, params, args.continuous, clock))
-        for label, llm in engines.items()}
-    base = engines[baseline]
+        label: (lambda ps, b, e=e: engine_pass(e, ps, b, params, args.continuous)) for label, e in engines.items()}
+    base = engines[baseline].llm
     setup: dict = {"decoders": {d.label: d.speculative_config for d in args.decoders},
                    "batching": "continuous" if args.continuous else "static",
                    "roofline": dataclasses.asdict(args.roofline) if args.roofline else None}
     if args.baselines == "hf":
-        hf = HFBaselines(base, args.decoders, args.max_tokens, args.ignore_eos)
+        configs = [d.speculative_config for d in args.decoders if d.speculative_config]
+        hf = HFBaselines(base, configs, args.max_tokens, args.ignore_eos)
         passes.update({mode: (lambda ps, b, mode=mode: hf.run(mode, ps, b)) for mode in hf.modes})
         setup["hf_generate_options"] = hf.options
     for run_pass in passes.values():  # warm-up
@@ -384,20 +349,28 @@ def bench(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[dict
                 if result is not None:
                     runs[label].append(result)
                 bar.update(1)
-        reference = runs[baseline][-1][1]
-        baseline_tps = offline_summary([r for r, _ in runs[baseline]], weights)["tokens_per_s"]
-        for label, results in runs.items():
-            if not results:
-                continue
-            summary = offline_summary([r for r, _ in results], weights)
-            rows.append({"decoder": label, "batch_size": batch_size, **summary,
-                         "speedup": speedup(summary["tokens_per_s"], baseline_tps),
-                         "identical_to_autoregressive": results[-1][1] == reference})
-            if args.profile and label in engines:
-                rows[-1]["step_breakdown"] = step_breakdown(engines[label], prompts, batch_size, params,
-                                                            args.continuous)
+        for row in batch_rows(runs, baseline, batch_size, weights):
+            if args.profile and row["decoder"] in engines:
+                row["step_breakdown"] = step_breakdown(engines[row["decoder"]], prompts, batch_size, params,
+                                                       args.continuous)
+            rows.append(row)
     bar.close()
     return rows, setup
+
+
+def batch_rows(runs: dict[str, list[Pass]], baseline: str, batch_size: int, weights: int) -> list[dict]:
+    """One row per decoder that ran at this batch size: the summary of its repeats against the baseline's."""
+    reference = runs[baseline][-1][1]
+    baseline_tps = offline_summary([r for r, _ in runs[baseline]], weights)["tokens_per_s"]
+    rows = []
+    for label, results in runs.items():
+        if not results:
+            continue
+        summary = offline_summary([r for r, _ in results], weights)
+        rows.append({"decoder": label, "batch_size": batch_size, **summary,
+                     "speedup": speedup(summary["tokens_per_s"], baseline_tps),
+                     "identical_to_autoregressive": results[-1][1] == reference})
+    return rows
 
 
 def tables(rows: list[dict], setup: dict) -> str:

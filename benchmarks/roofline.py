@@ -5,13 +5,10 @@ far beyond a small CPU's. A drafter's forward takes a share of that. So this mac
 speculation decides, and what it gains or loses, on hardware it is not."""
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from leapserve.decoding import LLM
-from leapserve.decoding.decoders.speculative import SpeculativeDecoder
-from leapserve.decoding.runner import SeqChunk
+from leapserve.decoding.observe import StepObserver
 
 
 @dataclass(frozen=True)
@@ -43,13 +40,14 @@ class Roofline:
         return self.forward_ms / 1e3 * max(1.0, tokens / self.knee_tokens)
 
 
-class VirtualClock:
+class VirtualClock(StepObserver):
     """Seconds that only an engine's model forwards advance: `target(tokens)` per target forward,
-    `drafter(tokens)` per forward of its drafter's model (n-gram lookup costs nothing)."""
+    `draft(tokens)` per forward of its drafter's model (n-gram lookup costs nothing). Pass it to the engine as
+    both its clock and an observer: `LLM(..., clock=vc, observers=[vc])`."""
 
-    def __init__(self, target: Callable[[int], float], drafter: Callable[[int], float]) -> None:
+    def __init__(self, target: Callable[[int], float], draft: Callable[[int], float]) -> None:
         self.now = 0.0
-        self.target, self.drafter = target, drafter
+        self.cost = {"target": target, "draft": draft}
 
     @classmethod
     def of(cls, roofline: Roofline) -> VirtualClock:
@@ -58,19 +56,5 @@ class VirtualClock:
     def __call__(self) -> float:
         return self.now
 
-    def attach(self, llm: LLM) -> None:
-        """Charge `llm`'s forwards to this clock, and time its speculative decoder's mode choice by it."""
-        runner, decoder = llm.engine.runner, llm.engine.decoder
-        runner.forward = self._charging(runner.forward, self.target)
-        if isinstance(decoder, SpeculativeDecoder):
-            decoder.clock = self
-            if hasattr(decoder.drafter, "execute"):
-                decoder.drafter.execute = self._charging(decoder.drafter.execute, self.drafter)
-
-    def _charging(self, forward: Callable, cost: Callable[[int], float]) -> Callable:
-        @functools.wraps(forward)
-        def charged(chunks: list[SeqChunk]):
-            self.now += cost(sum(len(c.token_ids) for c in chunks))
-            return forward(chunks)
-
-        return charged
+    def on_forward(self, model: str, num_tokens: int) -> None:
+        self.now += self.cost[model](num_tokens)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.profiler import record_function
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -18,9 +17,6 @@ from leapserve.kernels import AttentionStep
 from .kv_cache import PagedKVCache
 
 ATTN_IMPLEMENTATION = "leapserve"
-# Mark attention as a "leapserve.attention" range for torch.profiler (benchmarks turn this on: entering a
-# record_function costs tens of microseconds per layer even when no profiler is running).
-PROFILE = False
 
 
 @dataclass
@@ -38,18 +34,8 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     meta = leapserve_meta
     layer = module.layer_idx
     k_cache, v_cache = meta.cache.k[layer], meta.cache.v[layer]
-    if PROFILE:
-        with record_function("leapserve.attention"):
-            out = _attend(meta, query, key, value, k_cache, v_cache, scaling)
-    else:
-        out = _attend(meta, query, key, value, k_cache, v_cache, scaling)
-    return out.unsqueeze(0), None
-
-
-def _attend(meta: AttentionMetadata, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-            k_cache: torch.Tensor, v_cache: torch.Tensor, scaling: float | None) -> torch.Tensor:
     meta.step.write_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache)
-    return meta.step.attend(query[0].transpose(0, 1), k_cache, v_cache, scaling)
+    return meta.step.attend(query[0].transpose(0, 1), k_cache, v_cache, scaling).unsqueeze(0), None
 
 
 def _no_mask(*args, **kwargs) -> None:

@@ -4,25 +4,25 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence as Seq
 
 import torch
 
 from .config import EngineConfig
-from .decoders.autoregressive import AutoregressiveDecoder
-from .decoders.base import Decoder
-from .decoders.speculative import SpeculativeDecoder
+from .decoders import DECODERS
+from .decoders.base import SeqStep
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import PagedKVCache
 from .model_loader import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
+from .observe import Clock, Observers, StepObserver, StepRecord
 from .request import Request, Sequence, SeqStatus
 from .runner import ModelRunner
 from .sampler import Sample, Sampler
 from .sampling_params import InvalidRequestError, SamplingParams
-from .scheduler import Scheduler
+from .scheduler import ScheduledSeq, Scheduler
 
 logger = logging.getLogger(__name__)
 
-DECODERS: dict[str, type[Decoder]] = {d.name: d for d in (AutoregressiveDecoder, SpeculativeDecoder)}
 CPU_DEFAULT_KV_TOKENS = 32768
 CPU_MAX_KV_FRACTION = 0.25  # of physical RAM
 
@@ -43,13 +43,17 @@ def _kv_cache_blocks(config: EngineConfig, bytes_per_token: int, device: torch.d
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, *, clock: Clock = time.perf_counter,
+                 observers: Seq[StepObserver] = ()):
+        """`clock` times the steps (and the speculative decoder's mode choice); `observers` are told of every
+        model forward and every step (`observe.py`)."""
         self.config = config
+        self.observers = Observers(clock, observers)
         mc = config.model
-        if config.decoder is None:  # as vLLM: a speculative_config alone turns speculative decoding on
-            config.decoder = "speculative" if config.speculative_config else "autoregressive"
-        if config.decoder not in DECODERS:
-            raise ValueError(f"unknown decoder {config.decoder!r}; this build has: {', '.join(DECODERS)}")
+        # as vLLM: a speculative_config alone turns speculative decoding on (the caller's config stays as given)
+        self.decoder_name = config.decoder or ("speculative" if config.speculative_config else "autoregressive")
+        if self.decoder_name not in DECODERS:
+            raise ValueError(f"unknown decoder {self.decoder_name!r}; this build has: {', '.join(DECODERS)}")
         self.device = resolve_device(mc.device)
         self.dtype = resolve_dtype(mc.dtype, self.device)
         self.model_path = resolve_model(mc.model)
@@ -65,14 +69,14 @@ class LLMEngine:
         self.vocab_size = hf.vocab_size
         self.eos_token_ids = self._eos_ids(model)
         self.sampler = Sampler(self.tokenizer, torch.Generator(device=self.device).manual_seed(config.seed))
-        self.runner = ModelRunner(model, self.cache, self.device)
-        self.decoder = DECODERS[config.decoder](self.runner, self.sampler, config)
+        self.runner = ModelRunner(model, self.cache, self.device, on_forward=self.observers.on_target_forward)
+        self.decoder = DECODERS[self.decoder_name](self.runner, self.sampler, config, self.observers)
         self.max_model_len = self._max_model_len(getattr(hf, "max_position_embeddings", None))
         self.scheduler = Scheduler(config.scheduler, self.cache)
         self.requests: dict[str, Request] = {}
         self._next_seq_id = 0
         logger.info("engine ready: %s on %s/%s, decoder %s, KV cache %d tokens, max_model_len %d",
-                    self.model_path, self.device, self.dtype, config.decoder,
+                    self.model_path, self.device, self.dtype, self.decoder_name,
                     num_blocks * config.cache.block_size, self.max_model_len)
 
     def _max_model_len(self, model_limit: int | None) -> int:
@@ -147,6 +151,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule(self.decoder.lookahead)
         if not scheduled:
             return []
+        start, forwards = self.observers.clock(), dict(self.observers.forwards)
         try:
             results = self.decoder.step(scheduled)
         except Exception as e:  # cannot tell which request caused it: fail this step's requests, keep serving
@@ -186,7 +191,19 @@ class LLMEngine:
             if req.finished:
                 req.finished_time = now
                 self.requests.pop(req.request_id, None)
+        if self.observers.observers:
+            self.observers.step(self._step_record(scheduled, results, start, forwards))
         return list(changed.values())
+
+    def _step_record(self, scheduled: list[ScheduledSeq], results: dict[Sequence, SeqStep], start: float,
+                     forwards: dict[str, int]) -> StepRecord:
+        decoding = [s for s in scheduled if s.completes_prefix]
+        done = self.observers.forwards
+        return StepRecord(mode="draft" if any(r.draft_tokens for r in results.values()) else "plain",
+                          sequences=len(decoding), prompt_tokens=sum(s.num_new for s in scheduled) - len(decoding),
+                          committed_tokens=sum(len(results[s.seq].samples) for s in decoding),
+                          target_forwards=done["target"] - forwards["target"],
+                          draft_forwards=done["draft"] - forwards["draft"], seconds=self.observers.clock() - start)
 
     def _append(self, seq: Sequence, sample: Sample) -> None:
         """Commit one token: logprobs, detokenization, then the stop conditions in vLLM's order."""

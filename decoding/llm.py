@@ -1,12 +1,14 @@
 """The offline API, shaped like vLLM's: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
 from __future__ import annotations
 
+import time
 from typing import Sequence as Seq
 
 from tqdm import tqdm
 
 from .config import DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from .engine import LLMEngine
+from .observe import Clock, StepObserver
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -18,8 +20,10 @@ class LLM:
                  speculative_config: dict | None = None, dtype: str = "auto", device: str = "auto",
                  max_model_len: int | None = None, max_num_seqs: int = SchedulerConfig.max_num_seqs,
                  kv_cache_tokens: int | None = None, block_size: int = CacheConfig.block_size,
-                 trust_remote_code: bool = False, seed: int = 0, config: EngineConfig | None = None):
-        """Either pass the common options, or a whole `EngineConfig` (as `leapserve serve` builds it)."""
+                 trust_remote_code: bool = False, seed: int = 0, config: EngineConfig | None = None,
+                 clock: Clock = time.perf_counter, observers: Seq[StepObserver] = ()):
+        """Either pass the common options, or a whole `EngineConfig` (as `leapserve serve` builds it). `clock` and
+        `observers`: the engine's observation seam (`leapserve.decoding.observe`)."""
         if config is None:
             config = EngineConfig(
                 model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len,
@@ -27,7 +31,7 @@ class LLM:
                 cache=CacheConfig(block_size=block_size, kv_cache_tokens=kv_cache_tokens),
                 scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
                 decoder=decoder, speculative_config=speculative_config, seed=seed)
-        self.engine = LLMEngine(config)
+        self.engine = LLMEngine(config, clock=clock, observers=observers)
         self._counter = 0
 
     @property

@@ -1,6 +1,7 @@
 """The model runner: executes one packed `[1, T]` forward over many sequences' new tokens; decides nothing."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -63,13 +64,15 @@ def step_metadata(chunks: list[SeqChunk], cache: PagedKVCache,
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device):
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device,
+                 on_forward: Callable[[int], None] | None = None):
+        """`on_forward(num_tokens)` is told of each forward before it runs (the engine's observers)."""
         register()
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model
         self.cache = cache
         self.device = device
-        self.num_forwards = 0
+        self.on_forward = on_forward
 
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Run the target over all chunks at once; return float32 logits `[sum(len(logits_rows)), V]`."""
@@ -78,11 +81,12 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor]:
         """`execute`, plus the final-norm hidden states of every token `[T, d]` (what feature drafters read)."""
+        if self.on_forward is not None:
+            self.on_forward(sum(len(c.token_ids) for c in chunks))
         meta, positions, offsets = step_metadata(chunks, self.cache, self.device)
         input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64, device=self.device)
         rows = torch.tensor([lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows],
                             dtype=torch.int64, device=self.device)
         hidden = self.model.get_decoder()(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
                                           leapserve_meta=meta).last_hidden_state[0]
-        self.num_forwards += 1
         return self.model.get_output_embeddings()(hidden[rows]).float(), hidden

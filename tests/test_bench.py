@@ -15,7 +15,7 @@ from leapserve.benchmarks.bench_metrics import (OfflineRun, StreamedRequest, dra
                                                 summary_ms)
 from leapserve.benchmarks.bench_offline import NAMED_CONFIGS, Decoder, decoder_list, split_top_level
 from leapserve.benchmarks.bench_serve import spec_counters
-from leapserve.decoding.decoders.speculative import StepRecord
+from leapserve.decoding.observe import StepRecord
 from leapserve.server import cli
 from test_server import API_KEY, MODEL, running_server
 
@@ -115,13 +115,13 @@ def test_drafting_cost_prices_drafting_steps_by_the_same_passs_plain_steps():
     sequences committing 2.5 tokens each is worth 2.5 plain steps of 8 (325 ms); one with 100 prompt tokens
     committing 2 each, a plain step with that prompt plus one more plain step (460 ms)."""
     def plain(n: int, prompt: int) -> StepRecord:
-        return StepRecord(False, n, prompt, n, 0.05 + 0.01 * n + 0.002 * prompt)
+        return StepRecord("plain", n, prompt, n, 1, 0, 0.05 + 0.01 * n + 0.002 * prompt)
 
     plains = [plain(n, p) for n in (4, 8, 16) for p in (0, 0, 100)]
-    decode, prompt = StepRecord(True, 8, 0, 20, 0.425), StepRecord(True, 8, 100, 16, 0.46)
+    decode, prompt = StepRecord("draft", 8, 0, 20, 1, 4, 0.425), StepRecord("draft", 8, 100, 16, 1, 4, 0.46)
     steps = plains + [decode, decode, prompt]
     assert drafting_cost(steps) == pytest.approx(0.2 / sum(s.seconds for s in steps))  # 100 ms too much, twice
-    paying = StepRecord(True, 8, 0, 40, 0.4)  # 5 tokens each for 0.4 s: worth 0.65 s of plain decoding
+    paying = StepRecord("draft", 8, 0, 40, 1, 4, 0.4)  # 5 tokens each for 0.4 s: worth 0.65 s of plain decoding
     assert drafting_cost(plains + [paying]) == pytest.approx(-0.25 / (sum(s.seconds for s in plains) + 0.4))
     assert drafting_cost(plains) == 0.0  # no drafting, no cost
     assert drafting_cost([plain(4, 0), plain(4, 0), decode]) is None  # too few kinds of plain steps to price it

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from ..config import EngineConfig
+from ..observe import Observers
 from ..request import Sequence
 from ..runner import ModelRunner
 from ..sampler import Sample, Sampler, SequenceError
@@ -33,10 +34,11 @@ class Decoder(ABC):
     name: str
     lookahead: int = 0  # cache slots reserved per sequence beyond this step's tokens
 
-    def __init__(self, runner: ModelRunner, sampler: Sampler, config: EngineConfig):
+    def __init__(self, runner: ModelRunner, sampler: Sampler, config: EngineConfig, observers: Observers):
         self.runner = runner
         self.sampler = sampler
         self.config = config
+        self.observers = observers  # the engine's clock, and where drafters report their forwards
 
     @abstractmethod
     def step(self, scheduled: list[ScheduledSeq]) -> dict[Sequence, SeqStep]:
