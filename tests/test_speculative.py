@@ -83,7 +83,7 @@ def test_speculative_config_selects_decoder_and_reserves_lookahead(tiny_model_di
     llm = LLM(str(tiny_model_dir), kv_cache_tokens=1024, speculative_config={
         "method": "draft_model", "model": str(tiny_model_dir), "tree": {"depth": 3, "top_k": 4, "total_tokens": 10}})
     engine = llm.engine
-    assert engine.config.decoder == "speculative"
+    assert engine.decoder_name == "speculative" and engine.config.decoder is None  # the caller's config as given
     assert engine.decoder.lookahead == 10  # the larger of the tree and the draft model's own expanded nodes
     assert engine.max_model_len == 1024 - 10
     with pytest.raises(ValueError, match="needs a speculative_config"):

@@ -1,1 +1,9 @@
-"""Decoders: each turns a scheduled batch into committed tokens."""
+"""Decoders: each turns a scheduled batch into committed tokens. `DECODERS` is the registry the engine and
+`--decoder` read, by decoder name."""
+from .autoregressive import AutoregressiveDecoder
+from .base import Decoder
+from .speculative import SpeculativeDecoder
+
+DECODERS: dict[str, type[Decoder]] = {d.name: d for d in (AutoregressiveDecoder, SpeculativeDecoder)}
+
+__all__ = ["DECODERS", "Decoder", "AutoregressiveDecoder", "SpeculativeDecoder"]
