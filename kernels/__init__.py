@@ -24,8 +24,8 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    context_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Paged attention of packed new tokens over their sequences' cached context plus a tree/causal mask.
 
-    Contract in design.md ("The kernel contract"); `out`, if given, receives the result and is returned.
-    One addition: `context_mask`, bool `[B, W]` with `W >= max(context_lens)`, hides context position p of
+    The contract is in docs/kernel.md; `out`, if given, receives the result and is returned.
+    `context_mask`, bool `[B, W]` with `W >= max(context_lens)`, hides context position p of
     sequence b unless `context_mask[b, p]` (None: every context position is visible). The `padded` speculative
     layout uses it for the vanilla baseline's masked KV slots; hidden slots must still hold finite values (any
     slot written by an earlier step does).

@@ -183,8 +183,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    context_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Paged attention of packed new tokens over their sequences' cached context plus a tree/causal mask.
 
-    Contract in design.md ("The kernel contract", and `leapserve.kernels.tree_attention` for `context_mask`);
-    `out`, if given, receives the result.
+    The contract (`context_mask` included) is in docs/kernel.md; `out`, if given, receives the result.
     """
     check_tree_attention_args(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, tree_mask, out,
                               context_mask)

@@ -10,7 +10,7 @@ One program handles one query tile of one sequence, one KV head and one split of
 - Online softmax in fp32 (exp2 domain). With few query tiles the keys are split over several programs
   (flash-decoding) and a second kernel merges the partial results.
 
-Contract: design.md, "The kernel contract". Values (cu_seqlens_q, context_lens) are not checked here, to avoid a
+Contract: docs/kernel.md. Values (cu_seqlens_q, context_lens) are not checked here, to avoid a
 device synchronisation; the reference checks them.
 """
 from __future__ import annotations

@@ -40,7 +40,7 @@ def check_tree_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                               block_tables: torch.Tensor, context_lens: torch.Tensor,
                               cu_seqlens_q: torch.Tensor, tree_mask: torch.Tensor | None,
                               out: torch.Tensor | None, context_mask: torch.Tensor | None = None) -> None:
-    """Raise ValueError unless the arguments follow the `tree_attention` contract (see design.md)."""
+    """Raise ValueError unless the arguments follow the `tree_attention` contract (docs/kernel.md)."""
     _check_cache_pair(k_cache, v_cache)
     if q.dim() != 3:
         _fail(f"q must be [num_tokens, num_q_heads, head_dim], got shape {tuple(q.shape)}")
