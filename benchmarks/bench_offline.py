@@ -31,7 +31,8 @@ import torch
 from tqdm import tqdm
 
 from leapserve.decoding import LLM, RequestOutput, SamplingParams
-from leapserve.decoding.config import SpeculativeConfig
+from leapserve.decoding.args import add_config_arguments, config_from_args
+from leapserve.decoding.config import CacheConfig, EngineConfig, ModelConfig, SpeculativeConfig
 from leapserve.decoding.engine import LLMEngine
 from leapserve.decoding.observe import StepObserver, StepRecord
 from leapserve.decoding.model_loader import load_tokenizer, resolve_model
@@ -139,7 +140,8 @@ def decoder_list(text: str) -> list[Decoder]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct", help="the target, as `leapserve serve --model`")
+    add_config_arguments(p, ModelConfig, only=["model"],
+                         overrides={"model": {"help": "the target, as `leapserve serve --model`"}})
     p.add_argument("--decoders", type=decoder_list, default=f"{BASELINE},speculative:ngram",
                    help="comma-separated: autoregressive | speculative:NAME (" + ", ".join(NAMED_CONFIGS) + ") | "
                         "speculative:{JSON speculative config}, each optionally LABEL=...; autoregressive, the "
@@ -156,7 +158,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per prompt at most")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed passes; figures are their median")
-    p.add_argument("--seed", type=int, default=0, help="the prompt order")
+    add_config_arguments(p, EngineConfig, only=["seed"],
+                         overrides={"seed": {"help": "the prompt order, and the engines' sampling seed"}})
     p.add_argument("--context-words", type=int, default=0,
                    help="prepend about this many words of filler text to every prompt (long-context decoding)")
     p.add_argument("--baselines", choices=["none", "hf"], default="none",
@@ -168,10 +171,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "takes max(MS, MS x T / KNEE) ms, a drafter forward DRAFT_SHARE (default 0.1) of that; "
                         "e.g. 10,128")
     g = p.add_argument_group("engine")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--kv-cache-tokens", type=int,
-                   help="per engine; default: enough for the largest batch of the longest prompts")
+    add_config_arguments(g, ModelConfig, only=["dtype", "device"])
+    add_config_arguments(g, CacheConfig, only=["kv_cache_tokens"], overrides={"kv_cache_tokens": {
+        "help": "per engine; default: enough for the largest batch of the longest prompts"}})
     add_output_arguments(p)
     p.set_defaults(handler=run)
 
@@ -311,10 +313,10 @@ def build_engine(args: argparse.Namespace, decoder: Decoder, kv_tokens: int) -> 
     """One decoder's engine, on the wall clock or (`--roofline`) a modeled accelerator's virtual clock."""
     steps = StepLog()
     clock = VirtualClock.of(args.roofline) if args.roofline else None
-    llm = LLM(args.model, decoder="speculative" if decoder.speculative_config else BASELINE,
-              speculative_config=decoder.speculative_config, dtype=args.dtype, device=args.device,
-              kv_cache_tokens=kv_tokens, max_num_seqs=max(args.batch_sizes), seed=args.seed,
-              **({"clock": clock, "observers": [steps, clock]} if clock else {"observers": [steps]}))
+    config = config_from_args(EngineConfig, args, decoder="speculative" if decoder.speculative_config else BASELINE,
+                              speculative_config=decoder.speculative_config)
+    config.cache.kv_cache_tokens, config.scheduler.max_num_seqs = kv_tokens, max(args.batch_sizes)
+    llm = LLM(config=config, **({"clock": clock, "observers": [steps, clock]} if clock else {"observers": [steps]}))
     return Engine(llm, steps, clock or time.perf_counter)
 
 

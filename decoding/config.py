@@ -3,31 +3,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .args import option
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
 class ModelConfig:
-    model: str = DEFAULT_MODEL
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)
-    device: str = "auto"  # auto | cpu | cuda
-    max_model_len: int | None = None  # None: the model's own limit
-    trust_remote_code: bool = False
-    served_model_name: str | None = None  # what /v1/models lists; defaults to `model`
+    model: str = option(DEFAULT_MODEL, "alias, local checkpoint directory, .gguf file or hub id")
+    dtype: str = option("auto", "auto: float32 on CPU, bfloat16 on CUDA", choices=DTYPES)
+    device: str = option("auto", "where the model runs", choices=DEVICES)
+    max_model_len: int | None = option(None, "context length (prompt + completion); default: the model's")
+    trust_remote_code: bool = option(False, "allow a checkpoint's own modeling code")
+    served_model_name: str | None = option(None, "the name clients send as `model`; default: --model")
 
 
 @dataclass
 class CacheConfig:
-    block_size: int = 16
-    kv_cache_tokens: int | None = None  # None: a memory fraction on GPU, 64k tokens (capped by RAM) on CPU
-    gpu_memory_utilization: float = 0.85
+    block_size: int = option(16, "tokens per KV cache block")
+    kv_cache_tokens: int | None = option(
+        None, "KV cache capacity in tokens; default: a memory fraction on GPU, 32k tokens (capped by RAM) on CPU")
+    gpu_memory_utilization: float = option(0.85, "share of the free GPU memory the KV cache takes")
 
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048  # prompt tokens processed per step (longer prompts are chunked)
-    max_waiting_requests: int = 1024  # beyond this, new requests are refused (HTTP 503)
+    max_num_seqs: int = option(32, "sequences decoded per step")
+    max_num_batched_tokens: int = option(2048, "prompt tokens processed per step (longer prompts are chunked)")
+    max_waiting_requests: int = option(1024, "beyond this many waiting requests, new ones get HTTP 503")
 
 
 SPEC_METHODS = ("ngram", "draft_model", "fspad")
@@ -95,6 +100,7 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    decoder: str | None = None  # None: "speculative" when speculative_config is given, else "autoregressive"
-    speculative_config: dict | None = None
-    seed: int = 0
+    decoder: str | None = option(None, "default: speculative when --speculative-config is given, else autoregressive")
+    speculative_config: dict | None = option(
+        None, 'JSON object, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
+    seed: int = option(0, "seed of the engine's sampling generator")

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import time
-from typing import Sequence as Seq
+from collections.abc import Sequence as Seq
+from typing import cast
 
 from tqdm import tqdm
 
-from .config import DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from .config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from .engine import LLMEngine
 from .observe import Clock, StepObserver
 from .outputs import RequestOutput
@@ -16,11 +17,12 @@ Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(self, model: str = DEFAULT_MODEL, *, decoder: str | None = None,
-                 speculative_config: dict | None = None, dtype: str = "auto", device: str = "auto",
-                 max_model_len: int | None = None, max_num_seqs: int = SchedulerConfig.max_num_seqs,
-                 kv_cache_tokens: int | None = None, block_size: int = CacheConfig.block_size,
-                 trust_remote_code: bool = False, seed: int = 0, config: EngineConfig | None = None,
+    def __init__(self, model: str = ModelConfig.model, *, decoder: str | None = None,
+                 speculative_config: dict | None = None, dtype: str = ModelConfig.dtype,
+                 device: str = ModelConfig.device, max_model_len: int | None = None,
+                 max_num_seqs: int = SchedulerConfig.max_num_seqs, kv_cache_tokens: int | None = None,
+                 block_size: int = CacheConfig.block_size, trust_remote_code: bool = ModelConfig.trust_remote_code,
+                 seed: int = EngineConfig.seed, config: EngineConfig | None = None,
                  clock: Clock = time.perf_counter, observers: Seq[StepObserver] = ()):
         """Either pass the common options, or a whole `EngineConfig` (as `leapserve serve` builds it). `clock` and
         `observers`: the engine's observation seam (`leapserve.decoding.observe`)."""
@@ -46,13 +48,15 @@ class LLM:
                  *, use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids), batched by the engine; outputs in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+            batch = [cast(Prompt, prompts)]  # one prompt: text, or token ids
+        else:
+            batch = list(cast(Seq[Prompt], prompts))
         params = params or SamplingParams()
-        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(params_list) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
+        params_list = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
+        if len(params_list) != len(batch):
+            raise ValueError(f"{len(batch)} prompts but {len(params_list)} SamplingParams")
         ids = []
-        for prompt, p in zip(prompts, params_list):
+        for prompt, p in zip(batch, params_list):
             token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             request_id = str(self._counter)
             self._counter += 1

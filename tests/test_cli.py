@@ -1,25 +1,43 @@
-"""`leapserve serve` flags -> EngineConfig, and the command line's error handling."""
+"""The `leapserve` command line: options generated from the config dataclasses, `serve` flags -> EngineConfig,
+the trainers' flags -> their configs, `--help`, and the error handling."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 
+from leapserve.cli.main import build_parser, main
+from leapserve.decoding.args import add_config_arguments, config_from_args, option
 from leapserve.decoding.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from leapserve.server import cli
-from leapserve.server.cli import build_parser, engine_config_from_args
+from leapserve.decoding.decoders import DECODERS
+from leapserve.server import app
+from leapserve.training.adaspec import AdaSpecConfig
+from leapserve.training.data import DataConfig
+from leapserve.training.fspad import FSPADTrainConfig
 
 import fault_injection
+
+SERVER_OPTIONS = {"logits_processors", "host", "port", "api_key", "log_level"}  # not engine config fields
 
 
 def parse(*argv: str):
     return build_parser().parse_args(["serve", *argv])
 
 
+def subparser(*names: str) -> argparse.ArgumentParser:
+    """The parser of `leapserve NAMES...`."""
+    parser = build_parser()
+    for name in names:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return parser
+
+
 def test_defaults_are_the_engine_defaults():
     args = parse()
-    assert engine_config_from_args(args) == EngineConfig()
+    assert config_from_args(EngineConfig, args) == EngineConfig()
     assert (args.host, args.port, args.log_level, args.logits_processors) == ("127.0.0.1", 8000, "info", [])
 
 
@@ -31,7 +49,7 @@ def test_every_flag_maps_onto_the_engine_config():
         "--max-waiting-requests", "10", "--decoder", "speculative",
         "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}', "--seed", "7",
         "--host", "0.0.0.0", "--port", "9000", "--api-key", "secret", "--log-level", "debug")
-    assert engine_config_from_args(args) == EngineConfig(
+    assert config_from_args(EngineConfig, args) == EngineConfig(
         model=ModelConfig(model="/models/llama", dtype="bfloat16", device="cpu", max_model_len=4096,
                           trust_remote_code=True, served_model_name="llama"),
         cache=CacheConfig(block_size=32, kv_cache_tokens=65536, gpu_memory_utilization=0.5),
@@ -40,13 +58,112 @@ def test_every_flag_maps_onto_the_engine_config():
     assert (args.host, args.port, args.api_key, args.log_level) == ("0.0.0.0", 9000, "secret", "debug")
 
 
+def test_every_serve_option_is_an_engine_config_field_and_back():
+    """The generated options are exactly the engine configs' fields, each defaulting to its dataclass default."""
+    actions = {a.dest: a for a in subparser("serve")._actions if a.dest != "help"}
+    engine_fields = {"decoder": EngineConfig(), "speculative_config": EngineConfig(), "seed": EngineConfig()}
+    for config in (ModelConfig(), CacheConfig(), SchedulerConfig()):
+        engine_fields.update({f.name: config for f in dataclasses.fields(config)})
+    assert set(actions) - SERVER_OPTIONS == set(engine_fields)
+    for name, config in engine_fields.items():
+        assert actions[name].option_strings == [f"--{name.replace('_', '-')}"]
+        assert actions[name].default == getattr(config, name), name
+
+
+def test_decoder_choices_are_the_registry(capsys):
+    decoder = next(a for a in subparser("serve")._actions if a.dest == "decoder")
+    assert decoder.choices == list(DECODERS) == ["autoregressive", "speculative"]
+    with pytest.raises(SystemExit):
+        parse("--decoder", "dparallel")
+    assert "--decoder: invalid choice: 'dparallel'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "listed", "absent"), [
+    ([], ["serve", "bench", "train"], []),
+    (["serve"], ["{autoregressive,speculative}", "--speculative-config", "model:", "KV cache:", "scheduler:",
+                 "decoding:", "server:"], ["dparallel", "silent-thought"]),
+    (["train"], ["data", "fspad", "adaspec", "export-eagle"], []),
+    (["train", "fspad"], ["--no-feature-sampling", "training:", "--warmup-steps"], []),
+])
+def test_help_lists_what_exists(capsys, argv, listed, absent):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert all(word in out for word in listed) and not any(word in out for word in absent)
+    commands = [a for a in subparser(*argv)._actions if isinstance(a, argparse._SubParsersAction)]
+    if commands:  # the listed commands are all there are
+        assert set(commands[0].choices) == {w for w in listed if ":" not in w}
+
+
+@pytest.mark.parametrize(("command", "cls", "required"), [
+    ("data", DataConfig, {"out": "data"}),
+    ("fspad", FSPADTrainConfig, {"data": "data", "out": "drafter"}),
+    ("adaspec", AdaSpecConfig, {"data": "data", "out": "drafter"}),
+])
+def test_trainer_flags_default_to_the_trainer_configs(command, cls, required):
+    """A trainer's command line and its config dataclass agree on every default (defined once, in the dataclass)."""
+    argv = [arg for name, value in required.items() for arg in (f"--{name}", value)]
+    args = build_parser().parse_args(["train", command, *argv])
+    assert config_from_args(cls, args) == cls(**required)
+
+
+def test_trainer_defaults():
+    fspad, adaspec = FSPADTrainConfig(data="d", out="o").train, AdaSpecConfig(data="d", out="o").train
+    assert (fspad.steps, fspad.lr, fspad.weight_decay, fspad.warmup_steps, fspad.grad_clip) == (2000, 1e-3, 0, 50, 0.5)
+    assert (adaspec.steps, adaspec.lr, adaspec.weight_decay, adaspec.warmup_steps, adaspec.grad_clip) == (
+        2000, 3e-4, 0.1, 20, 1.0)
+    args = build_parser().parse_args(["train", "fspad", "--data", "d", "--out", "o", "--no-noise", "--steps", "5",
+                                      "--tree", '{"depth": 2}'])
+    cfg = config_from_args(FSPADTrainConfig, args)
+    assert (cfg.noise, cfg.train.steps, cfg.train.lr, cfg.tree) == (False, 5, 1e-3, {"depth": 2})
+
+
+@dataclasses.dataclass
+class _Inner:
+    size: int = option(4, "a size")
+    tags: list[int] | None = option(None, "ids")
+
+
+@dataclasses.dataclass
+class _Outer:
+    name: str = option(help="required")
+    on: bool = option(True, "a switch that is on")
+    extra: dict = option({"a": 1}, "a JSON object")
+    rate: float | None = option(None, "a rate", metavar="R")
+    hidden: tuple[int, int] = (1, 2)  # no option
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+
+
+@dataclasses.dataclass
+class _BiggerInner(_Inner):
+    size: int = 8  # another default, the same option
+
+
+def test_options_from_a_dataclass(capsys):
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(parser, _Outer)
+    add_config_arguments(parser, _BiggerInner, overrides={"size": {"help": "bigger"}})
+    args = parser.parse_args(["--name", "x", "--no-on", "--extra", '{"b": 2}', "--rate", "0.5", "--tags", "1,2"])
+    assert config_from_args(_Outer, args) == _Outer("x", False, {"b": 2}, 0.5, (1, 2), _Inner(8, [1, 2]))
+    assert config_from_args(_Outer, parser.parse_args(["--name", "x"]), rate=2.0) == _Outer("x", rate=2.0,
+                                                                                          inner=_Inner(8))
+    assert _Outer("y").extra is not _Outer("z").extra
+    assert "--hidden" not in parser.format_help() and "bigger (default: 8)" in parser.format_help()
+    for bad, message in ((["--extra", "[1]"], "must be a JSON object"), (["--tags", "1,x"], "comma-separated"),
+                         ([], "required: --name")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad if not bad or bad[0] == "--name" else ["--name", "x", *bad])
+        assert message in capsys.readouterr().err
+
+
 def test_serve_hands_the_flags_to_run_server(monkeypatch):
     calls = []
-    monkeypatch.setattr(cli, "run_server", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(app, "run_server", lambda *args, **kwargs: calls.append((args, kwargs)))
     monkeypatch.setenv("LEAPSERVE_API_KEY", "from-env")
-    cli.main(["serve", "--port", "9001", "--max-num-seqs", "4", "--log-level", "warning",
-              "--logits-processors", "fault_injection:fail_if_poisoned"])
-    cli.main(["serve", "--api-key", "from-flag"])
+    main(["serve", "--port", "9001", "--max-num-seqs", "4", "--log-level", "warning",
+          "--logits-processors", "fault_injection:fail_if_poisoned"])
+    main(["serve", "--api-key", "from-flag"])
     (config, host, port, api_key), kwargs = calls[0]
     assert config.scheduler.max_num_seqs == 4 and (host, port, api_key) == ("127.0.0.1", 9001, "from-env")
     assert kwargs == {"logits_processors": [fault_injection.fail_if_poisoned], "log_level": "warning"}
@@ -74,18 +191,18 @@ def test_invalid_flags_exit_with_a_clear_message(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_command_line_entry_points():
-    """`python -m leapserve.server.cli` and `python -m leapserve.server` run the CLI; errors exit with no traceback."""
-    bad_json = subprocess.run([sys.executable, "-m", "leapserve.server.cli", "serve", "--speculative-config", "{"],
+def test_command_line_entry_point():
+    """`python -m leapserve.cli` runs the CLI; errors exit with no traceback."""
+    bad_json = subprocess.run([sys.executable, "-m", "leapserve.cli", "serve", "--speculative-config", "{"],
                               capture_output=True, text=True, timeout=120)
     assert bad_json.returncode == 2
     assert "--speculative-config: not valid JSON" in bad_json.stderr and "Traceback" not in bad_json.stderr
 
-    missing = subprocess.run([sys.executable, "-m", "leapserve.server", "serve", "--model", "/no/such/model"],
+    missing = subprocess.run([sys.executable, "-m", "leapserve.cli", "serve", "--model", "/no/such/model"],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1
     assert "leapserve serve: error:" in missing.stderr and "Traceback" not in missing.stderr
 
-    no_command = subprocess.run([sys.executable, "-m", "leapserve.server.cli"], capture_output=True, text=True,
+    no_command = subprocess.run([sys.executable, "-m", "leapserve.cli"], capture_output=True, text=True,
                                 timeout=120)
     assert no_command.returncode == 2 and "serve" in no_command.stderr

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from leapserve.decoding import LLM, SamplingParams
+from leapserve.decoding.config import DEFAULT_MODEL
 from leapserve.decoding.model_loader import resolve_model
 
 PROMPTS = [
@@ -140,8 +141,8 @@ def test_incremental_detokenization_never_splits_characters(tiny_llm):
 
 @pytest.mark.slow
 def test_smollm2_greedy_equals_transformers():
-    llm = LLM("smollm2-135m-instruct", max_model_len=1024, kv_cache_tokens=4096)
-    hf = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m-instruct"), dtype=torch.float32).eval()
+    llm = LLM(DEFAULT_MODEL, max_model_len=1024, kv_cache_tokens=4096)
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model(DEFAULT_MODEL), dtype=torch.float32).eval()
     prompts = PROMPTS[:3]
     expected = [hf_greedy(hf, llm.tokenizer, p, 20) for p in prompts]
     params = SamplingParams(temperature=0, max_tokens=20)

@@ -39,7 +39,7 @@ def _free_port() -> int:
 def running_server(model_dir: Path, log_path: Path, *extra_args: str, startup_timeout: float = 120) -> Iterator[str]:
     """`leapserve serve` in a subprocess; yields its base URL once /health answers, stops it afterwards."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "leapserve.server.cli", "serve", "--model", str(model_dir),
+    cmd = [sys.executable, "-m", "leapserve.cli", "serve", "--model", str(model_dir),
            "--served-model-name", MODEL, "--port", str(port), "--api-key", API_KEY,
            "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning",
            "--logits-processors", "fault_injection:fail_if_poisoned,fault_injection:delay_if_slow", *extra_args]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from leapserve.decoding import LLM, SamplingParams
+from leapserve.decoding.config import DEFAULT_MODEL
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 FSPAD = CHECKPOINTS / "smollm2-135m-instruct-fspad"
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def expected() -> list[list[int]]:
-    llm = LLM("smollm2-135m-instruct", decoder="autoregressive", kv_cache_tokens=8192)
+    llm = LLM(DEFAULT_MODEL, decoder="autoregressive", kv_cache_tokens=8192)
     outs = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS],
                     SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs]
@@ -41,7 +42,7 @@ def test_shipped_drafter_is_small_and_documented(path):
     {"method": "draft_model", "model": str(ADASPEC), "num_speculative_tokens": 3},
 ], ids=["fspad-tree", "fspad-chain-padded", "adaspec-chain"])
 def test_shipped_drafter_greedy_equals_autoregressive(spec, expected):
-    llm = LLM("smollm2-135m-instruct", speculative_config={**spec, "adaptive": False}, kv_cache_tokens=8192)
+    llm = LLM(DEFAULT_MODEL, speculative_config={**spec, "adaptive": False}, kv_cache_tokens=8192)
     outs = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS],
                     SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from conftest import save_tiny_llama
 from leapserve.benchmarks.roofline import Roofline, VirtualClock
 from leapserve.decoding import LLM, SamplingParams
-from leapserve.decoding.config import SpeculativeConfig
+from leapserve.decoding.config import DEFAULT_MODEL, SpeculativeConfig
 from leapserve.decoding.decoders.speculative import ModeSelector
 from leapserve.decoding.drafter import DraftTree
 from leapserve.decoding.sampler import target_probs
@@ -26,7 +26,7 @@ from leapserve.decoding.tree import chunk_layout, tree_children, tree_depths
 from leapserve.drafters.ngram import lookup
 from test_server import API_KEY, MODEL, metric, running_server, scrape
 
-SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2 = DEFAULT_MODEL
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\ndef factorial(n):",

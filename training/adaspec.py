@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from leapserve.decoding.config import ModelConfig
+from leapserve.decoding.args import add_config_arguments, config_from_args, option
+from leapserve.decoding.config import DEFAULT_MODEL, ModelConfig
 from leapserve.decoding.model_loader import load_model, resolve_model
 from leapserve.drafters.draft_model import SHARED_WITH_TARGET, assemble_draft, load_draft_model
 
@@ -158,21 +159,30 @@ def _logits(model: torch.nn.Module, b: _Batch) -> torch.Tensor:
 # ---- the two stages -------------------------------------------------------------------------------------------------
 
 @dataclass
+class AdaSpecTraining(TrainConfig):
+    """AdaSPEC's optimizer settings, where they differ from `TrainConfig`'s."""
+    warmup_steps: int = 20
+
+
+@dataclass
 class AdaSpecConfig:
-    model: str  # the target
-    data: str  # a `leapserve train data` directory
-    out: str  # where the trained model (the draft, or the reference for --stage reference) is exported
-    stage: str = "both"
-    reference: str | None = None  # --stage draft: the stage-one checkpoint (default: <work_dir>/reference)
-    work_dir: str | None = None  # training states (default: <out>.train)
-    filter_fraction: float = DEFAULT_FRACTION
-    init_layers: list[int] | None = None  # None: 3 evenly spaced target layers
-    draft_batch_size: int | None = None  # None: ceil(batch_size / filter_fraction)
-    eval_prompts: int = 32
-    eval_set: str = "mixed"
-    eval_max_tokens: int = 128
-    num_speculative_tokens: int = 4  # the chain length measured in the final evaluation
-    train: TrainConfig = field(default_factory=TrainConfig)
+    data: str = option(help="a `leapserve train data` directory")
+    out: str = option(help="where the trained model is exported (the draft; the reference with --stage reference)")
+    model: str = option(DEFAULT_MODEL, "the target")
+    stage: str = option("both", "reference, draft, or both in turn", choices=STAGES)
+    reference: str | None = option(None, "--stage draft: the stage-one checkpoint (default: <work-dir>/reference)")
+    work_dir: str | None = option(None, "training states, resumable (default: <out>.train)")
+    filter_fraction: float = option(DEFAULT_FRACTION, "k: share of each batch's tokens the draft trains on; 1.0 is "
+                                                      "DistillSpec")
+    init_layers: list[int] | None = option(None, "target layers the draft starts from, e.g. 0,15,29 (default: 3 "
+                                                 "evenly spaced)")
+    draft_batch_size: int | None = option(None, "sequences per step in the draft stage (default: ceil(batch size / "
+                                                "k), the paper's budget)")
+    eval_prompts: int = option(32, "held-out prompts for the final acceptance (0: skip)")
+    eval_set: str = option("mixed", "prompt set (or .jsonl) of the final evaluation")
+    eval_max_tokens: int = option(128, "output tokens per evaluation prompt at most")
+    num_speculative_tokens: int = option(4, "draft chain length in the evaluation")
+    train: TrainConfig = field(default_factory=AdaSpecTraining)
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -297,58 +307,15 @@ def train_adaspec(cfg: AdaSpecConfig) -> Path:
 
 # ---- CLI ------------------------------------------------------------------------------------------------------------
 
-def _layers(text: str) -> list[int]:
-    try:
-        layers = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        layers = []
-    if not layers:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, e.g. 0,15,29; got {text!r}")
-    return layers
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `adaspec` (as `leapserve train adaspec`)."""
-    d = TrainConfig()
     p = subparsers.add_parser("adaspec", help="distil a draft model with AdaSPEC (or DistillSpec)",
                               description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="the target")
-    p.add_argument("--data", required=True, help="a `leapserve train data` directory")
-    p.add_argument("--out", required=True, help="where the trained model is exported (the draft; the reference "
-                                                "with --stage reference)")
-    p.add_argument("--work-dir", default=None, help="training states, resumable (default: <out>.train)")
-    p.add_argument("--stage", default="both", choices=STAGES)
-    p.add_argument("--reference", default=None, help="--stage draft: the stage-one checkpoint")
-    p.add_argument("--filter-fraction", type=float, default=DEFAULT_FRACTION,
-                   help="k: share of each batch's tokens the draft trains on; 1.0 is DistillSpec")
-    p.add_argument("--no-filter", dest="filter_fraction", action="store_const", const=1.0,
+    add_config_arguments(p, AdaSpecConfig)
+    p.add_argument("--no-filter", dest="filter_fraction", action="store_const", const=1.0, default=argparse.SUPPRESS,
                    help="same as --filter-fraction 1.0 (DistillSpec)")
-    p.add_argument("--init-layers", type=_layers, default=None,
-                   help="target layers the draft starts from, e.g. 0,15,29 (default: 3 evenly spaced)")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps per stage")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step (reference stage)")
-    p.add_argument("--draft-batch-size", type=int, default=None,
-                   help="sequences per step in the draft stage (default: ceil(batch size / k), the paper's budget)")
-    p.add_argument("--max-len", type=int, default=d.max_len, help="longer sequences are cut")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts for the final acceptance (0: skip)")
-    p.add_argument("--eval-set", default="mixed", help="prompt set (or .jsonl) of the final evaluation")
-    p.add_argument("--eval-max-tokens", type=int, default=128)
-    p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft chain length in the evaluation")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (auto: bfloat16 autocast on CUDA, float32 on CPU)")
-    p.set_defaults(handler=lambda a: train_adaspec(AdaSpecConfig(
-        model=a.model, data=a.data, out=a.out, stage=a.stage, reference=a.reference, work_dir=a.work_dir,
-        filter_fraction=a.filter_fraction, init_layers=a.init_layers, draft_batch_size=a.draft_batch_size,
-        eval_prompts=a.eval_prompts, eval_set=a.eval_set, eval_max_tokens=a.eval_max_tokens,
-        num_speculative_tokens=a.num_speculative_tokens,
-        train=TrainConfig(steps=a.steps, lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
-                          grad_clip=a.grad_clip, batch_size=a.batch_size, max_len=a.max_len,
-                          checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device, dtype=a.dtype))))
+    add_config_arguments(p.add_argument_group("training"), AdaSpecTraining,
+                         overrides={"steps": {"help": "optimizer steps per stage"},
+                                    "batch_size": {"help": "sequences per step (reference stage)"}})
+    p.set_defaults(handler=lambda a: train_adaspec(config_from_args(AdaSpecConfig, a)))

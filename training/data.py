@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from leapserve.decoding.config import ModelConfig
+from leapserve.decoding.args import add_config_arguments, config_from_args, option
+from leapserve.decoding.config import DEFAULT_MODEL, DEVICES, ModelConfig
 from leapserve.decoding.llm import LLM
 from leapserve.decoding.model_loader import load_model, resolve_device, resolve_dtype, resolve_model
 from leapserve.decoding.sampling_params import SamplingParams
@@ -37,16 +38,17 @@ SHARD = "shard-{:05d}.safetensors"
 
 @dataclass
 class DataConfig:
-    model: str
-    out: str
-    prompt_sets: str = "chat,code,summarization,math"
-    num_prompts: int = 2000
-    max_tokens: int = 192
-    shard_size: int = 128  # sequences per shard
-    temperature: float = 0.0
-    features: bool = True
-    seed: int = 0
-    device: str = "auto"
+    out: str = option(help="output directory (resumes if it already holds shards)")
+    model: str = option(DEFAULT_MODEL, "the target")
+    prompt_sets: str = option("chat,code,summarization,math", f"comma-separated, of {sorted(PROMPT_SETS)}")
+    num_prompts: int = option(2000, "prompts the target answers")
+    max_tokens: int = option(192, "response length cap")
+    shard_size: int = option(128, "sequences per shard")
+    temperature: float = option(0.0, "0: greedy answers")
+    features: bool = option(True, "store the target's features too (--no-features: token ids only, enough for "
+                                  "AdaSPEC)")
+    seed: int = option(0, "prompt order and sampling")
+    device: str = option("auto", "where the target runs", choices=DEVICES)
 
 
 @dataclass
@@ -192,20 +194,8 @@ def batches(sequences: list[TrainSequence], batch_size: int, max_len: int, seed:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    d = DataConfig(model="", out="")
+    """Register `data` (as `leapserve train data`)."""
     p = subparsers.add_parser("data", help="generate training data: the target answers offline prompts",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="the target")
-    p.add_argument("--out", required=True, help="output directory (resumes if it already holds shards)")
-    p.add_argument("--prompt-sets", default=d.prompt_sets, help=f"comma-separated, of {sorted(PROMPT_SETS)}")
-    p.add_argument("--num-prompts", type=int, default=d.num_prompts)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="response length cap")
-    p.add_argument("--shard-size", type=int, default=d.shard_size, help="sequences per shard")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy answers")
-    p.add_argument("--no-features", action="store_true", help="store token ids only (enough for AdaSPEC)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
-    p.set_defaults(handler=lambda a: generate_data(DataConfig(
-        model=a.model, out=a.out, prompt_sets=a.prompt_sets, num_prompts=a.num_prompts, max_tokens=a.max_tokens,
-        shard_size=a.shard_size, temperature=a.temperature, features=not a.no_features, seed=a.seed,
-        device=a.device)))
+    add_config_arguments(p, DataConfig)
+    p.set_defaults(handler=lambda a: generate_data(config_from_args(DataConfig, a)))

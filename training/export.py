@@ -1,9 +1,8 @@
-"""`leapserve train export-eagle`: an FSPAD drafter in the EAGLE checkpoint layout vLLM's EAGLE proposer reads
-(vllm-integration.md section 2.6): `fc.*`, `layers.0.*`, `lm_head.weight` and `d2t` for a reduced vocabulary,
-the embedding left out (shared from the target). The EAGLE-style ablation (`--no-feature-sampling
---no-partial-alignment`) exports as a plain `EagleLlamaForCausalLM`; a full FSPAD drafter adds its feature-sampling
-block and 2d-wide down_proj, which vLLM needs a registered architecture for. leapserve's `fspad` drafter loads
-either layout.
+"""`leapserve train export-eagle`: an FSPAD drafter in the EAGLE checkpoint layout vLLM's EAGLE proposer reads:
+`fc.*`, `layers.0.*`, `lm_head.weight` and `d2t` for a reduced vocabulary, the embedding left out (shared from the
+target). The EAGLE-style ablation (`--no-feature-sampling --no-partial-alignment`) exports as a plain
+`EagleLlamaForCausalLM`; a full FSPAD drafter adds its feature-sampling block and 2d-wide down_proj, which vLLM
+needs a registered architecture for. leapserve's `fspad` drafter loads either layout.
 """
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from leapserve.decoding.config import ModelConfig
+from leapserve.decoding.config import DEFAULT_MODEL, ModelConfig
 from leapserve.decoding.model_loader import load_model, resolve_model
 from leapserve.drafters.fspad import load_fspad
 from leapserve.drafters.fspad_model import to_eagle_layout
@@ -35,6 +34,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export-eagle", help="export an FSPAD drafter to the EAGLE layout vLLM reads",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--drafter", required=True, help="a `leapserve train fspad` checkpoint directory")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="its target (for a reduced vocabulary's head)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="its target (for a reduced vocabulary's head)")
     p.add_argument("--out", required=True, help="the export directory")
     p.set_defaults(handler=lambda a: print(export_eagle(a.drafter, a.model, a.out)))

@@ -1,4 +1,5 @@
-"""`leapserve train fspad`: train an FSPAD feature drafter on `leapserve train data` shards (seed-methods section 2).
+"""`leapserve train fspad`: train an FSPAD feature drafter (feature sampling and partial alignment on top of EAGLE)
+on `leapserve train data` shards.
 
 Teacher-forced as EAGLE: position i reads the target feature f_i (with EAGLE's uniform input noise) and the
 embedding of token i+1; its feature half is regressed to f_{i+1} (SmoothL1) and its token half, through the
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from leapserve.decoding.config import ModelConfig
+from leapserve.decoding.args import add_config_arguments, config_from_args, option
+from leapserve.decoding.config import DEFAULT_MODEL, ModelConfig
 from leapserve.decoding.model_loader import load_model, resolve_model
 from leapserve.drafters.fspad import DRAFTER_TYPE
 from leapserve.drafters.fspad_model import FSPADConfig, FSPADModel
@@ -119,22 +121,33 @@ class FSPADObjective:
 
 
 @dataclass
+class FSPADTraining(TrainConfig):
+    """FSPAD's optimizer settings, where they differ from `TrainConfig`'s."""
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    grad_clip: float = 0.5
+
+
+@dataclass
 class FSPADTrainConfig:
-    model: str
-    data: str
-    out: str
-    work_dir: str | None = None  # resumable training state; default <out>.train
-    feature_sampling: bool = True
-    partial_alignment: bool = True
-    noise: bool = True
-    all_positions: bool = False  # train on prompt positions too, not only on the target's answers
-    draft_vocab_size: int = 8192  # 0: the target's whole vocabulary
-    intermediate_size: int | None = None  # default: the target's
-    eval_prompts: int = 32
-    eval_set: str = "mixed"
-    eval_max_tokens: int = 128
-    tree: dict = field(default_factory=lambda: dict(DEFAULT_TREE))
-    train: TrainConfig = field(default_factory=TrainConfig)
+    data: str = option(help="a `leapserve train data` directory (with features)")
+    out: str = option(help="where the drafter is exported")
+    model: str = option(DEFAULT_MODEL, "the target")
+    work_dir: str | None = option(None, "training state, resumable (default: <out>.train)")
+    feature_sampling: bool = option(True, "FSPAD's feature sampling (off: the ablation with EAGLE's plain fuse)")
+    partial_alignment: bool = option(True, "FSPAD's partial alignment (off: the ablation with one d-wide output "
+                                           "for both)")
+    noise: bool = option(True, "uniform noise on the input features")
+    all_positions: bool = option(False, "train on prompt positions too (more signal from the same data), not only "
+                                        "on answers")
+    draft_vocab_size: int = option(8192, "0: the target's whole vocabulary")
+    intermediate_size: int | None = option(None, "default: the target's")
+    eval_prompts: int = option(32, "held-out prompts (0: skip)")
+    eval_set: str = option("mixed", "prompt set (or .jsonl) of the evaluation")
+    eval_max_tokens: int = option(128, "output tokens per evaluation prompt at most")
+    tree: dict = option(DEFAULT_TREE, "the EAGLE-2 tree of the evaluation (JSON)")
+    train: TrainConfig = field(default_factory=FSPADTraining)
 
 
 def train_fspad(cfg: FSPADTrainConfig) -> Path:
@@ -199,42 +212,9 @@ def _card(cfg: FSPADTrainConfig, facts: dict, metrics: dict | None) -> str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    d = FSPADTrainConfig(model="", data="", out="")
-    t = d.train
+    """Register `fspad` (as `leapserve train fspad`)."""
     p = subparsers.add_parser("fspad", help="train an FSPAD feature drafter for the target",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="the target")
-    p.add_argument("--data", required=True, help="a `leapserve train data` directory (with features)")
-    p.add_argument("--out", required=True, help="where the drafter is exported")
-    p.add_argument("--work-dir", default=None, help="training state, resumable (default: <out>.train)")
-    p.add_argument("--no-feature-sampling", action="store_true", help="ablation: EAGLE's plain fuse")
-    p.add_argument("--no-partial-alignment", action="store_true", help="ablation: one d-wide output for both")
-    p.add_argument("--no-noise", action="store_true", help="no uniform noise on the input features")
-    p.add_argument("--all-positions", action="store_true",
-                   help="train on prompt positions too (more signal from the same data), not only on answers")
-    p.add_argument("--draft-vocab-size", type=int, default=d.draft_vocab_size, help="0: the full vocabulary")
-    p.add_argument("--intermediate-size", type=int, default=None, help="default: the target's")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--grad-clip", type=float, default=0.5)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=t.max_len)
-    p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every)
-    p.add_argument("--eval-prompts", type=int, default=d.eval_prompts, help="held-out prompts (0: skip)")
-    p.add_argument("--eval-set", default=d.eval_set)
-    p.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens)
-    p.add_argument("--tree", type=json.loads, default=d.tree, help="the EAGLE-2 tree of the evaluation (JSON)")
-    p.add_argument("--seed", type=int, default=t.seed)
-    p.add_argument("--device", default=t.device, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default=t.dtype, choices=["auto", "float32", "bfloat16", "float16"])
-    p.set_defaults(handler=lambda a: train_fspad(FSPADTrainConfig(
-        model=a.model, data=a.data, out=a.out, work_dir=a.work_dir, feature_sampling=not a.no_feature_sampling,
-        partial_alignment=not a.no_partial_alignment, noise=not a.no_noise, all_positions=a.all_positions,
-        draft_vocab_size=a.draft_vocab_size,
-        intermediate_size=a.intermediate_size, eval_prompts=a.eval_prompts, eval_set=a.eval_set,
-        eval_max_tokens=a.eval_max_tokens, tree=a.tree,
-        train=TrainConfig(steps=a.steps, lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
-                          grad_clip=a.grad_clip, batch_size=a.batch_size, max_len=a.max_len,
-                          checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device, dtype=a.dtype))))
+    add_config_arguments(p, FSPADTrainConfig)
+    add_config_arguments(p.add_argument_group("training"), FSPADTraining)
+    p.set_defaults(handler=lambda a: train_fspad(config_from_args(FSPADTrainConfig, a)))

@@ -21,6 +21,8 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 from tqdm import tqdm
 
+from leapserve.decoding.args import option
+from leapserve.decoding.config import DEVICES, DTYPES
 from leapserve.decoding.model_loader import resolve_device, resolve_dtype
 
 STATE_FILE = "train_state.pt"
@@ -31,18 +33,20 @@ LossFn = Callable[[Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    lr: float = 3e-4
-    weight_decay: float = 0.1  # on matrices only, not on norms and biases
+    """The optimizer and run settings of both trainers; each trainer's own defaults are a subclass of this."""
+    steps: int = option(2000, "optimizer steps")
+    lr: float = option(3e-4, "peak learning rate (constant after the warmup)")
+    weight_decay: float = option(0.1, "AdamW weight decay, on matrices only (not on norms and biases)")
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW defaults, as the AdaSPEC scripts (HF Trainer) use
-    warmup_steps: int = 0  # linear warmup, then constant (AdaSPEC's schedule)
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    batch_size: int = 8  # sequences per step
-    max_len: int = 512  # tokens per sequence; longer ones are cut
-    checkpoint_every: int = 200
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # compute dtype; auto: bfloat16 autocast on CUDA, float32 on CPU (weights stay float32)
+    warmup_steps: int = option(0, "linear warmup steps, then a constant learning rate")
+    grad_clip: float = option(1.0, "max global gradient norm; 0 disables clipping")
+    batch_size: int = option(8, "sequences per step")
+    max_len: int = option(512, "tokens per sequence; longer ones are cut")
+    checkpoint_every: int = option(200, "steps between resumable training states")
+    seed: int = option(0, "initialisation, data order and evaluation")
+    device: str = option("auto", "where training runs", choices=DEVICES)
+    dtype: str = option("auto", "compute dtype; auto: bfloat16 autocast on CUDA, float32 on CPU (weights stay "
+                                "float32)", choices=DTYPES)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "max_len", "checkpoint_every"):

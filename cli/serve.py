@@ -1,0 +1,60 @@
+"""`leapserve serve`: the engine's options, generated from its config dataclasses (named as `vllm serve` names
+them), and the HTTP server's own."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+
+from leapserve.decoding.args import add_config_arguments, config_from_args
+from leapserve.decoding.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from leapserve.decoding.decoders import DECODERS
+from leapserve.decoding.sampling_params import LogitsProcessor
+
+API_KEY_ENV = "LEAPSERVE_API_KEY"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def load_logits_processors(spec: str) -> list[LogitsProcessor]:
+    """Import `module:callable[,module:callable...]` (argparse type for --logits-processors)."""
+    processors = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        module_name, sep, attr = item.partition(":")
+        if not sep or not module_name or not attr:
+            raise argparse.ArgumentTypeError(f"expected module:callable, got {item!r}")
+        try:
+            processor = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise argparse.ArgumentTypeError(f"cannot load {item!r}: {e}") from e
+        if not callable(processor):
+            raise argparse.ArgumentTypeError(f"{item!r} is not callable")
+        processors.append(processor)
+    return processors
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `serve`: one option group per engine config, then the logits processors and the server's."""
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for title, cls in (("model", ModelConfig), ("KV cache", CacheConfig), ("scheduler", SchedulerConfig)):
+        add_config_arguments(p.add_argument_group(title), cls)
+    g = p.add_argument_group("decoding")
+    add_config_arguments(g, EngineConfig, overrides={"decoder": {"choices": list(DECODERS)}})
+    g.add_argument("--logits-processors", type=load_logits_processors, default=[],
+                   help="module:callable[,module:callable]: logits processors added to every request")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on")
+    g.add_argument("--api-key", help=f"require `Authorization: Bearer <key>` on /v1/*; default: ${API_KEY_ENV}")
+    g.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="of leapserve and uvicorn")
+    p.set_defaults(handler=serve)
+
+
+def serve(args: argparse.Namespace) -> None:
+    """The `leapserve serve` handler: the engine config from the options, then the server until it is stopped."""
+    from leapserve.server.app import run_server  # the HTTP stack loads only to serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_server(config_from_args(EngineConfig, args), args.host, args.port, args.api_key or os.environ.get(API_KEY_ENV),
+               logits_processors=args.logits_processors, log_level=args.log_level)

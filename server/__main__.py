@@ -1,4 +1,0 @@
-"""`python -m leapserve.server` runs the `leapserve` command line."""
-from .cli import main
-
-main()
