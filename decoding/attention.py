@@ -7,6 +7,7 @@ runs the Triton kernels on CUDA and the PyTorch reference on CPU).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from transformers import AttentionInterface
@@ -30,9 +31,11 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     leapserve_meta: AttentionMetadata | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: query `[1, Hq, T, D]`, key/value `[1, Hkv, T, D]` -> `[1, T, Hq, D]`."""
     if leapserve_meta is None:
-        raise RuntimeError("the leapserve attention implementation needs `leapserve_meta` (run the model through the engine)")
+        raise RuntimeError("the leapserve attention implementation needs `leapserve_meta` "
+                           "(run the model through the engine)")
     meta = leapserve_meta
-    layer = module.layer_idx
+    # transformers' attention modules set layer_idx (a Module's attributes are typed Tensor | Module)
+    layer = cast(int, module.layer_idx)
     k_cache, v_cache = meta.cache.k[layer], meta.cache.v[layer]
     meta.step.write_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache)
     return meta.step.attend(query[0].transpose(0, 1), k_cache, v_cache, scaling).unsqueeze(0), None

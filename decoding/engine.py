@@ -211,6 +211,7 @@ class LLMEngine:
         token = sample.token_id
         seq.token_ids.append(token)
         if seq.logprobs is not None:
+            assert sample.logprobs is not None  # sampled with logprobs, as the request asked for them
             seq.logprobs.append(sample.logprobs)
         if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
             self._finish(seq, "stop", token if token in p.stop_token_ids else None)

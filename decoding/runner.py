@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -10,6 +11,9 @@ from leapserve.kernels import AttentionStep
 
 from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, register
 from .kv_cache import PagedKVCache
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -29,7 +33,9 @@ def step_metadata(chunks: list[SeqChunk], cache: PagedKVCache,
                   device: torch.device) -> tuple[AttentionMetadata, torch.Tensor, list[int]]:
     """A step's attention metadata over `cache`, rotary positions, and where each chunk starts in the packed batch."""
     bs = cache.block_size
-    slots, positions, cu = [], [], [0]
+    slots: list[int] = []
+    positions: list[int] = []
+    cu = [0]
     for c in chunks:
         n = len(c.token_ids)
         pos = range(c.start, c.start + n)
@@ -64,7 +70,7 @@ def step_metadata(chunks: list[SeqChunk], cache: PagedKVCache,
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device,
+    def __init__(self, model: PreTrainedModel, cache: PagedKVCache, device: torch.device,
                  on_forward: Callable[[int], None] | None = None):
         """`on_forward(num_tokens)` is told of each forward before it runs (the engine's observers)."""
         register()

@@ -37,13 +37,16 @@ def verify(tree: DraftTree, logits: torch.Tensor, seq: Sequence, sampler: Sample
     children = tree_children(tree.parents)
     generator = seq.generator or sampler.generator
     k = seq.params.logprobs
-    node, accepted, tokens, samples = 0, [], [], []
-    fast = argmax is not None and plain_greedy(seq)
+    node = 0
+    accepted: list[int] = []
+    tokens: list[int] = []
+    samples: list[Sample] = []
+    fast = argmax if argmax is not None and plain_greedy(seq) else None  # the rows' argmax is the greedy token
     while True:
         raw = logits[node]
         nxt = None
         if seq.params.greedy:
-            token = argmax[node] if fast else int(torch.argmax(processed_logits(raw, seq, tokens)))
+            token = fast[node] if fast is not None else int(torch.argmax(processed_logits(raw, seq, tokens)))
             nxt = next((c for c in children[node] if tree.tokens[c - 1] == token), None)
         else:
             p = target_probs(processed_logits(raw, seq, tokens), seq)

@@ -28,7 +28,7 @@ class AttentionStep:
         if self.use_triton:
             self._triton_attention = implementation(block_tables.device, "tree_attention_triton")
             self._triton_cache_ops = implementation(block_tables.device, "cache_ops")
-            self.plan = None
+            self.plan: reference.AttentionPlan | None = None
         else:
             cu = cu_seqlens_q.tolist()
             check_tree_attention_values(cu, context_lens.tolist(), cu[-1], block_tables.shape[1] * block_size,
@@ -58,4 +58,5 @@ class AttentionStep:
             return self._triton_attention.tree_attention(q, k_cache, v_cache, self.block_tables, self.context_lens,
                                                          self.cu_seqlens_q, self.tree_mask, scale,
                                                          context_mask=self.context_mask)
+        assert self.plan is not None  # planned in __init__ whenever Triton is not used
         return reference.attend(q, k_cache, v_cache, self.plan, scale)

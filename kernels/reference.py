@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .validation import (check_move_kv_args, check_tree_attention_args, check_tree_attention_values,
-                         check_write_kv_args)
+from .validation import check_move_kv_args, check_tree_attention_args, check_tree_attention_values, check_write_kv_args
 
 
 def _visibility(context_len: int, num_new: int, tree_rows: torch.Tensor | None, context_row: torch.Tensor | None,
@@ -104,7 +103,7 @@ def _batched_plan(seqs: list[SeqPlan], ctx_lens: list[int], tree_mask: torch.Ten
     max_keys = max(ctx + s.end - s.start for s, ctx in zip(seqs, ctx_lens))
     slots = torch.empty(len(seqs), max_keys, dtype=torch.long, device=device)
     mask = torch.zeros(len(seqs), 1, max_q, max_keys, dtype=torch.bool, device=device)
-    rows = []
+    rows: list[int] = []
     for i, (s, ctx) in enumerate(zip(seqs, ctx_lens)):
         n = s.end - s.start
         own = torch.arange(s.keys.start, s.keys.stop, device=device) if isinstance(s.keys, slice) else s.keys
@@ -147,6 +146,7 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: 
         if out is None:  # one sequence covering all of q: hand back SDPA's result without another copy
             return o if o.dtype == q.dtype else o.to(q.dtype)
         out[s.start:s.end] = o
+    assert out is not None  # allocated above unless one sequence returned SDPA's result
     return out
 
 

@@ -174,10 +174,10 @@ def _merge_splits_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, num_
     split_valid = split < NUM_SPLITS
     part_row = (split * num_tokens + token) * num_q_heads + head
     m = tl.load(part_max_ptr + part_row, mask=split_valid, other=float("-inf"))
-    l = tl.load(part_sum_ptr + part_row, mask=split_valid, other=0.0)
+    l_part = tl.load(part_sum_ptr + part_row, mask=split_valid, other=0.0)
     m_all = tl.max(m, 0)
     weight = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))
-    total = tl.sum(weight * l, 0)
+    total = tl.sum(weight * l_part, 0)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     acc = tl.load(part_acc_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :],
@@ -187,7 +187,7 @@ def _merge_splits_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, num_
              mask=d_valid)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

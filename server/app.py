@@ -6,7 +6,7 @@ requests through `serving` and stream the engine's cumulative outputs back as JS
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request

@@ -6,9 +6,10 @@ chunk per change of a choice.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncGenerator
 from functools import partial
 from operator import attrgetter
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -17,9 +18,20 @@ from jinja2 import TemplateError
 from leapserve.decoding.outputs import Logprob, RequestOutput
 from leapserve.decoding.sampling_params import InvalidRequestError
 
-from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-                       ChatCompletionResponse, ChatLogprobs, ChatTokenLogprob, DeltaMessage, TopLogprob, UsageInfo,
-                       random_id)
+from .protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    DeltaMessage,
+    TopLogprob,
+    UsageInfo,
+    random_id,
+)
 from .serving import OpenAIServing, Outputs, respond, usage
 from .streaming import ChoiceTracker, sse
 
@@ -32,6 +44,7 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, req: ChatCompletionRequest) 
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert isinstance(text, str)  # tokenize=False: the rendered text (transformers' return type is a union)
     except (ValueError, TemplateError) as e:
         raise InvalidRequestError(f"cannot apply the model's chat template: {e}", "messages") from e
     # The template already contains any special tokens the model expects (e.g. <|im_start|>).
@@ -72,7 +85,7 @@ def _chunk(request_id: str, created: int, model: str, choices: list[ChatChunkCho
 
 
 async def chat_events(request_id: str, created: int, model: str, prompt_ids: list[int], outputs: Outputs, *,
-                      n: int, top_logprobs: int, include_usage: bool) -> AsyncIterator[str]:
+                      n: int, top_logprobs: int, include_usage: bool) -> AsyncGenerator[str, None]:
     """Each choice's role, one chunk per choice that changed, then (if asked for) one with the usage and no choices."""
     trackers = [ChoiceTracker() for _ in range(n)]
     for j in range(n):

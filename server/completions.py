@@ -6,9 +6,10 @@ sample of prompt i. The response is built from each prompt's final output, or st
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncGenerator
 from functools import partial
 from operator import attrgetter
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -69,7 +70,7 @@ def _chunk(request_id: str, created: int, model: str, choices: list[CompletionCh
 
 
 async def completion_events(request_id: str, created: int, model: str, prompts: list[list[int]], outputs: Outputs,
-                            *, n: int, include_usage: bool) -> AsyncIterator[str]:
+                            *, n: int, include_usage: bool) -> AsyncGenerator[str, None]:
     """One event per choice that changed, then (if asked for) one with the usage and no choices."""
     trackers = [ChoiceTracker() for _ in range(len(prompts) * n)]
     async for i, output in outputs:

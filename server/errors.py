@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,7 +23,7 @@ class APIError(Exception):
     """An error the server answers with directly (unknown model, bad API key, ...)."""
 
     def __init__(self, status_code: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+                 param: str | None = None, code: str | None = None, headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status_code = status_code
         self.info = ErrorInfo(message=message, type=type, param=param, code=code)
@@ -64,9 +65,12 @@ def validation_error(exc: RequestValidationError) -> APIError:
 
 
 def install_exception_handlers(app: FastAPI) -> None:
+    # FastAPI's decorator, as Starlette's add_exception_handler is typed for handlers of any Exception
+    @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return validation_error(exc).response()
 
+    @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         messages = {404: f"no route {request.method} {request.url.path}",
                     405: f"method {request.method} is not allowed on {request.url.path}"}
@@ -76,7 +80,5 @@ def install_exception_handlers(app: FastAPI) -> None:
     async def on_error(_: Request, exc: Exception) -> JSONResponse:
         return as_api_error(exc).response()
 
-    app.add_exception_handler(RequestValidationError, on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, on_http_error)
     for exc_type in (APIError, InvalidRequestError, QueueFullError, EngineRequestError, Exception):
         app.add_exception_handler(exc_type, on_error)

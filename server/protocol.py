@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -53,12 +53,13 @@ class _SamplingRequest(BaseModel):
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Raises InvalidRequestError (HTTP 400) for out-of-range values."""
+        stop = self.stop or []  # None and "": no stop strings
         return SamplingParams(
             n=self.n, max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=0 if self.top_k is None else self.top_k,
-            seed=self.seed, stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
+            seed=self.seed, stop=[stop] if isinstance(stop, str) else stop, stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
@@ -74,11 +75,14 @@ class CompletionRequest(_SamplingRequest):
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list; choice i * n + j answers prompt i."""
         prompt = self.prompt
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        if isinstance(prompt, str):
             return [prompt]
         if not prompt:
             raise InvalidRequestError("prompt must not be empty", "prompt")
-        return list(prompt)
+        # pydantic matched one of the list types, so the first item tells which
+        if isinstance(prompt[0], int):
+            return [cast("list[int]", prompt)]
+        return list(cast("list[str] | list[list[int]]", prompt))
 
     def to_sampling_params(self) -> SamplingParams:
         return self._sampling_params(self.max_tokens, self.logprobs)

@@ -6,8 +6,8 @@ goes away closes the engine's generators, which aborts its requests and frees th
 """
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from contextlib import aclosing
-from typing import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -23,7 +23,7 @@ from .protocol import ModelCard, ModelList, UsageInfo
 from .streaming import merge_async_iterators, prepend, sse_stream, unless_disconnected
 
 Outputs = AsyncGenerator[tuple[int, RequestOutput], None]  # engine outputs tagged with their prompt's index
-StreamEvents = Callable[[Outputs], AsyncIterator[str]]
+StreamEvents = Callable[[Outputs], AsyncGenerator[str, None]]
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before the answer
 
 
@@ -53,11 +53,13 @@ async def respond(http_request: Request, outputs: Outputs, num_prompts: int, str
         completed, finals = await unless_disconnected(http_request, _collect(outputs, num_prompts))
         if not completed:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+        assert finals is not None  # completed: the work's result
         return Response(build(finals).model_dump_json(), media_type="application/json")
     # Refusals at submission (queue full, invalid request) raise here, while an error status can still be sent.
     completed, first = await unless_disconnected(http_request, anext(outputs))
     if not completed:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
+    assert first is not None  # completed: the work's result
     return StreamingResponse(sse_stream(stream_events(prepend(first, outputs)), outputs),
                              media_type="text/event-stream")
 
@@ -88,7 +90,7 @@ class OpenAIServing:
         return params
 
     async def _generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                        prompt: str | None) -> AsyncIterator[RequestOutput]:
+                        prompt: str | None) -> AsyncGenerator[RequestOutput, None]:
         """`engine.generate` with metrics; closing this generator closes the engine's (which aborts the request)."""
         observer = self.metrics.observer()
         finished = False

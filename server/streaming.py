@@ -6,9 +6,10 @@ wraps an endpoint's events with the error event and the final `[DONE]` of the Op
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import AsyncGenerator, AsyncIterator, Awaitable, Sequence, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -21,14 +22,14 @@ T = TypeVar("T")
 SSE_DONE = "data: [DONE]\n\n"
 
 
-async def merge_async_iterators(iterators: Sequence[AsyncIterator[T]]) -> AsyncGenerator[tuple[int, T], None]:
+async def merge_async_iterators(iterators: Sequence[AsyncGenerator[T, None]]) -> AsyncGenerator[tuple[int, T], None]:
     """Items of several async iterators as they arrive, tagged with the iterator's index.
 
     The first exception ends the merge; leaving the merge (exception, close, cancellation) closes every iterator.
     """
     queue: asyncio.Queue[tuple[int, T | Exception | None]] = asyncio.Queue()
 
-    async def drain(index: int, iterator: AsyncIterator[T]) -> None:
+    async def drain(index: int, iterator: AsyncGenerator[T, None]) -> None:
         try:
             async with aclosing(iterator):
                 async for item in iterator:
@@ -54,7 +55,7 @@ async def merge_async_iterators(iterators: Sequence[AsyncIterator[T]]) -> AsyncG
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+async def prepend(first: T, rest: AsyncIterator[T]) -> AsyncGenerator[T, None]:
     """`first`, then the items of `rest`."""
     yield first
     async for item in rest:
@@ -87,7 +88,7 @@ def sse(payload: BaseModel) -> str:
     return f"data: {payload.model_dump_json()}\n\n"
 
 
-async def sse_stream(events: AsyncIterator[str], source: AsyncGenerator) -> AsyncIterator[str]:
+async def sse_stream(events: AsyncGenerator[str, None], source: AsyncGenerator) -> AsyncGenerator[str, None]:
     """`events`, then [DONE]; a failure mid-stream becomes an `{"error": ...}` event before [DONE].
 
     However the stream ends (including the server dropping it after a disconnect), `source` (the engine requests

@@ -130,7 +130,7 @@ class SpeculativeDecoder(Decoder):
             longest = max((r.accepted_tokens for r in verified), default=0)
             for r in verified:
                 r.masked_slots = longest - r.accepted_tokens
-        if observed:  # one gather for the whole batch, then a view per sequence
+        if hidden is not None and observed:  # one gather for the whole batch, then a view per sequence
             rows = torch.tensor([r for _, seq_rows in observed for r in seq_rows], device=hidden.device)
             for (seq, seq_rows), features in zip(observed, hidden[rows].split([len(r) for _, r in observed])):
                 self.drafter.observe(seq, seq.num_computed, features)
@@ -153,7 +153,8 @@ class SpeculativeDecoder(Decoder):
         start = seq.num_computed
         prefix = seq.token_ids[start:start + s.num_new]
         rows = list(range(len(prefix) - 1, len(prefix) + len(tree))) if s.completes_prefix else []
-        tokens, offsets, mask = prefix, range(len(prefix)), None
+        tokens, mask = prefix, None
+        offsets: list[int] | range = range(len(prefix))
         if s.completes_prefix and (len(tree) or num_pad):
             mask, offsets = chunk_layout(len(prefix), tree.parents, num_pad)
             tokens = prefix + tree.tokens + [prefix[-1]] * num_pad
