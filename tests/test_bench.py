@@ -259,6 +259,20 @@ def test_bench_offline_on_a_modeled_accelerator(tiny_model_dir, tmp_path, monkey
     assert "virtual time on a modeled accelerator" in capsys.readouterr().out
 
 
+def test_bench_offline_profile_splits_a_step(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`--profile`: each engine row gets a step breakdown whose matmuls and attention took time, found from the
+    profiler's events alone (the product has no profiling switch)."""
+    out = tmp_path / "profile.json"
+    _run_cli(monkeypatch, ["bench", "offline", "--model", str(tiny_model_dir), "--decoders", "autoregressive",
+                           "--batch-sizes", "2", "--dataset", "chat", "--num-prompts", "2", "--max-tokens", "4",
+                           "--ignore-eos", "--repeats", "1", "--profile", "--output-json", str(out)])
+    (row,) = json.loads(out.read_text())["results"]
+    split = row["step_breakdown"]
+    assert split["matmul_ms"] > 0 and split["attention_ms"] > 0
+    assert split["matmul_ms"] + split["attention_ms"] < split["ms_per_step"]
+    assert "| ms/step (profiled) |" in capsys.readouterr().out
+
+
 def test_bench_serve_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     dataset = tmp_path / "prompts.jsonl"
     dataset.write_text("\n".join(json.dumps(line) for line in [
