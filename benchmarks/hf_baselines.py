@@ -6,7 +6,7 @@ import time
 import torch
 
 from leapserve.decoding import LLM
-from leapserve.drafters.draft_model import load_draft_model
+from leapserve.drafters.checkpoints import load_draft_model
 
 from .bench_metrics import OfflineRun, Pass
 

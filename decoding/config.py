@@ -35,7 +35,6 @@ class SchedulerConfig:
     max_waiting_requests: int = option(1024, "beyond this many waiting requests, new ones get HTTP 503")
 
 
-SPEC_METHODS = ("ngram", "draft_model", "fspad")
 SPEC_LAYOUTS = ("packed", "padded")
 
 
@@ -62,8 +61,9 @@ class SpeculativeConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"speculative_config: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        if d.get("method") not in SPEC_METHODS:
-            raise ValueError(f"speculative_config: method must be one of {SPEC_METHODS}, got {d.get('method')!r}")
+        from .drafter import drafter_method  # not at the top: drafter.py imports this module
+
+        drafter_method(d.get("method"))  # an unknown method before what depends on it
         k = d.get("num_speculative_tokens")
         if d.get("tree") is None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 64):
             raise ValueError(f"speculative_config: num_speculative_tokens must be an integer in [1, 64], got {k!r}")
@@ -76,7 +76,10 @@ class SpeculativeConfig:
             if not ok:
                 raise ValueError(f"speculative_config: {msg}")
 
-        check(self.method == "ngram" or bool(self.model), f'method "{self.method}" needs "model" (a checkpoint)')
+        from .drafter import drafter_method  # not at the top: drafter.py imports this module
+
+        method = drafter_method(self.method)
+        check(not method.needs_model or bool(self.model), f'method "{self.method}" needs "model" (a checkpoint)')
         check(self.layout in SPEC_LAYOUTS, f"layout must be one of {SPEC_LAYOUTS}, got {self.layout!r}")
         check(1 <= self.prompt_lookup_min <= self.prompt_lookup_max,
               "need 1 <= prompt_lookup_min <= prompt_lookup_max")
@@ -88,11 +91,10 @@ class SpeculativeConfig:
             check(set(self.tree) <= {"depth", "top_k", "total_tokens"}
                   and all(isinstance(v, int) and v >= 1 for v in self.tree.values()),
                   f'a dynamic tree is {{"depth", "top_k", "total_tokens"}} (integers >= 1), got {self.tree!r}')
-            check(self.method in ("draft_model", "fspad"), "dynamic trees need method draft_model or fspad")
         else:
             check(self.tree is None, f"tree must be null, a list or an object, got {self.tree!r}")
-        check(self.method != "ngram" or self.tree is None or all(b == 1 for b in self.tree),
-              "the ngram drafter proposes chains only")
+        check(method.trees or self.tree is None or all(b == 1 for b in self.tree),
+              f"the {self.method} drafter proposes chains only, no static or dynamic trees")
 
 
 @dataclass

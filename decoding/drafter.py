@@ -1,12 +1,14 @@
-"""The drafter protocol: proposal sources for the speculative decoder, and their candidate trees.
+"""The drafter protocol (proposal sources for the speculative decoder), their candidate trees, and the registry of
+drafter methods (`speculative_config.method`).
 
 Concrete drafters live in `leapserve.drafters` (which depends on this package, not the other way round); the
-decoder finds them by method name through `make_drafter`, importing `leapserve.drafters` only then.
+registry names them as "module:Class", imported only when `make_drafter` first builds one. A plugin adds its own
+method with `register_drafter`.
 """
 from __future__ import annotations
 
 import importlib
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -15,14 +17,10 @@ import torch
 from .config import SpeculativeConfig
 
 if TYPE_CHECKING:
+    from .request import Sequence
     from .runner import ModelRunner
     from .sampler import Sampler
     from .scheduler import ScheduledSeq
-
-# method -> "module:class" in leapserve.drafters
-DRAFTERS = {"ngram": "leapserve.drafters.ngram:NgramDrafter",
-            "draft_model": "leapserve.drafters.draft_model:DraftModelDrafter",
-            "fspad": "leapserve.drafters.fspad:FSPADDrafter"}
 
 
 @dataclass
@@ -45,58 +43,74 @@ class DraftTree:
         return DraftTree(self.tokens[:n], self.parents[:n], self.q[:n])
 
 
-@dataclass
-class TreeShape:
-    """How a model drafter grows its tree: static branching per depth (a chain is [1] * k), or an EAGLE-2
-    dynamic tree (`depth` levels, `top_k` frontier and children, the best `total_tokens` by cumulative log q)."""
-    branching: list[int] | None = None
-    depth: int = 0
-    top_k: int = 0
-    total_tokens: int = 0
-
-    @classmethod
-    def from_config(cls, spec: SpeculativeConfig) -> TreeShape:
-        if spec.tree is None:
-            return cls(branching=[1] * spec.num_speculative_tokens)
-        if isinstance(spec.tree, list):
-            return cls(branching=list(spec.tree))
-        t = {"depth": 5, "top_k": 4, "total_tokens": 16, **spec.tree}
-        return cls(depth=t["depth"], top_k=t["top_k"], total_tokens=t["total_tokens"])
-
-    @property
-    def is_chain(self) -> bool:
-        return self.branching is not None and all(b == 1 for b in self.branching)
-
-    @property
-    def num_levels(self) -> int:
-        return len(self.branching) if self.branching is not None else self.depth
-
-    @property
-    def max_nodes(self) -> int:
-        if self.branching is None:
-            return self.total_tokens
-        return sum(math.prod(self.branching[:d + 1]) for d in range(len(self.branching)))
-
-    @property
-    def max_expanded(self) -> int:
-        """Nodes a model drafter runs through itself (all but the last level's) in one proposal."""
-        if self.branching is None:
-            return self.top_k * (self.depth - 1)
-        return sum(math.prod(self.branching[:d + 1]) for d in range(len(self.branching) - 1))
-
-
 class Drafter(Protocol):
+    """Built as `Drafter(spec, runner, sampler, on_forward=...)`; a drafter with a model calls `on_forward` with
+    the token count of each of its forwards, before it runs."""
     lookahead: int  # cache slots past a sequence's committed tokens that `propose` may write (>= max_nodes)
     max_nodes: int  # the most candidates it proposes for one sequence
     max_depth: int  # the longest root-to-leaf path it proposes
+    needs_target_features: bool  # wants `observe` called with the target's features
 
     def propose(self, scheduled: list[ScheduledSeq], budgets: list[int]) -> list[DraftTree]:
         """One tree per scheduled sequence with at most `budgets[i]` nodes (0: an empty tree). Every scheduled
         sequence is passed, so a drafter with its own cache can follow prefill chunks and preemptions."""
         ...
 
+    def observe(self, seq: Sequence, start: int, features: torch.Tensor) -> None:
+        """The target's final-norm features `[n, d]` of `seq`'s committed positions `start, start + 1, ...`, in
+        order; called only when `needs_target_features` (a no-op for the others)."""
+        ...
 
-def make_drafter(spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler) -> Drafter:
-    """The drafter for `spec.method`, given the target's runner (cache geometry, device) and sampler (RNG)."""
-    module, name = DRAFTERS[spec.method].split(":")
-    return getattr(importlib.import_module(module), name)(spec, runner, sampler)
+
+@dataclass(frozen=True)
+class DrafterMethod:
+    """A `speculative_config.method`: which drafter it builds and what that drafter supports."""
+    name: str
+    factory: str | Callable[..., Drafter]  # "module:Class", imported when first built, or the class / a factory
+    needs_model: bool  # reads a checkpoint: `speculative_config.model` is required
+    trees: bool  # grows static and dynamic trees (`tree`); else chains only
+    sampling: bool  # under sampling, draws its chains from its own distribution q (else proposes deterministically)
+    target_features: bool  # reads the target's features (`Drafter.observe`)
+    help: str
+
+
+DRAFTER_METHODS: dict[str, DrafterMethod] = {m.name: m for m in (
+    DrafterMethod("ngram", "leapserve.drafters.ngram:NgramDrafter", needs_model=False, trees=False,
+                  sampling=False, target_features=False,
+                  help="prompt lookup over the request's own tokens, no weights"),
+    DrafterMethod("draft_model", "leapserve.drafters.draft_model:DraftModelDrafter", needs_model=True, trees=True,
+                  sampling=True, target_features=False,
+                  help="any causal LM sharing the target's tokenizer, e.g. an AdaSPEC draft"),
+    DrafterMethod("fspad", "leapserve.drafters.fspad:FSPADDrafter", needs_model=True, trees=True, sampling=True,
+                  target_features=True, help="an FSPAD feature drafter trained with `leapserve train fspad`"),
+)}
+
+
+def register_drafter(method: DrafterMethod) -> None:
+    """Make `method.name` a valid `speculative_config.method`."""
+    if method.name in DRAFTER_METHODS:
+        raise ValueError(f"drafter method {method.name!r} is already registered")
+    DRAFTER_METHODS[method.name] = method
+
+
+def drafter_method(name: object) -> DrafterMethod:
+    """The registered method called `name`."""
+    if not isinstance(name, str) or name not in DRAFTER_METHODS:
+        raise ValueError(f"speculative_config: method must be one of {tuple(DRAFTER_METHODS)}, got {name!r}")
+    return DRAFTER_METHODS[name]
+
+
+def make_drafter(spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler,
+                 on_forward: Callable[[int], None] | None = None) -> Drafter:
+    """The drafter for `spec.method`, given the target's runner (cache geometry, device) and sampler (RNG);
+    `on_forward(num_tokens)` is told of each forward of the drafter's model."""
+    method = drafter_method(spec.method)
+    factory = method.factory
+    if isinstance(factory, str):
+        module, name = factory.split(":")
+        factory = getattr(importlib.import_module(module), name)
+    drafter = factory(spec, runner, sampler, on_forward=on_forward)
+    if drafter.needs_target_features != method.target_features:
+        raise TypeError(f"drafter method {method.name!r} declares target_features={method.target_features}, "
+                        f"its drafter needs_target_features={drafter.needs_target_features}")
+    return drafter

@@ -8,29 +8,27 @@ feature before the root, with the root token) yields the root's children and the
 expanded node then runs with its parent's predicted feature. A sequence whose last prompt chunk is in this very
 step has no features yet and drafts from the next step on.
 
-Tree growth, chain sampling and the final cut are the draft model's (`DraftModelDrafter`); this drafter changes
-what runs a frontier and where the root sits (one position earlier: the root's row is the last catch-up pair).
+Tree growth, chain sampling and the final cut are the `TreeGrower`'s, as for the draft model; the root sits one
+position earlier than there (its row is the last catch-up pair).
 """
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from weakref import WeakKeyDictionary
 
 import torch
-from safetensors.torch import load_file
 
 from leapserve.decoding.config import SpeculativeConfig
+from leapserve.decoding.drafter import DraftTree
 from leapserve.decoding.kv_cache import PagedKVCache
 from leapserve.decoding.request import Sequence
 from leapserve.decoding.runner import ModelRunner, SeqChunk, step_metadata
 from leapserve.decoding.sampler import Sampler
 from leapserve.decoding.scheduler import ScheduledSeq
 
-from .draft_model import DraftModelDrafter, _Growing
-from .fspad_model import FSPADConfig, FSPADModel, from_eagle_layout
-
-DRAFTER_TYPE = "fspad"
+from .checkpoints import load_fspad
+from .tree_growth import TreeGrower
 
 
 @dataclass
@@ -38,7 +36,6 @@ class _FeatureState:
     computed: int = 0  # draft-cache positions holding (f_i, token i+1) pairs: i < computed
     pending: list[torch.Tensor] = field(default_factory=list)  # target features of positions computed, computed+1..
     num_features: int = 0  # computed + the rows of pending (kept, not summed: pending grows while plain decoding)
-    written: list[int] = field(default_factory=list)  # unused (a draft model's chain reuse); kept for the base
 
     def restart(self, computed: int = 0) -> None:
         """Nothing pending; the draft cache holds the first `computed` pairs."""
@@ -46,31 +43,11 @@ class _FeatureState:
         self.pending = []
 
 
-def load_fspad(path: str | Path, device: torch.device, dtype: torch.dtype) -> FSPADModel:
-    """An FSPAD checkpoint directory (`config.json` + `model.safetensors`): as `leapserve train fspad` writes it,
-    or exported to the EAGLE layout by `leapserve train export-eagle`."""
-    path = Path(path)
-    config_file, weights = path / "config.json", path / "model.safetensors"
-    if not config_file.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"FSPAD drafter {path}: needs config.json and model.safetensors "
-                                "(train one with `leapserve train fspad`)")
-    raw = json.loads(config_file.read_text())
-    if raw.get("leapserve_drafter") == DRAFTER_TYPE:
-        config, state = FSPADConfig.from_dict(raw), load_file(str(weights))
-    elif "leapserve_fspad" in raw:
-        config, state = from_eagle_layout(load_file(str(weights)), raw)
-    else:
-        raise ValueError(f"{path} is not an FSPAD drafter checkpoint (its config.json has neither "
-                         f"\"leapserve_drafter\": \"{DRAFTER_TYPE}\" nor \"leapserve_fspad\")")
-    model = FSPADModel(config)
-    model.load_state_dict(state)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-class FSPADDrafter(DraftModelDrafter):
+class FSPADDrafter:
     needs_target_features = True
 
-    def __init__(self, spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler):
+    def __init__(self, spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler, *,
+                 on_forward: Callable[[int], None] | None = None):
         target = runner.cache
         self.model = load_fspad(spec.model, runner.device, target.k[0].dtype)
         c = self.model.config
@@ -78,16 +55,22 @@ class FSPADDrafter(DraftModelDrafter):
             raise ValueError(f"speculative_config: FSPAD drafter {spec.model} was trained for a target with vocabulary "
                              f"{c.target_vocab_size} and hidden size {c.hidden_size}, not this one")
         self.embed = runner.model.get_input_embeddings()
-        self.head = self.model.draft_head(runner.model.get_output_embeddings().weight).detach()
+        self.head = self.model.draft_head(runner.model.get_output_embeddings().weight).detach()  # [V_draft, d]
         self.cache = PagedKVCache(1, target.num_blocks, target.block_size, c.num_key_value_heads, c.head_dim,
                                   target.k[0].dtype, runner.device)
         self.device = runner.device
-        if c.draft_vocab_size != c.target_vocab_size:
-            self.vocab, self.vocab_size = self.model.draft_to_target, c.target_vocab_size
-        self._init_tree(spec, sampler)
+        self.on_forward = on_forward
+        reduced = c.draft_vocab_size != c.target_vocab_size  # logit columns are draft_to_target's token ids
+        self.grower = TreeGrower(spec, sampler, self.model.draft_to_target if reduced else None, c.target_vocab_size)
+        shape = self.grower.shape
+        self.max_nodes, self.max_depth, self.lookahead = shape.max_nodes, shape.num_levels, shape.lookahead
+        self._state: WeakKeyDictionary[Sequence, _FeatureState] = WeakKeyDictionary()
+
+    def propose(self, scheduled: list[ScheduledSeq], budgets: list[int]) -> list[DraftTree]:
+        return self.grower.propose(scheduled, budgets, self._catch_up, self.execute)
 
     def observe(self, seq: Sequence, start: int, features: torch.Tensor) -> None:
-        """The target's features of positions `start, start + 1, ...` (committed tokens), in order."""
+        """The target's features `[n, d]` of positions `start, start + 1, ...` (committed tokens), in order."""
         state = self._state.setdefault(seq, _FeatureState())
         if start != state.num_features:  # preempted and recomputed (or out of step): start over
             state.restart()
@@ -111,16 +94,12 @@ class FSPADDrafter(DraftModelDrafter):
         state.restart(len(tokens) - 1)
         return chunk
 
-    def _frontier_chunk(self, g: _Growing) -> SeqChunk:
-        """The base's chunk, with each node's input feature: its parent's predicted feature."""
-        chunk = super()._frontier_chunk(g)
-        nodes = g.frontier if self.shape.is_chain else g.expanded
-        chunk.extra["features"] = torch.stack([g.states[g.parents[n - 1]] for n in nodes])
-        return chunk
-
     @torch.inference_mode()
     def execute(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draft logits over the draft vocabulary (`vocab`) and predicted features, at the chunks' logits rows."""
+        """The drafter's one forward: logits `[rows, V_draft]` over the draft vocabulary and predicted features
+        `[rows, d]`, at the chunks' logits rows; each chunk carries its tokens' input features in `extra`."""
+        if self.on_forward is not None:
+            self.on_forward(sum(len(c.token_ids) for c in chunks))
         meta, positions, offsets = step_metadata(chunks, self.cache, self.device)
         ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64, device=self.device)
         feats = torch.cat([c.extra["features"] for c in chunks]).to(device=self.device, dtype=self.head.dtype)

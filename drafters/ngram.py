@@ -2,8 +2,13 @@
 sequence's last n tokens (n from prompt_lookup_max down to prompt_lookup_min) is proposed as a chain."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+
 from leapserve.decoding.config import SpeculativeConfig
 from leapserve.decoding.drafter import DraftTree
+from leapserve.decoding.request import Sequence
 from leapserve.decoding.runner import ModelRunner
 from leapserve.decoding.sampler import Sampler
 from leapserve.decoding.scheduler import ScheduledSeq
@@ -20,10 +25,17 @@ def lookup(tokens: list[int], n_min: int, n_max: int, k: int) -> list[int]:
 
 
 class NgramDrafter:
-    def __init__(self, spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler):
+    needs_target_features = False
+
+    def __init__(self, spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler, *,
+                 on_forward: Callable[[int], None] | None = None):
+        """No model, so `on_forward` is never called."""
         self.n_min, self.n_max = spec.prompt_lookup_min, spec.prompt_lookup_max
         self.max_nodes = self.max_depth = self.lookahead = spec.num_speculative_tokens
 
     def propose(self, scheduled: list[ScheduledSeq], budgets: list[int]) -> list[DraftTree]:
         return [DraftTree.chain(lookup(s.seq.token_ids, self.n_min, self.n_max, k) if k else [])
                 for s, k in zip(scheduled, budgets)]
+
+    def observe(self, seq: Sequence, start: int, features: torch.Tensor) -> None:
+        """Reads no target features."""

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from leapserve.decoding import LLM, SamplingParams
-from leapserve.drafters.draft_model import SHARED_WITH_TARGET
+from leapserve.drafters.checkpoints import SHARED_WITH_TARGET
 from leapserve.training.adaspec import (AdaSpecConfig, adaspec_loss, add_parser, default_layers, forward_kl,
                                         select_tokens, train_adaspec)
 from leapserve.training.checkpoint import export_checkpoint

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from leapserve.decoding.args import add_config_arguments, config_from_args, option
 from leapserve.decoding.config import DEFAULT_MODEL, ModelConfig
 from leapserve.decoding.model_loader import load_model, resolve_model
-from leapserve.drafters.draft_model import SHARED_WITH_TARGET, assemble_draft, load_draft_model
+from leapserve.drafters.checkpoints import SHARED_WITH_TARGET, assemble_draft, load_draft_model
 
 from .checkpoint import command_line, describe_data, export_checkpoint, model_card, write_model_card
 from .data import TrainSequence, batches, read_sequences

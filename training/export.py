@@ -13,7 +13,7 @@ import torch
 
 from leapserve.decoding.config import DEFAULT_MODEL, ModelConfig
 from leapserve.decoding.model_loader import load_model, resolve_model
-from leapserve.drafters.fspad import load_fspad
+from leapserve.drafters.checkpoints import load_fspad
 from leapserve.drafters.fspad_model import to_eagle_layout
 
 from .checkpoint import command_line, export_checkpoint

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from leapserve.decoding.args import add_config_arguments, config_from_args, option
 from leapserve.decoding.config import DEFAULT_MODEL, ModelConfig
 from leapserve.decoding.model_loader import load_model, resolve_model
-from leapserve.drafters.fspad import DRAFTER_TYPE
+from leapserve.drafters.checkpoints import DRAFTER_TYPE
 from leapserve.drafters.fspad_model import FSPADConfig, FSPADModel
 
 from .checkpoint import command_line, describe_data, export_checkpoint, model_card, write_model_card
