@@ -1,4 +1,4 @@
-"""The FSPAD feature drafter network (seed-methods section 2): one Llama layer over (target feature, next token).
+"""The FSPAD feature drafter network: one Llama layer over (target feature, next token).
 
 Position i reads the target's final-norm feature f_i and the embedding of token i+1 (EAGLE's shifted token):
 
@@ -129,7 +129,7 @@ class FSPADModel(nn.Module):
         return lm_head[self.draft_to_target.to(lm_head.device)]
 
 
-# Our parameter names -> the EAGLE checkpoint layout vLLM's EAGLE proposer reads (vllm-integration.md 2.6);
+# Our parameter names -> the EAGLE checkpoint layout vLLM's EAGLE proposer reads (`llama_eagle`);
 # the feature-sampling block has no EAGLE counterpart and keeps its own names under the layer.
 EAGLE_NAMES = {
     "fc.weight": "fc.weight", "fc.bias": "fc.bias",

@@ -3,6 +3,8 @@
 1 to 8), lossless sampling (exact target distribution of the first two tokens), configuration, and the server."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import json
 import random
@@ -13,14 +15,15 @@ from types import SimpleNamespace
 import openai
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from conftest import save_tiny_llama
 from leapserve.benchmarks.roofline import Roofline, VirtualClock
 from leapserve.decoding import LLM, SamplingParams
 from leapserve.decoding.config import DEFAULT_MODEL, SpeculativeConfig
-from leapserve.decoding.decoders.speculative import ModeSelector
-from leapserve.decoding.drafter import DraftTree
+from leapserve.decoding.decoders.adaptive import ModeSelector
+from leapserve.decoding.drafter import DrafterMethod, DraftTree, make_drafter, register_drafter
+from leapserve.decoding.observe import StepObserver, StepRecord
 from leapserve.decoding.sampler import target_probs
 from leapserve.decoding.tree import chunk_layout, tree_children, tree_depths
 from leapserve.drafters.ngram import lookup
@@ -223,6 +226,46 @@ def test_mode_selector_switches_to_drafting_only_on_enough_steps():
     assert selector.buckets[4].best is False
 
 
+Tamper = Callable[[list, list[int], list[DraftTree]], list[DraftTree]]
+
+
+class TamperedDrafter:
+    """A draft model drafter whose proposals pass through `tamper(scheduled, budgets, trees)`: a drafter plugin,
+    registered and configured as any other method (`tampered_method`)."""
+
+    needs_target_features = False
+
+    def __init__(self, tamper: Tamper, spec: SpeculativeConfig, runner, sampler, on_forward=None):
+        self.tamper = tamper
+        self.inner = make_drafter(dataclasses.replace(spec, method="draft_model"), runner, sampler, on_forward)
+        self.lookahead, self.max_nodes, self.max_depth = self.inner.lookahead, self.inner.max_nodes, self.inner.max_depth
+
+    def propose(self, scheduled, budgets: list[int]) -> list[DraftTree]:
+        return self.tamper(scheduled, budgets, self.inner.propose(scheduled, budgets))
+
+    def observe(self, seq, start: int, features: torch.Tensor) -> None:
+        pass
+
+
+_tampered_ids = itertools.count()
+
+
+def tampered_method(tamper: Tamper) -> str:
+    """Register a drafter method whose draft model's proposals `tamper` rewrites; returns its name."""
+    name = f"tampered-{next(_tampered_ids)}"
+    register_drafter(DrafterMethod(name, functools.partial(TamperedDrafter, tamper), needs_model=True, trees=True,
+                                   sampling=True, target_features=False, help="a test's tampered draft model"))
+    return name
+
+
+class StepLog(StepObserver):
+    def __init__(self) -> None:
+        self.records: list[StepRecord] = []
+
+    def on_step(self, record: StepRecord) -> None:
+        self.records.append(record)
+
+
 @pytest.mark.parametrize("accepted", [False, True])
 def test_adaptive_drafts_only_where_drafting_pays(tiny_model_dir, accepted):
     """A self-drafting target accepts everything; shifting every drafted token by one makes it accept nothing.
@@ -232,21 +275,17 @@ def test_adaptive_drafts_only_where_drafting_pays(tiny_model_dir, accepted):
     path = str(tiny_model_dir)
     prompts, params = PROMPTS[:4], SamplingParams(temperature=0, max_tokens=160, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in LLM(path, kv_cache_tokens=4096).generate(prompts, params, use_tqdm=False)]
-    llm = LLM(path, kv_cache_tokens=4096, speculative_config={"method": "draft_model", "model": path,
-                                                               "num_speculative_tokens": 4})
-    decoder = llm.engine.decoder
-    VirtualClock(lambda tokens: 0.010 + 0.001 * tokens, lambda tokens: 0.001).attach(llm)
-    propose, vocab, drafted = decoder.drafter.propose, llm.engine.runner.model.config.vocab_size, []
+    vocab = AutoConfig.from_pretrained(path).vocab_size
 
-    def spy(scheduled, budgets):
-        drafted.append(any(budgets))
-        trees = propose(scheduled, budgets)
+    def shifted(scheduled, budgets, trees):
         return trees if accepted else [DraftTree.chain([(t + 1) % vocab for t in tree.tokens]) for tree in trees]
 
-    decoder.drafter.propose = spy
+    clock, steps = VirtualClock(lambda tokens: 0.010 + 0.001 * tokens, lambda tokens: 0.001), StepLog()
+    llm = LLM(path, kv_cache_tokens=4096, clock=clock, observers=[clock, steps], speculative_config={
+        "method": tampered_method(shifted), "model": path, "num_speculative_tokens": 4})
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == want
-    late = drafted[8:]
+    late = [r.drafted for r in steps.records[8:]]
     if accepted:
         assert sum(late) >= 0.8 * len(late) and len(late) >= 16
     else:
@@ -264,7 +303,6 @@ def _on_roofline(path: str, running: int, knee: int, accept: float, speculative_
     `accept`, up to the first one corrupted. Returns the virtual seconds and the outputs."""
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(32, 256))] for _ in range(64)]
-    llm = LLM(path, kv_cache_tokens=running * 640, max_num_seqs=running, speculative_config=speculative_config)
     roofline = Roofline(forward_ms=10, knee_tokens=knee)
 
     def slowed(share: float) -> Callable[[int], float]:
@@ -273,20 +311,19 @@ def _on_roofline(path: str, running: int, knee: int, accept: float, speculative_
             1.5 if slow_every and next(forwards) % slow_every == 0 else 1.0)
 
     clock = VirtualClock(slowed(1.0), slowed(0.1))
-    clock.attach(llm)
     if speculative_config:
-        decoder = llm.engine.decoder
-        propose, vocab, keep = decoder.drafter.propose, llm.engine.runner.model.config.vocab_size, random.Random(1)
+        vocab, keep = AutoConfig.from_pretrained(path).vocab_size, random.Random(1)
 
-        def corrupted(scheduled, budgets):
-            trees = propose(scheduled, budgets)
+        def corrupted(scheduled, budgets, trees):
             for tree in trees:
                 wrong = next((i for i in range(len(tree)) if keep.random() >= accept), None)
                 if wrong is not None:
                     tree.tokens[wrong] = (tree.tokens[wrong] + 1) % vocab
             return trees
 
-        decoder.drafter.propose = corrupted
+        speculative_config = {**speculative_config, "method": tampered_method(corrupted)}
+    llm = LLM(path, kv_cache_tokens=running * 640, max_num_seqs=running, speculative_config=speculative_config,
+              clock=clock, observers=[clock])
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), use_tqdm=False)
     return clock.now, [o.outputs[0].token_ids for o in outs]
 
@@ -298,7 +335,7 @@ def _on_roofline(path: str, running: int, knee: int, accept: float, speculative_
 ])
 def test_adaptive_speculation_on_a_modeled_accelerator(tiny_model_dir, running, knee, accept, slow_every,
                                                       fixed_below):
-    """Point 5 of issue 4 on hardware whose forward cost is flat up to a knee and then linear (GPUs, AMX), modeled
+    """Adaptive speculation on hardware whose forward cost is flat up to a knee and then linear (GPUs, AMX), modeled
     by a virtual clock over the real engine and drafter. Where drafting on every step loses (a chain of 4 at 16
     running), adaptive speculation is at least 0.98x plain batched decoding: it pays its warm-up and probes only;
     where drafting pays, it keeps at least 85% of fixed drafting's gain (it warms up and probes plain decoding;
@@ -318,23 +355,20 @@ def test_adaptive_speculation_on_a_modeled_accelerator(tiny_model_dir, running, 
 
 # ---- the padded layout: the vanilla baseline's masked KV slots ---------------------------------------------------
 
-def _uneven_self_draft(llm: LLM) -> list[int]:
-    """Make the (self-)drafter wrong at a position that differs by sequence and step, so that the sequences of
-    one batch accept different lengths; returns the list the spy appends each step's budgets to."""
-    drafter, vocab, steps = llm.engine.decoder.drafter, llm.engine.runner.model.config.vocab_size, []
-    propose = drafter.propose
+def _uneven_self_draft(vocab: int) -> str:
+    """A drafter method whose (self-)draft is wrong at a position that differs by sequence and step, so that the
+    sequences of one batch accept different lengths."""
+    steps = itertools.count(1)
 
-    def spy(scheduled, budgets):
-        steps.append(list(budgets))
-        trees = propose(scheduled, budgets)
+    def uneven(scheduled, budgets, trees):
+        step = next(steps)
         for s, tree in zip(scheduled, trees):
-            wrong = (len(steps) + s.seq.seq_id) % 5
+            wrong = (step + s.seq.seq_id) % 5
             if wrong < len(tree):
                 tree.tokens[wrong] = (tree.tokens[wrong] + 1) % vocab
         return trees
 
-    drafter.propose = spy
-    return steps
+    return tampered_method(uneven)
 
 
 @pytest.mark.parametrize("kv_cache_tokens", [4096, 320])
@@ -345,27 +379,23 @@ def test_padded_layout_advances_every_sequence_by_the_longest_accepted_path(tiny
     path = str(tiny_model_dir)
     prompts, params = PROMPTS[:5], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in LLM(path, kv_cache_tokens=4096).generate(prompts, params, use_tqdm=False)]
+    vocab = AutoConfig.from_pretrained(path).vocab_size
     for layout in ("packed", "padded"):
         llm = LLM(path, kv_cache_tokens=kv_cache_tokens, speculative_config={
-            "method": "draft_model", "model": path, "num_speculative_tokens": 4, "adaptive": False, "layout": layout})
-        _uneven_self_draft(llm)
-        engine, holes = llm.engine, 0
-        step = engine.step
-
-        def recording_step():
-            nonlocal holes
+            "method": _uneven_self_draft(vocab), "model": path, "num_speculative_tokens": 4, "adaptive": False,
+            "layout": layout})
+        engine, holes, outs = llm.engine, 0, {}
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), llm.tokenizer.encode(prompt), params)
+        while engine.has_unfinished():  # step by step, looking at the caches between steps
             before = {seq: (seq.num_kv_slots, seq.num_computed) for seq in engine.scheduler.running}
-            changed = step()
+            outs.update((req.request_id, req.output()) for req in engine.step() if req.finished)
             grown = [seq.num_kv_slots - slots for seq, (slots, computed) in before.items()
                      if not seq.finished and computed and seq in engine.scheduler.running]
             if layout == "padded" and not engine.scheduler.num_preemptions:
                 assert len(set(grown)) <= 1, grown  # every decoding sequence moved by the same number of slots
             holes = max([holes] + [seq.num_kv_holes for seq in engine.scheduler.running])
-            return changed
-
-        engine.step = recording_step
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in outs] == want, layout
+        assert [outs[str(i)].outputs[0].token_ids for i in range(len(prompts))] == want, layout
         assert (holes > 0) == (layout == "padded")
         if kv_cache_tokens < 4096 and layout == "padded":
             assert engine.scheduler.num_preemptions > 0

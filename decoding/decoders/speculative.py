@@ -93,7 +93,7 @@ class SpeculativeDecoder(Decoder):
         chunks = [self._chunk(s, t, width - len(t) if self.spec.layout == "padded" and s.completes_prefix else 0)
                   for s, t in zip(scheduled, trees)]
         hidden = None
-        if getattr(self.drafter, "needs_target_features", False):
+        if self.drafter.needs_target_features:
             logits, hidden = self.runner.forward(chunks)
         else:
             logits = self.runner.execute(chunks)
