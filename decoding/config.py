@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .args import option
+from .drafter_methods import drafter_method
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -61,7 +62,6 @@ class SpeculativeConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"speculative_config: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        from .drafter import drafter_method  # not at the top: drafter.py imports this module
 
         drafter_method(d.get("method"))  # an unknown method before what depends on it
         k = d.get("num_speculative_tokens")
@@ -76,7 +76,6 @@ class SpeculativeConfig:
             if not ok:
                 raise ValueError(f"speculative_config: {msg}")
 
-        from .drafter import drafter_method  # not at the top: drafter.py imports this module
 
         method = drafter_method(self.method)
         check(not method.needs_model or bool(self.model), f'method "{self.method}" needs "model" (a checkpoint)')

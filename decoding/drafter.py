@@ -1,9 +1,7 @@
-"""The drafter protocol (proposal sources for the speculative decoder), their candidate trees, and the registry of
-drafter methods (`speculative_config.method`).
+"""The drafter protocol (proposal sources for the speculative decoder), their candidate trees, and `make_drafter`.
 
 Concrete drafters live in `leapserve.drafters` (which depends on this package, not the other way round); the
-registry names them as "module:Class", imported only when `make_drafter` first builds one. A plugin adds its own
-method with `register_drafter`.
+registry (`drafter_methods.py`) names them as "module:Class", imported only when `make_drafter` first builds one.
 """
 from __future__ import annotations
 
@@ -15,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from .config import SpeculativeConfig
+from .drafter_methods import drafter_method
 
 if TYPE_CHECKING:
     from .request import Sequence
@@ -60,44 +59,6 @@ class Drafter(Protocol):
         """The target's final-norm features `[n, d]` of `seq`'s committed positions `start, start + 1, ...`, in
         order; called only when `needs_target_features` (a no-op for the others)."""
         ...
-
-
-@dataclass(frozen=True)
-class DrafterMethod:
-    """A `speculative_config.method`: which drafter it builds and what that drafter supports."""
-    name: str
-    factory: str | Callable[..., Drafter]  # "module:Class", imported when first built, or the class / a factory
-    needs_model: bool  # reads a checkpoint: `speculative_config.model` is required
-    trees: bool  # grows static and dynamic trees (`tree`); else chains only
-    sampling: bool  # under sampling, draws its chains from its own distribution q (else proposes deterministically)
-    target_features: bool  # reads the target's features (`Drafter.observe`)
-    help: str
-
-
-DRAFTER_METHODS: dict[str, DrafterMethod] = {m.name: m for m in (
-    DrafterMethod("ngram", "leapserve.drafters.ngram:NgramDrafter", needs_model=False, trees=False,
-                  sampling=False, target_features=False,
-                  help="prompt lookup over the request's own tokens, no weights"),
-    DrafterMethod("draft_model", "leapserve.drafters.draft_model:DraftModelDrafter", needs_model=True, trees=True,
-                  sampling=True, target_features=False,
-                  help="any causal LM sharing the target's tokenizer, e.g. an AdaSPEC draft"),
-    DrafterMethod("fspad", "leapserve.drafters.fspad:FSPADDrafter", needs_model=True, trees=True, sampling=True,
-                  target_features=True, help="an FSPAD feature drafter trained with `leapserve train fspad`"),
-)}
-
-
-def register_drafter(method: DrafterMethod) -> None:
-    """Make `method.name` a valid `speculative_config.method`."""
-    if method.name in DRAFTER_METHODS:
-        raise ValueError(f"drafter method {method.name!r} is already registered")
-    DRAFTER_METHODS[method.name] = method
-
-
-def drafter_method(name: object) -> DrafterMethod:
-    """The registered method called `name`."""
-    if not isinstance(name, str) or name not in DRAFTER_METHODS:
-        raise ValueError(f"speculative_config: method must be one of {tuple(DRAFTER_METHODS)}, got {name!r}")
-    return DRAFTER_METHODS[name]
 
 
 def make_drafter(spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler,

@@ -1,12 +1,13 @@
-"""The drafter registry (`DRAFTER_METHODS`, `register_drafter`, `make_drafter`) and the drafters' forward observer."""
+"""The drafter registry (`register_drafter`, `make_drafter`) and the drafters' forward observer. Each test registers
+methods of its own names: the registry is process-wide, as a plugin's registration is."""
 from __future__ import annotations
 
 import pytest
 
 from leapserve.decoding import LLM, SamplingParams
-from leapserve.decoding import drafter as drafter_module
 from leapserve.decoding.config import SpeculativeConfig
-from leapserve.decoding.drafter import DrafterMethod, DraftTree, make_drafter, register_drafter
+from leapserve.decoding.drafter import DraftTree, make_drafter
+from leapserve.decoding.drafter_methods import DrafterMethod, register_drafter
 from leapserve.decoding.runner import SeqChunk
 
 
@@ -24,28 +25,22 @@ class RepeatDrafter:
         pass
 
 
-REPEAT = DrafterMethod("repeat", RepeatDrafter, needs_model=False, trees=False, sampling=False,
-                       target_features=False, help="the last token again")
+def repeat_method(name: str) -> DrafterMethod:
+    return DrafterMethod(name, RepeatDrafter, needs_model=False, trees=False, sampling=False, target_features=False,
+                         help="the last token again")
 
 
-@pytest.fixture
-def registry(monkeypatch):
-    """The registry, restored after the test."""
-    monkeypatch.setattr(drafter_module, "DRAFTER_METHODS", dict(drafter_module.DRAFTER_METHODS))
-    return drafter_module.DRAFTER_METHODS
-
-
-def test_unknown_method_lists_the_registered_ones(registry):
-    register_drafter(REPEAT)
+def test_unknown_method_lists_the_registered_ones():
+    register_drafter(repeat_method("repeat-listed"))
     with pytest.raises(ValueError, match="method must be one of") as e:
         SpeculativeConfig.from_dict({"method": "medusa", "num_speculative_tokens": 2})
-    assert all(repr(name) in str(e.value) for name in ("ngram", "draft_model", "fspad", "repeat"))
+    assert all(repr(name) in str(e.value) for name in ("ngram", "draft_model", "fspad", "repeat-listed"))
     with pytest.raises(ValueError, match="already registered"):
-        register_drafter(REPEAT)
+        register_drafter(repeat_method("repeat-listed"))
 
 
-def test_a_registered_drafter_is_validated_by_what_it_supports_and_built(registry, tiny_model_dir):
-    register_drafter(REPEAT)
+def test_a_registered_drafter_is_validated_by_what_it_supports_and_built(tiny_model_dir):
+    register_drafter(repeat_method("repeat"))
     register_drafter(DrafterMethod("needy", RepeatDrafter, needs_model=True, trees=True, sampling=False,
                                    target_features=False, help="wants a checkpoint"))
     with pytest.raises(ValueError, match="chains only"):

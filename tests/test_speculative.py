@@ -22,7 +22,8 @@ from leapserve.benchmarks.roofline import Roofline, VirtualClock
 from leapserve.decoding import LLM, SamplingParams
 from leapserve.decoding.config import DEFAULT_MODEL, SpeculativeConfig
 from leapserve.decoding.decoders.adaptive import ModeSelector
-from leapserve.decoding.drafter import DrafterMethod, DraftTree, make_drafter, register_drafter
+from leapserve.decoding.drafter import DraftTree, make_drafter
+from leapserve.decoding.drafter_methods import DrafterMethod, register_drafter
 from leapserve.decoding.observe import StepObserver, StepRecord
 from leapserve.decoding.sampler import target_probs
 from leapserve.decoding.tree import chunk_layout, tree_children, tree_depths
