@@ -9,11 +9,12 @@ Definitions (times in seconds from `time.perf_counter`, reported in milliseconds
 - Mean acceptance length: 1 + accepted draft tokens / verifications with drafts (vLLM's); acceptance rate:
   accepted / proposed draft tokens.
 """
+
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import torch
 
@@ -23,6 +24,7 @@ from leapserve.decoding.observe import StepRecord
 @dataclass
 class StreamedRequest:
     """One streamed request as the client saw it."""
+
     start: float
     end: float
     token_times: list[float] = field(default_factory=list)  # arrival of each chunk that carried output text
@@ -66,8 +68,11 @@ def summary_ms(values: Sequence[float]) -> dict[str, float | None]:
     """Mean, median and p99 of durations in seconds, in milliseconds (None for no values)."""
     if not values:
         return {"mean": None, "median": None, "p99": None}
-    return {"mean": 1e3 * statistics.fmean(values), "median": 1e3 * statistics.median(values),
-            "p99": 1e3 * percentile(values, 99)}
+    return {
+        "mean": 1e3 * statistics.fmean(values),
+        "median": 1e3 * statistics.median(values),
+        "p99": 1e3 * percentile(values, 99),
+    }
 
 
 def serve_summary(requests: Sequence[StreamedRequest], duration: float) -> dict:
@@ -105,9 +110,13 @@ def spec_decode_stats(before: Mapping[str, float], after: Mapping[str, float]) -
     if not all(name in before and name in after for name in SPEC_COUNTERS):
         return None
     drafts, draft_tokens, accepted = (after[name] - before[name] for name in SPEC_COUNTERS)
-    return {"num_drafts": drafts, "num_draft_tokens": draft_tokens, "num_accepted_tokens": accepted,
-            "acceptance_rate": accepted / draft_tokens if draft_tokens else None,
-            "mean_acceptance_length": mean_acceptance_length(accepted, drafts)}
+    return {
+        "num_drafts": drafts,
+        "num_draft_tokens": draft_tokens,
+        "num_accepted_tokens": accepted,
+        "acceptance_rate": accepted / draft_tokens if draft_tokens else None,
+        "mean_acceptance_length": mean_acceptance_length(accepted, drafts),
+    }
 
 
 def drafting_cost(steps: Sequence[StepRecord]) -> float | None:
@@ -132,6 +141,7 @@ def drafting_cost(steps: Sequence[StepRecord]) -> float | None:
 @dataclass
 class OfflineRun:
     """One timed pass of a decoder over the prompt set at one batch size."""
+
     output_tokens: int
     elapsed: float
     target_forwards: int  # forwards of the target model (one serves the whole batch)
@@ -158,8 +168,9 @@ def offline_summary(runs: Sequence[OfflineRun], weight_bytes: int) -> dict:
         "runs_tokens_per_s": [r.output_tokens / r.elapsed for r in runs],
         "output_tokens": tokens // len(runs),
         "target_forwards_per_token": forwards / tokens if tokens else None,
-        "mean_acceptance_length": (None if None in accepted or None in drafts
-                                   else mean_acceptance_length(sum(accepted), sum(drafts))),
+        "mean_acceptance_length": (
+            None if None in accepted or None in drafts else mean_acceptance_length(sum(accepted), sum(drafts))
+        ),
         "weight_GB_s": statistics.median(weight_bytes * r.target_forwards / r.elapsed for r in runs) / 1e9,
         "drafting_cost": (None if None in costs else statistics.median(costs)),
         "runs_drafting_cost": costs,

@@ -13,6 +13,7 @@ it shows the price of adaptive speculation's probes where the speedup cannot). `
 `prompt_lookup_num_tokens` (both batch size 1 only, as transformers allows). `--roofline` times every pass on a
 modeled accelerator instead of the wall clock (`roofline.py`): what adaptive speculation would do on a GPU, here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,28 +22,23 @@ import json
 import re
 import sys
 import time
-import uuid
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-import torch
 from tqdm import tqdm
 
-from leapserve.decoding import LLM, RequestOutput, SamplingParams
+from leapserve.decoding import LLM, SamplingParams
 from leapserve.decoding.args import add_config_arguments, config_from_args
 from leapserve.decoding.config import CacheConfig, EngineConfig, ModelConfig, SpeculativeConfig
-from leapserve.decoding.engine import LLMEngine
-from leapserve.decoding.observe import StepObserver, StepRecord
 from leapserve.decoding.model_loader import load_tokenizer, resolve_model
 from leapserve.prompts import load as load_prompts
 
-from .bench_metrics import OfflineRun, Pass, drafting_cost, offline_summary, speedup
+from .bench_metrics import Pass, offline_summary, speedup
+from .engine_pass import Engine, StepLog, copy_bandwidth_gb_s, engine_pass, step_breakdown, weight_bytes
 from .hf_baselines import DEFAULT_NGRAM, HFBaselines
+from .report import add_output_arguments, markdown_table, plot_offline, positive_int_list, run_record, write_outputs
 from .roofline import Roofline, VirtualClock
-from .report import add_output_arguments, markdown_table, plot_offline, positive_int_list, run_record, \
-    write_outputs
 
 BASELINE = "autoregressive"
 # `speculative:NAME` shorthands; anything else after `speculative:` is a JSON speculative config.
@@ -52,7 +48,6 @@ NAMED_CONFIGS = {
 }
 FILLER = "The quick brown fox jumps over the lazy dog. "  # 9 words
 SPEC_SLACK_TOKENS = 128  # KV room per sequence beyond prompt + output, for draft tokens under verification
-ATTENTION_FRAME = ": paged_attention"  # how the profiler's Python tracer names the attention function's frames
 
 
 @dataclass(frozen=True)
@@ -92,8 +87,11 @@ def describe(config: dict) -> str:
     words = [config["method"]]
     if config.get("model"):
         words.append(Path(str(config["model"])).name)
-    words.append(f"tree={json.dumps(config['tree'], separators=(',', ':'))}" if config.get("tree")
-                 else f"k={config['num_speculative_tokens']}")
+    words.append(
+        f"tree={json.dumps(config['tree'], separators=(',', ':'))}"
+        if config.get("tree")
+        else f"k={config['num_speculative_tokens']}"
+    )
     if config.get("layout", "packed") != "packed":
         words.append(config["layout"])
     if config.get("adaptive") is False:
@@ -112,14 +110,16 @@ def parse_decoder(item: str) -> Decoder:
     if kind != "speculative" or not sep:
         raise argparse.ArgumentTypeError(
             f"unknown decoder {item!r}: expected autoregressive, speculative:NAME ({', '.join(NAMED_CONFIGS)}) or "
-            "speculative:{JSON speculative config}")
+            "speculative:{JSON speculative config}"
+        )
     if spec in NAMED_CONFIGS:
         return Decoder(label or f"speculative:{spec}", NAMED_CONFIGS[spec])
     try:
         config = json.loads(spec)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"{item!r}: not a known name ({', '.join(NAMED_CONFIGS)}) nor valid JSON "
-                                         f"({e})") from e
+        raise argparse.ArgumentTypeError(
+            f"{item!r}: not a known name ({', '.join(NAMED_CONFIGS)}) nor valid JSON ({e})"
+        ) from e
     if not isinstance(config, dict):
         raise argparse.ArgumentTypeError(f"{item!r}: the speculative config must be a JSON object")
     try:
@@ -140,40 +140,77 @@ def decoder_list(text: str) -> list[Decoder]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, ModelConfig, only=["model"],
-                         overrides={"model": {"help": "the target, as `leapserve serve --model`"}})
-    p.add_argument("--decoders", type=decoder_list, default=f"{BASELINE},speculative:ngram",
-                   help="comma-separated: autoregressive | speculative:NAME (" + ", ".join(NAMED_CONFIGS) + ") | "
-                        "speculative:{JSON speculative config}, each optionally LABEL=...; autoregressive, the "
-                        "baseline of every speedup, is added when missing")
-    p.add_argument("--batch-sizes", type=positive_int_list, default="1,2,4,8,16",
-                   help="comma-separated: prompts generated together")
-    p.add_argument("--dataset", default="mixed",
-                   help="chat | code | summarization | math | mixed (the 'test' split), or a .jsonl file with "
-                        "'prompt' or 'messages' per line")
+    add_config_arguments(
+        p, ModelConfig, only=["model"], overrides={"model": {"help": "the target, as `leapserve serve --model`"}}
+    )
+    p.add_argument(
+        "--decoders",
+        type=decoder_list,
+        default=f"{BASELINE},speculative:ngram",
+        help="comma-separated: autoregressive | speculative:NAME (" + ", ".join(NAMED_CONFIGS) + ") | "
+        "speculative:{JSON speculative config}, each optionally LABEL=...; autoregressive, the "
+        "baseline of every speedup, is added when missing",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=positive_int_list,
+        default="1,2,4,8,16",
+        help="comma-separated: prompts generated together",
+    )
+    p.add_argument(
+        "--dataset",
+        default="mixed",
+        help="chat | code | summarization | math | mixed (the 'test' split), or a .jsonl file with "
+        "'prompt' or 'messages' per line",
+    )
     p.add_argument("--num-prompts", type=int, help="prompts per (decoder, batch size); None: the largest batch")
-    p.add_argument("--continuous", action="store_true",
-                   help="submit all prompts at once, at most BATCH running (continuous batching), instead of "
-                        "generating them in groups of BATCH; use several times the largest batch in --num-prompts")
+    p.add_argument(
+        "--continuous",
+        action="store_true",
+        help="submit all prompts at once, at most BATCH running (continuous batching), instead of "
+        "generating them in groups of BATCH; use several times the largest batch in --num-prompts",
+    )
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per prompt at most")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed passes; figures are their median")
-    add_config_arguments(p, EngineConfig, only=["seed"],
-                         overrides={"seed": {"help": "the prompt order, and the engines' sampling seed"}})
-    p.add_argument("--context-words", type=int, default=0,
-                   help="prepend about this many words of filler text to every prompt (long-context decoding)")
-    p.add_argument("--baselines", choices=["none", "hf"], default="none",
-                   help="hf: also transformers' generate, plain, with assistant_model and with prompt lookup")
-    p.add_argument("--profile", action="store_true",
-                   help="also split an engine step into matmuls / attention / other (one profiled pass each)")
-    p.add_argument("--roofline", type=roofline_arg, metavar="MS,KNEE[,DRAFT_SHARE]",
-                   help="time on a modeled accelerator instead of the wall clock: a target forward of T tokens "
-                        "takes max(MS, MS x T / KNEE) ms, a drafter forward DRAFT_SHARE (default 0.1) of that; "
-                        "e.g. 10,128")
+    add_config_arguments(
+        p, EngineConfig, only=["seed"], overrides={"seed": {"help": "the prompt order, and the engines' sampling seed"}}
+    )
+    p.add_argument(
+        "--context-words",
+        type=int,
+        default=0,
+        help="prepend about this many words of filler text to every prompt (long-context decoding)",
+    )
+    p.add_argument(
+        "--baselines",
+        choices=["none", "hf"],
+        default="none",
+        help="hf: also transformers' generate, plain, with assistant_model and with prompt lookup",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also split an engine step into matmuls / attention / other (one profiled pass each)",
+    )
+    p.add_argument(
+        "--roofline",
+        type=roofline_arg,
+        metavar="MS,KNEE[,DRAFT_SHARE]",
+        help="time on a modeled accelerator instead of the wall clock: a target forward of T tokens "
+        "takes max(MS, MS x T / KNEE) ms, a drafter forward DRAFT_SHARE (default 0.1) of that; "
+        "e.g. 10,128",
+    )
     g = p.add_argument_group("engine")
     add_config_arguments(g, ModelConfig, only=["dtype", "device"])
-    add_config_arguments(g, CacheConfig, only=["kv_cache_tokens"], overrides={"kv_cache_tokens": {
-        "help": "per engine; default: enough for the largest batch of the longest prompts"}})
+    add_config_arguments(
+        g,
+        CacheConfig,
+        only=["kv_cache_tokens"],
+        overrides={
+            "kv_cache_tokens": {"help": "per engine; default: enough for the largest batch of the longest prompts"}
+        },
+    )
     add_output_arguments(p)
     p.set_defaults(handler=run)
 
@@ -202,106 +239,6 @@ def prompt_token_ids(tokenizer, prompts: list[str | list[dict]], context_words: 
     return ids
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the parameters, tied ones counted once."""
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def copy_bandwidth_gb_s(device: torch.device, num_bytes: int = 256 * 2**20) -> float:
-    """Measured memory copy bandwidth (read + write), the roofline a decode step's weight stream is read against."""
-    src = torch.ones(num_bytes // 4, device=device)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        dst.copy_(src)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * num_bytes / best / 1e9
-
-
-class StepLog(StepObserver):
-    """The engine's step records since the last `clear` (an observer passed at construction)."""
-
-    def __init__(self) -> None:
-        self.records: list[StepRecord] = []
-
-    def on_step(self, record: StepRecord) -> None:
-        self.records.append(record)
-
-    def clear(self) -> None:
-        self.records = []
-
-
-@dataclass
-class Engine:
-    """One decoder's engine in the benchmark, with its clock and step log."""
-    llm: LLM
-    steps: StepLog
-    clock: Callable[[], float] = time.perf_counter
-
-    @property
-    def speculative(self) -> bool:
-        return self.llm.engine.decoder.name == "speculative"
-
-
-def generate_capped(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, batch_size: int,
-                    continuous: bool) -> list[RequestOutput]:
-    """Every prompt through `engine` with at most `batch_size` running: in groups of `batch_size`, each to its end,
-    or (`continuous`) a finished request's place going to the next prompt at once, as under a server's steady
-    load. Outputs in prompt order."""
-    waiting, outputs, running = deque(enumerate(prompts)), {}, 0
-    while waiting or running:
-        if continuous or not running:
-            while waiting and running < batch_size:
-                index, prompt = waiting.popleft()
-                engine.add_request(f"bench-{uuid.uuid4().hex}-{index}", prompt, params)
-                running += 1
-        for req in engine.step():
-            if req.finished:
-                outputs[int(req.request_id.rpartition("-")[2])] = req.output()
-                running -= 1
-    return [outputs[i] for i in range(len(prompts))]
-
-
-def engine_pass(bench_engine: Engine, prompts: list[list[int]], batch_size: int, params: SamplingParams,
-                continuous: bool = False) -> Pass:
-    """All prompts through the engine with at most `batch_size` running (`generate_capped`), timed by its clock."""
-    bench_engine.steps.clear()
-    clock = bench_engine.clock
-    start = clock()
-    outs = generate_capped(bench_engine.llm.engine, prompts, params, batch_size, continuous)
-    elapsed = clock() - start
-    tokens = [o.outputs[0].token_ids for o in outs]
-    steps = bench_engine.steps.records
-    return OfflineRun(output_tokens=sum(map(len, tokens)), elapsed=elapsed,
-                      target_forwards=sum(s.target_forwards for s in steps),
-                      request_forwards=sum(o.metrics.target_forwards for o in outs),
-                      accepted_tokens=sum(o.metrics.accepted_tokens for o in outs),
-                      num_drafts=sum(o.metrics.num_drafts for o in outs),
-                      drafting_cost=drafting_cost(steps) if bench_engine.speculative else None), tokens
-
-
-def step_breakdown(bench_engine: Engine, prompts: list[list[int]], batch_size: int, params: SamplingParams,
-                   continuous: bool) -> dict[str, float]:
-    """Where an engine step's time goes, under torch.profiler with Python stacks (which slow the Python parts):
-    matmuls, paged attention (the attention function's Python frames, inclusive), and everything else."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
-        run_, _ = engine_pass(bench_engine, prompts, batch_size, params, continuous)
-    steps = run_.target_forwards
-    events = prof.events()
-    matmul = sum(e.cpu_time_total for e in events if e.name == "aten::linear") / 1e3 / steps
-    attend = sum(e.cpu_time_total for e in events if e.name.endswith(ATTENTION_FRAME)) / 1e3 / steps
-    per_step = run_.elapsed * 1e3 / steps
-    return {"ms_per_step": per_step, "matmul_ms": matmul, "attention_ms": attend,
-            "other_ms": per_step - matmul - attend}
-
-
 def kv_tokens_needed(prompts: list[list[int]], batch_size: int, max_tokens: int, block_size: int = 16) -> int:
     """KV cache for `batch_size` sequences of the longest prompt, with room for drafts and block rounding."""
     per_seq = max(map(len, prompts)) + max_tokens + SPEC_SLACK_TOKENS + block_size
@@ -312,8 +249,12 @@ def build_engine(args: argparse.Namespace, decoder: Decoder, kv_tokens: int) -> 
     """One decoder's engine, on the wall clock or (`--roofline`) a modeled accelerator's virtual clock."""
     steps = StepLog()
     clock = VirtualClock.of(args.roofline) if args.roofline else None
-    config = config_from_args(EngineConfig, args, decoder="speculative" if decoder.speculative_config else BASELINE,
-                              speculative_config=decoder.speculative_config)
+    config = config_from_args(
+        EngineConfig,
+        args,
+        decoder="speculative" if decoder.speculative_config else BASELINE,
+        speculative_config=decoder.speculative_config,
+    )
     config.cache.kv_cache_tokens, config.scheduler.max_num_seqs = kv_tokens, max(args.batch_sizes)
     llm = LLM(config=config, **({"clock": clock, "observers": [steps, clock]} if clock else {"observers": [steps]}))
     return Engine(llm, steps, clock or time.perf_counter)
@@ -326,11 +267,14 @@ def bench(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[dict
     baseline = args.decoders[0].label  # autoregressive, see decoder_list
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
     passes: dict[str, Callable[[list[list[int]], int], Pass | None]] = {
-        label: (lambda ps, b, e=e: engine_pass(e, ps, b, params, args.continuous)) for label, e in engines.items()}
+        label: (lambda ps, b, e=e: engine_pass(e, ps, b, params, args.continuous)) for label, e in engines.items()
+    }
     base = engines[baseline].llm
-    setup: dict = {"decoders": {d.label: d.speculative_config for d in args.decoders},
-                   "batching": "continuous" if args.continuous else "static",
-                   "roofline": dataclasses.asdict(args.roofline) if args.roofline else None}
+    setup: dict = {
+        "decoders": {d.label: d.speculative_config for d in args.decoders},
+        "batching": "continuous" if args.continuous else "static",
+        "roofline": dataclasses.asdict(args.roofline) if args.roofline else None,
+    }
     if args.baselines == "hf":
         configs = [d.speculative_config for d in args.decoders if d.speculative_config]
         hf = HFBaselines(base, configs, args.max_tokens, args.ignore_eos)
@@ -352,8 +296,9 @@ def bench(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[dict
                 bar.update(1)
         for row in batch_rows(runs, baseline, batch_size, weights):
             if args.profile and row["decoder"] in engines:
-                row["step_breakdown"] = step_breakdown(engines[row["decoder"]], prompts, batch_size, params,
-                                                       args.continuous)
+                row["step_breakdown"] = step_breakdown(
+                    engines[row["decoder"]], prompts, batch_size, params, args.continuous
+                )
             rows.append(row)
     bar.close()
     return rows, setup
@@ -368,28 +313,59 @@ def batch_rows(runs: dict[str, list[Pass]], baseline: str, batch_size: int, weig
         if not results:
             continue
         summary = offline_summary([r for r, _ in results], weights)
-        rows.append({"decoder": label, "batch_size": batch_size, **summary,
-                     "speedup": speedup(summary["tokens_per_s"], baseline_tps),
-                     "identical_to_autoregressive": results[-1][1] == reference})
+        rows.append(
+            {
+                "decoder": label,
+                "batch_size": batch_size,
+                **summary,
+                "speedup": speedup(summary["tokens_per_s"], baseline_tps),
+                "identical_to_autoregressive": results[-1][1] == reference,
+            }
+        )
     return rows
 
 
 def tables(rows: list[dict], setup: dict) -> str:
     """The results table, and the step breakdown table when profiled."""
-    headers = ["decoder", "batch", "output tok/s", "speedup", "target forwards / token", "mean acceptance length",
-               "weight GB/s", "drafting cost (same pass)", "same output as AR"]
-    body = [[r["decoder"], r["batch_size"], r["tokens_per_s"], r["speedup"], r["target_forwards_per_token"],
-             r["mean_acceptance_length"], r["weight_GB_s"],
-             None if r.get("drafting_cost") is None else f"{100 * r['drafting_cost']:+.1f}%",
-             "yes" if r["identical_to_autoregressive"] else "no"]
-            for r in rows]
-    batching = ("continuous batching (batch: requests running at most)" if setup["batching"] == "continuous"
-                else "static groups of `batch` prompts")
-    text = (f"weights: {setup['weight_bytes'] / 1e6:.0f} MB; measured copy bandwidth: {setup['copy_GB_s']:.1f} GB/s; "
-            f"{batching}\n\n")
+    headers = [
+        "decoder",
+        "batch",
+        "output tok/s",
+        "speedup",
+        "target forwards / token",
+        "mean acceptance length",
+        "weight GB/s",
+        "drafting cost (same pass)",
+        "same output as AR",
+    ]
+    body = [
+        [
+            r["decoder"],
+            r["batch_size"],
+            r["tokens_per_s"],
+            r["speedup"],
+            r["target_forwards_per_token"],
+            r["mean_acceptance_length"],
+            r["weight_GB_s"],
+            None if r.get("drafting_cost") is None else f"{100 * r['drafting_cost']:+.1f}%",
+            "yes" if r["identical_to_autoregressive"] else "no",
+        ]
+        for r in rows
+    ]
+    batching = (
+        "continuous batching (batch: requests running at most)"
+        if setup["batching"] == "continuous"
+        else "static groups of `batch` prompts"
+    )
+    text = (
+        f"weights: {setup['weight_bytes'] / 1e6:.0f} MB; measured copy bandwidth: {setup['copy_GB_s']:.1f} GB/s; "
+        f"{batching}\n\n"
+    )
     if setup.get("roofline"):
-        text += (f"virtual time on a modeled accelerator (`--roofline`): {Roofline(**setup['roofline']).describe()}; "
-                 f"tok/s, weight GB/s and drafting cost are in that time\n\n")
+        text += (
+            f"virtual time on a modeled accelerator (`--roofline`): {Roofline(**setup['roofline']).describe()}; "
+            f"tok/s, weight GB/s and drafting cost are in that time\n\n"
+        )
     text += markdown_table(headers, body)
     profiled = [r for r in rows if "step_breakdown" in r]
     if profiled:
@@ -403,11 +379,15 @@ def run(args: argparse.Namespace) -> None:
     """The `leapserve bench offline` handler."""
     num_prompts = args.num_prompts or max(args.batch_sizes)
     if args.continuous and args.baselines == "hf":
-        sys.exit("leapserve bench offline: error: --baselines hf cannot run --continuous (transformers' generate "
-                 "has no continuous batching)")
+        sys.exit(
+            "leapserve bench offline: error: --baselines hf cannot run --continuous (transformers' generate "
+            "has no continuous batching)"
+        )
     if args.roofline and (args.baselines == "hf" or args.profile):
-        sys.exit("leapserve bench offline: error: --roofline times the engine's forwards only: it cannot time "
-                 "--baselines hf or --profile")
+        sys.exit(
+            "leapserve bench offline: error: --roofline times the engine's forwards only: it cannot time "
+            "--baselines hf or --profile"
+        )
     try:
         tokenizer = load_tokenizer(resolve_model(args.model))
         texts = load_prompts(args.dataset, "test", num_prompts, args.seed)
@@ -420,14 +400,24 @@ def run(args: argparse.Namespace) -> None:
         texts = [texts[i % len(texts)] for i in range(num_prompts)]
     prompts = prompt_token_ids(tokenizer, texts, args.context_words)
     rows, setup = bench(args, prompts)
-    record = run_record("offline", args, rows, num_prompts=len(prompts),
-                        mean_prompt_tokens=sum(map(len, prompts)) / len(prompts), **setup)
+    record = run_record(
+        "offline",
+        args,
+        rows,
+        num_prompts=len(prompts),
+        mean_prompt_tokens=sum(map(len, prompts)) / len(prompts),
+        **setup,
+    )
     write_outputs(record, tables(rows, setup), args.output_json, args.output_md)
     if args.output_json is not None:
         plot = Path(args.output_json).with_suffix(".png")
         batching = "continuous batching" if args.continuous else "static groups"
         modeled = "" if args.roofline is None else f"\nvirtual time: {args.roofline.describe()}"
-        plot_offline(rows, plot, f"{args.model}, {len(prompts)} prompts from {args.dataset}, "
-                                 f"{args.max_tokens} tokens max, greedy, {batching}{modeled}",
-                     "requests running at most" if args.continuous else "batch size")
+        plot_offline(
+            rows,
+            plot,
+            f"{args.model}, {len(prompts)} prompts from {args.dataset}, "
+            f"{args.max_tokens} tokens max, greedy, {batching}{modeled}",
+            "requests running at most" if args.continuous else "batch size",
+        )
         print(f"wrote {plot}")

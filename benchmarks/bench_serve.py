@@ -6,6 +6,7 @@ Every level sends the same prompts as streaming requests with at most `concurren
 `spec_decode_num_drafts_total`, `..._num_draft_tokens_total`, `..._num_accepted_tokens_total`), the level also
 reports the acceptance rate and the mean acceptance length.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,7 @@ from tqdm import tqdm
 from leapserve.prompts import load as load_prompts
 
 from .bench_metrics import SPEC_COUNTERS, StreamedRequest, serve_summary, spec_decode_stats
-from .report import add_output_arguments, fmt, markdown_table, plot_serve, positive_int_list, run_record, \
-    write_outputs
+from .report import add_output_arguments, fmt, markdown_table, plot_serve, positive_int_list, run_record, write_outputs
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 Prompt = str | list[dict]
@@ -32,16 +32,27 @@ Prompt = str | list[dict]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server, with or without a trailing /v1")
-    p.add_argument("--endpoint", default=ENDPOINTS[0], choices=ENDPOINTS,
-                   help="chat: prompts go through the server's chat template")
+    p.add_argument(
+        "--endpoint",
+        default=ENDPOINTS[0],
+        choices=ENDPOINTS,
+        help="chat: prompts go through the server's chat template",
+    )
     p.add_argument("--model", help="the model name to send; None: the first one the server lists")
     p.add_argument("--api-key", help="Bearer key; default: $OPENAI_API_KEY, then $LEAPSERVE_API_KEY")
-    p.add_argument("--dataset", default="mixed",
-                   help="chat | code | summarization | math | mixed (the 'test' split), or a .jsonl file with "
-                        "'prompt' or 'messages' per line")
+    p.add_argument(
+        "--dataset",
+        default="mixed",
+        help="chat | code | summarization | math | mixed (the 'test' split), or a .jsonl file with "
+        "'prompt' or 'messages' per line",
+    )
     p.add_argument("--num-prompts", type=int, default=64, help="requests per concurrency level")
-    p.add_argument("--concurrency", type=positive_int_list, default="1,4,16",
-                   help="comma-separated levels: requests in flight at once")
+    p.add_argument(
+        "--concurrency",
+        type=positive_int_list,
+        default="1,4,16",
+        help="comma-separated levels: requests in flight at once",
+    )
     p.add_argument("--max-tokens", type=int, default=128, help="max_tokens of every request")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (leapserve, vLLM): fixed-length outputs")
@@ -53,8 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def request_body(prompt: Prompt, args: argparse.Namespace) -> dict:
-    body = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": args.model,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if args.ignore_eos:
         body["ignore_eos"] = True
     if args.endpoint == "/v1/completions":
@@ -118,8 +134,9 @@ async def scrape(client: httpx.AsyncClient, base_url: str) -> dict[str, float]:
     return spec_counters(resp.text) if resp.status_code == 200 else {}
 
 
-async def run_level(client: httpx.AsyncClient, url: str, bodies: list[dict], concurrency: int) -> tuple[
-        list[StreamedRequest], float]:
+async def run_level(
+    client: httpx.AsyncClient, url: str, bodies: list[dict], concurrency: int
+) -> tuple[list[StreamedRequest], float]:
     """All `bodies` with at most `concurrency` in flight; the requests and the level's wall time."""
     gate = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(bodies), desc=f"concurrency {concurrency}", unit="req")
@@ -158,7 +175,7 @@ async def bench(args: argparse.Namespace, prompts: list[Prompt]) -> list[dict]:
             args.model = await _first_model(client, base_url)
         url = base_url + args.endpoint
         bodies = [request_body(p, args) for p in prompts]
-        for body in bodies[:args.num_warmups]:
+        for body in bodies[: args.num_warmups]:
             warmup = await send(client, url, body)
             if warmup.error:
                 raise WarmupError(warmup.error)
@@ -168,8 +185,14 @@ async def bench(args: argparse.Namespace, prompts: list[Prompt]) -> list[dict]:
             requests, duration = await run_level(client, url, bodies, concurrency)
             after = await scrape(client, base_url)
             errors = list(dict.fromkeys(r.error for r in requests if r.error))
-            levels.append({"concurrency": concurrency, **serve_summary(requests, duration),
-                           "spec_decode": spec_decode_stats(before, after), "errors": errors[:5]})
+            levels.append(
+                {
+                    "concurrency": concurrency,
+                    **serve_summary(requests, duration),
+                    "spec_decode": spec_decode_stats(before, after),
+                    "errors": errors[:5],
+                }
+            )
     return levels
 
 
@@ -177,12 +200,35 @@ def table(levels: list[dict]) -> str:
     def dist(d: dict) -> str:
         return " / ".join(fmt(d[k], 1) for k in ("mean", "median", "p99"))
 
-    headers = ["concurrency", "completed", "failed", "req/s", "output tok/s", "TTFT ms (mean / median / p99)",
-               "TPOT ms", "ITL ms", "E2E ms", "acceptance rate", "mean acceptance length"]
-    rows = [[lv["concurrency"], lv["completed"], lv["failed"], lv["request_throughput"], lv["output_throughput"],
-             dist(lv["ttft_ms"]), dist(lv["tpot_ms"]), dist(lv["itl_ms"]), dist(lv["e2e_ms"]),
-             (lv["spec_decode"] or {}).get("acceptance_rate"), (lv["spec_decode"] or {}).get("mean_acceptance_length")]
-            for lv in levels]
+    headers = [
+        "concurrency",
+        "completed",
+        "failed",
+        "req/s",
+        "output tok/s",
+        "TTFT ms (mean / median / p99)",
+        "TPOT ms",
+        "ITL ms",
+        "E2E ms",
+        "acceptance rate",
+        "mean acceptance length",
+    ]
+    rows = [
+        [
+            lv["concurrency"],
+            lv["completed"],
+            lv["failed"],
+            lv["request_throughput"],
+            lv["output_throughput"],
+            dist(lv["ttft_ms"]),
+            dist(lv["tpot_ms"]),
+            dist(lv["itl_ms"]),
+            dist(lv["e2e_ms"]),
+            (lv["spec_decode"] or {}).get("acceptance_rate"),
+            (lv["spec_decode"] or {}).get("mean_acceptance_length"),
+        ]
+        for lv in levels
+    ]
     return markdown_table(headers, rows)
 
 

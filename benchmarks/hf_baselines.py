@@ -1,4 +1,5 @@
 """`transformers`' `generate` on the engine's checkpoint, as baselines for `leapserve bench offline --baselines hf`."""
+
 from __future__ import annotations
 
 import time
@@ -28,13 +29,19 @@ class HFBaselines:
         self.eos = engine.eos_token_ids
         self.pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else min(self.eos)
         self.device = engine.device
-        self.common = {"max_new_tokens": max_tokens, "do_sample": False, "pad_token_id": self.pad,
-                       **({"min_new_tokens": max_tokens} if ignore_eos else {})}
+        self.common = {
+            "max_new_tokens": max_tokens,
+            "do_sample": False,
+            "pad_token_id": self.pad,
+            **({"min_new_tokens": max_tokens} if ignore_eos else {}),
+        }
         ngram = next((c for c in configs if c["method"] == "ngram"), DEFAULT_NGRAM)
         self.modes: dict[str, dict] = {
             "hf-generate": {},
-            "hf-prompt-lookup": {"prompt_lookup_num_tokens": ngram.get("num_speculative_tokens") or 4,
-                                 "max_matching_ngram_size": ngram.get("prompt_lookup_max", 4)},
+            "hf-prompt-lookup": {
+                "prompt_lookup_num_tokens": ngram.get("num_speculative_tokens") or 4,
+                "max_matching_ngram_size": ngram.get("prompt_lookup_max", 4),
+            },
         }
         self.options = {mode: dict(kwargs) for mode, kwargs in self.modes.items()}  # for the record
         draft = next((c for c in configs if c["method"] == "draft_model"), None)
@@ -42,8 +49,7 @@ class HFBaselines:
             # a draft that shares the target's embedding and head (AdaSPEC) gets them from this model
             assistant = load_draft_model(draft["model"], self.model, engine.device, engine.dtype)
             k = draft.get("num_speculative_tokens") or 4
-            self.modes["hf-assisted"] = {"assistant_model": assistant,
-                                         "num_assistant_tokens": k}
+            self.modes["hf-assisted"] = {"assistant_model": assistant, "num_assistant_tokens": k}
             self.options["hf-assisted"] = {"assistant_model": draft["model"], "num_assistant_tokens": k}
 
     def _count(self, *_) -> None:
@@ -59,7 +65,7 @@ class HFBaselines:
         forwards = request_forwards = 0
         start = time.perf_counter()
         for i in range(0, len(prompts), batch_size):
-            group = prompts[i:i + batch_size]
+            group = prompts[i : i + batch_size]
             width = max(map(len, group))
             ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in group], device=self.device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=self.device)
@@ -69,12 +75,16 @@ class HFBaselines:
             request_forwards += (self.forwards - before) * len(group)  # finished rows ride along to the end
             tokens += [self._until_eos(row[width:].tolist()) for row in out]
         elapsed = time.perf_counter() - start
-        return OfflineRun(output_tokens=sum(map(len, tokens)), elapsed=elapsed, target_forwards=forwards,
-                          request_forwards=request_forwards), tokens
+        return OfflineRun(
+            output_tokens=sum(map(len, tokens)),
+            elapsed=elapsed,
+            target_forwards=forwards,
+            request_forwards=request_forwards,
+        ), tokens
 
     def _until_eos(self, row: list[int]) -> list[int]:
         """A generated row up to and including its first end-of-sequence token (the rest is padding)."""
         for i, token in enumerate(row):
             if token in self.eos:
-                return row[:i + 1]
+                return row[: i + 1]
         return row

@@ -10,6 +10,7 @@ Baselines: `sdpa_dense` (torch SDPA over K/V already gathered into dense tensors
 gather is not timed), and where importable `flash_attn` (varlen, causal: it cannot take a tree mask) and
 `flashinfer` (paged prefill with the same custom mask). `max_diff` is leapserve's max |difference| from sdpa_dense.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,10 +74,14 @@ def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> Inputs:
     i32 = dict(dtype=torch.int32, device=device)
     return Inputs(
         q=torch.randn(shape.batch * shape.new, shape.q_heads, shape.head_dim, dtype=shape.dtype, device=device),
-        k_cache=k_cache, v_cache=v_cache, block_tables=block_tables.to(device),
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_tables=block_tables.to(device),
         context_lens=torch.full((shape.batch,), shape.context, **i32),
         cu_seqlens_q=torch.arange(0, shape.batch * shape.new + 1, shape.new, **i32),
-        tree_mask=tree_mask, visible=visible.to(device).expand(shape.batch, -1, -1))
+        tree_mask=tree_mask,
+        visible=visible.to(device).expand(shape.batch, -1, -1),
+    )
 
 
 def bytes_moved(shape: Shape) -> int:
@@ -123,9 +128,17 @@ def copy_bandwidth(device: torch.device) -> float:
 
 def implementations(inputs: Inputs, shape: Shape, device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
     """name -> zero-argument call; each returns [T, q_heads, head_dim]."""
+
     def leapserve() -> torch.Tensor:
-        return tree_attention(inputs.q, inputs.k_cache, inputs.v_cache, inputs.block_tables, inputs.context_lens,
-                              inputs.cu_seqlens_q, inputs.tree_mask)
+        return tree_attention(
+            inputs.q,
+            inputs.k_cache,
+            inputs.v_cache,
+            inputs.block_tables,
+            inputs.context_lens,
+            inputs.cu_seqlens_q,
+            inputs.tree_mask,
+        )
 
     keys, values = gather_dense(inputs, shape)
     q_dense = inputs.q.view(shape.batch, shape.new, shape.q_heads, shape.head_dim).transpose(1, 2)
@@ -153,8 +166,9 @@ def _flash_attn(inputs: Inputs, shape: Shape, keys: torch.Tensor, values: torch.
     cu_k = torch.arange(0, shape.batch * num_keys + 1, num_keys, dtype=torch.int32, device=keys.device)
 
     def flash_attn_causal() -> torch.Tensor:
-        return flash_attn_varlen_func(inputs.q, k_packed, v_packed, inputs.cu_seqlens_q, cu_k, shape.new, num_keys,
-                                      causal=True)
+        return flash_attn_varlen_func(
+            inputs.q, k_packed, v_packed, inputs.cu_seqlens_q, cu_k, shape.new, num_keys, causal=True
+        )
 
     return {"flash_attn(causal)": flash_attn_causal}
 
@@ -170,10 +184,19 @@ def _flashinfer(inputs: Inputs, shape: Shape, device: torch.device) -> dict:
     try:
         workspace = torch.empty(256 << 20, dtype=torch.uint8, device=device)
         wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
-        wrapper.plan(inputs.cu_seqlens_q, torch.arange(0, inputs.block_tables.numel() + 1, pages_per_seq, **i32),
-                     inputs.block_tables.flatten(), torch.full((shape.batch,), last_page, **i32), shape.q_heads,
-                     shape.kv_heads, shape.head_dim, shape.page_size, causal=shape.mask == "causal",
-                     custom_mask=inputs.visible.flatten() if shape.mask == "tree" else None, q_data_type=shape.dtype)
+        wrapper.plan(
+            inputs.cu_seqlens_q,
+            torch.arange(0, inputs.block_tables.numel() + 1, pages_per_seq, **i32),
+            inputs.block_tables.flatten(),
+            torch.full((shape.batch,), last_page, **i32),
+            shape.q_heads,
+            shape.kv_heads,
+            shape.head_dim,
+            shape.page_size,
+            causal=shape.mask == "causal",
+            custom_mask=inputs.visible.flatten() if shape.mask == "tree" else None,
+            q_data_type=shape.dtype,
+        )
     except Exception as exc:  # an API mismatch is reported as this baseline's error, like a failed run
         error = exc  # `exc` itself is unbound when the except block ends
 
@@ -210,23 +233,31 @@ def run(shapes: list[Shape], device: torch.device) -> tuple[list[dict], float]:
 
 
 def markdown(rows: list[dict], copy_bw: float, device_name: str) -> str:
-    lines = [f"device: {device_name}; copy bandwidth {copy_bw / 1e9:.0f} GB/s", "",
-             "| batch | new | context | mask | impl | ms | GB/s | of copy BW | max diff |",
-             "|---:|---:|---:|---|---|---:|---:|---:|---:|"]
+    lines = [
+        f"device: {device_name}; copy bandwidth {copy_bw / 1e9:.0f} GB/s",
+        "",
+        "| batch | new | context | mask | impl | ms | GB/s | of copy BW | max diff |",
+        "|---:|---:|---:|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['batch']} | {r['new']} | {r['context']} | {r['mask']} | {r['impl']} | "
-                         f"error: {r['error']} | | | |")
+            lines.append(
+                f"| {r['batch']} | {r['new']} | {r['context']} | {r['mask']} | {r['impl']} | "
+                f"error: {r['error']} | | | |"
+            )
             continue
         diff = f"{r['max_diff']:.1e}" if "max_diff" in r else ""
-        lines.append(f"| {r['batch']} | {r['new']} | {r['context']} | {r['mask']} | {r['impl']} | {r['ms']:.3f} | "
-                     f"{r['gb_per_s']:.0f} | {100 * r['frac_copy_bw']:.0f}% | {diff} |")
+        lines.append(
+            f"| {r['batch']} | {r['new']} | {r['context']} | {r['mask']} | {r['impl']} | {r['ms']:.3f} | "
+            f"{r['gb_per_s']:.0f} | {100 * r['frac_copy_bw']:.0f}% | {diff} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--new", type=int, nargs="+", default=[1, 8, 64], help="new (query) tokens per sequence")
     parser.add_argument("--context", type=int, nargs="+", default=[512, 2048, 8192])
@@ -235,11 +266,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--mask", choices=["tree", "causal"], default="tree",
-                        help="mask over the new tokens when new > 1 (a random tree, or causal)")
+    parser.add_argument(
+        "--mask",
+        choices=["tree", "causal"],
+        default="tree",
+        help="mask over the new tokens when new > 1 (a random tree, or causal)",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench-results/kernel_bench.json"))
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes on the CPU (the PyTorch reference path), fp32; checks the script runs")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes on the CPU (the PyTorch reference path), fp32; checks the script runs",
+    )
     args = parser.parse_args(argv)
 
     if args.smoke:
@@ -250,16 +288,41 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("no CUDA device; use --smoke for a CPU check")
     else:
         device = torch.device("cuda")
-    shapes = [Shape(b, n, c, args.q_heads, args.kv_heads, args.head_dim, args.page_size, DTYPES[args.dtype],
-                    args.mask if n > 1 else "causal")
-              for b in args.batch for n in args.new for c in args.context]
+    shapes = [
+        Shape(
+            b,
+            n,
+            c,
+            args.q_heads,
+            args.kv_heads,
+            args.head_dim,
+            args.page_size,
+            DTYPES[args.dtype],
+            args.mask if n > 1 else "causal",
+        )
+        for b in args.batch
+        for n in args.new
+        for c in args.context
+    ]
     rows, copy_bw = run(shapes, device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(markdown(rows, copy_bw, device_name))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(dict(device=device_name, copy_bytes_per_s=copy_bw, dtype=args.dtype,
-                                         q_heads=args.q_heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                                         page_size=args.page_size, rows=rows), indent=2))
+    args.json.write_text(
+        json.dumps(
+            dict(
+                device=device_name,
+                copy_bytes_per_s=copy_bw,
+                dtype=args.dtype,
+                q_heads=args.q_heads,
+                kv_heads=args.kv_heads,
+                head_dim=args.head_dim,
+                page_size=args.page_size,
+                rows=rows,
+            ),
+            indent=2,
+        )
+    )
     print(f"\nwrote {args.json}")
     if any(r.get("max_diff", 0.0) > 0.05 for r in rows):
         raise SystemExit("leapserve's output differs from sdpa_dense")

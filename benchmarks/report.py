@@ -1,5 +1,6 @@
 """What a benchmark run leaves behind: a JSON record (machine, package versions, the full command, results), a
 markdown table, and PNG plots written next to the JSON; and the command-line options both benchmarks share."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,9 +11,10 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -50,8 +52,12 @@ def _cpu_model() -> str:
 
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
-        "hostname": platform.node(), "platform": platform.platform(), "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
     }
     if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
         info["memory_GiB"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
@@ -139,8 +145,10 @@ def _log2_ticks(ax, values: list[int]) -> None:
 def plot_offline(rows: Sequence[dict], path: Path, title: str, batch_label: str = "batch size") -> None:
     """Output tokens/s and speedup over autoregressive against batch size, one line per decoder."""
     plt, fig, axes = _figure(1, 2)
-    for key, ax, label in (("tokens_per_s", axes[0], "output tokens/s"),
-                           ("speedup", axes[1], "speedup over autoregressive")):
+    for key, ax, label in (
+        ("tokens_per_s", axes[0], "output tokens/s"),
+        ("speedup", axes[1], "speedup over autoregressive"),
+    ):
         for decoder in dict.fromkeys(r["decoder"] for r in rows):
             points = [(r["batch_size"], r[key]) for r in rows if r["decoder"] == decoder and r[key] is not None]
             if points:

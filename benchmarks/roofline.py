@@ -3,6 +3,7 @@ but on a virtual clock that only model forwards advance. A target forward of T t
 flat while streaming the weights dominates, linear once compute does, as on GPUs and AMX CPUs, whose knee lies
 far beyond a small CPU's. A drafter's forward takes a share of that. So this machine can show how adaptive
 speculation decides, and what it gains or loses, on hardware it is not."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -32,8 +33,10 @@ class Roofline:
         return roofline
 
     def describe(self) -> str:
-        return (f"a target forward of T tokens takes max({self.forward_ms:g}, {self.forward_ms:g} x T / "
-                f"{self.knee_tokens}) ms, a drafter forward {self.draft_share:g} of that")
+        return (
+            f"a target forward of T tokens takes max({self.forward_ms:g}, {self.forward_ms:g} x T / "
+            f"{self.knee_tokens}) ms, a drafter forward {self.draft_share:g} of that"
+        )
 
     def seconds(self, tokens: int) -> float:
         """A target forward of `tokens` tokens."""

@@ -1,4 +1,5 @@
 """`python -m leapserve.cli`: the `leapserve` command."""
+
 import sys
 
 from .main import main

@@ -1,4 +1,5 @@
 """The `leapserve` command: `serve`, `bench serve|offline` and `train data|fspad|adaspec|export-eagle`."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,10 +15,15 @@ from . import serve
 def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="benchmark a server (serve) or the in-process engine (offline)")
     commands = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")
-    for name, module, help_text in (("serve", bench_serve, "latency and throughput of an OpenAI-compatible server"),
-                                    ("offline", bench_offline, "decoders on the in-process engine, same prompts")):
-        module.add_arguments(commands.add_parser(name, help=help_text, description=module.__doc__,
-                                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    for name, module, help_text in (
+        ("serve", bench_serve, "latency and throughput of an OpenAI-compatible server"),
+        ("offline", bench_offline, "decoders on the in-process engine, same prompts"),
+    ):
+        module.add_arguments(
+            commands.add_parser(
+                name, help=help_text, description=module.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+            )
+        )
 
 
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:

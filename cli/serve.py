@@ -1,5 +1,6 @@
 """`leapserve serve`: the engine's options, generated from its config dataclasses (named as `vllm serve` names
 them), and the HTTP server's own."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,14 +36,21 @@ def load_logits_processors(spec: str) -> list[LogitsProcessor]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `serve`: one option group per engine config, then the logits processors and the server's."""
-    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     for title, cls in (("model", ModelConfig), ("KV cache", CacheConfig), ("scheduler", SchedulerConfig)):
         add_config_arguments(p.add_argument_group(title), cls)
     g = p.add_argument_group("decoding")
     add_config_arguments(g, EngineConfig, overrides={"decoder": {"choices": list(DECODERS)}})
-    g.add_argument("--logits-processors", type=load_logits_processors, default=[],
-                   help="module:callable[,module:callable]: logits processors added to every request")
+    g.add_argument(
+        "--logits-processors",
+        type=load_logits_processors,
+        default=[],
+        help="module:callable[,module:callable]: logits processors added to every request",
+    )
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind")
     g.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -56,5 +64,11 @@ def serve(args: argparse.Namespace) -> None:
     from leapserve.server.app import run_server  # the HTTP stack loads only to serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_server(config_from_args(EngineConfig, args), args.host, args.port, args.api_key or os.environ.get(API_KEY_ENV),
-               logits_processors=args.logits_processors, log_level=args.log_level)
+    run_server(
+        config_from_args(EngineConfig, args),
+        args.host,
+        args.port,
+        args.api_key or os.environ.get(API_KEY_ENV),
+        logits_processors=args.logits_processors,
+        log_level=args.log_level,
+    )

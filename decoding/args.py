@@ -7,6 +7,7 @@ comma-separated integers). A field holding a nested config dataclass (`field(def
 by `config_from_args` from that dataclass's own options. A subclass changes an option's default with a plain
 `name: type = value`: the option stays, with its help.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,8 +90,13 @@ def _type_kwargs(annotation: Any, default: Any) -> dict[str, Any]:
     raise TypeError(f"no command-line type for {annotation!r}: give option(..., type=...) or use field()")
 
 
-def add_config_arguments(parser: ArgumentContainer, cls: type, *, only: Iterable[str] | None = None,
-                         overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+def add_config_arguments(
+    parser: ArgumentContainer,
+    cls: type,
+    *,
+    only: Iterable[str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
     """Add `--field-name` to `parser` (a parser or an argument group) for each option field of the dataclass `cls`
     (`only` these, if given), in field order; `overrides` maps a field to `add_argument` keywords that replace the
     generated ones (say, choices known only at run time, or a command's own help)."""
@@ -102,8 +108,10 @@ def add_config_arguments(parser: ArgumentContainer, cls: type, *, only: Iterable
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else _default(f)
         # a required option's default is suppressed: nothing to show in --help
-        kwargs = {**_type_kwargs(hints[f.name], default),
-                  **({"required": True, "default": argparse.SUPPRESS} if required else {"default": default})}
+        kwargs = {
+            **_type_kwargs(hints[f.name], default),
+            **({"required": True, "default": argparse.SUPPRESS} if required else {"default": default}),
+        }
         kwargs.update((k, v) for k, v in meta.items() if k != OPTION)
         kwargs.update((overrides or {}).get(f.name, {}))
         parser.add_argument(f"--{f.name.replace('_', '-')}", **kwargs)
@@ -112,8 +120,8 @@ def add_config_arguments(parser: ArgumentContainer, cls: type, *, only: Iterable
 def config_from_args(cls: type[Config], args: argparse.Namespace, **values: Any) -> Config:
     """`cls` from the parsed options named like its fields, nested config dataclasses built the same way; fields
     without an option keep their defaults and `values` replace the options."""
-    kwargs = {}
-    for f in dataclasses.fields(cls):
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # a TypeVar cannot be bound to "a dataclass"
         nested = _nested_config(f)
         if nested is not None:
             kwargs[f.name] = config_from_args(nested, args)

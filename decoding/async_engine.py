@@ -1,4 +1,5 @@
 """The engine on its own thread, fed and drained from asyncio: what the HTTP server talks to."""
+
 from __future__ import annotations
 
 import asyncio
@@ -65,11 +66,16 @@ class AsyncLLMEngine:
 
     def stats(self) -> EngineStats:
         sched = self.engine.scheduler
-        return EngineStats(num_running=len(sched.running), num_waiting=len(sched.waiting) + self._commands.qsize(),
-                           kv_cache_usage=self.engine.cache.usage, num_preemptions=sched.num_preemptions)
+        return EngineStats(
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting) + self._commands.qsize(),
+            kv_cache_usage=self.engine.cache.usage,
+            num_preemptions=sched.num_preemptions,
+        )
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       prompt: str | None = None) -> AsyncGenerator[RequestOutput, None]:
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, prompt: str | None = None
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Submit a request and yield its cumulative outputs; stopping the iteration aborts it."""
         self.validate_prompt(prompt_token_ids, params)
         if self.stats().num_waiting >= self.engine.config.scheduler.max_waiting_requests:
@@ -115,8 +121,9 @@ class AsyncLLMEngine:
                 self.engine.add_request(request_id, prompt_token_ids, params, prompt)
             except Exception as e:
                 logger.exception("could not add request %s", request_id)
-                self._publish(RequestOutput(request_id, prompt, prompt_token_ids, [], True,
-                                            error=f"{type(e).__name__}: {e}"))
+                self._publish(
+                    RequestOutput(request_id, prompt, prompt_token_ids, [], True, error=f"{type(e).__name__}: {e}")
+                )
         elif kind == "abort":
             self.engine.abort(args[0])
 
@@ -147,5 +154,13 @@ class AsyncLLMEngine:
                 for request_id in list(self.engine.requests):
                     aborted = self.engine.abort(request_id)
                     if aborted is not None:
-                        self._publish(RequestOutput(request_id, aborted.prompt, aborted.prompt_token_ids, [], True,
-                                                    error="internal engine error"))
+                        self._publish(
+                            RequestOutput(
+                                request_id,
+                                aborted.prompt,
+                                aborted.prompt_token_ids,
+                                [],
+                                True,
+                                error="internal engine error",
+                            )
+                        )

@@ -4,6 +4,7 @@
 writes its new K/V into the paged cache by slot and attends through `leapserve.kernels` (an `AttentionStep`, which
 runs the Triton kernels on CUDA and the PyTorch reference on CPU).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,13 +27,22 @@ class AttentionMetadata:
     step: AttentionStep  # slot mapping, block tables, lengths, tree mask: checked and planned once per step
 
 
-def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                    leapserve_meta: AttentionMetadata | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    leapserve_meta: AttentionMetadata | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """transformers attention function: query `[1, Hq, T, D]`, key/value `[1, Hkv, T, D]` -> `[1, T, Hq, D]`."""
     if leapserve_meta is None:
-        raise RuntimeError("the leapserve attention implementation needs `leapserve_meta` "
-                           "(run the model through the engine)")
+        raise RuntimeError(
+            "the leapserve attention implementation needs `leapserve_meta` (run the model through the engine)"
+        )
     meta = leapserve_meta
     # transformers' attention modules set layer_idx (a Module's attributes are typed Tensor | Module)
     layer = cast(int, module.layer_idx)

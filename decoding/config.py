@@ -1,4 +1,5 @@
 """Engine configuration: one dataclass per concern, shared by `leapserve serve` and `LLM(...)`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = option(16, "tokens per KV cache block")
     kv_cache_tokens: int | None = option(
-        None, "KV cache capacity in tokens; default: a memory fraction on GPU, 32k tokens (capped by RAM) on CPU")
+        None, "KV cache capacity in tokens; default: a memory fraction on GPU, 32k tokens (capped by RAM) on CPU"
+    )
     gpu_memory_utilization: float = option(0.85, "share of the free GPU memory the KV cache takes")
 
 
@@ -46,6 +48,7 @@ class SpeculativeConfig:
     `tree`: None (a chain of `num_speculative_tokens`), a list of branching factors per depth (a static tree,
     e.g. [3, 2, 1]), or {"depth", "top_k", "total_tokens"} (an EAGLE-2 dynamic tree; draft_model and fspad).
     """
+
     method: str
     num_speculative_tokens: int
     model: str | None = None
@@ -76,24 +79,28 @@ class SpeculativeConfig:
             if not ok:
                 raise ValueError(f"speculative_config: {msg}")
 
-
         method = drafter_method(self.method)
         check(not method.needs_model or bool(self.model), f'method "{self.method}" needs "model" (a checkpoint)')
         check(self.layout in SPEC_LAYOUTS, f"layout must be one of {SPEC_LAYOUTS}, got {self.layout!r}")
-        check(1 <= self.prompt_lookup_min <= self.prompt_lookup_max,
-              "need 1 <= prompt_lookup_min <= prompt_lookup_max")
+        check(1 <= self.prompt_lookup_min <= self.prompt_lookup_max, "need 1 <= prompt_lookup_min <= prompt_lookup_max")
         check(self.max_batch_draft_tokens >= 1, "max_batch_draft_tokens must be at least 1")
         if isinstance(self.tree, list):
-            check(len(self.tree) > 0 and all(isinstance(b, int) and b >= 1 for b in self.tree),
-                  f"a static tree is a non-empty list of branching factors >= 1, got {self.tree!r}")
+            check(
+                len(self.tree) > 0 and all(isinstance(b, int) and b >= 1 for b in self.tree),
+                f"a static tree is a non-empty list of branching factors >= 1, got {self.tree!r}",
+            )
         elif isinstance(self.tree, dict):
-            check(set(self.tree) <= {"depth", "top_k", "total_tokens"}
-                  and all(isinstance(v, int) and v >= 1 for v in self.tree.values()),
-                  f'a dynamic tree is {{"depth", "top_k", "total_tokens"}} (integers >= 1), got {self.tree!r}')
+            check(
+                set(self.tree) <= {"depth", "top_k", "total_tokens"}
+                and all(isinstance(v, int) and v >= 1 for v in self.tree.values()),
+                f'a dynamic tree is {{"depth", "top_k", "total_tokens"}} (integers >= 1), got {self.tree!r}',
+            )
         else:
             check(self.tree is None, f"tree must be null, a list or an object, got {self.tree!r}")
-        check(method.trees or self.tree is None or all(b == 1 for b in self.tree),
-              f"the {self.method} drafter proposes chains only, no static or dynamic trees")
+        check(
+            method.trees or self.tree is None or all(b == 1 for b in self.tree),
+            f"the {self.method} drafter proposes chains only, no static or dynamic trees",
+        )
 
 
 @dataclass
@@ -103,5 +110,6 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     decoder: str | None = option(None, "default: speculative when --speculative-config is given, else autoregressive")
     speculative_config: dict | None = option(
-        None, 'JSON object, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
+        None, 'JSON object, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\''
+    )
     seed: int = option(0, "seed of the engine's sampling generator")

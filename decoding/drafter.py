@@ -3,6 +3,7 @@
 Concrete drafters live in `leapserve.drafters` (which depends on this package, not the other way round); the
 registry (`drafter_methods.py`) names them as "module:Class", imported only when `make_drafter` first builds one.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 class DraftTree:
     """Candidate tokens for one sequence. Index 0 is the root (the last committed token); node i >= 1 is
     `tokens[i - 1]`, child of `parents[i - 1]` (< i, so parents come first)."""
+
     tokens: list[int]
     parents: list[int]
     q: list[torch.Tensor | None]  # per node: the distribution it was drawn from; None = chosen deterministically
@@ -45,6 +47,7 @@ class DraftTree:
 class Drafter(Protocol):
     """Built as `Drafter(spec, runner, sampler, on_forward=...)`; a drafter with a model calls `on_forward` with
     the token count of each of its forwards, before it runs."""
+
     lookahead: int  # cache slots past a sequence's committed tokens that `propose` may write (>= max_nodes)
     max_nodes: int  # the most candidates it proposes for one sequence
     max_depth: int  # the longest root-to-leaf path it proposes
@@ -61,8 +64,9 @@ class Drafter(Protocol):
         ...
 
 
-def make_drafter(spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler,
-                 on_forward: Callable[[int], None] | None = None) -> Drafter:
+def make_drafter(
+    spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler, on_forward: Callable[[int], None] | None = None
+) -> Drafter:
     """The drafter for `spec.method`, given the target's runner (cache geometry, device) and sampler (RNG);
     `on_forward(num_tokens)` is told of each forward of the drafter's model."""
     method = drafter_method(spec.method)
@@ -72,6 +76,8 @@ def make_drafter(spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler,
         factory = getattr(importlib.import_module(module), name)
     drafter = factory(spec, runner, sampler, on_forward=on_forward)
     if drafter.needs_target_features != method.target_features:
-        raise TypeError(f"drafter method {method.name!r} declares target_features={method.target_features}, "
-                        f"its drafter needs_target_features={drafter.needs_target_features}")
+        raise TypeError(
+            f"drafter method {method.name!r} declares target_features={method.target_features}, "
+            f"its drafter needs_target_features={drafter.needs_target_features}"
+        )
     return drafter

@@ -2,6 +2,7 @@
 
 A plugin adds its own method with `register_drafter`; `make_drafter` (`drafter.py`) builds them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 @dataclass(frozen=True)
 class DrafterMethod:
     """A `speculative_config.method`: which drafter it builds and what that drafter supports."""
+
     name: str
     # "module:Class", imported when first built, or the class / a factory: (spec, runner, sampler, *, on_forward)
     # -> a `drafter.Drafter`
@@ -23,16 +25,38 @@ class DrafterMethod:
     help: str
 
 
-DRAFTER_METHODS: dict[str, DrafterMethod] = {m.name: m for m in (
-    DrafterMethod("ngram", "leapserve.drafters.ngram:NgramDrafter", needs_model=False, trees=False,
-                  sampling=False, target_features=False,
-                  help="prompt lookup over the request's own tokens, no weights"),
-    DrafterMethod("draft_model", "leapserve.drafters.draft_model:DraftModelDrafter", needs_model=True, trees=True,
-                  sampling=True, target_features=False,
-                  help="any causal LM sharing the target's tokenizer, e.g. an AdaSPEC draft"),
-    DrafterMethod("fspad", "leapserve.drafters.fspad:FSPADDrafter", needs_model=True, trees=True, sampling=True,
-                  target_features=True, help="an FSPAD feature drafter trained with `leapserve train fspad`"),
-)}
+DRAFTER_METHODS: dict[str, DrafterMethod] = {
+    m.name: m
+    for m in (
+        DrafterMethod(
+            "ngram",
+            "leapserve.drafters.ngram:NgramDrafter",
+            needs_model=False,
+            trees=False,
+            sampling=False,
+            target_features=False,
+            help="prompt lookup over the request's own tokens, no weights",
+        ),
+        DrafterMethod(
+            "draft_model",
+            "leapserve.drafters.draft_model:DraftModelDrafter",
+            needs_model=True,
+            trees=True,
+            sampling=True,
+            target_features=False,
+            help="any causal LM sharing the target's tokenizer, e.g. an AdaSPEC draft",
+        ),
+        DrafterMethod(
+            "fspad",
+            "leapserve.drafters.fspad:FSPADDrafter",
+            needs_model=True,
+            trees=True,
+            sampling=True,
+            target_features=True,
+            help="an FSPAD feature drafter trained with `leapserve train fspad`",
+        ),
+    )
+}
 
 
 def register_drafter(method: DrafterMethod) -> None:

@@ -1,4 +1,5 @@
 """The synchronous engine: owns the model, cache, scheduler and decoder; `step()` advances every running request."""
+
 from __future__ import annotations
 
 import logging
@@ -15,7 +16,7 @@ from .detokenizer import IncrementalDetokenizer
 from .kv_cache import PagedKVCache
 from .model_loader import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
 from .observe import Clock, Observers, StepObserver, StepRecord
-from .request import Request, Sequence, SeqStatus
+from .request import Request, SeqStatus, Sequence
 from .runner import ModelRunner
 from .sampler import Sample, Sampler
 from .sampling_params import InvalidRequestError, SamplingParams
@@ -43,8 +44,7 @@ def _kv_cache_blocks(config: EngineConfig, bytes_per_token: int, device: torch.d
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, *, clock: Clock = time.perf_counter,
-                 observers: Seq[StepObserver] = ()):
+    def __init__(self, config: EngineConfig, *, clock: Clock = time.perf_counter, observers: Seq[StepObserver] = ()):
         """`clock` times the steps (and the speculative decoder's mode choice); `observers` are told of every
         model forward and every step (`observe.py`)."""
         self.config = config
@@ -61,10 +61,19 @@ class LLMEngine:
         model = load_model(self.model_path, mc, self.device, self.dtype)
         hf = model.config
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        bytes_per_token = PagedKVCache.bytes_per_token(hf.num_hidden_layers, hf.num_key_value_heads, head_dim, self.dtype)
+        bytes_per_token = PagedKVCache.bytes_per_token(
+            hf.num_hidden_layers, hf.num_key_value_heads, head_dim, self.dtype
+        )
         num_blocks = _kv_cache_blocks(config, bytes_per_token, self.device)
-        self.cache = PagedKVCache(hf.num_hidden_layers, num_blocks, config.cache.block_size,
-                                  hf.num_key_value_heads, head_dim, self.dtype, self.device)
+        self.cache = PagedKVCache(
+            hf.num_hidden_layers,
+            num_blocks,
+            config.cache.block_size,
+            hf.num_key_value_heads,
+            head_dim,
+            self.dtype,
+            self.device,
+        )
         self.served_model_name = mc.served_model_name or mc.model
         self.vocab_size = hf.vocab_size
         self.eos_token_ids = self._eos_ids(model)
@@ -75,16 +84,24 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.cache)
         self.requests: dict[str, Request] = {}
         self._next_seq_id = 0
-        logger.info("engine ready: %s on %s/%s, decoder %s, KV cache %d tokens, max_model_len %d",
-                    self.model_path, self.device, self.dtype, self.decoder_name,
-                    num_blocks * config.cache.block_size, self.max_model_len)
+        logger.info(
+            "engine ready: %s on %s/%s, decoder %s, KV cache %d tokens, max_model_len %d",
+            self.model_path,
+            self.device,
+            self.dtype,
+            self.decoder_name,
+            num_blocks * config.cache.block_size,
+            self.max_model_len,
+        )
 
     def _max_model_len(self, model_limit: int | None) -> int:
         capacity = self.cache.num_blocks * self.cache.block_size - self.decoder.lookahead
         wanted = self.config.model.max_model_len
         if wanted is not None and wanted > capacity:
-            raise ValueError(f"--max-model-len {wanted} does not fit the KV cache ({capacity} tokens); "
-                             f"raise --kv-cache-tokens or lower --max-model-len")
+            raise ValueError(
+                f"--max-model-len {wanted} does not fit the KV cache ({capacity} tokens); "
+                f"raise --kv-cache-tokens or lower --max-model-len"
+            )
         if wanted is not None and model_limit and wanted > model_limit:
             logger.warning("--max-model-len %d exceeds the model's %d positions", wanted, model_limit)
         return wanted or min(model_limit or capacity, capacity)
@@ -107,15 +124,18 @@ class LLMEngine:
         if n >= self.max_model_len:
             raise InvalidRequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has {n} tokens",
-                "prompt")
+                "prompt",
+            )
         if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens; you requested "
                 f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the completion)",
-                "max_tokens")
+                "max_tokens",
+            )
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> Request:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> Request:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
         self.validate_prompt(prompt_token_ids, params)
@@ -124,9 +144,15 @@ class LLMEngine:
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + index)
-            seq = Sequence(self._next_seq_id, req, index, list(prompt_token_ids),
-                           IncrementalDetokenizer(self.tokenizer, prompt_token_ids), gen,
-                           logprobs=[] if params.logprobs is not None else None)
+            seq = Sequence(
+                self._next_seq_id,
+                req,
+                index,
+                list(prompt_token_ids),
+                IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
+                gen,
+                logprobs=[] if params.logprobs is not None else None,
+            )
             self._next_seq_id += 1
             req.seqs.append(seq)
             self.scheduler.add(seq)
@@ -195,15 +221,20 @@ class LLMEngine:
             self.observers.step(self._step_record(scheduled, results, start, forwards))
         return list(changed.values())
 
-    def _step_record(self, scheduled: list[ScheduledSeq], results: dict[Sequence, SeqStep], start: float,
-                     forwards: dict[str, int]) -> StepRecord:
+    def _step_record(
+        self, scheduled: list[ScheduledSeq], results: dict[Sequence, SeqStep], start: float, forwards: dict[str, int]
+    ) -> StepRecord:
         decoding = [s for s in scheduled if s.completes_prefix]
         done = self.observers.forwards
-        return StepRecord(mode="draft" if any(r.draft_tokens for r in results.values()) else "plain",
-                          sequences=len(decoding), prompt_tokens=sum(s.num_new for s in scheduled) - len(decoding),
-                          committed_tokens=sum(len(results[s.seq].samples) for s in decoding),
-                          target_forwards=done["target"] - forwards["target"],
-                          draft_forwards=done["draft"] - forwards["draft"], seconds=self.observers.clock() - start)
+        return StepRecord(
+            mode="draft" if any(r.draft_tokens for r in results.values()) else "plain",
+            sequences=len(decoding),
+            prompt_tokens=sum(s.num_new for s in scheduled) - len(decoding),
+            committed_tokens=sum(len(results[s.seq].samples) for s in decoding),
+            target_forwards=done["target"] - forwards["target"],
+            draft_forwards=done["draft"] - forwards["draft"],
+            seconds=self.observers.clock() - start,
+        )
 
     def _append(self, seq: Sequence, sample: Sample) -> None:
         """Commit one token: logprobs, detokenization, then the stop conditions in vLLM's order."""
@@ -234,7 +265,7 @@ class LLMEngine:
         if not hits:
             return False
         at, stop = min(hits)
-        seq.text = seq.text[:at + len(stop) if seq.params.include_stop_str_in_output else at]
+        seq.text = seq.text[: at + len(stop) if seq.params.include_stop_str_in_output else at]
         self._finish(seq, "stop", stop)
         return True
 

@@ -1,12 +1,21 @@
 """The paged KV cache: per-layer K/V tensors `[num_blocks, block_size, Hkv, D]` and the free-block pool."""
+
 from __future__ import annotations
 
 import torch
 
 
 class PagedKVCache:
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         # torch.empty: pages are committed lazily on CPU; stale rows are never read (attention reads < length).
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]

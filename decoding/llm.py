@@ -1,4 +1,5 @@
 """The offline API, shaped like vLLM's: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+
 from __future__ import annotations
 
 import time
@@ -17,22 +18,41 @@ Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(self, model: str = ModelConfig.model, *, decoder: str | None = None,
-                 speculative_config: dict | None = None, dtype: str = ModelConfig.dtype,
-                 device: str = ModelConfig.device, max_model_len: int | None = None,
-                 max_num_seqs: int = SchedulerConfig.max_num_seqs, kv_cache_tokens: int | None = None,
-                 block_size: int = CacheConfig.block_size, trust_remote_code: bool = ModelConfig.trust_remote_code,
-                 seed: int = EngineConfig.seed, config: EngineConfig | None = None,
-                 clock: Clock = time.perf_counter, observers: Seq[StepObserver] = ()):
+    def __init__(
+        self,
+        model: str = ModelConfig.model,
+        *,
+        decoder: str | None = None,
+        speculative_config: dict | None = None,
+        dtype: str = ModelConfig.dtype,
+        device: str = ModelConfig.device,
+        max_model_len: int | None = None,
+        max_num_seqs: int = SchedulerConfig.max_num_seqs,
+        kv_cache_tokens: int | None = None,
+        block_size: int = CacheConfig.block_size,
+        trust_remote_code: bool = ModelConfig.trust_remote_code,
+        seed: int = EngineConfig.seed,
+        config: EngineConfig | None = None,
+        clock: Clock = time.perf_counter,
+        observers: Seq[StepObserver] = (),
+    ):
         """Either pass the common options, or a whole `EngineConfig` (as `leapserve serve` builds it). `clock` and
         `observers`: the engine's observation seam (`leapserve.decoding.observe`)."""
         if config is None:
             config = EngineConfig(
-                model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len,
-                                  trust_remote_code=trust_remote_code),
+                model=ModelConfig(
+                    model=model,
+                    dtype=dtype,
+                    device=device,
+                    max_model_len=max_model_len,
+                    trust_remote_code=trust_remote_code,
+                ),
                 cache=CacheConfig(block_size=block_size, kv_cache_tokens=kv_cache_tokens),
                 scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
-                decoder=decoder, speculative_config=speculative_config, seed=seed)
+                decoder=decoder,
+                speculative_config=speculative_config,
+                seed=seed,
+            )
         self.engine = LLMEngine(config, clock=clock, observers=observers)
         self._counter = 0
 
@@ -44,8 +64,13 @@ class LLM:
     def model_path(self):
         return self.engine.model_path
 
-    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
-                 *, use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids), batched by the engine; outputs in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             batch = [cast(Prompt, prompts)]  # one prompt: text, or token ids
@@ -64,12 +89,14 @@ class LLM:
             ids.append(request_id)
         return self._run(ids, use_tqdm)
 
-    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
-             *, use_tqdm: bool = True) -> list[RequestOutput]:
+    def chat(
+        self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None, *, use_tqdm: bool = True
+    ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                   for c in conversations]
+        prompts = [
+            self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations
+        ]
         token_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         return self.generate(token_ids, params, use_tqdm=use_tqdm)
 

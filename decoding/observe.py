@@ -4,6 +4,7 @@ Whatever watches the engine (benchmarks, profiling, a modeled accelerator, tests
 `LLMEngine(config, clock=..., observers=[...])`, and sees the engine only through it. The clock also times the
 speculative decoder's mode choice, so a virtual clock changes what the engine decides, as it would on that hardware.
 """
+
 from __future__ import annotations
 
 import time
@@ -16,6 +17,7 @@ Clock = Callable[[], float]  # seconds, monotonic
 @dataclass(frozen=True)
 class StepRecord:
     """One engine step."""
+
     mode: str  # "draft": some sequence verified draft tokens; "plain": none did
     sequences: int  # sequences that could commit tokens (the others only computed a prompt chunk)
     prompt_tokens: int  # tokens computed beyond one per such sequence: prompt chunks

@@ -1,4 +1,5 @@
 """What the engine returns per request, shaped like vLLM's `RequestOutput`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

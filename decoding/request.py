@@ -1,4 +1,5 @@
 """A request and its sequences (one per completion when n > 1), as the scheduler and decoders see them."""
+
 from __future__ import annotations
 
 import enum
@@ -22,7 +23,7 @@ class SeqStatus(enum.Enum):
 @dataclass(eq=False)
 class Sequence:
     seq_id: int
-    request: "Request"
+    request: Request
     index: int  # which of the request's n completions
     token_ids: list[int]  # prompt + generated
     detokenizer: IncrementalDetokenizer
@@ -63,7 +64,7 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len:]
+        return self.token_ids[self.prompt_len :]
 
     @property
     def num_output(self) -> int:
@@ -99,13 +100,17 @@ class Sequence:
         if self.finished or not self.params.stop:
             return self.text
         hold = max(len(s) for s in self.params.stop) - 1
-        return self.text[:max(0, len(self.text) - hold)]
+        return self.text[: max(0, len(self.text) - hold)]
 
     def completion_output(self) -> CompletionOutput:
         return CompletionOutput(
-            index=self.index, text=self.visible_text(), token_ids=self.output_ids,
-            finish_reason=self.finish_reason, stop_reason=self.stop_reason,
-            logprobs=list(self.logprobs) if self.logprobs is not None else None)
+            index=self.index,
+            text=self.visible_text(),
+            token_ids=self.output_ids,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+        )
 
 
 @dataclass(eq=False)
@@ -126,15 +131,23 @@ class Request:
 
     def output(self) -> RequestOutput:
         metrics = RequestMetrics(
-            arrival_time=self.arrival_time, first_token_time=self.first_token_time,
+            arrival_time=self.arrival_time,
+            first_token_time=self.first_token_time,
             finished_time=self.finished_time,
             target_forwards=sum(s.target_forwards for s in self.seqs),
             draft_tokens=sum(s.draft_tokens for s in self.seqs),
             accepted_tokens=sum(s.accepted_tokens for s in self.seqs),
             num_drafts=sum(s.num_drafts for s in self.seqs),
-            accepted_per_position=[sum(c) for c in itertools.zip_longest(
-                *(s.accepted_per_position for s in self.seqs), fillvalue=0)])
+            accepted_per_position=[
+                sum(c) for c in itertools.zip_longest(*(s.accepted_per_position for s in self.seqs), fillvalue=0)
+            ],
+        )
         return RequestOutput(
-            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
-            outputs=[s.completion_output() for s in self.seqs], finished=self.finished,
-            metrics=metrics, error=self.error)
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[s.completion_output() for s in self.seqs],
+            finished=self.finished,
+            metrics=metrics,
+            error=self.error,
+        )

@@ -1,4 +1,5 @@
 """The model runner: executes one packed `[1, T]` forward over many sequences' new tokens; decides nothing."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 @dataclass
 class SeqChunk:
     """One sequence's new tokens in a forward; their K/V go to cache positions `start`, `start + 1`, ..."""
+
     block_table: list[int]
     start: int  # cache slots already in use (the kernel's context length)
     token_ids: list[int]
@@ -29,8 +31,9 @@ class SeqChunk:
     extra: dict = field(default_factory=dict)
 
 
-def step_metadata(chunks: list[SeqChunk], cache: PagedKVCache,
-                  device: torch.device) -> tuple[AttentionMetadata, torch.Tensor, list[int]]:
+def step_metadata(
+    chunks: list[SeqChunk], cache: PagedKVCache, device: torch.device
+) -> tuple[AttentionMetadata, torch.Tensor, list[int]]:
     """A step's attention metadata over `cache`, rotary positions, and where each chunk starts in the packed batch."""
     bs = cache.block_size
     slots: list[int] = []
@@ -51,7 +54,7 @@ def step_metadata(chunks: list[SeqChunk], cache: PagedKVCache,
         for c, lo in zip(chunks, cu):
             n = len(c.token_ids)
             rows = c.tree_mask if c.tree_mask is not None else torch.ones(n, n, dtype=torch.bool).tril()
-            tree_mask[lo:lo + n, :n] = rows
+            tree_mask[lo : lo + n, :n] = rows
         tree_mask = tree_mask.to(device)
     context_mask = None
     if any(c.context_holes for c in chunks):
@@ -64,14 +67,26 @@ def step_metadata(chunks: list[SeqChunk], cache: PagedKVCache,
     def t(x, dtype):
         return torch.tensor(x, dtype=dtype, device=device)
 
-    step = AttentionStep(t(slots, torch.int64), t(tables, torch.int32), t([c.start for c in chunks], torch.int32),
-                         t(cu, torch.int32), tree_mask, bs, context_mask)
+    step = AttentionStep(
+        t(slots, torch.int64),
+        t(tables, torch.int32),
+        t([c.start for c in chunks], torch.int32),
+        t(cu, torch.int32),
+        tree_mask,
+        bs,
+        context_mask,
+    )
     return AttentionMetadata(cache, step), t(positions, torch.int64), cu
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, cache: PagedKVCache, device: torch.device,
-                 on_forward: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        cache: PagedKVCache,
+        device: torch.device,
+        on_forward: Callable[[int], None] | None = None,
+    ):
         """`on_forward(num_tokens)` is told of each forward before it runs (the engine's observers)."""
         register()
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -91,8 +106,10 @@ class ModelRunner:
             self.on_forward(sum(len(c.token_ids) for c in chunks))
         meta, positions, offsets = step_metadata(chunks, self.cache, self.device)
         input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64, device=self.device)
-        rows = torch.tensor([lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows],
-                            dtype=torch.int64, device=self.device)
-        hidden = self.model.get_decoder()(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
-                                          leapserve_meta=meta).last_hidden_state[0]
+        rows = torch.tensor(
+            [lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows], dtype=torch.int64, device=self.device
+        )
+        hidden = self.model.get_decoder()(
+            input_ids=input_ids[None], position_ids=positions[None], use_cache=False, leapserve_meta=meta
+        ).last_hidden_state[0]
         return self.model.get_output_embeddings()(hidden[rows]).float(), hidden

@@ -1,4 +1,6 @@
-"""Turns target logits into tokens per sequence: penalties, logits processors, temperature, top-k/top-p, seeds, logprobs."""
+"""Turns target logits into tokens per sequence: penalties, logits processors, temperature, top-k/top-p, seeds,
+logprobs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,8 +1,9 @@
 """Per-request sampling parameters, shaped like vLLM's `SamplingParams`."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -61,16 +62,31 @@ class SamplingParams:
                 raise InvalidRequestError(msg, param)
 
         bad(not 1 <= self.n <= MAX_N, "n", f"n must be between 1 and {MAX_N}, got {self.n}")
-        bad(self.max_tokens is not None and self.max_tokens < 1, "max_tokens",
-            f"max_tokens must be at least 1, got {self.max_tokens}")
-        bad(not 0.0 <= self.temperature <= 2.0, "temperature",
-            f"temperature must be between 0 and 2, got {self.temperature}")
+        bad(
+            self.max_tokens is not None and self.max_tokens < 1,
+            "max_tokens",
+            f"max_tokens must be at least 1, got {self.max_tokens}",
+        )
+        bad(
+            not 0.0 <= self.temperature <= 2.0,
+            "temperature",
+            f"temperature must be between 0 and 2, got {self.temperature}",
+        )
         bad(not 0.0 < self.top_p <= 1.0, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
         bad(self.top_k < 0, "top_k", f"top_k must be -1 (off) or at least 1, got {self.top_k}")
-        bad(not -2.0 <= self.presence_penalty <= 2.0, "presence_penalty",
-            f"presence_penalty must be between -2 and 2, got {self.presence_penalty}")
-        bad(not -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
-            f"frequency_penalty must be between -2 and 2, got {self.frequency_penalty}")
-        bad(self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
-            f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+        bad(
+            not -2.0 <= self.presence_penalty <= 2.0,
+            "presence_penalty",
+            f"presence_penalty must be between -2 and 2, got {self.presence_penalty}",
+        )
+        bad(
+            not -2.0 <= self.frequency_penalty <= 2.0,
+            "frequency_penalty",
+            f"frequency_penalty must be between -2 and 2, got {self.frequency_penalty}",
+        )
+        bad(
+            self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS,
+            "logprobs",
+            f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}",
+        )
         bad(any(not s for s in self.stop), "stop", "stop strings must not be empty")

@@ -1,4 +1,5 @@
 """Continuous batching: decides which sequences run this step and how many of their tokens; executes nothing."""
+
 from __future__ import annotations
 
 from collections import deque
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 
 from .config import SchedulerConfig
 from .kv_cache import PagedKVCache
-from .request import Sequence, SeqStatus
+from .request import SeqStatus, Sequence
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 A tree is given by `parents` over nodes 1..N (node 0 is the root, the last committed token; `parents[i - 1] < i`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,7 +46,7 @@ def chunk_layout(num_prefix: int, parents: list[int], num_pad: int = 0) -> tuple
     n = num_prefix + len(parents) + num_pad
     mask = torch.zeros(n, n, dtype=torch.bool)
     mask[:num_prefix, :num_prefix] = torch.ones(num_prefix, num_prefix, dtype=torch.bool).tril()
-    mask[r:r + n_tree, r:r + n_tree] = ancestor_mask(parents)
+    mask[r : r + n_tree, r : r + n_tree] = ancestor_mask(parents)
     mask[num_prefix:, :r] = True
     for j in range(r + n_tree, n):
         mask[j, r] = mask[j, j] = True

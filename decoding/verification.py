@@ -6,6 +6,7 @@ from q with probability min(1, p(x) / q(x)), otherwise set p <- norm(max(p - q, 
 (q is one-hot on x for a deterministically chosen child); when all are rejected, the bonus token is drawn from
 the residual p. A chain is the tree with one child per node (Leviathan et al.); the output is distributed as p.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,9 @@ def _residual(p: torch.Tensor, q: torch.Tensor | None, token: int) -> torch.Tens
     return r / total if total > 0 else p  # total 0 means p == q, where the child is always accepted
 
 
-def verify(tree: DraftTree, logits: torch.Tensor, seq: Sequence, sampler: Sampler,
-           argmax: list[int] | None = None) -> tuple[list[int], list[Sample]]:
+def verify(
+    tree: DraftTree, logits: torch.Tensor, seq: Sequence, sampler: Sampler, argmax: list[int] | None = None
+) -> tuple[list[int], list[Sample]]:
     """`logits` `[N+1, V]`: the target's raw logits at the root and at every node; `argmax`, where given, their
     rows' argmax (`sampler.row_argmax`), which a `plain_greedy` request takes instead of one argmax per node.
 

@@ -4,6 +4,7 @@ A draft checkpoint whose config.json lists tensor names under `leapserve_shared_
 the target's embeddings and LM head) stores only its own weights; those tensors are the target's (same objects).
 An FSPAD checkpoint is a directory of config.json and model.safetensors, in leapserve's layout or the EAGLE one.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,13 @@ SHARED_WITH_TARGET = "leapserve_shared_with_target"
 DRAFTER_TYPE = "fspad"  # config.json's "leapserve_drafter" in leapserve's FSPAD layout
 
 
-def assemble_draft(config: PretrainedConfig, weights: dict[str, torch.Tensor], target: torch.nn.Module,
-                   shared: list[str], dtype: torch.dtype) -> torch.nn.Module:
+def assemble_draft(
+    config: PretrainedConfig,
+    weights: dict[str, torch.Tensor],
+    target: torch.nn.Module,
+    shared: list[str],
+    dtype: torch.dtype,
+) -> torch.nn.Module:
     """A causal LM of `config` holding `weights`, whose `shared` parameters are `target`'s own (same objects)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -35,9 +41,11 @@ def assemble_draft(config: PretrainedConfig, weights: dict[str, torch.Tensor], t
         draft = AutoModelForCausalLM.from_config(config, dtype=dtype)
     keys = draft.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=False, assign=True)
     if keys.unexpected_keys or set(keys.missing_keys) != set(shared):
-        raise ValueError(f"the draft's weights do not match its config: missing "
-                         f"{sorted(set(keys.missing_keys) - set(shared))}, unexpected {keys.unexpected_keys}, "
-                         f"shared with the target {shared}")
+        raise ValueError(
+            f"the draft's weights do not match its config: missing "
+            f"{sorted(set(keys.missing_keys) - set(shared))}, unexpected {keys.unexpected_keys}, "
+            f"shared with the target {shared}"
+        )
     for name in shared:
         try:
             tensor = target.get_parameter(name)
@@ -45,15 +53,16 @@ def assemble_draft(config: PretrainedConfig, weights: dict[str, torch.Tensor], t
             raise ValueError(f"the draft shares {name!r} with the target, which has no such parameter") from e
         expected = draft.get_parameter(name)
         if tensor.shape != expected.shape or tensor.dtype != dtype:
-            raise ValueError(f"the draft's {name} is {tuple(expected.shape)} {dtype}, the target's "
-                             f"{tuple(tensor.shape)} {tensor.dtype}")
+            raise ValueError(
+                f"the draft's {name} is {tuple(expected.shape)} {dtype}, the target's "
+                f"{tuple(tensor.shape)} {tensor.dtype}"
+            )
         module, _, attr = name.rpartition(".")
         setattr(draft.get_submodule(module), attr, tensor)
     return draft
 
 
-def load_draft_model(model: str, target: torch.nn.Module, device: torch.device,
-                     dtype: torch.dtype) -> torch.nn.Module:
+def load_draft_model(model: str, target: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Load a draft checkpoint in eval mode; the tensors it lists under `SHARED_WITH_TARGET` are `target`'s own."""
     source = resolve_model(model)
     config_path = Path(source) / "config.json"
@@ -78,16 +87,19 @@ def load_fspad(path: str | Path, device: torch.device, dtype: torch.dtype) -> FS
     path = Path(path)
     config_file, weights = path / "config.json", path / "model.safetensors"
     if not config_file.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"FSPAD drafter {path}: needs config.json and model.safetensors "
-                                "(train one with `leapserve train fspad`)")
+        raise FileNotFoundError(
+            f"FSPAD drafter {path}: needs config.json and model.safetensors (train one with `leapserve train fspad`)"
+        )
     raw = json.loads(config_file.read_text())
     if raw.get("leapserve_drafter") == DRAFTER_TYPE:
         config, state = FSPADConfig.from_dict(raw), load_file(str(weights))
     elif "leapserve_fspad" in raw:
         config, state = from_eagle_layout(load_file(str(weights)), raw)
     else:
-        raise ValueError(f"{path} is not an FSPAD drafter checkpoint (its config.json has neither "
-                         f"\"leapserve_drafter\": \"{DRAFTER_TYPE}\" nor \"leapserve_fspad\")")
+        raise ValueError(
+            f"{path} is not an FSPAD drafter checkpoint (its config.json has neither "
+            f'"leapserve_drafter": "{DRAFTER_TYPE}" nor "leapserve_fspad")'
+        )
     model = FSPADModel(config)
     model.load_state_dict(state)
     return model.to(device=device, dtype=dtype).eval()

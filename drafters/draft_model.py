@@ -7,6 +7,7 @@ reused and the rest of the sequence is caught up in one chunk (prompts included,
 A preemption shows as `seq.num_computed` dropping below `computed` and resets the sequence. Trees grow from
 there (`TreeGrower`); the checkpoint is loaded by `load_draft_model`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -36,17 +37,32 @@ class _CacheState:
 class DraftModelDrafter:
     needs_target_features = False
 
-    def __init__(self, spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler, *,
-                 on_forward: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        spec: SpeculativeConfig,
+        runner: ModelRunner,
+        sampler: Sampler,
+        *,
+        on_forward: Callable[[int], None] | None = None,
+    ):
         target = runner.cache
         model = load_draft_model(spec.model, runner.model, runner.device, target.k[0].dtype)
         hf, target_vocab = model.config, runner.model.config.vocab_size
         if hf.vocab_size != target_vocab:
-            raise ValueError(f"speculative_config: the draft model's vocabulary ({hf.vocab_size}) differs from "
-                             f"the target's ({target_vocab}); it must share the target's tokenizer")
+            raise ValueError(
+                f"speculative_config: the draft model's vocabulary ({hf.vocab_size}) differs from "
+                f"the target's ({target_vocab}); it must share the target's tokenizer"
+            )
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        self.cache = PagedKVCache(hf.num_hidden_layers, target.num_blocks, target.block_size,
-                                  hf.num_key_value_heads, head_dim, target.k[0].dtype, runner.device)
+        self.cache = PagedKVCache(
+            hf.num_hidden_layers,
+            target.num_blocks,
+            target.block_size,
+            hf.num_key_value_heads,
+            head_dim,
+            target.k[0].dtype,
+            runner.device,
+        )
         self.runner = ModelRunner(model, self.cache, runner.device)
         self.on_forward = on_forward
         self.grower = TreeGrower(spec, sampler)
@@ -75,8 +91,11 @@ class DraftModelDrafter:
             return None
         tokens = s.seq.token_ids
         start = state.computed
-        while (start - state.computed < len(state.written) and start < len(tokens) - 1
-               and state.written[start - state.computed] == tokens[start]):
+        while (
+            start - state.computed < len(state.written)
+            and start < len(tokens) - 1
+            and state.written[start - state.computed] == tokens[start]
+        ):
             start += 1
         state.computed, state.written = len(tokens), []
         return SeqChunk(s.seq.block_table, start, tokens[start:], logits_rows=[len(tokens) - 1 - start])

@@ -11,6 +11,7 @@ step has no features yet and drafts from the next step on.
 Tree growth, chain sampling and the final cut are the `TreeGrower`'s, as for the draft model; the root sits one
 position earlier than there (its row is the last catch-up pair).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -46,18 +47,27 @@ class _FeatureState:
 class FSPADDrafter:
     needs_target_features = True
 
-    def __init__(self, spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler, *,
-                 on_forward: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        spec: SpeculativeConfig,
+        runner: ModelRunner,
+        sampler: Sampler,
+        *,
+        on_forward: Callable[[int], None] | None = None,
+    ):
         target = runner.cache
         self.model = load_fspad(spec.model, runner.device, target.k[0].dtype)
         c = self.model.config
         if c.target_vocab_size != runner.model.config.vocab_size or c.hidden_size != runner.model.config.hidden_size:
-            raise ValueError(f"speculative_config: FSPAD drafter {spec.model} was trained for a target with vocabulary "
-                             f"{c.target_vocab_size} and hidden size {c.hidden_size}, not this one")
+            raise ValueError(
+                f"speculative_config: FSPAD drafter {spec.model} was trained for a target with vocabulary "
+                f"{c.target_vocab_size} and hidden size {c.hidden_size}, not this one"
+            )
         self.embed = runner.model.get_input_embeddings()
         self.head = self.model.draft_head(runner.model.get_output_embeddings().weight).detach()  # [V_draft, d]
-        self.cache = PagedKVCache(1, target.num_blocks, target.block_size, c.num_key_value_heads, c.head_dim,
-                                  target.k[0].dtype, runner.device)
+        self.cache = PagedKVCache(
+            1, target.num_blocks, target.block_size, c.num_key_value_heads, c.head_dim, target.k[0].dtype, runner.device
+        )
         self.device = runner.device
         self.on_forward = on_forward
         reduced = c.draft_vocab_size != c.target_vocab_size  # logit columns are draft_to_target's token ids
@@ -89,8 +99,13 @@ class FSPADDrafter:
         if budget == 0 or state.num_features != len(tokens) - 1 or len(tokens) < 2:
             return None
         start = state.computed
-        chunk = SeqChunk(s.seq.block_table, start, tokens[start + 1:], logits_rows=[len(tokens) - 2 - start],
-                         extra={"features": torch.cat(state.pending)})
+        chunk = SeqChunk(
+            s.seq.block_table,
+            start,
+            tokens[start + 1 :],
+            logits_rows=[len(tokens) - 2 - start],
+            extra={"features": torch.cat(state.pending)},
+        )
         state.restart(len(tokens) - 1)
         return chunk
 

@@ -16,6 +16,7 @@ tokens) the head is the target's head restricted to those rows.
 Attention is causal SDPA over padded batches in training, and leapserve's paged tree attention (an
 `AttentionMetadata` over the drafter's own one-layer cache) when drafting.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -47,13 +48,21 @@ class FSPADConfig:
     @classmethod
     def from_target(cls, target: LlamaConfig, **overrides) -> FSPADConfig:
         rope = getattr(target, "rope_parameters", None) or {}
-        return cls(**{
-            "hidden_size": target.hidden_size, "intermediate_size": target.intermediate_size,
-            "num_attention_heads": target.num_attention_heads, "num_key_value_heads": target.num_key_value_heads,
-            "head_dim": getattr(target, "head_dim", None) or target.hidden_size // target.num_attention_heads,
-            "rms_norm_eps": target.rms_norm_eps, "rope_theta": rope.get("rope_theta", 10000.0),
-            "max_position_embeddings": target.max_position_embeddings, "target_vocab_size": target.vocab_size,
-            "draft_vocab_size": target.vocab_size, **overrides})
+        return cls(
+            **{
+                "hidden_size": target.hidden_size,
+                "intermediate_size": target.intermediate_size,
+                "num_attention_heads": target.num_attention_heads,
+                "num_key_value_heads": target.num_key_value_heads,
+                "head_dim": getattr(target, "head_dim", None) or target.hidden_size // target.num_attention_heads,
+                "rms_norm_eps": target.rms_norm_eps,
+                "rope_theta": rope.get("rope_theta", 10000.0),
+                "max_position_embeddings": target.max_position_embeddings,
+                "target_vocab_size": target.vocab_size,
+                "draft_vocab_size": target.vocab_size,
+                **overrides,
+            }
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> FSPADConfig:
@@ -82,15 +91,24 @@ class FSPADModel(nn.Module):
         self.gate_proj = nn.Linear(d, inner, bias=False)
         self.up_proj = nn.Linear(d, inner, bias=False)
         self.down_proj = nn.Linear(inner, 2 * d if c.partial_alignment else d, bias=False)
-        rope = LlamaConfig(hidden_size=d, num_attention_heads=c.num_attention_heads, head_dim=c.head_dim,
-                           max_position_embeddings=c.max_position_embeddings,
-                           rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta})
+        rope = LlamaConfig(
+            hidden_size=d,
+            num_attention_heads=c.num_attention_heads,
+            head_dim=c.head_dim,
+            max_position_embeddings=c.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        )
         self.rotary = LlamaRotaryEmbedding(rope)
         # draft index -> target token id (identity unless the vocabulary is reduced)
         self.register_buffer("draft_to_target", torch.arange(c.draft_vocab_size), persistent=True)
 
-    def forward(self, features: torch.Tensor, embeddings: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        features: torch.Tensor,
+        embeddings: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """features, embeddings `[B, L, d]`, positions `[B, L]` -> (token half, feature half), each `[B, L, d]`.
 
         Without `meta`: causal attention within each row. With `meta` (B == 1): paged tree attention.
@@ -119,7 +137,7 @@ class FSPADModel(nn.Module):
         else:
             k_cache, v_cache = meta.cache.k[0], meta.cache.v[0]
             meta.step.write_kv(k[0].transpose(0, 1), v[0].transpose(0, 1), k_cache, v_cache)
-            out = meta.step.attend(q[0].transpose(0, 1), k_cache, v_cache, c.head_dim ** -0.5)[None]
+            out = meta.step.attend(q[0].transpose(0, 1), k_cache, v_cache, c.head_dim**-0.5)[None]
         return self.o_proj(out.reshape(b, length, -1))
 
     def draft_head(self, lm_head: torch.Tensor) -> torch.Tensor:
@@ -132,11 +150,15 @@ class FSPADModel(nn.Module):
 # Our parameter names -> the EAGLE checkpoint layout vLLM's EAGLE proposer reads (`llama_eagle`);
 # the feature-sampling block has no EAGLE counterpart and keeps its own names under the layer.
 EAGLE_NAMES = {
-    "fc.weight": "fc.weight", "fc.bias": "fc.bias",
-    "q_proj.weight": "layers.0.self_attn.q_proj.weight", "k_proj.weight": "layers.0.self_attn.k_proj.weight",
-    "v_proj.weight": "layers.0.self_attn.v_proj.weight", "o_proj.weight": "layers.0.self_attn.o_proj.weight",
+    "fc.weight": "fc.weight",
+    "fc.bias": "fc.bias",
+    "q_proj.weight": "layers.0.self_attn.q_proj.weight",
+    "k_proj.weight": "layers.0.self_attn.k_proj.weight",
+    "v_proj.weight": "layers.0.self_attn.v_proj.weight",
+    "o_proj.weight": "layers.0.self_attn.o_proj.weight",
     "post_attention_layernorm.weight": "layers.0.post_attention_layernorm.weight",
-    "gate_proj.weight": "layers.0.mlp.gate_proj.weight", "up_proj.weight": "layers.0.mlp.up_proj.weight",
+    "gate_proj.weight": "layers.0.mlp.gate_proj.weight",
+    "up_proj.weight": "layers.0.mlp.up_proj.weight",
     "down_proj.weight": "layers.0.mlp.down_proj.weight",
     "fs_norm.weight": "layers.0.feature_sampling.norm.weight",
     "fs_gate.weight": "layers.0.feature_sampling.gate_proj.weight",
@@ -158,12 +180,21 @@ def to_eagle_layout(model: FSPADModel, lm_head: torch.Tensor) -> tuple[dict[str,
         tensors["d2t"] = ids - torch.arange(len(ids), device=ids.device)  # target = draft + d2t[draft]
     plain = not (c.feature_sampling or c.partial_alignment)
     config = {
-        "architectures": ["EagleLlamaForCausalLM" if plain else "FSPADEagleLlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "num_hidden_layers": 1,
-        "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
-        "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps, "max_position_embeddings": c.max_position_embeddings,
-        "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-        "vocab_size": c.target_vocab_size, "draft_vocab_size": c.draft_vocab_size, "tie_word_embeddings": False,
+        "architectures": ["EagleLlamaForCausalLM" if plain else "FSPADEagleLlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": 1,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "rms_norm_eps": c.rms_norm_eps,
+        "max_position_embeddings": c.max_position_embeddings,
+        "rope_theta": c.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "vocab_size": c.target_vocab_size,
+        "draft_vocab_size": c.draft_vocab_size,
+        "tie_word_embeddings": False,
         "leapserve_fspad": {"feature_sampling": c.feature_sampling, "partial_alignment": c.partial_alignment},
     }
     return tensors, config
@@ -172,14 +203,22 @@ def to_eagle_layout(model: FSPADModel, lm_head: torch.Tensor) -> tuple[dict[str,
 def from_eagle_layout(tensors: dict[str, torch.Tensor], config: dict) -> tuple[FSPADConfig, dict[str, torch.Tensor]]:
     """The inverse of `to_eagle_layout`: our config and state dict."""
     ours = FSPADConfig(
-        hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
-        num_attention_heads=config["num_attention_heads"], num_key_value_heads=config["num_key_value_heads"],
-        head_dim=config["head_dim"], rms_norm_eps=config["rms_norm_eps"], rope_theta=config["rope_theta"],
-        max_position_embeddings=config["max_position_embeddings"], target_vocab_size=config["vocab_size"],
-        draft_vocab_size=config.get("draft_vocab_size") or config["vocab_size"], **config["leapserve_fspad"])
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=config["num_key_value_heads"],
+        head_dim=config["head_dim"],
+        rms_norm_eps=config["rms_norm_eps"],
+        rope_theta=config["rope_theta"],
+        max_position_embeddings=config["max_position_embeddings"],
+        target_vocab_size=config["vocab_size"],
+        draft_vocab_size=config.get("draft_vocab_size") or config["vocab_size"],
+        **config["leapserve_fspad"],
+    )
     inverse = {eagle: name for name, eagle in EAGLE_NAMES.items()}
     state = {inverse[name]: t for name, t in tensors.items() if name in inverse}
     d2t = tensors.get("d2t")
-    state["draft_to_target"] = (torch.arange(ours.draft_vocab_size) if d2t is None
-                                else d2t.long() + torch.arange(len(d2t), device=d2t.device))
+    state["draft_to_target"] = (
+        torch.arange(ours.draft_vocab_size) if d2t is None else d2t.long() + torch.arange(len(d2t), device=d2t.device)
+    )
     return ours, state

@@ -1,5 +1,6 @@
 """Prompt lookup (n-gram) drafting: no weights; the continuation of the latest earlier occurrence of the
 sequence's last n tokens (n from prompt_lookup_max down to prompt_lookup_min) is proposed as a chain."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,23 +20,31 @@ def lookup(tokens: list[int], n_min: int, n_max: int, k: int) -> list[int]:
     for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
         suffix = tokens[-n:]
         for start in range(len(tokens) - n - 1, -1, -1):
-            if tokens[start + n - 1] == suffix[-1] and tokens[start:start + n] == suffix:
-                return tokens[start + n:start + n + k]
+            if tokens[start + n - 1] == suffix[-1] and tokens[start : start + n] == suffix:
+                return tokens[start + n : start + n + k]
     return []
 
 
 class NgramDrafter:
     needs_target_features = False
 
-    def __init__(self, spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler, *,
-                 on_forward: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        spec: SpeculativeConfig,
+        runner: ModelRunner,
+        sampler: Sampler,
+        *,
+        on_forward: Callable[[int], None] | None = None,
+    ):
         """No model, so `on_forward` is never called."""
         self.n_min, self.n_max = spec.prompt_lookup_min, spec.prompt_lookup_max
         self.max_nodes = self.max_depth = self.lookahead = spec.num_speculative_tokens
 
     def propose(self, scheduled: list[ScheduledSeq], budgets: list[int]) -> list[DraftTree]:
-        return [DraftTree.chain(lookup(s.seq.token_ids, self.n_min, self.n_max, k) if k else [])
-                for s, k in zip(scheduled, budgets)]
+        return [
+            DraftTree.chain(lookup(s.seq.token_ids, self.n_min, self.n_max, k) if k else [])
+            for s, k in zip(scheduled, budgets)
+        ]
 
     def observe(self, seq: Sequence, start: int, features: torch.Tensor) -> None:
         """Reads no target features."""

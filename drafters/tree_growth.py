@@ -8,6 +8,7 @@ every node; a dynamic one keeps `top_k` frontier nodes per level and the best `t
 the argmax. A drafter whose forward also returns a state per logits row (FSPAD's predicted feature) gets, for each
 node it runs, its parent's state as input, in `SeqChunk.extra["features"]`.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,6 +36,7 @@ Child = tuple[int, float, torch.Tensor | None]  # (token, log q, q or None)
 class TreeShape:
     """Static branching per depth (a chain is [1] * k), or an EAGLE-2 dynamic tree (`depth` levels, `top_k`
     frontier and children, the best `total_tokens` by cumulative log q)."""
+
     branching: list[int] | None = None
     depth: int = 0
     top_k: int = 0
@@ -61,14 +63,14 @@ class TreeShape:
     def max_nodes(self) -> int:
         if self.branching is None:
             return self.total_tokens
-        return sum(math.prod(self.branching[:d + 1]) for d in range(len(self.branching)))
+        return sum(math.prod(self.branching[: d + 1]) for d in range(len(self.branching)))
 
     @property
     def max_expanded(self) -> int:
         """Nodes a model drafter runs through itself (all but the last level's) in one proposal."""
         if self.branching is None:
             return self.top_k * (self.depth - 1)
-        return sum(math.prod(self.branching[:d + 1]) for d in range(len(self.branching) - 1))
+        return sum(math.prod(self.branching[: d + 1]) for d in range(len(self.branching) - 1))
 
     @property
     def lookahead(self) -> int:
@@ -79,6 +81,7 @@ class TreeShape:
 @dataclass
 class _Growing:
     """One sequence's tree while it grows; node 0 is the root."""
+
     seq: Sequence
     budget: int
     root_pos: int
@@ -103,15 +106,17 @@ class _Growing:
 class TreeGrower:
     """A model drafter's tree shape, and its proposals grown from the drafter's catch-up chunks and forward."""
 
-    def __init__(self, spec: SpeculativeConfig, sampler: Sampler, vocab: torch.Tensor | None = None,
-                 vocab_size: int = 0):
+    def __init__(
+        self, spec: SpeculativeConfig, sampler: Sampler, vocab: torch.Tensor | None = None, vocab_size: int = 0
+    ):
         """`vocab`: the token ids of the drafter's logit columns, out of `vocab_size` (None: all of them)."""
         self.shape = TreeShape.from_config(spec)
         self.sampler = sampler
         self.vocab, self.vocab_size = vocab, vocab_size
 
-    def propose(self, scheduled: list[ScheduledSeq], budgets: list[int], catch_up: CatchUp,
-                execute: Execute) -> list[DraftTree]:
+    def propose(
+        self, scheduled: list[ScheduledSeq], budgets: list[int], catch_up: CatchUp, execute: Execute
+    ) -> list[DraftTree]:
         """One tree per scheduled sequence, of at most `budgets[i]` nodes; every catch-up chunk runs in one forward."""
         growing: list[_Growing] = []
         chunks: list[SeqChunk] = []
@@ -128,8 +133,9 @@ class TreeGrower:
             self._grow(growing, *execute(chunks), execute)
         return [self._finish(t) if isinstance(t, _Growing) else t for t in trees]
 
-    def _grow(self, growing: list[_Growing], logits: torch.Tensor, states: torch.Tensor | None,
-              execute: Execute) -> None:
+    def _grow(
+        self, growing: list[_Growing], logits: torch.Tensor, states: torch.Tensor | None, execute: Execute
+    ) -> None:
         """Expand every tree level by level; `logits` (and `states`) rows are the drafter's outputs at each tree's
         frontier. A tree keeps its best `budget` nodes by cumulative log q, which only decreases from parent to
         child, so those nodes lie at most `budget` deep with at most `budget` per level and per parent: a small
@@ -147,7 +153,7 @@ class TreeGrower:
                 g.frontier += [g.add(node, token, logq, q) for token, logq, q in children]
             for g in growing:
                 if shape.branching is None:  # dynamic: the best top_k of this level go on
-                    g.frontier = sorted(g.frontier, key=lambda i: -g.scores[i])[:min(shape.top_k, g.budget)]
+                    g.frontier = sorted(g.frontier, key=lambda i: -g.scores[i])[: min(shape.top_k, g.budget)]
                 if level + 1 >= g.budget:
                     g.frontier = []
             live = [g for g in growing if g.frontier]
@@ -156,8 +162,9 @@ class TreeGrower:
             logits, states = execute([self._frontier_chunk(g) for g in live])
             growing = live
 
-    def _children(self, logits: torch.Tensor, expanding: list[tuple[_Growing, int]],
-                  widths: list[int]) -> list[list[Child]]:
+    def _children(
+        self, logits: torch.Tensor, expanding: list[tuple[_Growing, int]], widths: list[int]
+    ) -> list[list[Child]]:
         """The children of each expanded node: its top `widths[row]` tokens under the draft distribution q (the
         request's temperature applied), or, for a sampled chain, one token drawn from q. Rows that need nothing
         per request (no penalties or processors, not a sampled draw) go through one batched top-k over the
@@ -177,7 +184,7 @@ class TreeGrower:
             top = torch.topk(torch.log_softmax(logits[rows] / temps[:, None], dim=-1), max(widths[r] for r in batched))
             tokens = top.indices if self.vocab is None else self.vocab[top.indices]
             for row, logqs, ids in zip(batched, top.values.tolist(), tokens.tolist()):
-                children[row] = [(token, logq, None) for token, logq in zip(ids, logqs)][:widths[row]]
+                children[row] = [(token, logq, None) for token, logq in zip(ids, logqs)][: widths[row]]
         return children
 
     def _children_of_row(self, g: _Growing, node: int, raw: torch.Tensor, width: int) -> list[Child]:
@@ -206,9 +213,14 @@ class TreeGrower:
             nodes = g.expanded
             index = {node: i for i, node in enumerate(nodes, start=1)}
             mask, offsets = chunk_layout(1, [index.get(g.parents[n - 1], 0) for n in nodes])
-            chunk = SeqChunk(seq.block_table, g.root_pos + 1, [g.tokens[n - 1] for n in nodes],
-                             logits_rows=[index[n] - 1 for n in g.frontier],
-                             positions=[g.root_pos + d for d in offsets[1:]], tree_mask=mask[1:, 1:])
+            chunk = SeqChunk(
+                seq.block_table,
+                g.root_pos + 1,
+                [g.tokens[n - 1] for n in nodes],
+                logits_rows=[index[n] - 1 for n in g.frontier],
+                positions=[g.root_pos + d for d in offsets[1:]],
+                tree_mask=mask[1:, 1:],
+            )
         if g.states:  # a recurrent drafter: each node continues from its parent's state
             chunk.extra["features"] = torch.stack([g.states[g.parents[n - 1]] for n in nodes])
         return chunk
@@ -221,5 +233,6 @@ class TreeGrower:
         best = sorted(range(1, len(g.tokens) + 1), key=lambda i: (-g.scores[i], i))[:keep]
         kept = sorted(best)
         index = {node: i for i, node in enumerate(kept, start=1)}
-        return DraftTree([g.tokens[n - 1] for n in kept], [index.get(g.parents[n - 1], 0) for n in kept],
-                         [g.q[n - 1] for n in kept])
+        return DraftTree(
+            [g.tokens[n - 1] for n in kept], [index.get(g.parents[n - 1], 0) for n in kept], [g.q[n - 1] for n in kept]
+        )

@@ -8,6 +8,7 @@ Each call picks its implementation from `LEAPSERVE_KERNEL_BACKEND`, read at call
 
 Triton is imported on first use, so this package imports quickly and works without it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,10 +19,19 @@ from .backend import backend_for, implementation
 __all__ = ["tree_attention", "write_kv", "move_kv", "backend_for", "AttentionStep"]
 
 
-def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                   context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, tree_mask: torch.Tensor | None = None,
-                   scale: float | None = None, *, out: torch.Tensor | None = None,
-                   context_mask: torch.Tensor | None = None) -> torch.Tensor:
+def tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    tree_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    context_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Paged attention of packed new tokens over their sequences' cached context plus a tree/causal mask.
 
     The contract is in docs/kernel.md; `out`, if given, receives the result and is returned.
@@ -31,12 +41,23 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     slot written by an earlier step does).
     """
     impl = implementation(q.device, "tree_attention_triton")
-    return impl.tree_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, tree_mask, scale,
-                               out=out, context_mask=context_mask)
+    return impl.tree_attention(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        cu_seqlens_q,
+        tree_mask,
+        scale,
+        out=out,
+        context_mask=context_mask,
+    )
 
 
-def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """In place: token t's key/value [T, Hkv, D] go to flat slot `slot_mapping[t]` (= block * block_size + offset).
 
     Negative slots are skipped; `slot_mapping` is int32 or int64 on the cache's device; key/value have the cache's
@@ -52,4 +73,3 @@ def move_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, src_slots: torch.Tenso
     path towards the front) are fine; slots must be non-negative and destinations distinct.
     """
     implementation(k_cache.device, "cache_ops").move_kv(k_cache, v_cache, src_slots, dst_slots)
-

@@ -4,6 +4,7 @@ The functional kernels (`tree_attention`, `write_kv`) check their arguments and,
 metadata on the host at every call; a model with 30 layers would repeat that 30 times per step. `AttentionStep`
 does it once (vLLM's "metadata built once per step") and then only launches the work.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,9 +15,16 @@ from .validation import check_tree_attention_values, check_write_kv_args
 
 
 class AttentionStep:
-    def __init__(self, slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                 cu_seqlens_q: torch.Tensor, tree_mask: torch.Tensor | None, block_size: int,
-                 context_mask: torch.Tensor | None = None):
+    def __init__(
+        self,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        tree_mask: torch.Tensor | None,
+        block_size: int,
+        context_mask: torch.Tensor | None = None,
+    ):
         """Arguments as in `write_kv` and `tree_attention`; the caches are given per layer."""
         self.slot_mapping = slot_mapping.long()
         self.block_tables = block_tables
@@ -31,13 +39,19 @@ class AttentionStep:
             self.plan: reference.AttentionPlan | None = None
         else:
             cu = cu_seqlens_q.tolist()
-            check_tree_attention_values(cu, context_lens.tolist(), cu[-1], block_tables.shape[1] * block_size,
-                                        None if tree_mask is None else tree_mask.shape[1],
-                                        None if context_mask is None else context_mask.shape[1])
+            check_tree_attention_values(
+                cu,
+                context_lens.tolist(),
+                cu[-1],
+                block_tables.shape[1] * block_size,
+                None if tree_mask is None else tree_mask.shape[1],
+                None if context_mask is None else context_mask.shape[1],
+            )
             if bool((self.slot_mapping < 0).any()):
                 raise ValueError("AttentionStep needs a cache slot for every new token (no negative slots)")
-            self.plan = reference.plan_tree_attention(block_tables, context_lens, cu_seqlens_q, tree_mask, block_size,
-                                                      context_mask)
+            self.plan = reference.plan_tree_attention(
+                block_tables, context_lens, cu_seqlens_q, tree_mask, block_size, context_mask
+            )
         self._checked_layout: tuple | None = None
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -51,12 +65,21 @@ class AttentionStep:
             self._checked_layout = layout
         reference.write_rows(key, value, k_cache, v_cache, self.slot_mapping)
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               scale: float | None = None) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float | None = None
+    ) -> torch.Tensor:
         """`tree_attention` of this step's queries `[T, Hq, D]` over one layer's cache."""
         if self.use_triton:
-            return self._triton_attention.tree_attention(q, k_cache, v_cache, self.block_tables, self.context_lens,
-                                                         self.cu_seqlens_q, self.tree_mask, scale,
-                                                         context_mask=self.context_mask)
+            return self._triton_attention.tree_attention(
+                q,
+                k_cache,
+                v_cache,
+                self.block_tables,
+                self.context_lens,
+                self.cu_seqlens_q,
+                self.tree_mask,
+                scale,
+                context_mask=self.context_mask,
+            )
         assert self.plan is not None  # planned in __init__ whenever Triton is not used
         return reference.attend(q, k_cache, v_cache, self.plan, scale)

@@ -1,4 +1,5 @@
 """Which implementation a kernel call runs: `LEAPSERVE_KERNEL_BACKEND` (auto | triton | reference), read per call."""
+
 from __future__ import annotations
 
 import importlib
@@ -26,6 +27,8 @@ def implementation(device: torch.device, triton_module: str) -> ModuleType:
     if backend_for(device) == "reference":
         return reference
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 in the "
-                           "environment before leapserve's Triton kernels are first used")
+        raise RuntimeError(
+            "Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 in the "
+            "environment before leapserve's Triton kernels are first used"
+        )
     return importlib.import_module(f"{__package__}.{triton_module}")

@@ -2,6 +2,7 @@
 
 They look at shapes, dtypes and devices only, never at tensor values, so they cost no device synchronisation.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,9 @@ def _check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         _fail(f"k_cache is on {k_cache.device} but v_cache is on {v_cache.device}")
 
 
-def _check_int_vector(name: str, t: torch.Tensor, length: int | None, dtypes: tuple[torch.dtype, ...],
-                      device: torch.device) -> None:
+def _check_int_vector(
+    name: str, t: torch.Tensor, length: int | None, dtypes: tuple[torch.dtype, ...], device: torch.device
+) -> None:
     if t.dim() != 1 or (length is not None and t.shape[0] != length):
         want = f"[{length}]" if length is not None else "1-D"
         _fail(f"{name} must be {want}, got shape {tuple(t.shape)}")
@@ -36,10 +38,17 @@ def _check_int_vector(name: str, t: torch.Tensor, length: int | None, dtypes: tu
         _fail(f"{name} is on {t.device} but the cache is on {device}")
 
 
-def check_tree_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              block_tables: torch.Tensor, context_lens: torch.Tensor,
-                              cu_seqlens_q: torch.Tensor, tree_mask: torch.Tensor | None,
-                              out: torch.Tensor | None, context_mask: torch.Tensor | None = None) -> None:
+def check_tree_attention_args(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    tree_mask: torch.Tensor | None,
+    out: torch.Tensor | None,
+    context_mask: torch.Tensor | None = None,
+) -> None:
     """Raise ValueError unless the arguments follow the `tree_attention` contract (docs/kernel.md)."""
     _check_cache_pair(k_cache, v_cache)
     if q.dim() != 3:
@@ -63,24 +72,35 @@ def check_tree_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     num_seqs = block_tables.shape[0]
     _check_int_vector("context_lens", context_lens, num_seqs, (torch.int32,), k_cache.device)
     _check_int_vector("cu_seqlens_q", cu_seqlens_q, num_seqs + 1, (torch.int32,), k_cache.device)
-    masks = (("tree_mask", tree_mask, "num_tokens", num_tokens, "max_q"),
-             ("context_mask", context_mask, "num_seqs", num_seqs, "max_context_len"))
+    masks = (
+        ("tree_mask", tree_mask, "num_tokens", num_tokens, "max_q"),
+        ("context_mask", context_mask, "num_seqs", num_seqs, "max_context_len"),
+    )
     for name, mask, rows, num_rows, columns in masks:
         if mask is None:
             continue
         if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] != num_rows:
-            _fail(f"{name} must be a bool [{rows}={num_rows}, {columns}] tensor, "
-                  f"got {mask.dtype} of shape {tuple(mask.shape)}")
+            _fail(
+                f"{name} must be a bool [{rows}={num_rows}, {columns}] tensor, "
+                f"got {mask.dtype} of shape {tuple(mask.shape)}"
+            )
         if mask.device != k_cache.device:
             _fail(f"{name} is on {mask.device} but the cache is on {k_cache.device}")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
-        _fail(f"out must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), "
-              f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
+        _fail(
+            f"out must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), "
+            f"got {tuple(out.shape)}, {out.dtype}, {out.device}"
+        )
 
 
-def check_tree_attention_values(cu_seqlens_q: list[int], context_lens: list[int], num_tokens: int,
-                                capacity: int, tree_mask_width: int | None,
-                                context_mask_width: int | None = None) -> None:
+def check_tree_attention_values(
+    cu_seqlens_q: list[int],
+    context_lens: list[int],
+    num_tokens: int,
+    capacity: int,
+    tree_mask_width: int | None,
+    context_mask_width: int | None = None,
+) -> None:
     """Value checks for callers that already hold the metadata on the host (the reference does)."""
     if cu_seqlens_q[0] != 0 or cu_seqlens_q[-1] != num_tokens:
         _fail(f"cu_seqlens_q must start at 0 and end at num_tokens={num_tokens}, got {cu_seqlens_q}")
@@ -88,16 +108,19 @@ def check_tree_attention_values(cu_seqlens_q: list[int], context_lens: list[int]
         if end < start:
             _fail(f"cu_seqlens_q must be non-decreasing, got {cu_seqlens_q}")
         if ctx < 0 or ctx + end - start > capacity:
-            _fail(f"sequence {b}: context_len {ctx} + {end - start} new tokens does not fit its block table "
-                  f"({capacity} slots)")
+            _fail(
+                f"sequence {b}: context_len {ctx} + {end - start} new tokens does not fit its block table "
+                f"({capacity} slots)"
+            )
         if tree_mask_width is not None and end - start > tree_mask_width:
             _fail(f"sequence {b} has {end - start} new tokens but tree_mask has only {tree_mask_width} columns")
         if context_mask_width is not None and ctx > context_mask_width:
             _fail(f"sequence {b} has a context of {ctx} tokens but context_mask has only {context_mask_width} columns")
 
 
-def check_write_kv_args(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> None:
+def check_write_kv_args(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Raise ValueError unless `write_kv`'s arguments are consistent."""
     _check_cache_pair(k_cache, v_cache)
     row_shape = tuple(k_cache.shape[2:])
@@ -113,8 +136,9 @@ def check_write_kv_args(key: torch.Tensor, value: torch.Tensor, k_cache: torch.T
     _check_int_vector("slot_mapping", slot_mapping, key.shape[0], INDEX_DTYPES, k_cache.device)
 
 
-def check_move_kv_args(k_cache: torch.Tensor, v_cache: torch.Tensor, src_slots: torch.Tensor,
-                       dst_slots: torch.Tensor) -> None:
+def check_move_kv_args(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor
+) -> None:
     """Raise ValueError unless `move_kv`'s arguments are consistent."""
     _check_cache_pair(k_cache, v_cache)
     _check_int_vector("src_slots", src_slots, None, INDEX_DTYPES, k_cache.device)

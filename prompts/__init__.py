@@ -13,6 +13,7 @@ machine see the same prompts (up to the Python version, for the two sets drawn f
 Each prompt falls in the `train` or the `test` split by a stable hash of its text (one in five is `test`), so
 drafters trained on `train` are measured on prompts they never saw. `load_jsonl` reads a user's own file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,8 +50,15 @@ def _code() -> list[str]:
 
 def _summarization() -> list[str]:
     from pydoc_data.topics import topics
-    paragraphs = sorted({" ".join(p.split()) for text in topics.values() for p in text.split("\n\n")
-                         if 300 <= len(p.strip()) <= 1200 and not p.startswith(" ")})
+
+    paragraphs = sorted(
+        {
+            " ".join(p.split())
+            for text in topics.values()
+            for p in text.split("\n\n")
+            if 300 <= len(p.strip()) <= 1200 and not p.startswith(" ")
+        }
+    )
     return [f"Summarize the following text in one or two sentences.\n\n{p}" for p in paragraphs]
 
 
@@ -80,8 +88,9 @@ def load_prompts(name: str, split: str = "test", num_prompts: int | None = None,
         prompts = [p for group in zip(*per_set) for p in group]
         return prompts[:num_prompts]
     if name not in PROMPT_SETS:
-        raise ValueError(f"unknown prompt set {name!r}; known: {sorted(PROMPT_SETS)} and 'mixed', "
-                         "or pass a .jsonl file")
+        raise ValueError(
+            f"unknown prompt set {name!r}; known: {sorted(PROMPT_SETS)} and 'mixed', or pass a .jsonl file"
+        )
     prompts = [p for p in PROMPT_SETS[name]() if split == "all" or split_of(p) == split]
     random.Random(seed).shuffle(prompts)
     return prompts[:num_prompts]

@@ -4,6 +4,7 @@ The engine runs on its own thread; uvicorn's event loop runs the handlers (`comp
 requests through `serving` and stream the engine's cumulative outputs back as JSON or server-sent events.
 `run_server` loads the engine and serves until the process is told to stop.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,8 +25,9 @@ from .protocol import ChatCompletionRequest, CompletionRequest, ModelList
 from .serving import OpenAIServing
 
 
-def build_app(engine: AsyncLLMEngine, *, api_key: str | None,
-              logits_processors: Sequence[LogitsProcessor] = ()) -> FastAPI:
+def build_app(
+    engine: AsyncLLMEngine, *, api_key: str | None, logits_processors: Sequence[LogitsProcessor] = ()
+) -> FastAPI:
     """The FastAPI app; `logits_processors` are added to every request's sampling parameters."""
     metrics = ServerMetrics(engine)
     serving = OpenAIServing(engine, metrics, logits_processors)
@@ -62,8 +64,15 @@ def build_app(engine: AsyncLLMEngine, *, api_key: str | None,
     return app
 
 
-def run_server(config: EngineConfig, host: str, port: int, api_key: str | None, *,
-               logits_processors: Sequence[LogitsProcessor] = (), log_level: str = "info") -> None:
+def run_server(
+    config: EngineConfig,
+    host: str,
+    port: int,
+    api_key: str | None,
+    *,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    log_level: str = "info",
+) -> None:
     """Load the engine, serve until SIGINT/SIGTERM, then shut the engine down."""
     engine = AsyncLLMEngine(config)
     try:

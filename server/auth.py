@@ -3,6 +3,7 @@
 Plain ASGI middleware rather than a FastAPI dependency, so streaming responses and disconnect detection pass
 through untouched; only paths under /v1 need the key (/health and /metrics stay open).
 """
+
 from __future__ import annotations
 
 import secrets
@@ -23,8 +24,12 @@ class APIKeyMiddleware:
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
-                error = APIError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
-                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                error = APIError(
+                    401,
+                    "invalid or missing API key: send `Authorization: Bearer <key>`",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)

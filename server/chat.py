@@ -3,6 +3,7 @@
 The response is built from the final output; a stream opens with each choice's assistant role, then carries one
 chunk per change of a choice.
 """
+
 from __future__ import annotations
 
 import time
@@ -68,24 +69,46 @@ def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]] | Non
     return ChatLogprobs(content=content)
 
 
-def chat_response(request_id: str, created: int, model: str, prompt_ids: list[int], finals: list[RequestOutput], *,
-                  top_logprobs: int) -> ChatCompletionResponse:
+def chat_response(
+    request_id: str, created: int, model: str, prompt_ids: list[int], finals: list[RequestOutput], *, top_logprobs: int
+) -> ChatCompletionResponse:
     """The whole response from the final output of its one engine request."""
     (final,) = finals
-    choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-                          logprobs=chat_logprobs(c.token_ids, c.logprobs, top_logprobs))
-               for c in final.outputs]
-    return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                                  usage=usage([len(prompt_ids)], sum(len(c.token_ids) for c in final.outputs)))
+    choices = [
+        ChatChoice(
+            index=c.index,
+            message=AssistantMessage(content=c.text),
+            finish_reason=c.finish_reason,
+            logprobs=chat_logprobs(c.token_ids, c.logprobs, top_logprobs),
+        )
+        for c in final.outputs
+    ]
+    return ChatCompletionResponse(
+        id=request_id,
+        created=created,
+        model=model,
+        choices=choices,
+        usage=usage([len(prompt_ids)], sum(len(c.token_ids) for c in final.outputs)),
+    )
 
 
-def _chunk(request_id: str, created: int, model: str, choices: list[ChatChunkChoice],
-           usage_info: UsageInfo | None = None) -> str:
+def _chunk(
+    request_id: str, created: int, model: str, choices: list[ChatChunkChoice], usage_info: UsageInfo | None = None
+) -> str:
     return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage_info))
 
 
-async def chat_events(request_id: str, created: int, model: str, prompt_ids: list[int], outputs: Outputs, *,
-                      n: int, top_logprobs: int, include_usage: bool) -> AsyncGenerator[str, None]:
+async def chat_events(
+    request_id: str,
+    created: int,
+    model: str,
+    prompt_ids: list[int],
+    outputs: Outputs,
+    *,
+    n: int,
+    top_logprobs: int,
+    include_usage: bool,
+) -> AsyncGenerator[str, None]:
     """Each choice's role, one chunk per choice that changed, then (if asked for) one with the usage and no choices."""
     trackers = [ChoiceTracker() for _ in range(n)]
     for j in range(n):
@@ -95,9 +118,19 @@ async def chat_events(request_id: str, created: int, model: str, prompt_ids: lis
         for c in output.outputs:
             delta = trackers[c.index].advance(c)
             if delta is not None:
-                yield _chunk(request_id, created, model, [ChatChunkChoice(
-                    index=c.index, delta=DeltaMessage(content=delta.text), finish_reason=delta.finish_reason,
-                    logprobs=chat_logprobs(delta.token_ids, delta.logprobs, top_logprobs))])
+                yield _chunk(
+                    request_id,
+                    created,
+                    model,
+                    [
+                        ChatChunkChoice(
+                            index=c.index,
+                            delta=DeltaMessage(content=delta.text),
+                            finish_reason=delta.finish_reason,
+                            logprobs=chat_logprobs(delta.token_ids, delta.logprobs, top_logprobs),
+                        )
+                    ],
+                )
     if include_usage:
         yield _chunk(request_id, created, model, [], usage([len(prompt_ids)], sum(t.num_tokens for t in trackers)))
 
@@ -111,7 +144,19 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     top_logprobs = params.logprobs or 0
     outputs = serving.submit(request_id, [prompt_ids], [text], params)
     return await respond(
-        http_request, outputs, 1, req.stream,
+        http_request,
+        outputs,
+        1,
+        req.stream,
         build=partial(chat_response, request_id, created, model, prompt_ids, top_logprobs=top_logprobs),
-        stream_events=partial(chat_events, request_id, created, model, prompt_ids, n=params.n,
-                              top_logprobs=top_logprobs, include_usage=req.include_usage))
+        stream_events=partial(
+            chat_events,
+            request_id,
+            created,
+            model,
+            prompt_ids,
+            n=params.n,
+            top_logprobs=top_logprobs,
+            include_usage=req.include_usage,
+        ),
+    )

@@ -3,6 +3,7 @@
 Several prompts (strings or token ids) per request, each its own engine request; choice `i * n + j` is the j-th
 sample of prompt i. The response is built from each prompt's final output, or streamed as one event per change.
 """
+
 from __future__ import annotations
 
 import time
@@ -24,8 +25,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]] | None,
-                        text_offset: int) -> CompletionLogprobs | None:
+def completion_logprobs(
+    token_ids: list[int], logprobs: list[dict[int, Logprob]] | None, text_offset: int
+) -> CompletionLogprobs | None:
     """The legacy completions format (None when logprobs were not asked for); `text_offset` is where the first
     token's text starts."""
     if logprobs is None:
@@ -42,8 +44,9 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]]
     return out
 
 
-def completion_prompts(tokenizer: PreTrainedTokenizerBase,
-                       req: CompletionRequest) -> tuple[list[str | None], list[list[int]]]:
+def completion_prompts(
+    tokenizer: PreTrainedTokenizerBase, req: CompletionRequest
+) -> tuple[list[str | None], list[list[int]]]:
     """The request's prompts as texts (None for a token-id prompt) and as token ids."""
     texts: list[str | None] = []
     prompts: list[list[int]] = []
@@ -53,24 +56,42 @@ def completion_prompts(tokenizer: PreTrainedTokenizerBase,
     return texts, prompts
 
 
-def completion_response(request_id: str, created: int, model: str, prompts: list[list[int]],
-                        finals: list[RequestOutput], *, n: int) -> CompletionResponse:
+def completion_response(
+    request_id: str, created: int, model: str, prompts: list[list[int]], finals: list[RequestOutput], *, n: int
+) -> CompletionResponse:
     """The whole response from each prompt's final output (`n` choices per prompt)."""
-    choices = [CompletionChoice(index=i * n + c.index, text=c.text, finish_reason=c.finish_reason,
-                                logprobs=completion_logprobs(c.token_ids, c.logprobs, 0))
-               for i, final in enumerate(finals) for c in final.outputs]
+    choices = [
+        CompletionChoice(
+            index=i * n + c.index,
+            text=c.text,
+            finish_reason=c.finish_reason,
+            logprobs=completion_logprobs(c.token_ids, c.logprobs, 0),
+        )
+        for i, final in enumerate(finals)
+        for c in final.outputs
+    ]
     num_generated = sum(len(c.token_ids) for final in finals for c in final.outputs)
-    return CompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                              usage=usage(map(len, prompts), num_generated))
+    return CompletionResponse(
+        id=request_id, created=created, model=model, choices=choices, usage=usage(map(len, prompts), num_generated)
+    )
 
 
-def _chunk(request_id: str, created: int, model: str, choices: list[CompletionChoice],
-           usage_info: UsageInfo | None = None) -> str:
+def _chunk(
+    request_id: str, created: int, model: str, choices: list[CompletionChoice], usage_info: UsageInfo | None = None
+) -> str:
     return sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage_info))
 
 
-async def completion_events(request_id: str, created: int, model: str, prompts: list[list[int]], outputs: Outputs,
-                            *, n: int, include_usage: bool) -> AsyncGenerator[str, None]:
+async def completion_events(
+    request_id: str,
+    created: int,
+    model: str,
+    prompts: list[list[int]],
+    outputs: Outputs,
+    *,
+    n: int,
+    include_usage: bool,
+) -> AsyncGenerator[str, None]:
     """One event per choice that changed, then (if asked for) one with the usage and no choices."""
     trackers = [ChoiceTracker() for _ in range(len(prompts) * n)]
     async for i, output in outputs:
@@ -79,8 +100,16 @@ async def completion_events(request_id: str, created: int, model: str, prompts: 
             if delta is None:
                 continue
             logprobs = completion_logprobs(delta.token_ids, delta.logprobs, delta.text_offset)
-            yield _chunk(request_id, created, model, [CompletionChoice(
-                index=i * n + c.index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason)])
+            yield _chunk(
+                request_id,
+                created,
+                model,
+                [
+                    CompletionChoice(
+                        index=i * n + c.index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason
+                    )
+                ],
+            )
     if include_usage:
         yield _chunk(request_id, created, model, [], usage(map(len, prompts), sum(t.num_tokens for t in trackers)))
 
@@ -93,7 +122,12 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, http
     request_id, created, model, n = random_id("cmpl"), int(time.time()), serving.model_name, params.n
     outputs = serving.submit(request_id, prompts, texts, params)
     return await respond(
-        http_request, outputs, len(prompts), req.stream,
+        http_request,
+        outputs,
+        len(prompts),
+        req.stream,
         build=partial(completion_response, request_id, created, model, prompts, n=n),
-        stream_events=partial(completion_events, request_id, created, model, prompts, n=n,
-                              include_usage=req.include_usage))
+        stream_events=partial(
+            completion_events, request_id, created, model, prompts, n=n, include_usage=req.include_usage
+        ),
+    )

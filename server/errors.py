@@ -1,4 +1,5 @@
 """OpenAI-shaped error bodies, `{"error": {"message", "type", "param", "code"}}`, and the app's exception handlers."""
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,15 @@ RETRY_AFTER_SECONDS = 1
 class APIError(Exception):
     """An error the server answers with directly (unknown model, bad API key, ...)."""
 
-    def __init__(self, status_code: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status_code = status_code
         self.info = ErrorInfo(message=message, type=type, param=param, code=code)
@@ -43,8 +51,13 @@ def as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, InvalidRequestError):
         return APIError(400, str(exc), param=exc.param)
     if isinstance(exc, QueueFullError):
-        return APIError(503, str(exc) or "the server is overloaded, retry later", "server_error",
-                        code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return APIError(
+            503,
+            str(exc) or "the server is overloaded, retry later",
+            "server_error",
+            code="queue_full",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
     if isinstance(exc, EngineRequestError):
         return APIError(500, f"the engine failed this request: {exc}", "server_error")
     logger.error("unexpected error", exc_info=exc)
@@ -72,8 +85,10 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        messages = {404: f"no route {request.method} {request.url.path}",
-                    405: f"method {request.method} is not allowed on {request.url.path}"}
+        messages = {
+            404: f"no route {request.method} {request.url.path}",
+            405: f"method {request.method} is not allowed on {request.url.path}",
+        }
         error = APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail)), headers=exc.headers)
         return error.response()
 

@@ -5,6 +5,7 @@ Per-request counters and latency histograms are fed by a `RequestObserver` per e
 Counters derived from `RequestMetrics` at the end of a request (e.g. speculative-decoding draft / accepted
 tokens) belong in `RequestObserver._finish`.
 """
+
 from __future__ import annotations
 
 import time
@@ -18,8 +19,28 @@ from leapserve.decoding.async_engine import AsyncLLMEngine
 from leapserve.decoding.outputs import RequestOutput
 
 PREFIX = "leapserve:"
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                   10.0, 20.0, 40.0, 80.0, 160.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+)
 
 
 class EngineStatsCollector(Collector):
@@ -30,43 +51,63 @@ class EngineStatsCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self.engine.stats()
-        yield GaugeMetricFamily(PREFIX + "num_requests_running", "Requests in the running batch.",
-                                value=stats.num_running)
-        yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests waiting to be scheduled.",
-                                value=stats.num_waiting)
-        yield GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).",
-                                value=stats.kv_cache_usage)
-        yield CounterMetricFamily(PREFIX + "num_preemptions", "Requests preempted to free KV blocks.",
-                                  value=stats.num_preemptions)
+        yield GaugeMetricFamily(
+            PREFIX + "num_requests_running", "Requests in the running batch.", value=stats.num_running
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "num_requests_waiting", "Requests waiting to be scheduled.", value=stats.num_waiting
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).", value=stats.kv_cache_usage
+        )
+        yield CounterMetricFamily(
+            PREFIX + "num_preemptions", "Requests preempted to free KV blocks.", value=stats.num_preemptions
+        )
 
 
 class ServerMetrics:
     def __init__(self, engine: AsyncLLMEngine):
         self.registry = CollectorRegistry()
         reg = self.registry
-        self.request_success = Counter(PREFIX + "request_success", "Finished sequences, by finish reason.",
-                                       ["finished_reason"], registry=reg)
+        self.request_success = Counter(
+            PREFIX + "request_success", "Finished sequences, by finish reason.", ["finished_reason"], registry=reg
+        )
         self.request_failure = Counter(PREFIX + "request_failure", "Requests the engine failed.", registry=reg)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed.", registry=reg)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", registry=reg)
-        self.time_to_first_token = Histogram(PREFIX + "time_to_first_token_seconds",
-                                             "Time from arrival to the first generated token.",
-                                             buckets=LATENCY_BUCKETS, registry=reg)
-        self.inter_token_latency = Histogram(PREFIX + "inter_token_latency_seconds",
-                                             "Time between consecutive outputs of a request.",
-                                             buckets=LATENCY_BUCKETS, registry=reg)
-        self.e2e_request_latency = Histogram(PREFIX + "e2e_request_latency_seconds",
-                                             "Time from arrival to the end of the request.",
-                                             buckets=LATENCY_BUCKETS, registry=reg)
-        self.spec_num_drafts = Counter(PREFIX + "spec_decode_num_drafts", "Speculative verifications with drafts.",
-                                       registry=reg)
-        self.spec_num_draft_tokens = Counter(PREFIX + "spec_decode_num_draft_tokens", "Draft tokens proposed.",
-                                             registry=reg)
-        self.spec_num_accepted_tokens = Counter(PREFIX + "spec_decode_num_accepted_tokens",
-                                                "Draft tokens accepted.", registry=reg)
-        self.spec_num_accepted_per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
-                                                 "Draft tokens accepted, by position in the draft (0 = first).",
-                                                 ["position"], registry=reg)
+        self.time_to_first_token = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Time from arrival to the first generated token.",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.inter_token_latency = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "Time between consecutive outputs of a request.",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.e2e_request_latency = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "Time from arrival to the end of the request.",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.spec_num_drafts = Counter(
+            PREFIX + "spec_decode_num_drafts", "Speculative verifications with drafts.", registry=reg
+        )
+        self.spec_num_draft_tokens = Counter(
+            PREFIX + "spec_decode_num_draft_tokens", "Draft tokens proposed.", registry=reg
+        )
+        self.spec_num_accepted_tokens = Counter(
+            PREFIX + "spec_decode_num_accepted_tokens", "Draft tokens accepted.", registry=reg
+        )
+        self.spec_num_accepted_per_pos = Counter(
+            PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by position in the draft (0 = first).",
+            ["position"],
+            registry=reg,
+        )
         reg.register(EngineStatsCollector(engine))
 
     def observer(self) -> RequestObserver:

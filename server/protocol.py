@@ -1,4 +1,5 @@
 """Pydantic models of the OpenAI completions / chat completions API (plus vLLM's sampling extras)."""
+
 from __future__ import annotations
 
 import time
@@ -55,13 +56,18 @@ class _SamplingRequest(BaseModel):
         """Raises InvalidRequestError (HTTP 400) for out-of-range values."""
         stop = self.stop or []  # None and "": no stop strings
         return SamplingParams(
-            n=self.n, max_tokens=max_tokens,
+            n=self.n,
+            max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=0 if self.top_k is None else self.top_k,
-            seed=self.seed, stop=[stop] if isinstance(stop, str) else stop, stop_token_ids=self.stop_token_ids or [],
-            ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
-            logprobs=logprobs, presence_penalty=self.presence_penalty,
+            seed=self.seed,
+            stop=[stop] if isinstance(stop, str) else stop,
+            stop_token_ids=self.stop_token_ids or [],
+            ignore_eos=self.ignore_eos,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            logprobs=logprobs,
+            presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
         )
 

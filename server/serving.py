@@ -4,6 +4,7 @@ Handlers check the model, `prepare` the sampling parameters, `submit` every prom
 (with metrics), and `respond`: as one JSON body, or as server-sent events from the first output on. A client that
 goes away closes the engine's generators, which aborts its requests and frees their KV blocks.
 """
+
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
@@ -30,8 +31,9 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before t
 def usage(prompt_lens: Iterable[int], completion_tokens: int) -> UsageInfo:
     """Token counts of a response: all its prompts, and every choice's generated tokens."""
     prompt_tokens = sum(prompt_lens)
-    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens)
+    return UsageInfo(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
 
 
 async def _collect(outputs: Outputs, num_prompts: int) -> list[RequestOutput]:
@@ -42,8 +44,14 @@ async def _collect(outputs: Outputs, num_prompts: int) -> list[RequestOutput]:
     return [finals[i] for i in range(num_prompts)]
 
 
-async def respond(http_request: Request, outputs: Outputs, num_prompts: int, stream: bool,
-                  build: Callable[[list[RequestOutput]], BaseModel], stream_events: StreamEvents) -> Response:
+async def respond(
+    http_request: Request,
+    outputs: Outputs,
+    num_prompts: int,
+    stream: bool,
+    build: Callable[[list[RequestOutput]], BaseModel],
+    stream_events: StreamEvents,
+) -> Response:
     """Run a request to its end (JSON), or to its first output and then as server-sent events.
 
     `build` turns each prompt's final output into the response; `stream_events` turns the outputs into events.
@@ -60,8 +68,9 @@ async def respond(http_request: Request, outputs: Outputs, num_prompts: int, str
     if not completed:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     assert first is not None  # completed: the work's result
-    return StreamingResponse(sse_stream(stream_events(prepend(first, outputs)), outputs),
-                             media_type="text/event-stream")
+    return StreamingResponse(
+        sse_stream(stream_events(prepend(first, outputs)), outputs), media_type="text/event-stream"
+    )
 
 
 class OpenAIServing:
@@ -76,8 +85,12 @@ class OpenAIServing:
     def check_model(self, model: str | None) -> None:
         """404 unless `model` is unset or the served model's name."""
         if model is not None and model != self.model_name:
-            raise APIError(404, f"the model `{model}` does not exist; this server serves `{self.model_name}`",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model `{model}` does not exist; this server serves `{self.model_name}`",
+                param="model",
+                code="model_not_found",
+            )
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.engine.max_model_len)])
@@ -89,8 +102,9 @@ class OpenAIServing:
             self.engine.validate_prompt(prompt_ids, params)
         return params
 
-    async def _generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                        prompt: str | None) -> AsyncGenerator[RequestOutput, None]:
+    async def _generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, prompt: str | None
+    ) -> AsyncGenerator[RequestOutput, None]:
         """`engine.generate` with metrics; closing this generator closes the engine's (which aborts the request)."""
         observer = self.metrics.observer()
         finished = False
@@ -110,8 +124,13 @@ class OpenAIServing:
                 observer.on_abort(params.n)
             raise
 
-    def submit(self, request_id: str, prompts: list[list[int]], texts: list[str | None],
-               params: SamplingParams) -> Outputs:
+    def submit(
+        self, request_id: str, prompts: list[list[int]], texts: list[str | None], params: SamplingParams
+    ) -> Outputs:
         """Every prompt as its own engine request; outputs tagged with the prompt's index."""
-        return merge_async_iterators([self._generate(ids, params, f"{request_id}-{i}", text)
-                                      for i, (ids, text) in enumerate(zip(prompts, texts))])
+        return merge_async_iterators(
+            [
+                self._generate(ids, params, f"{request_id}-{i}", text)
+                for i, (ids, text) in enumerate(zip(prompts, texts))
+            ]
+        )

@@ -3,6 +3,7 @@
 `ChoiceTracker` turns a choice's cumulative engine outputs into what changed since the last event; `sse_stream`
 wraps an endpoint's events with the error event and the final `[DONE]` of the OpenAI streaming format.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -129,10 +130,15 @@ class ChoiceTracker:
         """What `output` adds to the previous one; None once finished, or when nothing changed."""
         if self.finished:
             return None
-        new_ids = output.token_ids[self.num_tokens:]
-        new_logprobs = None if output.logprobs is None else output.logprobs[self.num_tokens:]
-        delta = ChoiceDelta(text=output.text[self.text_len:], token_ids=new_ids, logprobs=new_logprobs,
-                            text_offset=self.tokens_text_len, finish_reason=output.finish_reason)
+        new_ids = output.token_ids[self.num_tokens :]
+        new_logprobs = None if output.logprobs is None else output.logprobs[self.num_tokens :]
+        delta = ChoiceDelta(
+            text=output.text[self.text_len :],
+            token_ids=new_ids,
+            logprobs=new_logprobs,
+            text_offset=self.tokens_text_len,
+            finish_reason=output.finish_reason,
+        )
         self.text_len, self.num_tokens = len(output.text), len(output.token_ids)
         if new_logprobs is not None:
             self.tokens_text_len += sum(len(entries[t].decoded_token) for t, entries in zip(new_ids, new_logprobs))

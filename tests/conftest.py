@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random-weight Llama checkpoints on disk, with SmolLM2's real tokenizer."""
+
 from __future__ import annotations
 
 import os
@@ -16,17 +17,25 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def save_tiny_llama(path: Path, tokenizer, *, layers: int = 2, hidden: int = 64, heads: int = 2,
-                    kv_heads: int = 1, seed: int = 0) -> Path:
+def save_tiny_llama(
+    path: Path, tokenizer, *, layers: int = 2, hidden: int = 64, heads: int = 2, kv_heads: int = 1, seed: int = 0
+) -> Path:
     """A random-weight Llama with the given tokenizer, saved as a safetensors checkpoint directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=hidden // heads, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config)

@@ -1,11 +1,12 @@
 """The server's parts on their own, without an engine: stream merging and disconnects, choice deltas, the
 completions and chat response and event builders on hand-made engine outputs, SSE framing, API-key auth."""
+
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import AsyncIterator
 
 import httpx
 from fastapi import FastAPI
@@ -17,23 +18,31 @@ from leapserve.server.chat import chat_events, chat_logprobs, chat_prompt, chat_
 from leapserve.server.completions import completion_events, completion_logprobs, completion_response
 from leapserve.server.errors import APIError
 from leapserve.server.protocol import ChatCompletionRequest, ChatMessage
-from leapserve.server.streaming import (SSE_DONE, ChoiceTracker, merge_async_iterators, sse_stream,
-                                        unless_disconnected)
+from leapserve.server.streaming import SSE_DONE, ChoiceTracker, merge_async_iterators, sse_stream, unless_disconnected
 
 # Two steps of one choice: " a" (id 10, beating id 11) then "bc" (id 12, the runner-up to id 13).
 STEP_1 = {10: Logprob(-0.1, 1, " a"), 11: Logprob(-2.0, 2, " b")}
 STEP_2 = {13: Logprob(-0.3, 1, "d"), 12: Logprob(-1.5, 2, "bc")}
 
 
-def output(index: int, text: str, token_ids: list[int], finish_reason: str | None = None,
-           logprobs: list[dict[int, Logprob]] | None = None) -> CompletionOutput:
-    return CompletionOutput(index=index, text=text, token_ids=token_ids, finish_reason=finish_reason,
-                            logprobs=logprobs)
+def output(
+    index: int,
+    text: str,
+    token_ids: list[int],
+    finish_reason: str | None = None,
+    logprobs: list[dict[int, Logprob]] | None = None,
+) -> CompletionOutput:
+    return CompletionOutput(index=index, text=text, token_ids=token_ids, finish_reason=finish_reason, logprobs=logprobs)
 
 
 def request_output(prompt_ids: list[int], *outputs: CompletionOutput) -> RequestOutput:
-    return RequestOutput(request_id="r", prompt=None, prompt_token_ids=prompt_ids, outputs=list(outputs),
-                         finished=all(o.finish_reason is not None for o in outputs))
+    return RequestOutput(
+        request_id="r",
+        prompt=None,
+        prompt_token_ids=prompt_ids,
+        outputs=list(outputs),
+        finished=all(o.finish_reason is not None for o in outputs),
+    )
 
 
 async def read(stream: AsyncIterator[str]) -> list[str]:
@@ -49,7 +58,7 @@ def payloads(raw: list[str]) -> list[dict | str]:
     out: list[dict | str] = []
     for event in raw:
         assert event.startswith("data: ") and event.endswith("\n\n")
-        body = event[len("data: "):-2]
+        body = event[len("data: ") : -2]
         out.append(body if body == "[DONE]" else json.loads(body))
     return out
 
@@ -171,7 +180,7 @@ def test_sse_stream_turns_a_failure_into_an_error_event_then_done_and_closes_the
             closed.append(True)
 
     async def failing() -> AsyncIterator[str]:
-        yield "data: {\"n\": 1}\n\n"
+        yield 'data: {"n": 1}\n\n'
         raise APIError(400, "bad", param="x")
 
     async def run() -> list[str]:
@@ -181,7 +190,10 @@ def test_sse_stream_turns_a_failure_into_an_error_event_then_done_and_closes_the
 
     raw = asyncio.run(run())
     assert payloads(raw) == [
-        {"n": 1}, {"error": {"message": "bad", "type": "invalid_request_error", "param": "x", "code": None}}, "[DONE]"]
+        {"n": 1},
+        {"error": {"message": "bad", "type": "invalid_request_error", "param": "x", "code": None}},
+        "[DONE]",
+    ]
     assert raw[-1] == SSE_DONE and closed == [True]
 
 
@@ -197,34 +209,48 @@ def test_completion_logprobs_offsets_and_top_entries_by_rank():
 
 
 def test_completion_response_numbers_choices_by_prompt_and_counts_usage():
-    finals = [request_output([1, 2, 3], output(0, " a", [10], "length", [STEP_1]),
-                             output(1, " b", [11], "stop", [STEP_1])),
-              request_output([4], output(0, "bc", [12], "length", [STEP_2]), output(1, "", [], "stop", []))]
+    finals = [
+        request_output([1, 2, 3], output(0, " a", [10], "length", [STEP_1]), output(1, " b", [11], "stop", [STEP_1])),
+        request_output([4], output(0, "bc", [12], "length", [STEP_2]), output(1, "", [], "stop", [])),
+    ]
     resp = completion_response("cmpl-1", 7, "tiny", [[1, 2, 3], [4]], finals, n=2)
     body = json.loads(resp.model_dump_json())
     assert (body["id"], body["object"], body["created"], body["model"]) == ("cmpl-1", "text_completion", 7, "tiny")
     assert [(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]] == [
-        (0, " a", "length"), (1, " b", "stop"), (2, "bc", "length"), (3, "", "stop")]
+        (0, " a", "length"),
+        (1, " b", "stop"),
+        (2, "bc", "length"),
+        (3, "", "stop"),
+    ]
     assert body["choices"][1]["logprobs"]["tokens"] == [" b"]
     assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
 
 
 def test_completion_events_stream_each_change_then_the_usage():
-    outputs = tagged((1, request_output([4], output(0, " a", [10]))),
-                     (0, request_output([1, 2], output(0, "x", [5]))),
-                     (1, request_output([4], output(0, " a", [10], "stop"))),
-                     (0, request_output([1, 2], output(0, "xy", [5, 6], "length"))))
+    outputs = tagged(
+        (1, request_output([4], output(0, " a", [10]))),
+        (0, request_output([1, 2], output(0, "x", [5]))),
+        (1, request_output([4], output(0, " a", [10], "stop"))),
+        (0, request_output([1, 2], output(0, "xy", [5, 6], "length"))),
+    )
     got = events(completion_events("cmpl-1", 7, "tiny", [[1, 2], [4]], outputs, n=1, include_usage=True))
     assert all(e["id"] == "cmpl-1" and e["object"] == "text_completion" for e in got)
     assert [[(c["index"], c["text"], c["finish_reason"]) for c in e["choices"]] for e in got] == [
-        [(1, " a", None)], [(0, "x", None)], [(1, "", "stop")], [(0, "y", "length")], []]
+        [(1, " a", None)],
+        [(0, "x", None)],
+        [(1, "", "stop")],
+        [(0, "y", "length")],
+        [],
+    ]
     assert "usage" not in got[0]
     assert got[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
 
 
 def test_completion_events_carry_logprobs_with_running_text_offsets():
-    outputs = tagged((0, request_output([1], output(0, " a", [10], logprobs=[STEP_1]))),
-                     (0, request_output([1], output(0, " abc", [10, 12], "stop", [STEP_1, STEP_2]))))
+    outputs = tagged(
+        (0, request_output([1], output(0, " a", [10], logprobs=[STEP_1]))),
+        (0, request_output([1], output(0, " abc", [10, 12], "stop", [STEP_1, STEP_2]))),
+    )
     got = events(completion_events("cmpl-1", 7, "tiny", [[1]], outputs, n=1, include_usage=False))
     assert [e["choices"][0]["logprobs"]["text_offset"] for e in got] == [[0], [2]]
 
@@ -241,25 +267,35 @@ def test_chat_logprobs_keep_the_top_k_by_rank_with_bytes():
 
 
 def test_chat_response_from_the_final_output():
-    final = request_output([1, 2, 3], output(0, " a", [10], "stop", [STEP_1]),
-                           output(1, "bc", [12, 13], "length", [STEP_2, STEP_2]))
+    final = request_output(
+        [1, 2, 3], output(0, " a", [10], "stop", [STEP_1]), output(1, "bc", [12, 13], "length", [STEP_2, STEP_2])
+    )
     body = json.loads(chat_response("chatcmpl-1", 7, "tiny", [1, 2, 3], [final], top_logprobs=2).model_dump_json())
     assert (body["id"], body["object"], body["created"]) == ("chatcmpl-1", "chat.completion", 7)
-    assert [c["message"] for c in body["choices"]] == [{"role": "assistant", "content": " a"},
-                                                       {"role": "assistant", "content": "bc"}]
+    assert [c["message"] for c in body["choices"]] == [
+        {"role": "assistant", "content": " a"},
+        {"role": "assistant", "content": "bc"},
+    ]
     assert [c["finish_reason"] for c in body["choices"]] == ["stop", "length"]
     assert [t["token"] for t in body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]] == [" a", " b"]
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
 
 
 def test_chat_events_open_with_each_role_then_deltas_then_usage():
-    outputs = tagged((0, request_output([1], output(0, "hi", [5]), output(1, "", []))),
-                     (0, request_output([1], output(0, "hi!", [5, 6], "stop"), output(1, "yo", [7], "length"))))
+    outputs = tagged(
+        (0, request_output([1], output(0, "hi", [5]), output(1, "", []))),
+        (0, request_output([1], output(0, "hi!", [5, 6], "stop"), output(1, "yo", [7], "length"))),
+    )
     got = events(chat_events("chatcmpl-1", 7, "tiny", [1, 2], outputs, n=2, top_logprobs=0, include_usage=True))
     assert all(e["object"] == "chat.completion.chunk" and e["id"] == "chatcmpl-1" for e in got)
     assert [[(c["index"], c["delta"], c["finish_reason"]) for c in e["choices"]] for e in got] == [
-        [(0, {"role": "assistant", "content": ""}, None)], [(1, {"role": "assistant", "content": ""}, None)],
-        [(0, {"content": "hi"}, None)], [(0, {"content": "!"}, "stop")], [(1, {"content": "yo"}, "length")], []]
+        [(0, {"role": "assistant", "content": ""}, None)],
+        [(1, {"role": "assistant", "content": ""}, None)],
+        [(0, {"content": "hi"}, None)],
+        [(0, {"content": "!"}, "stop")],
+        [(1, {"content": "yo"}, "length")],
+        [],
+    ]
     assert got[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
 
 
@@ -281,13 +317,22 @@ def test_api_key_middleware_guards_v1_only():
 
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            return [await client.get("/v1/ping"), await client.get("/v1/ping", headers={"Authorization": "Bearer no"}),
-                    await client.get("/v1/ping", headers={"Authorization": "Bearer secret"}),
-                    await client.get("/health")]
+            return [
+                await client.get("/v1/ping"),
+                await client.get("/v1/ping", headers={"Authorization": "Bearer no"}),
+                await client.get("/v1/ping", headers={"Authorization": "Bearer secret"}),
+                await client.get("/health"),
+            ]
 
     missing, wrong, right, health = asyncio.run(run())
     for refused in (missing, wrong):
         assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
-        assert refused.json() == {"error": {"message": "invalid or missing API key: send `Authorization: Bearer <key>`",
-                                            "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+        assert refused.json() == {
+            "error": {
+                "message": "invalid or missing API key: send `Authorization: Bearer <key>`",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+        }
     assert right.json() == {"ok": True} and health.json() == {"ok": True}

@@ -1,5 +1,6 @@
 """`leapserve bench`: the metric arithmetic on synthetic timelines, the command-line parsing, and short real runs of
 `bench offline` and `bench serve` on a tiny random Llama that write a valid JSON record and a PNG plot."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leapserve.benchmarks.bench_metrics import (OfflineRun, StreamedRequest, drafting_cost, mean_acceptance_length,
-                                                offline_summary, percentile, serve_summary, spec_decode_stats, speedup,
-                                                summary_ms)
+from leapserve.benchmarks.bench_metrics import (
+    OfflineRun,
+    StreamedRequest,
+    drafting_cost,
+    mean_acceptance_length,
+    offline_summary,
+    percentile,
+    serve_summary,
+    spec_decode_stats,
+    speedup,
+    summary_ms,
+)
 from leapserve.benchmarks.bench_offline import NAMED_CONFIGS, Decoder, decoder_list, split_top_level
 from leapserve.benchmarks.bench_serve import spec_counters
 from leapserve.cli.main import main
@@ -23,6 +33,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # ---- metric arithmetic -----------------------------------------------------------------------------------------
+
 
 def test_streamed_request_latencies_follow_vllm_definitions():
     # Sent at t=10; chunks at +0.1 (first token), +0.15, +0.25, +0.3 carrying 6 tokens in all; stream ends at +0.32.
@@ -71,10 +82,16 @@ def test_serve_summary_pools_successful_requests_and_counts_failures():
 
 
 def test_acceptance_from_counter_scrapes():
-    before = {"spec_decode_num_drafts_total": 10, "spec_decode_num_draft_tokens_total": 40,
-              "spec_decode_num_accepted_tokens_total": 20}
-    after = {"spec_decode_num_drafts_total": 30, "spec_decode_num_draft_tokens_total": 120,
-             "spec_decode_num_accepted_tokens_total": 50}
+    before = {
+        "spec_decode_num_drafts_total": 10,
+        "spec_decode_num_draft_tokens_total": 40,
+        "spec_decode_num_accepted_tokens_total": 20,
+    }
+    after = {
+        "spec_decode_num_drafts_total": 30,
+        "spec_decode_num_draft_tokens_total": 120,
+        "spec_decode_num_accepted_tokens_total": 50,
+    }
     stats = spec_decode_stats(before, after)
     assert stats["acceptance_rate"] == pytest.approx(30 / 80)
     assert stats["mean_acceptance_length"] == pytest.approx(1 + 30 / 20)  # vLLM: 1 + accepted / drafts
@@ -85,27 +102,38 @@ def test_acceptance_from_counter_scrapes():
 
 
 def test_spec_counters_read_any_servers_prefix_and_sum_labels():
-    text = "\n".join([
-        "# TYPE leapserve:spec_decode_num_drafts counter", "leapserve:spec_decode_num_drafts_total 7.0",
-        "leapserve:spec_decode_num_drafts_created 1.7e9",
-        "# TYPE vllm:spec_decode_num_accepted_tokens counter",
-        'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 3.0',
-        'vllm:spec_decode_num_accepted_tokens_total{engine="1",model_name="m"} 4.0',
-        "# TYPE leapserve:generation_tokens counter", "leapserve:generation_tokens_total 99.0", ""])
+    text = "\n".join(
+        [
+            "# TYPE leapserve:spec_decode_num_drafts counter",
+            "leapserve:spec_decode_num_drafts_total 7.0",
+            "leapserve:spec_decode_num_drafts_created 1.7e9",
+            "# TYPE vllm:spec_decode_num_accepted_tokens counter",
+            'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 3.0',
+            'vllm:spec_decode_num_accepted_tokens_total{engine="1",model_name="m"} 4.0',
+            "# TYPE leapserve:generation_tokens counter",
+            "leapserve:generation_tokens_total 99.0",
+            "",
+        ]
+    )
     assert spec_counters(text) == {"spec_decode_num_drafts_total": 7.0, "spec_decode_num_accepted_tokens_total": 7.0}
 
 
 def test_offline_summary_medians_and_ratios():
     # Batch 2: 20 forwards of the target per pass, each request in all of them.
-    runs = [OfflineRun(output_tokens=100, elapsed=e, target_forwards=20, request_forwards=40, accepted_tokens=60,
-                       num_drafts=30) for e in (0.5, 0.25, 1.0)]
+    runs = [
+        OfflineRun(
+            output_tokens=100, elapsed=e, target_forwards=20, request_forwards=40, accepted_tokens=60, num_drafts=30
+        )
+        for e in (0.5, 0.25, 1.0)
+    ]
     s = offline_summary(runs, weight_bytes=10**9)
     assert s["tokens_per_s"] == 200.0 and s["runs_tokens_per_s"] == [200.0, 400.0, 100.0]
     assert s["target_forwards_per_token"] == pytest.approx(0.4)
     assert s["mean_acceptance_length"] == pytest.approx(3.0)
     assert s["weight_GB_s"] == pytest.approx(40.0)  # 1 GB x 20 forwards / 0.5 s
-    hf = offline_summary([OfflineRun(output_tokens=10, elapsed=1.0, target_forwards=10, request_forwards=10)],
-                         weight_bytes=10**9)
+    hf = offline_summary(
+        [OfflineRun(output_tokens=10, elapsed=1.0, target_forwards=10, request_forwards=10)], weight_bytes=10**9
+    )
     assert hf["mean_acceptance_length"] is None
     assert speedup(50.0, 25.0) == 2.0 and speedup(None, 25.0) is None and speedup(1.0, None) is None
 
@@ -114,6 +142,7 @@ def test_drafting_cost_prices_drafting_steps_by_the_same_passs_plain_steps():
     """Plain steps cost 50 ms + 10 ms per decoding sequence + 2 ms per prompt token. A drafting step of 8
     sequences committing 2.5 tokens each is worth 2.5 plain steps of 8 (325 ms); one with 100 prompt tokens
     committing 2 each, a plain step with that prompt plus one more plain step (460 ms)."""
+
     def plain(n: int, prompt: int) -> StepRecord:
         return StepRecord("plain", n, prompt, n, 1, 0, 0.05 + 0.01 * n + 0.002 * prompt)
 
@@ -125,40 +154,54 @@ def test_drafting_cost_prices_drafting_steps_by_the_same_passs_plain_steps():
     assert drafting_cost(plains + [paying]) == pytest.approx(-0.25 / (sum(s.seconds for s in plains) + 0.4))
     assert drafting_cost(plains) == 0.0  # no drafting, no cost
     assert drafting_cost([plain(4, 0), plain(4, 0), decode]) is None  # too few kinds of plain steps to price it
-    runs = [OfflineRun(output_tokens=10, elapsed=1.0, target_forwards=10, request_forwards=10, drafting_cost=c)
-            for c in (0.01, -0.02, 0.03)]
+    runs = [
+        OfflineRun(output_tokens=10, elapsed=1.0, target_forwards=10, request_forwards=10, drafting_cost=c)
+        for c in (0.01, -0.02, 0.03)
+    ]
     assert offline_summary(runs, 10**9)["drafting_cost"] == 0.01
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
 
+
 def test_decoder_specs():
-    assert split_top_level('a, speculative:{"tree": [3, 2], "x": "a,b"},c') == \
-        ["a", 'speculative:{"tree": [3, 2], "x": "a,b"}', "c"]
-    decoders = decoder_list('speculative:ngram,padded=speculative:{"method": "ngram", "num_speculative_tokens": 3, '
-                            '"layout": "padded"},speculative:{"method": "draft_model", "model": "/m/draft", '
-                            '"tree": [2, 1]}')
+    assert split_top_level('a, speculative:{"tree": [3, 2], "x": "a,b"},c') == [
+        "a",
+        'speculative:{"tree": [3, 2], "x": "a,b"}',
+        "c",
+    ]
+    decoders = decoder_list(
+        'speculative:ngram,padded=speculative:{"method": "ngram", "num_speculative_tokens": 3, '
+        '"layout": "padded"},speculative:{"method": "draft_model", "model": "/m/draft", '
+        '"tree": [2, 1]}'
+    )
     assert decoders == [
         Decoder("autoregressive", None),  # the baseline is added, first
         Decoder("speculative:ngram", NAMED_CONFIGS["ngram"]),
         Decoder("padded", {"method": "ngram", "num_speculative_tokens": 3, "layout": "padded"}),
-        Decoder("speculative[draft_model draft tree=[2,1]]", {"method": "draft_model", "model": "/m/draft",
-                                                             "tree": [2, 1]}),
+        Decoder(
+            "speculative[draft_model draft tree=[2,1]]", {"method": "draft_model", "model": "/m/draft", "tree": [2, 1]}
+        ),
     ]
-    assert [d.label for d in decoder_list("speculative:ngram-padded,AR=autoregressive")] == \
-        ["AR", "speculative:ngram-padded"]
+    assert [d.label for d in decoder_list("speculative:ngram-padded,AR=autoregressive")] == [
+        "AR",
+        "speculative:ngram-padded",
+    ]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["offline", "--decoders", "autoregressive,beam"], "unknown decoder 'beam'"),
-    (["offline", "--decoders", "speculative:nope"], "not a known name"),
-    (["offline", "--decoders", 'speculative:{"method": "ngram"}'], "num_speculative_tokens must be"),
-    (["offline", "--decoders", "speculative:ngram,speculative:ngram"], "labels must differ"),
-    (["offline", "--batch-sizes", "1,0"], "positive integers"),
-    (["serve", "--concurrency", "1,four"], "positive integers"),
-    (["offline", "--roofline", "10"], "expected MS,KNEE[,DRAFT_SHARE]"),
-    (["offline", "--roofline", "10,0"], "KNEE at least 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["offline", "--decoders", "autoregressive,beam"], "unknown decoder 'beam'"),
+        (["offline", "--decoders", "speculative:nope"], "not a known name"),
+        (["offline", "--decoders", 'speculative:{"method": "ngram"}'], "num_speculative_tokens must be"),
+        (["offline", "--decoders", "speculative:ngram,speculative:ngram"], "labels must differ"),
+        (["offline", "--batch-sizes", "1,0"], "positive integers"),
+        (["serve", "--concurrency", "1,four"], "positive integers"),
+        (["offline", "--roofline", "10"], "expected MS,KNEE[,DRAFT_SHARE]"),
+        (["offline", "--roofline", "10,0"], "KNEE at least 1"),
+    ],
+)
 def test_bad_arguments_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", *argv])
@@ -167,6 +210,7 @@ def test_bad_arguments_are_argparse_errors(argv, message, capsys):
 
 
 # ---- real runs on a tiny model ---------------------------------------------------------------------------------
+
 
 def _run_cli(monkeypatch, argv: list[str]) -> None:
     """`leapserve ARGV` in-process, with sys.argv as the shell would set it (the record keeps the command)."""
@@ -184,17 +228,42 @@ def _check_outputs(path: Path, kind: str) -> dict:
 
 def test_bench_offline_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "offline.json"
-    draft = json.dumps({"method": "draft_model", "model": str(tiny_model_dir), "num_speculative_tokens": 2,
-                        "adaptive": False})  # adaptive speculation picks modes by timing: not deterministic
-    _run_cli(monkeypatch, ["bench", "offline", "--model", str(tiny_model_dir), "--decoders",
-                           f"autoregressive,speculative:ngram,self-draft=speculative:{draft}", "--batch-sizes", "1,2",
-                           "--dataset", "chat", "--num-prompts", "2", "--max-tokens", "8", "--ignore-eos",
-                           "--repeats", "1", "--baselines", "hf", "--output-json", str(out),
-                           "--output-md", str(tmp_path / "offline.md")])
+    draft = json.dumps(
+        {"method": "draft_model", "model": str(tiny_model_dir), "num_speculative_tokens": 2, "adaptive": False}
+    )  # adaptive speculation picks modes by timing: not deterministic
+    _run_cli(
+        monkeypatch,
+        [
+            "bench",
+            "offline",
+            "--model",
+            str(tiny_model_dir),
+            "--decoders",
+            f"autoregressive,speculative:ngram,self-draft=speculative:{draft}",
+            "--batch-sizes",
+            "1,2",
+            "--dataset",
+            "chat",
+            "--num-prompts",
+            "2",
+            "--max-tokens",
+            "8",
+            "--ignore-eos",
+            "--repeats",
+            "1",
+            "--baselines",
+            "hf",
+            "--output-json",
+            str(out),
+            "--output-md",
+            str(tmp_path / "offline.md"),
+        ],
+    )
     record = _check_outputs(out, "offline")
     rows = {(r["decoder"], r["batch_size"]): r for r in record["results"]}
-    assert set(rows) == {(d, b) for d in ("autoregressive", "speculative:ngram", "self-draft", "hf-generate")
-                         for b in (1, 2)} | {("hf-prompt-lookup", 1), ("hf-assisted", 1)}
+    assert set(rows) == {
+        (d, b) for d in ("autoregressive", "speculative:ngram", "self-draft", "hf-generate") for b in (1, 2)
+    } | {("hf-prompt-lookup", 1), ("hf-assisted", 1)}
     for (decoder, _), row in rows.items():
         assert row["output_tokens"] == 16 and row["tokens_per_s"] > 0
         assert row["identical_to_autoregressive"] or decoder.startswith("hf-")
@@ -217,10 +286,31 @@ def test_bench_offline_continuous_batching(tiny_model_dir, tmp_path, monkeypatch
     """All prompts submitted at once, at most BATCH running: same outputs as autoregressive decoding, and the
     record and table say which batching ran."""
     out = tmp_path / "continuous.json"
-    _run_cli(monkeypatch, ["bench", "offline", "--model", str(tiny_model_dir), "--decoders",
-                           "autoregressive,speculative:ngram", "--batch-sizes", "2", "--continuous",
-                           "--dataset", "chat", "--num-prompts", "5", "--max-tokens", "8", "--ignore-eos",
-                           "--repeats", "1", "--output-json", str(out)])
+    _run_cli(
+        monkeypatch,
+        [
+            "bench",
+            "offline",
+            "--model",
+            str(tiny_model_dir),
+            "--decoders",
+            "autoregressive,speculative:ngram",
+            "--batch-sizes",
+            "2",
+            "--continuous",
+            "--dataset",
+            "chat",
+            "--num-prompts",
+            "5",
+            "--max-tokens",
+            "8",
+            "--ignore-eos",
+            "--repeats",
+            "1",
+            "--output-json",
+            str(out),
+        ],
+    )
     record = _check_outputs(out, "offline")
     assert record["batching"] == "continuous" and record["options"]["continuous"] is True
     for row in record["results"]:
@@ -246,10 +336,32 @@ def test_bench_offline_on_a_modeled_accelerator(tiny_model_dir, tmp_path, monkey
     machine does meanwhile; drafters are charged too, and the mode choice runs on the same clock."""
     out = tmp_path / "roofline.json"
     draft = json.dumps({"method": "draft_model", "model": str(tiny_model_dir), "num_speculative_tokens": 2})
-    _run_cli(monkeypatch, ["bench", "offline", "--model", str(tiny_model_dir), "--decoders",
-                           f"autoregressive,self-draft=speculative:{draft}", "--batch-sizes", "1", "--dataset", "chat",
-                           "--num-prompts", "2", "--max-tokens", "8", "--ignore-eos", "--repeats", "1",
-                           "--roofline", "10,1", "--output-json", str(out)])
+    _run_cli(
+        monkeypatch,
+        [
+            "bench",
+            "offline",
+            "--model",
+            str(tiny_model_dir),
+            "--decoders",
+            f"autoregressive,self-draft=speculative:{draft}",
+            "--batch-sizes",
+            "1",
+            "--dataset",
+            "chat",
+            "--num-prompts",
+            "2",
+            "--max-tokens",
+            "8",
+            "--ignore-eos",
+            "--repeats",
+            "1",
+            "--roofline",
+            "10,1",
+            "--output-json",
+            str(out),
+        ],
+    )
     record = _check_outputs(out, "offline")
     assert record["roofline"] == {"forward_ms": 10.0, "knee_tokens": 1, "draft_share": 0.1}
     rows = {r["decoder"]: r for r in record["results"]}
@@ -263,9 +375,31 @@ def test_bench_offline_profile_splits_a_step(tiny_model_dir, tmp_path, monkeypat
     """`--profile`: each engine row gets a step breakdown whose matmuls and attention took time, found from the
     profiler's events alone (the product has no profiling switch)."""
     out = tmp_path / "profile.json"
-    _run_cli(monkeypatch, ["bench", "offline", "--model", str(tiny_model_dir), "--decoders", "autoregressive",
-                           "--batch-sizes", "2", "--dataset", "chat", "--num-prompts", "2", "--max-tokens", "4",
-                           "--ignore-eos", "--repeats", "1", "--profile", "--output-json", str(out)])
+    _run_cli(
+        monkeypatch,
+        [
+            "bench",
+            "offline",
+            "--model",
+            str(tiny_model_dir),
+            "--decoders",
+            "autoregressive",
+            "--batch-sizes",
+            "2",
+            "--dataset",
+            "chat",
+            "--num-prompts",
+            "2",
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+            "--repeats",
+            "1",
+            "--profile",
+            "--output-json",
+            str(out),
+        ],
+    )
     (row,) = json.loads(out.read_text())["results"]
     split = row["step_breakdown"]
     assert split["matmul_ms"] > 0 and split["attention_ms"] > 0
@@ -275,18 +409,47 @@ def test_bench_offline_profile_splits_a_step(tiny_model_dir, tmp_path, monkeypat
 
 def test_bench_serve_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     dataset = tmp_path / "prompts.jsonl"
-    dataset.write_text("\n".join(json.dumps(line) for line in [
-        {"prompt": "The quick brown fox"}, {"messages": [{"role": "user", "content": "Hello there"}]},
-        {"prompt": "word " * 400},  # longer than the server's max_model_len: HTTP 400, counted as a failure
-        {"prompt": "Count to ten"}]) + "\n")
+    dataset.write_text(
+        "\n".join(
+            json.dumps(line)
+            for line in [
+                {"prompt": "The quick brown fox"},
+                {"messages": [{"role": "user", "content": "Hello there"}]},
+                {"prompt": "word " * 400},  # longer than the server's max_model_len: HTTP 400, counted as a failure
+                {"prompt": "Count to ten"},
+            ]
+        )
+        + "\n"
+    )
     out = tmp_path / "serve.json"
-    self_draft = json.dumps({"method": "draft_model", "model": str(tiny_model_dir), "num_speculative_tokens": 2,
-                             "adaptive": False})  # every draft token is accepted
-    with running_server(tiny_model_dir, tmp_path / "server.log", "--kv-cache-tokens", "4096",
-                        "--speculative-config", self_draft) as url:
-        _run_cli(monkeypatch, ["bench", "serve", "--base-url", f"{url}/v1", "--api-key", API_KEY,
-                               "--dataset", str(dataset), "--num-prompts", "4", "--concurrency", "1,3",
-                               "--max-tokens", "6", "--ignore-eos", "--output-json", str(out)])
+    self_draft = json.dumps(
+        {"method": "draft_model", "model": str(tiny_model_dir), "num_speculative_tokens": 2, "adaptive": False}
+    )  # every draft token is accepted
+    with running_server(
+        tiny_model_dir, tmp_path / "server.log", "--kv-cache-tokens", "4096", "--speculative-config", self_draft
+    ) as url:
+        _run_cli(
+            monkeypatch,
+            [
+                "bench",
+                "serve",
+                "--base-url",
+                f"{url}/v1",
+                "--api-key",
+                API_KEY,
+                "--dataset",
+                str(dataset),
+                "--num-prompts",
+                "4",
+                "--concurrency",
+                "1,3",
+                "--max-tokens",
+                "6",
+                "--ignore-eos",
+                "--output-json",
+                str(out),
+            ],
+        )
     record = _check_outputs(out, "serve")
     assert record["options"]["model"] == MODEL  # asked the server
     assert [lv["concurrency"] for lv in record["results"]] == [1, 3]

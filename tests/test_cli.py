@@ -1,5 +1,6 @@
 """The `leapserve` command line: options generated from the config dataclasses, `serve` flags -> EngineConfig,
 the trainers' flags -> their configs, `--help`, and the error handling."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 
+import fault_injection
 from leapserve.cli.main import build_parser, main
 from leapserve.decoding.args import add_config_arguments, config_from_args, option
 from leapserve.decoding.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -17,8 +19,6 @@ from leapserve.server import app
 from leapserve.training.adaspec import AdaSpecConfig
 from leapserve.training.data import DataConfig
 from leapserve.training.fspad import FSPADTrainConfig
-
-import fault_injection
 
 SERVER_OPTIONS = {"logits_processors", "host", "port", "api_key", "log_level"}  # not engine config fields
 
@@ -43,18 +43,59 @@ def test_defaults_are_the_engine_defaults():
 
 def test_every_flag_maps_onto_the_engine_config():
     args = parse(
-        "--model", "/models/llama", "--dtype", "bfloat16", "--device", "cpu", "--max-model-len", "4096",
-        "--trust-remote-code", "--served-model-name", "llama", "--block-size", "32", "--kv-cache-tokens", "65536",
-        "--gpu-memory-utilization", "0.5", "--max-num-seqs", "8", "--max-num-batched-tokens", "512",
-        "--max-waiting-requests", "10", "--decoder", "speculative",
-        "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}', "--seed", "7",
-        "--host", "0.0.0.0", "--port", "9000", "--api-key", "secret", "--log-level", "debug")
+        "--model",
+        "/models/llama",
+        "--dtype",
+        "bfloat16",
+        "--device",
+        "cpu",
+        "--max-model-len",
+        "4096",
+        "--trust-remote-code",
+        "--served-model-name",
+        "llama",
+        "--block-size",
+        "32",
+        "--kv-cache-tokens",
+        "65536",
+        "--gpu-memory-utilization",
+        "0.5",
+        "--max-num-seqs",
+        "8",
+        "--max-num-batched-tokens",
+        "512",
+        "--max-waiting-requests",
+        "10",
+        "--decoder",
+        "speculative",
+        "--speculative-config",
+        '{"method": "ngram", "num_speculative_tokens": 4}',
+        "--seed",
+        "7",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "9000",
+        "--api-key",
+        "secret",
+        "--log-level",
+        "debug",
+    )
     assert config_from_args(EngineConfig, args) == EngineConfig(
-        model=ModelConfig(model="/models/llama", dtype="bfloat16", device="cpu", max_model_len=4096,
-                          trust_remote_code=True, served_model_name="llama"),
+        model=ModelConfig(
+            model="/models/llama",
+            dtype="bfloat16",
+            device="cpu",
+            max_model_len=4096,
+            trust_remote_code=True,
+            served_model_name="llama",
+        ),
         cache=CacheConfig(block_size=32, kv_cache_tokens=65536, gpu_memory_utilization=0.5),
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_waiting_requests=10),
-        decoder="speculative", speculative_config={"method": "ngram", "num_speculative_tokens": 4}, seed=7)
+        decoder="speculative",
+        speculative_config={"method": "ngram", "num_speculative_tokens": 4},
+        seed=7,
+    )
     assert (args.host, args.port, args.api_key, args.log_level) == ("0.0.0.0", 9000, "secret", "debug")
 
 
@@ -78,13 +119,27 @@ def test_decoder_choices_are_the_registry(capsys):
     assert "--decoder: invalid choice: 'dparallel'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("argv", "listed", "absent"), [
-    ([], ["serve", "bench", "train"], []),
-    (["serve"], ["{autoregressive,speculative}", "--speculative-config", "model:", "KV cache:", "scheduler:",
-                 "decoding:", "server:"], ["dparallel", "silent-thought"]),
-    (["train"], ["data", "fspad", "adaspec", "export-eagle"], []),
-    (["train", "fspad"], ["--no-feature-sampling", "training:", "--warmup-steps"], []),
-])
+@pytest.mark.parametrize(
+    ("argv", "listed", "absent"),
+    [
+        ([], ["serve", "bench", "train"], []),
+        (
+            ["serve"],
+            [
+                "{autoregressive,speculative}",
+                "--speculative-config",
+                "model:",
+                "KV cache:",
+                "scheduler:",
+                "decoding:",
+                "server:",
+            ],
+            ["dparallel", "silent-thought"],
+        ),
+        (["train"], ["data", "fspad", "adaspec", "export-eagle"], []),
+        (["train", "fspad"], ["--no-feature-sampling", "training:", "--warmup-steps"], []),
+    ],
+)
 def test_help_lists_what_exists(capsys, argv, listed, absent):
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--help"])
@@ -96,11 +151,14 @@ def test_help_lists_what_exists(capsys, argv, listed, absent):
         assert set(commands[0].choices) == {w for w in listed if ":" not in w}
 
 
-@pytest.mark.parametrize(("command", "cls", "required"), [
-    ("data", DataConfig, {"out": "data"}),
-    ("fspad", FSPADTrainConfig, {"data": "data", "out": "drafter"}),
-    ("adaspec", AdaSpecConfig, {"data": "data", "out": "drafter"}),
-])
+@pytest.mark.parametrize(
+    ("command", "cls", "required"),
+    [
+        ("data", DataConfig, {"out": "data"}),
+        ("fspad", FSPADTrainConfig, {"data": "data", "out": "drafter"}),
+        ("adaspec", AdaSpecConfig, {"data": "data", "out": "drafter"}),
+    ],
+)
 def test_trainer_flags_default_to_the_trainer_configs(command, cls, required):
     """A trainer's command line and its config dataclass agree on every default (defined once, in the dataclass)."""
     argv = [arg for name, value in required.items() for arg in (f"--{name}", value)]
@@ -112,9 +170,15 @@ def test_trainer_defaults():
     fspad, adaspec = FSPADTrainConfig(data="d", out="o").train, AdaSpecConfig(data="d", out="o").train
     assert (fspad.steps, fspad.lr, fspad.weight_decay, fspad.warmup_steps, fspad.grad_clip) == (2000, 1e-3, 0, 50, 0.5)
     assert (adaspec.steps, adaspec.lr, adaspec.weight_decay, adaspec.warmup_steps, adaspec.grad_clip) == (
-        2000, 3e-4, 0.1, 20, 1.0)
-    args = build_parser().parse_args(["train", "fspad", "--data", "d", "--out", "o", "--no-noise", "--steps", "5",
-                                      "--tree", '{"depth": 2}'])
+        2000,
+        3e-4,
+        0.1,
+        20,
+        1.0,
+    )
+    args = build_parser().parse_args(
+        ["train", "fspad", "--data", "d", "--out", "o", "--no-noise", "--steps", "5", "--tree", '{"depth": 2}']
+    )
     cfg = config_from_args(FSPADTrainConfig, args)
     assert (cfg.noise, cfg.train.steps, cfg.train.lr, cfg.tree) == (False, 5, 1e-3, {"depth": 2})
 
@@ -146,12 +210,16 @@ def test_options_from_a_dataclass(capsys):
     add_config_arguments(parser, _BiggerInner, overrides={"size": {"help": "bigger"}})
     args = parser.parse_args(["--name", "x", "--no-on", "--extra", '{"b": 2}', "--rate", "0.5", "--tags", "1,2"])
     assert config_from_args(_Outer, args) == _Outer("x", False, {"b": 2}, 0.5, (1, 2), _Inner(8, [1, 2]))
-    assert config_from_args(_Outer, parser.parse_args(["--name", "x"]), rate=2.0) == _Outer("x", rate=2.0,
-                                                                                          inner=_Inner(8))
+    assert config_from_args(_Outer, parser.parse_args(["--name", "x"]), rate=2.0) == _Outer(
+        "x", rate=2.0, inner=_Inner(8)
+    )
     assert _Outer("y").extra is not _Outer("z").extra
     assert "--hidden" not in parser.format_help() and "bigger (default: 8)" in parser.format_help()
-    for bad, message in ((["--extra", "[1]"], "must be a JSON object"), (["--tags", "1,x"], "comma-separated"),
-                         ([], "required: --name")):
+    for bad, message in (
+        (["--extra", "[1]"], "must be a JSON object"),
+        (["--tags", "1,x"], "comma-separated"),
+        ([], "required: --name"),
+    ):
         with pytest.raises(SystemExit):
             parser.parse_args(bad if not bad or bad[0] == "--name" else ["--name", "x", *bad])
         assert message in capsys.readouterr().err
@@ -161,8 +229,19 @@ def test_serve_hands_the_flags_to_run_server(monkeypatch):
     calls = []
     monkeypatch.setattr(app, "run_server", lambda *args, **kwargs: calls.append((args, kwargs)))
     monkeypatch.setenv("LEAPSERVE_API_KEY", "from-env")
-    main(["serve", "--port", "9001", "--max-num-seqs", "4", "--log-level", "warning",
-          "--logits-processors", "fault_injection:fail_if_poisoned"])
+    main(
+        [
+            "serve",
+            "--port",
+            "9001",
+            "--max-num-seqs",
+            "4",
+            "--log-level",
+            "warning",
+            "--logits-processors",
+            "fault_injection:fail_if_poisoned",
+        ]
+    )
     main(["serve", "--api-key", "from-flag"])
     (config, host, port, api_key), kwargs = calls[0]
     assert config.scheduler.max_num_seqs == 4 and (host, port, api_key) == ("127.0.0.1", 9001, "from-env")
@@ -175,15 +254,18 @@ def test_logits_processors_are_imported():
     assert args.logits_processors == [fault_injection.fail_if_poisoned, fault_injection.delay_if_slow]
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--speculative-config", "{method: ngram}"], "--speculative-config: not valid JSON"),
-    (["--speculative-config", "[1, 2]"], "--speculative-config: must be a JSON object"),
-    (["--logits-processors", "fault_injection"], "expected module:callable"),
-    (["--logits-processors", "no_such_module:f"], "cannot load 'no_such_module:f'"),
-    (["--logits-processors", "fault_injection:POISON_PREFIX"], "is not callable"),
-    (["--dtype", "int3"], "--dtype: invalid choice"),
-    (["--port", "eighty"], "--port: invalid int value"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--speculative-config", "{method: ngram}"], "--speculative-config: not valid JSON"),
+        (["--speculative-config", "[1, 2]"], "--speculative-config: must be a JSON object"),
+        (["--logits-processors", "fault_injection"], "expected module:callable"),
+        (["--logits-processors", "no_such_module:f"], "cannot load 'no_such_module:f'"),
+        (["--logits-processors", "fault_injection:POISON_PREFIX"], "is not callable"),
+        (["--dtype", "int3"], "--dtype: invalid choice"),
+        (["--port", "eighty"], "--port: invalid int value"),
+    ],
+)
 def test_invalid_flags_exit_with_a_clear_message(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         parse(*argv)
@@ -193,16 +275,23 @@ def test_invalid_flags_exit_with_a_clear_message(capsys, argv, message):
 
 def test_command_line_entry_point():
     """`python -m leapserve.cli` runs the CLI; errors exit with no traceback."""
-    bad_json = subprocess.run([sys.executable, "-m", "leapserve.cli", "serve", "--speculative-config", "{"],
-                              capture_output=True, text=True, timeout=120)
+    bad_json = subprocess.run(
+        [sys.executable, "-m", "leapserve.cli", "serve", "--speculative-config", "{"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad_json.returncode == 2
     assert "--speculative-config: not valid JSON" in bad_json.stderr and "Traceback" not in bad_json.stderr
 
-    missing = subprocess.run([sys.executable, "-m", "leapserve.cli", "serve", "--model", "/no/such/model"],
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "leapserve.cli", "serve", "--model", "/no/such/model"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 1
     assert "leapserve serve: error:" in missing.stderr and "Traceback" not in missing.stderr
 
-    no_command = subprocess.run([sys.executable, "-m", "leapserve.cli"], capture_output=True, text=True,
-                                timeout=120)
+    no_command = subprocess.run([sys.executable, "-m", "leapserve.cli"], capture_output=True, text=True, timeout=120)
     assert no_command.returncode == 2 and "serve" in no_command.stderr

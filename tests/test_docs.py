@@ -4,6 +4,7 @@ that cites documents outside the repository or labels things by the internal ord
 Fast and without torch: plain text checks over the checkout. Words are counted as `len(text.split())` over the
 whole README, fenced code blocks included.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,7 +25,8 @@ PARAGRAPH_MAX_WORDS = 200
 FORBIDDEN = re.compile(
     r"design\.md|seed-methods|\.\./shared|\bresearch/|vllm-integration\.md|vllm-findings\.md|cpu-feasibility\.md"
     r"|dart-findings\.md|\bissues?\s+\d+|\bsessions?\s+\d+",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 # References to other projects' trackers are fine, e.g. github.com/vllm-project/vllm/issues/12345.
 EXTERNAL_ISSUE = re.compile(r"github\.com/[\w.-]+/[\w.-]+/(?:issues|pull)/\d+", re.IGNORECASE)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
@@ -55,8 +57,9 @@ def test_readme_is_short() -> None:
 
 
 def test_readme_has_no_wall_of_text() -> None:
-    long = [(len(p.split()), p[:60]) for p in re.split(r"\n\s*\n", _prose(README)) if len(p.split()) >
-            PARAGRAPH_MAX_WORDS]
+    long = [
+        (len(p.split()), p[:60]) for p in re.split(r"\n\s*\n", _prose(README)) if len(p.split()) > PARAGRAPH_MAX_WORDS
+    ]
     assert not long, f"README.md paragraphs over {PARAGRAPH_MAX_WORDS} words: {long}"
 
 
@@ -83,8 +86,13 @@ def test_relative_links_point_to_existing_files(path: Path) -> None:
 def _tracked_text_files() -> list[Path]:
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    out = subprocess.run(["git", "ls-files", "-z", "--", "*.md", "*.py", "*.toml", "Makefile", "*/Makefile"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--", "*.md", "*.py", "*.toml", "Makefile", "*/Makefile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     this = Path(__file__).resolve()
     return [ROOT / name for name in out.split("\0") if name and (ROOT / name).resolve() != this]
 
@@ -98,5 +106,7 @@ def test_no_file_cites_outside_documents_or_internal_work_labels() -> None:
             match = FORBIDDEN.search(EXTERNAL_ISSUE.sub("", line))
             if match:
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {match.group(0)!r}")
-    assert not offenders, ("say what a result measures, with its date, machine and command, and cite only files "
-                           "in the repository:\n" + "\n".join(offenders))
+    assert not offenders, (
+        "say what a result measures, with its date, machine and command, and cite only files "
+        "in the repository:\n" + "\n".join(offenders)
+    )

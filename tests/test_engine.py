@@ -1,4 +1,5 @@
 """The engine against transformers' generate: greedy outputs identical token for token, alone and batched."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,9 +23,14 @@ PROMPTS = [
 def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
     ids = torch.tensor([tokenizer.encode(prompt)])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    return out[0, ids.shape[1] :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +51,10 @@ def test_tiny_greedy_equals_transformers_alone_and_batched(tiny_llm, tiny_hf):
     # All prompts together (different lengths, prefill mixed with decode), and with different max_tokens.
     batched = tiny_llm.generate(PROMPTS, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in batched] == expected
-    mixed = tiny_llm.generate(PROMPTS, [SamplingParams(temperature=0, max_tokens=4 + 5 * i) for i in range(5)],
-                              use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in mixed] == [e[:4 + 5 * i] for i, e in enumerate(expected)]
+    mixed = tiny_llm.generate(
+        PROMPTS, [SamplingParams(temperature=0, max_tokens=4 + 5 * i) for i in range(5)], use_tqdm=False
+    )
+    assert [o.outputs[0].token_ids for o in mixed] == [e[: 4 + 5 * i] for i, e in enumerate(expected)]
 
 
 def test_preemption_and_chunked_prefill_keep_outputs(tiny_model_dir, tiny_llm):
@@ -73,27 +80,38 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch(tiny_llm):
 
 
 def test_n_stop_strings_stop_tokens_and_logprobs(tiny_llm):
-    greedy = tiny_llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
-                               use_tqdm=False)[0].outputs[0]
+    greedy = tiny_llm.generate(
+        PROMPTS[2], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
     # A stop string taken from the middle of the greedy text cuts the output right before it.
-    stop = greedy.text[len(greedy.text) // 2:len(greedy.text) // 2 + 3]
-    cut = tiny_llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True),
-                            use_tqdm=False)[0].outputs[0]
+    stop = greedy.text[len(greedy.text) // 2 : len(greedy.text) // 2 + 3]
+    cut = tiny_llm.generate(
+        PROMPTS[2], SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
     assert cut.finish_reason == "stop" and cut.stop_reason == stop
-    assert cut.text == greedy.text[:greedy.text.index(stop)]
-    kept = tiny_llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=30, stop=stop, ignore_eos=True,
-                                                        include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
-    assert kept.text == greedy.text[:greedy.text.index(stop) + len(stop)]
+    assert cut.text == greedy.text[: greedy.text.index(stop)]
+    kept = tiny_llm.generate(
+        PROMPTS[2],
+        SamplingParams(temperature=0, max_tokens=30, stop=stop, ignore_eos=True, include_stop_str_in_output=True),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert kept.text == greedy.text[: greedy.text.index(stop) + len(stop)]
     # A stop token id ends generation with that token as the last one.
     token = greedy.token_ids[5]
-    by_id = tiny_llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[token],
-                                                         ignore_eos=True), use_tqdm=False)[0].outputs[0]
-    assert by_id.token_ids == greedy.token_ids[:greedy.token_ids.index(token) + 1]
+    by_id = tiny_llm.generate(
+        PROMPTS[2],
+        SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[token], ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert by_id.token_ids == greedy.token_ids[: greedy.token_ids.index(token) + 1]
     assert by_id.finish_reason == "stop" and by_id.stop_reason == token
     assert greedy.finish_reason == "length" and len(greedy.token_ids) == 30
     # n > 1 with logprobs: n independent samples, each token's logprob and the top-3 alternatives.
-    out = tiny_llm.generate(PROMPTS[0], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, logprobs=3,
-                                                       ignore_eos=True), use_tqdm=False)[0]
+    out = tiny_llm.generate(
+        PROMPTS[0],
+        SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, logprobs=3, ignore_eos=True),
+        use_tqdm=False,
+    )[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
     for c in out.outputs:
@@ -106,9 +124,15 @@ def test_n_stop_strings_stop_tokens_and_logprobs(tiny_llm):
 def test_penalties_change_greedy_output(tiny_llm):
     base = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     plain = tiny_llm.generate(PROMPTS[3], base, use_tqdm=False)[0].outputs[0].token_ids
-    pen = tiny_llm.generate(PROMPTS[3], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
-                                                       frequency_penalty=2.0, presence_penalty=2.0),
-                            use_tqdm=False)[0].outputs[0].token_ids
+    pen = (
+        tiny_llm.generate(
+            PROMPTS[3],
+            SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0),
+            use_tqdm=False,
+        )[0]
+        .outputs[0]
+        .token_ids
+    )
     assert len(set(pen)) >= len(set(plain)) and pen != plain
 
 
@@ -148,8 +172,11 @@ def test_smollm2_greedy_equals_transformers():
     params = SamplingParams(temperature=0, max_tokens=20)
     assert [llm.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts] == expected
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
-    chat = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                    SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0]
+    chat = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0, max_tokens=12),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert "Paris" in chat.text
 
 
@@ -169,8 +196,9 @@ def test_async_engine_runs_all_torch_work_on_its_own_thread(tiny_model_dir, monk
         real_init(self, config)
 
     monkeypatch.setattr(async_engine.LLMEngine, "__init__", recording_init)
-    engine = async_engine.AsyncLLMEngine(EngineConfig(model=ModelConfig(model=str(tiny_model_dir)),
-                                                      cache=CacheConfig(kv_cache_tokens=1024)))
+    engine = async_engine.AsyncLLMEngine(
+        EngineConfig(model=ModelConfig(model=str(tiny_model_dir)), cache=CacheConfig(kv_cache_tokens=1024))
+    )
     try:
         assert built_on == ["leapserve-engine"] and engine.max_model_len > 0
     finally:

@@ -5,6 +5,7 @@ anything imports triton); with one they run compiled on CUDA tensors. Every case
 written: unused cache slots and padding blocks hold NaN, outputs start as NaN, tree-mask columns past a
 sequence's own new tokens hold random bits.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -49,8 +50,16 @@ class Case:
     context_mask: torch.Tensor | None = None  # bool [B, W]: which context slots may be seen (None: all)
 
     def args(self) -> tuple:
-        return (self.q, self.k_cache, self.v_cache, self.block_tables, self.context_lens, self.cu_seqlens_q,
-                self.tree_mask, self.scale)
+        return (
+            self.q,
+            self.k_cache,
+            self.v_cache,
+            self.block_tables,
+            self.context_lens,
+            self.cu_seqlens_q,
+            self.tree_mask,
+            self.scale,
+        )
 
     def kwargs(self) -> dict:
         return {} if self.context_mask is None else {"context_mask": self.context_mask}
@@ -66,10 +75,22 @@ def random_tree(rnd: random.Random, n: int) -> torch.Tensor:
     return visible
 
 
-def make_case(seed: int, *, group: int, head_dim: int, block_size: int, mask_kind: str, dtype: torch.dtype,
-              max_seqs: int = 6, max_new: int = 33, max_context: int = 300, num_kv_heads: int | None = None,
-              consecutive_blocks: bool = False, masked_context: bool = False,
-              device: torch.device = DEVICE) -> Case:
+def make_case(
+    seed: int,
+    *,
+    group: int,
+    head_dim: int,
+    block_size: int,
+    mask_kind: str,
+    dtype: torch.dtype,
+    max_seqs: int = 6,
+    max_new: int = 33,
+    max_context: int = 300,
+    num_kv_heads: int | None = None,
+    consecutive_blocks: bool = False,
+    masked_context: bool = False,
+    device: torch.device = DEVICE,
+) -> Case:
     """A random batch; each sequence's blocks are shuffled over the cache unless `consecutive_blocks`.
     `masked_context`: a context mask hides runs of context slots (the padded layout's holes), which hold large
     finite garbage, so that reading one would show."""
@@ -112,7 +133,7 @@ def make_case(seed: int, *, group: int, head_dim: int, block_size: int, mask_kin
         tree_mask = torch.rand(sum(new), width, generator=gen) < (1.0 if mask_kind == "bidirectional" else 0.5)
         row = 0
         for n, vis in zip(new, visible):
-            tree_mask[row: row + n, :n] = vis
+            tree_mask[row : row + n, :n] = vis
             row += n
     cu = [0, *itertools.accumulate(new)]
     q = torch.randn(cu[-1], num_q_heads, head_dim, generator=gen).to(dtype)
@@ -125,19 +146,30 @@ def make_case(seed: int, *, group: int, head_dim: int, block_size: int, mask_kin
             row = torch.ones(c, dtype=torch.bool)
             for _ in range(rnd.randint(0, 4)):  # holes: runs of up to 6 slots
                 lo = rnd.randint(0, max(0, c - 1))
-                row[lo:lo + rnd.randint(1, 6)] = False
+                row[lo : lo + rnd.randint(1, 6)] = False
             context_mask[b, :c] = row
             hidden = torch.nonzero(~row).flatten()
             table = block_tables[b].long()
             for cache in (k_cache, v_cache):
                 cache[table[hidden // block_size], hidden % block_size] = 1e3 * torch.randn(
-                    len(hidden), num_kv_heads, head_dim, generator=gen).to(dtype)
+                    len(hidden), num_kv_heads, head_dim, generator=gen
+                ).to(dtype)
             keys[b][hidden] = float("nan")  # the oracle must not use them either
-    return Case(q.to(device), k_cache.to(device), v_cache.to(device), block_tables.to(device),
-                torch.tensor(context, dtype=torch.int32, device=device),
-                torch.tensor(cu, dtype=torch.int32, device=device),
-                None if tree_mask is None else tree_mask.to(device), scale, poison_block, keys, values, visible,
-                None if context_mask is None else context_mask.to(device))
+    return Case(
+        q.to(device),
+        k_cache.to(device),
+        v_cache.to(device),
+        block_tables.to(device),
+        torch.tensor(context, dtype=torch.int32, device=device),
+        torch.tensor(cu, dtype=torch.int32, device=device),
+        None if tree_mask is None else tree_mask.to(device),
+        scale,
+        poison_block,
+        keys,
+        values,
+        visible,
+        None if context_mask is None else context_mask.to(device),
+    )
 
 
 def naive_attention(case: Case) -> torch.Tensor:
@@ -145,21 +177,22 @@ def naive_attention(case: Case) -> torch.Tensor:
     q = case.q.double().cpu()
     head_dim = q.shape[-1]
     group = q.shape[1] // case.keys[0].shape[1]
-    scale = head_dim ** -0.5 if case.scale is None else case.scale
+    scale = head_dim**-0.5 if case.scale is None else case.scale
     out = torch.empty_like(q)
     cu = case.cu_seqlens_q.tolist()
     for b, (k, v, vis) in enumerate(zip(case.keys, case.values, case.visible)):
         n = vis.shape[0]
         context = k.shape[0] - n
-        seen = (torch.ones(context, dtype=torch.bool) if case.context_mask is None
-                else case.context_mask[b, :context].cpu())
+        seen = (
+            torch.ones(context, dtype=torch.bool) if case.context_mask is None else case.context_mask[b, :context].cpu()
+        )
         allowed = torch.cat([seen.expand(n, context), vis], dim=1)
         k = k.double().masked_fill(~torch.cat([seen, torch.ones(n, dtype=torch.bool)])[:, None, None], 0.0)
         k = k.repeat_interleave(group, dim=1)
         v = v.double().repeat_interleave(group, dim=1)
-        scores = torch.einsum("thd,lhd->htl", q[cu[b]: cu[b + 1]], k) * scale
+        scores = torch.einsum("thd,lhd->htl", q[cu[b] : cu[b + 1]], k) * scale
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-        out[cu[b]: cu[b + 1]] = torch.einsum("htl,lhd->thd", probs, v)
+        out[cu[b] : cu[b + 1]] = torch.einsum("htl,lhd->thd", probs, v)
     return out
 
 
@@ -179,6 +212,7 @@ def run_into_nan(impl, case: Case, **kwargs) -> torch.Tensor:
 
 def triton_attention():
     from leapserve.kernels import tree_attention_triton
+
     return tree_attention_triton.tree_attention
 
 
@@ -190,8 +224,14 @@ REFERENCE_GRID = list(itertools.product((1, 3, 4), (32, 64, 80, 96, 112, 128, 16
 @pytest.mark.parametrize("group,head_dim,block_size,mask_kind", REFERENCE_GRID)
 def test_reference_fp32(group: int, head_dim: int, block_size: int, mask_kind: str) -> None:
     for seed in range(4):
-        case = make_case(REFERENCE_GRID.index((group, head_dim, block_size, mask_kind)) * 10 + seed, group=group,
-                         head_dim=head_dim, block_size=block_size, mask_kind=mask_kind, dtype=torch.float32)
+        case = make_case(
+            REFERENCE_GRID.index((group, head_dim, block_size, mask_kind)) * 10 + seed,
+            group=group,
+            head_dim=head_dim,
+            block_size=block_size,
+            mask_kind=mask_kind,
+            dtype=torch.float32,
+        )
         oracle = naive_attention(case)
         assert_close(run_into_nan(reference.tree_attention, case), case, oracle)
         assert_close(reference.tree_attention(*case.args()), case, oracle)
@@ -201,8 +241,14 @@ def test_reference_fp32(group: int, head_dim: int, block_size: int, mask_kind: s
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 def test_reference_half(dtype: torch.dtype, mask_kind: str) -> None:
     for seed in range(6):
-        case = make_case(100 + seed, group=(1, 3, 4)[seed % 3], head_dim=(64, 80, 128)[seed % 3],
-                         block_size=(16, 32)[seed % 2], mask_kind=mask_kind, dtype=dtype)
+        case = make_case(
+            100 + seed,
+            group=(1, 3, 4)[seed % 3],
+            head_dim=(64, 80, 128)[seed % 3],
+            block_size=(16, 32)[seed % 2],
+            mask_kind=mask_kind,
+            dtype=dtype,
+        )
         assert_close(run_into_nan(reference.tree_attention, case), case, naive_attention(case))
 
 
@@ -210,8 +256,15 @@ def test_reference_half(dtype: torch.dtype, mask_kind: str) -> None:
 def test_reference_consecutive_blocks(mask_kind: str) -> None:
     """Block tables that are runs of consecutive blocks take the reference's no-copy path."""
     for seed in range(4):
-        case = make_case(200 + seed, group=3, head_dim=64, block_size=16, mask_kind=mask_kind, dtype=torch.float32,
-                         consecutive_blocks=True)
+        case = make_case(
+            200 + seed,
+            group=3,
+            head_dim=64,
+            block_size=16,
+            mask_kind=mask_kind,
+            dtype=torch.float32,
+            consecutive_blocks=True,
+        )
         assert_close(run_into_nan(reference.tree_attention, case), case, naive_attention(case))
 
 
@@ -221,11 +274,21 @@ def test_reference_batched_steps_and_shared_plan(consecutive: bool, max_new: int
     """Steps with few new tokens per sequence (decoding, verifying drafts) run as one padded call; a plan built
     once serves every layer."""
     for seed in range(6):
-        case = make_case(300 + seed, group=(1, 3, 4)[seed % 3], head_dim=64, block_size=16, mask_kind=mask_kind,
-                         dtype=torch.float32, max_seqs=8, max_new=max_new, consecutive_blocks=consecutive)
+        case = make_case(
+            300 + seed,
+            group=(1, 3, 4)[seed % 3],
+            head_dim=64,
+            block_size=16,
+            mask_kind=mask_kind,
+            dtype=torch.float32,
+            max_seqs=8,
+            max_new=max_new,
+            consecutive_blocks=consecutive,
+        )
         oracle = naive_attention(case)
-        plan = reference.plan_tree_attention(case.block_tables, case.context_lens, case.cu_seqlens_q,
-                                             case.tree_mask, 16)
+        plan = reference.plan_tree_attention(
+            case.block_tables, case.context_lens, case.cu_seqlens_q, case.tree_mask, 16
+        )
         assert (plan.batched is not None) == (case.block_tables.shape[0] > 1)
         for _ in range(2):  # the same plan twice, as two layers would use it
             out = torch.full_like(case.q, float("nan"))
@@ -238,9 +301,18 @@ def test_reference_batched_steps_and_shared_plan(consecutive: bool, max_new: int
 def test_reference_context_mask(consecutive: bool, max_new: int, mask_kind: str) -> None:
     """Hidden context slots (holes of garbage) are never attended, on the batched and per-sequence paths."""
     for seed in range(4):
-        case = make_case(350 + seed, group=(1, 3)[seed % 2], head_dim=64, block_size=16, mask_kind=mask_kind,
-                         dtype=torch.float32, max_seqs=5, max_new=max_new, consecutive_blocks=consecutive,
-                         masked_context=True)
+        case = make_case(
+            350 + seed,
+            group=(1, 3)[seed % 2],
+            head_dim=64,
+            block_size=16,
+            mask_kind=mask_kind,
+            dtype=torch.float32,
+            max_seqs=5,
+            max_new=max_new,
+            consecutive_blocks=consecutive,
+            masked_context=True,
+        )
         assert_close(run_into_nan(reference.tree_attention, case), case, naive_attention(case))
 
 
@@ -251,8 +323,17 @@ def test_attention_step_writes_then_attends(backend: str, mask_kind: str, monkey
     if backend == "triton" and not HAS_TRITON:
         pytest.skip("triton is not installed")
     monkeypatch.setenv("LEAPSERVE_KERNEL_BACKEND", backend)
-    case = make_case(400 + MASK_KINDS.index(mask_kind), group=3, head_dim=64, block_size=16, mask_kind=mask_kind,
-                     dtype=torch.float32, max_new=9, max_context=60, masked_context=mask_kind == "tree")
+    case = make_case(
+        400 + MASK_KINDS.index(mask_kind),
+        group=3,
+        head_dim=64,
+        block_size=16,
+        mask_kind=mask_kind,
+        dtype=torch.float32,
+        max_new=9,
+        max_context=60,
+        masked_context=mask_kind == "tree",
+    )
     block_size = case.k_cache.shape[1]
     new = [vis.shape[0] for vis in case.visible]
     ctx = case.context_lens.tolist()
@@ -260,11 +341,18 @@ def test_attention_step_writes_then_attends(backend: str, mask_kind: str, monkey
     for b, (k, v, n) in enumerate(zip(case.keys, case.values, new)):
         for pos in range(ctx[b], ctx[b] + n):
             slots.append(int(case.block_tables[b, pos // block_size]) * block_size + pos % block_size)
-        new_k.append(k[ctx[b]:])
-        new_v.append(v[ctx[b]:])
+        new_k.append(k[ctx[b] :])
+        new_v.append(v[ctx[b] :])
     slot_mapping = torch.tensor(slots, device=DEVICE)
-    step = kernels.AttentionStep(slot_mapping, case.block_tables, case.context_lens, case.cu_seqlens_q,
-                                 case.tree_mask, block_size, case.context_mask)
+    step = kernels.AttentionStep(
+        slot_mapping,
+        case.block_tables,
+        case.context_lens,
+        case.cu_seqlens_q,
+        case.tree_mask,
+        block_size,
+        case.context_mask,
+    )
     oracle = naive_attention(case)
     for _ in range(2):  # two layers: caches whose new rows are still poison until write_kv fills them
         k_cache, v_cache = case.k_cache.clone(), case.v_cache.clone()
@@ -277,8 +365,7 @@ def test_attention_step_writes_then_attends(backend: str, mask_kind: str, monkey
 def test_reference_single_sequence_returns_fresh_tensor() -> None:
     """One sequence without `out`: the result is returned directly; it must still be a valid [T, Hq, D]."""
     for mask_kind in MASK_KINDS:
-        case = make_case(7, group=3, head_dim=64, block_size=16, mask_kind=mask_kind, dtype=torch.float32,
-                         max_seqs=1)
+        case = make_case(7, group=3, head_dim=64, block_size=16, mask_kind=mask_kind, dtype=torch.float32, max_seqs=1)
         assert_close(reference.tree_attention(*case.args()), case, naive_attention(case))
 
 
@@ -291,9 +378,15 @@ TRITON_GRID = list(itertools.product((1, 3, 4), (64, 80, 128), (16, 32), MASK_KI
 @pytest.mark.parametrize("group,head_dim,block_size,mask_kind", TRITON_GRID)
 def test_triton_fp32(group: int, head_dim: int, block_size: int, mask_kind: str) -> None:
     for seed in range(2):
-        case = make_case(1000 + TRITON_GRID.index((group, head_dim, block_size, mask_kind)) * 10 + seed, group=group,
-                         head_dim=head_dim, block_size=block_size, mask_kind=mask_kind, dtype=torch.float32,
-                         max_seqs=4)
+        case = make_case(
+            1000 + TRITON_GRID.index((group, head_dim, block_size, mask_kind)) * 10 + seed,
+            group=group,
+            head_dim=head_dim,
+            block_size=block_size,
+            mask_kind=mask_kind,
+            dtype=torch.float32,
+            max_seqs=4,
+        )
         assert_close(run_into_nan(triton_attention(), case), case, naive_attention(case))
 
 
@@ -302,8 +395,16 @@ def test_triton_fp32(group: int, head_dim: int, block_size: int, mask_kind: str)
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 def test_triton_split_keys(num_splits: int, mask_kind: str) -> None:
     """Flash-decoding path: keys split over several programs, then merged (splits may be empty)."""
-    case = make_case(2000 + num_splits, group=4, head_dim=64, block_size=16, mask_kind=mask_kind,
-                     dtype=torch.float32, max_seqs=3, max_new=6)
+    case = make_case(
+        2000 + num_splits,
+        group=4,
+        head_dim=64,
+        block_size=16,
+        mask_kind=mask_kind,
+        dtype=torch.float32,
+        max_seqs=3,
+        max_new=6,
+    )
     assert_close(run_into_nan(triton_attention(), case, num_splits=num_splits), case, naive_attention(case))
 
 
@@ -311,8 +412,18 @@ def test_triton_split_keys(num_splits: int, mask_kind: str) -> None:
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("mask_kind", ["causal", "tree"])
 def test_triton_context_mask(num_splits: int, mask_kind: str) -> None:
-    case = make_case(2100 + num_splits, group=4, head_dim=64, block_size=16, mask_kind=mask_kind,
-                     dtype=torch.float32, max_seqs=3, max_new=9, max_context=120, masked_context=True)
+    case = make_case(
+        2100 + num_splits,
+        group=4,
+        head_dim=64,
+        block_size=16,
+        mask_kind=mask_kind,
+        dtype=torch.float32,
+        max_seqs=3,
+        max_new=9,
+        max_context=120,
+        masked_context=True,
+    )
     assert_close(run_into_nan(triton_attention(), case, num_splits=num_splits), case, naive_attention(case))
 
 
@@ -321,28 +432,46 @@ def test_triton_context_mask(num_splits: int, mask_kind: str) -> None:
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 def test_triton_half(dtype: torch.dtype, mask_kind: str) -> None:
     for seed in range(2):
-        case = make_case(3000 + seed, group=(3, 4)[seed], head_dim=(80, 128)[seed], block_size=(16, 32)[seed],
-                         mask_kind=mask_kind, dtype=dtype, max_seqs=3)
+        case = make_case(
+            3000 + seed,
+            group=(3, 4)[seed],
+            head_dim=(80, 128)[seed],
+            block_size=(16, 32)[seed],
+            mask_kind=mask_kind,
+            dtype=dtype,
+            max_seqs=3,
+        )
         assert_close(run_into_nan(triton_attention(), case), case, naive_attention(case))
 
 
 @needs_triton
 @pytest.mark.parametrize("head_dim", [32, 256])
 def test_triton_extreme_head_dims(head_dim: int) -> None:
-    case = make_case(4000 + head_dim, group=2, head_dim=head_dim, block_size=32, mask_kind="tree",
-                     dtype=torch.float32, max_seqs=2, max_new=9, max_context=80)
+    case = make_case(
+        4000 + head_dim,
+        group=2,
+        head_dim=head_dim,
+        block_size=32,
+        mask_kind="tree",
+        dtype=torch.float32,
+        max_seqs=2,
+        max_new=9,
+        max_context=80,
+    )
     assert_close(run_into_nan(triton_attention(), case), case, naive_attention(case))
 
 
 @needs_triton
 def test_triton_decode_many_sequences() -> None:
     """Decode shape: one new token for each of many sequences, GQA 4, some with no context."""
-    case = make_case(5000, group=4, head_dim=64, block_size=16, mask_kind="causal", dtype=torch.float16,
-                     max_seqs=12, max_new=1)
+    case = make_case(
+        5000, group=4, head_dim=64, block_size=16, mask_kind="causal", dtype=torch.float16, max_seqs=12, max_new=1
+    )
     assert_close(run_into_nan(triton_attention(), case), case, naive_attention(case))
 
 
 # --- tree_attention: edge cases and both backends -------------------------------------------------------------
+
 
 def backends() -> list[str]:
     return ["reference", "triton"] if HAS_TRITON else ["reference"]
@@ -352,14 +481,16 @@ def backends() -> list[str]:
 def test_sequence_without_new_tokens(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A sequence with no new tokens this step (equal cu_seqlens_q entries) is skipped; the others are exact."""
     monkeypatch.setenv("LEAPSERVE_KERNEL_BACKEND", backend)
-    case = make_case(6000, group=2, head_dim=64, block_size=16, mask_kind="tree", dtype=torch.float32,
-                     max_seqs=1, max_new=5)
+    case = make_case(
+        6000, group=2, head_dim=64, block_size=16, mask_kind="tree", dtype=torch.float32, max_seqs=1, max_new=5
+    )
     block_tables = torch.cat([case.block_tables, torch.full_like(case.block_tables, case.poison_block)])
     context_lens = torch.cat([case.context_lens, torch.tensor([7], dtype=torch.int32, device=DEVICE)])
     cu = torch.cat([case.cu_seqlens_q, case.cu_seqlens_q[-1:]])
     out = torch.full_like(case.q, float("nan"))
-    kernels.tree_attention(case.q, case.k_cache, case.v_cache, block_tables, context_lens, cu, case.tree_mask,
-                           case.scale, out=out)
+    kernels.tree_attention(
+        case.q, case.k_cache, case.v_cache, block_tables, context_lens, cu, case.tree_mask, case.scale, out=out
+    )
     assert_close(out, case, naive_attention(case))
 
 
@@ -372,8 +503,9 @@ def test_single_token_without_context(backend: str, monkeypatch: pytest.MonkeyPa
     v_cache = torch.randn(2, 16, 2, 64, generator=gen).to(DEVICE)
     q = torch.randn(1, 4, 64, generator=gen).to(DEVICE)
     i32 = dict(dtype=torch.int32, device=DEVICE)
-    out = kernels.tree_attention(q, k_cache, v_cache, torch.tensor([[1]], **i32), torch.tensor([0], **i32),
-                                 torch.tensor([0, 1], **i32))
+    out = kernels.tree_attention(
+        q, k_cache, v_cache, torch.tensor([[1]], **i32), torch.tensor([0], **i32), torch.tensor([0, 1], **i32)
+    )
     expected = v_cache[1, 0].repeat_interleave(2, dim=0)
     torch.testing.assert_close(out[0], expected, rtol=1e-6, atol=1e-6)
 
@@ -420,10 +552,12 @@ def test_validation_errors(impl: str) -> None:
     if impl == "triton" and not HAS_TRITON:
         pytest.skip("triton is not installed")
     attention = reference.tree_attention if impl == "reference" else triton_attention()
-    case = make_case(7000, group=2, head_dim=64, block_size=16, mask_kind="tree", dtype=torch.float32, max_seqs=2,
-                     num_kv_heads=2)
-    good = dict(zip(("q", "k_cache", "v_cache", "block_tables", "context_lens", "cu_seqlens_q", "tree_mask"),
-                    case.args()))
+    case = make_case(
+        7000, group=2, head_dim=64, block_size=16, mask_kind="tree", dtype=torch.float32, max_seqs=2, num_kv_heads=2
+    )
+    good = dict(
+        zip(("q", "k_cache", "v_cache", "block_tables", "context_lens", "cu_seqlens_q", "tree_mask"), case.args())
+    )
 
     def call(pattern: str, **bad) -> None:
         with pytest.raises(ValueError, match=pattern):
@@ -442,8 +576,11 @@ def test_validation_errors(impl: str) -> None:
     call("context_mask must be a bool", context_mask=torch.ones(1, 400, dtype=torch.bool, device=DEVICE))
     call("context_mask must be a bool", context_mask=torch.ones(2, 400, dtype=torch.int32, device=DEVICE))
     if impl == "reference":  # value checks need the metadata on the host; the Triton path skips them
-        call("context_mask has only", context_mask=torch.ones(2, 0, dtype=torch.bool, device=DEVICE),
-             context_lens=case.context_lens + 1)
+        call(
+            "context_mask has only",
+            context_mask=torch.ones(2, 0, dtype=torch.bool, device=DEVICE),
+            context_lens=case.context_lens + 1,
+        )
         call("does not fit", context_lens=case.context_lens + 10_000)
         call("cu_seqlens_q must start at 0", cu_seqlens_q=case.cu_seqlens_q + 1)
 
@@ -457,15 +594,19 @@ def cache_ops(impl: str):
     if impl == "reference":
         return reference
     from leapserve.kernels import cache_ops as triton_cache_ops
+
     return triton_cache_ops
 
 
-def random_cache(seed: int, dtype: torch.dtype, num_blocks: int = 9, block_size: int = 16, num_kv_heads: int = 3,
-                 head_dim: int = 80) -> tuple[torch.Tensor, torch.Tensor]:
+def random_cache(
+    seed: int, dtype: torch.dtype, num_blocks: int = 9, block_size: int = 16, num_kv_heads: int = 3, head_dim: int = 80
+) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    return (torch.randn(shape, generator=gen).to(dtype).to(DEVICE),
-            torch.randn(shape, generator=gen).to(dtype).to(DEVICE))
+    return (
+        torch.randn(shape, generator=gen).to(dtype).to(DEVICE),
+        torch.randn(shape, generator=gen).to(dtype).to(DEVICE),
+    )
 
 
 def flat(cache: torch.Tensor) -> torch.Tensor:

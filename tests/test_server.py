@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, end to end: a real `leapserve serve` subprocess on a tiny random Llama,
 spoken to with the `openai` client and raw httpx."""
+
 from __future__ import annotations
 
 import asyncio
@@ -9,10 +10,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import openai
@@ -39,10 +40,27 @@ def _free_port() -> int:
 def running_server(model_dir: Path, log_path: Path, *extra_args: str, startup_timeout: float = 120) -> Iterator[str]:
     """`leapserve serve` in a subprocess; yields its base URL once /health answers, stops it afterwards."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "leapserve.cli", "serve", "--model", str(model_dir),
-           "--served-model-name", MODEL, "--port", str(port), "--api-key", API_KEY,
-           "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning",
-           "--logits-processors", "fault_injection:fail_if_poisoned,fault_injection:delay_if_slow", *extra_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "leapserve.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        MODEL,
+        "--port",
+        str(port),
+        "--api-key",
+        API_KEY,
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--log-level",
+        "warning",
+        "--logits-processors",
+        "fault_injection:fail_if_poisoned,fault_injection:delay_if_slow",
+        *extra_args,
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))}
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
@@ -73,8 +91,9 @@ def _healthy(url: str) -> bool:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with running_server(tiny_model_dir, log, "--kv-cache-tokens", "16384", "--max-num-seqs", "32",
-                        "--max-waiting-requests", "64") as url:
+    with running_server(
+        tiny_model_dir, log, "--kv-cache-tokens", "16384", "--max-num-seqs", "32", "--max-waiting-requests", "64"
+    ) as url:
         yield url
 
 
@@ -91,13 +110,20 @@ def tokenizer(smollm2_tokenizer):
 def post(url: str, path: str, body: dict | bytes, *, key: str | None = API_KEY, timeout: float = 60) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if isinstance(body, bytes):
-        return httpx.post(url + path, content=body, headers={**headers, "Content-Type": "application/json"},
-                          timeout=timeout)
+        return httpx.post(
+            url + path, content=body, headers={**headers, "Content-Type": "application/json"}, timeout=timeout
+        )
     return httpx.post(url + path, json=body, headers=headers, timeout=timeout)
 
 
-def assert_error(resp: httpx.Response, status: int, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> dict:
+def assert_error(
+    resp: httpx.Response,
+    status: int,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict:
     assert resp.status_code == status, resp.text
     body = resp.json()
     assert set(body) == {"error"}
@@ -113,8 +139,11 @@ def assert_error(resp: httpx.Response, status: int, *, type: str = "invalid_requ
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
     """/metrics as {(sample name, sorted labels): value}."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def metric(samples: dict, name: str, **labels: str) -> float:
@@ -126,15 +155,17 @@ def wait_until_idle(url: str, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         samples = scrape(url)
-        if all(metric(samples, f"leapserve:{name}") == 0
-               for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")):
+        if all(
+            metric(samples, f"leapserve:{name}") == 0
+            for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+        ):
             return samples
         assert time.monotonic() < deadline, f"engine still busy after {timeout} s: {samples}"
         time.sleep(0.05)
 
 
 def sse_events(resp: httpx.Response) -> list[str]:
-    return [line[len("data: "):] for line in resp.text.splitlines() if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in resp.text.splitlines() if line.startswith("data: ")]
 
 
 # ---------------------------------------------------------------- endpoints
@@ -146,9 +177,19 @@ def test_health_models_and_metrics_endpoints(server, client):
     assert [m.id for m in models.data] == [MODEL]
     resp = httpx.get(f"{server}/metrics")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
-    for name in ("request_success_total", "request_failure_total", "prompt_tokens_total", "generation_tokens_total",
-                 "time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
-                 "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total"):
+    for name in (
+        "request_success_total",
+        "request_failure_total",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "time_to_first_token_seconds",
+        "inter_token_latency_seconds",
+        "e2e_request_latency_seconds",
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "num_preemptions_total",
+    ):
         assert f"leapserve:{name}" in resp.text
 
 
@@ -180,16 +221,18 @@ def test_prompt_forms_and_choice_indexing(client, tokenizer):
 
 
 def test_seeded_sampling_is_reproducible(client):
-    kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, top_p=0.9, seed=1234, n=3,
-                  extra_body=IGNORE_EOS)
+    kwargs = dict(
+        model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, top_p=0.9, seed=1234, n=3, extra_body=IGNORE_EOS
+    )
     texts = [c.text for c in client.completions.create(**kwargs).choices]
     assert [c.text for c in client.completions.create(**kwargs).choices] == texts
     assert len(set(texts)) > 1  # each of the n samples draws its own tokens
 
 
 def test_completion_stream_matches_non_streaming(client):
-    kwargs = dict(model=MODEL, prompt=[PROMPT, "Hello"], n=2, max_tokens=7, temperature=0, logprobs=2,
-                  extra_body=IGNORE_EOS)
+    kwargs = dict(
+        model=MODEL, prompt=[PROMPT, "Hello"], n=2, max_tokens=7, temperature=0, logprobs=2, extra_body=IGNORE_EOS
+    )
     full = client.completions.create(**kwargs)
     texts, tokens, offsets, finish = {}, {}, {}, {}
     chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
@@ -210,8 +253,9 @@ def test_completion_stream_matches_non_streaming(client):
 
 
 def test_completion_logprobs(client):
-    resp = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3,
-                                     extra_body=IGNORE_EOS)
+    resp = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3, extra_body=IGNORE_EOS
+    )
     lp = resp.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
     assert "".join(lp.tokens) == resp.choices[0].text
@@ -249,15 +293,29 @@ def test_chat_completion_and_stream(client, tokenizer):
 
 
 def test_chat_max_tokens_and_n(client):
-    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
-                                          n=2, temperature=0.8, seed=5, extra_body=IGNORE_EOS)
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=3,
+        n=2,
+        temperature=0.8,
+        seed=5,
+        extra_body=IGNORE_EOS,
+    )
     assert [c.index for c in resp.choices] == [0, 1]
     assert resp.usage.completion_tokens == 6
 
 
 def test_chat_logprobs(client):
-    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=5, temperature=0,
-                  logprobs=True, top_logprobs=2, extra_body=IGNORE_EOS)
+    kwargs = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body=IGNORE_EOS,
+    )
     resp = client.chat.completions.create(**kwargs)
     content = resp.choices[0].logprobs.content
     assert len(content) == 5
@@ -266,21 +324,26 @@ def test_chat_logprobs(client):
         assert t.bytes == list(t.token.encode()) and t.logprob <= 0
         assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
         assert t.top_logprobs[0].token == t.token  # greedy
-    streamed = [t for chunk in client.chat.completions.create(stream=True, **kwargs)
-                if chunk.choices and chunk.choices[0].logprobs for t in chunk.choices[0].logprobs.content]
+    streamed = [
+        t
+        for chunk in client.chat.completions.create(stream=True, **kwargs)
+        if chunk.choices and chunk.choices[0].logprobs
+        for t in chunk.choices[0].logprobs.content
+    ]
     assert streamed == content
 
 
 def test_stop_strings(client):
     greedy = dict(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, extra_body=IGNORE_EOS)
     text = client.completions.create(**greedy).choices[0].text
-    stop = text[len(text) // 2:len(text) // 2 + 3]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
     cut = text.find(stop)
     resp = client.completions.create(stop=stop, **greedy)
     assert resp.choices[0].text == text[:cut] and resp.choices[0].finish_reason == "stop"
-    kept = client.completions.create(stop=["never-generated", stop], **{**greedy, "extra_body": {
-        **IGNORE_EOS, "include_stop_str_in_output": True}})
-    assert kept.choices[0].text == text[:cut + len(stop)]
+    kept = client.completions.create(
+        stop=["never-generated", stop], **{**greedy, "extra_body": {**IGNORE_EOS, "include_stop_str_in_output": True}}
+    )
+    assert kept.choices[0].text == text[: cut + len(stop)]
     streamed = "".join(c.choices[0].text for c in client.completions.create(stop=stop, stream=True, **greedy))
     assert streamed == text[:cut]
 
@@ -293,35 +356,42 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
 COMPLETION = {"model": MODEL, "prompt": "Hi"}
 
 
-@pytest.mark.parametrize(("path", "body", "param"), [
-    ("/v1/completions", {**COMPLETION, "max_tokens": 0}, "max_tokens"),
-    ("/v1/completions", {**COMPLETION, "max_tokens": -3}, "max_tokens"),
-    ("/v1/completions", {**COMPLETION, "max_tokens": "ten"}, "max_tokens"),
-    ("/v1/completions", {**COMPLETION, "temperature": 2.5}, "temperature"),
-    ("/v1/completions", {**COMPLETION, "temperature": "hot"}, "temperature"),
-    ("/v1/completions", {**COMPLETION, "top_p": 0}, "top_p"),
-    ("/v1/completions", {**COMPLETION, "n": 100}, "n"),
-    ("/v1/completions", {**COMPLETION, "logprobs": 50}, "logprobs"),
-    ("/v1/completions", {**COMPLETION, "stop": [""]}, "stop"),
-    ("/v1/completions", {**COMPLETION, "stream": "yes please"}, "stream"),
-    ("/v1/completions", {"model": MODEL}, "prompt"),
-    ("/v1/completions", {**COMPLETION, "prompt": ""}, "prompt"),
-    ("/v1/completions", {**COMPLETION, "prompt": []}, "prompt"),
-    ("/v1/completions", {**COMPLETION, "prompt": [1, "a"]}, "prompt"),
-    ("/v1/completions", {**COMPLETION, "prompt": [10**9]}, "prompt"),
-    ("/v1/completions", {**COMPLETION, "prompt": LONG_PROMPT}, "prompt"),
-    ("/v1/completions", {**COMPLETION, "prompt": [100] * 200, "max_tokens": 100}, "max_tokens"),
-    ("/v1/completions", {**COMPLETION, "prompt": LONG_PROMPT, "stream": True}, "prompt"),
-    ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
-    ("/v1/chat/completions", {"model": MODEL}, "messages"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "Hi"}]}, "messages"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x " * 300}]}, "prompt"),
-    ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, "max_tokens"),
-    ("/v1/chat/completions", {**CHAT, "n": 0}, "n"),
-    ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
-    ("/v1/chat/completions", {**CHAT, "temperature": -1, "stream": True}, "temperature"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {**COMPLETION, "max_tokens": 0}, "max_tokens"),
+        ("/v1/completions", {**COMPLETION, "max_tokens": -3}, "max_tokens"),
+        ("/v1/completions", {**COMPLETION, "max_tokens": "ten"}, "max_tokens"),
+        ("/v1/completions", {**COMPLETION, "temperature": 2.5}, "temperature"),
+        ("/v1/completions", {**COMPLETION, "temperature": "hot"}, "temperature"),
+        ("/v1/completions", {**COMPLETION, "top_p": 0}, "top_p"),
+        ("/v1/completions", {**COMPLETION, "n": 100}, "n"),
+        ("/v1/completions", {**COMPLETION, "logprobs": 50}, "logprobs"),
+        ("/v1/completions", {**COMPLETION, "stop": [""]}, "stop"),
+        ("/v1/completions", {**COMPLETION, "stream": "yes please"}, "stream"),
+        ("/v1/completions", {"model": MODEL}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": ""}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": []}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": [1, "a"]}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": [10**9]}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": LONG_PROMPT}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": [100] * 200, "max_tokens": 100}, "max_tokens"),
+        ("/v1/completions", {**COMPLETION, "prompt": LONG_PROMPT, "stream": True}, "prompt"),
+        ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
+        ("/v1/chat/completions", {"model": MODEL}, "messages"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "Hi"}]}, "messages"),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages",
+        ),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x " * 300}]}, "prompt"),
+        ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, "max_tokens"),
+        ("/v1/chat/completions", {**CHAT, "n": 0}, "n"),
+        ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {**CHAT, "temperature": -1, "stream": True}, "temperature"),
+    ],
+)
 def test_invalid_requests_get_400(server, path, body, param):
     assert_error(post(server, path, body), 400, param=param)
 
@@ -365,8 +435,11 @@ def test_engine_failure_fails_only_that_request(server, client):
     failures_before = metric(scrape(server), "leapserve:request_failure_total")
 
     def normal(i: int) -> str:
-        return client.completions.create(model=MODEL, prompt=f"{PROMPT} {i}", max_tokens=12,
-                                         extra_body=IGNORE_EOS).choices[0].finish_reason
+        return (
+            client.completions.create(model=MODEL, prompt=f"{PROMPT} {i}", max_tokens=12, extra_body=IGNORE_EOS)
+            .choices[0]
+            .finish_reason
+        )
 
     with ThreadPoolExecutor(6) as pool:
         normals = [pool.submit(normal, i) for i in range(4)]
@@ -393,8 +466,16 @@ def test_engine_failure_fails_only_that_request(server, client):
 
 
 def test_queue_full_gets_503_with_retry_after(tiny_model_dir, tmp_path):
-    with running_server(tiny_model_dir, tmp_path / "server.log", "--kv-cache-tokens", "4096",
-                        "--max-num-seqs", "1", "--max-waiting-requests", "1") as url:
+    with running_server(
+        tiny_model_dir,
+        tmp_path / "server.log",
+        "--kv-cache-tokens",
+        "4096",
+        "--max-num-seqs",
+        "1",
+        "--max-waiting-requests",
+        "1",
+    ) as url:
         slow = {**COMPLETION, "prompt": SLOW_PREFIX + [100], "max_tokens": 25, **IGNORE_EOS}
         with ThreadPoolExecutor(6) as pool:
             responses = list(pool.map(lambda _: post(url, "/v1/completions", slow), range(6)))
@@ -412,8 +493,9 @@ def test_client_disconnect_aborts_and_frees_kv_blocks(server):
     long_request = {**COMPLETION, "prompt": SLOW_PREFIX + [100], "max_tokens": 200, **IGNORE_EOS}
     aborted_before = metric(scrape(server), "leapserve:request_success_total", finished_reason="abort")
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    with httpx.stream("POST", f"{server}/v1/completions", json={**long_request, "stream": True}, headers=headers,
-                      timeout=30) as resp:
+    with httpx.stream(
+        "POST", f"{server}/v1/completions", json={**long_request, "stream": True}, headers=headers, timeout=30
+    ) as resp:
         lines = resp.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
         busy = scrape(server)
@@ -436,8 +518,12 @@ def test_concurrent_streams_match_sequential_outputs(server):
     kwargs = dict(model=MODEL, max_tokens=12, temperature=0, extra_body=IGNORE_EOS)
 
     async def stream(prompt: str) -> tuple[str, openai.types.CompletionUsage]:
-        chunks = [c async for c in await aclient.completions.create(
-            prompt=prompt, stream=True, stream_options={"include_usage": True}, **kwargs)]
+        chunks = [
+            c
+            async for c in await aclient.completions.create(
+                prompt=prompt, stream=True, stream_options={"include_usage": True}, **kwargs
+            )
+        ]
         return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage
 
     async def run_all() -> list:
@@ -458,8 +544,11 @@ def test_metrics_count_requests(server, client, tokenizer):
     messages = [{"role": "user", "content": "Hi"}]
     before = scrape(server)
     resp = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, extra_body=IGNORE_EOS)
-    list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0, stream=True,
-                                        extra_body=IGNORE_EOS))
+    list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=4, temperature=0, stream=True, extra_body=IGNORE_EOS
+        )
+    )
     after = scrape(server)
 
     def delta(name: str, **labels: str) -> float:

@@ -1,5 +1,6 @@
 """The drafters shipped for SmolLM2-135M-Instruct: lossless in every layout and tree, and actually trained (they
 accept far more than a random drafter would)."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,12 @@ from leapserve.decoding.config import DEFAULT_MODEL
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 FSPAD = CHECKPOINTS / "smollm2-135m-instruct-fspad"
 ADASPEC = CHECKPOINTS / "smollm2-135m-instruct-adaspec"
-PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a string.",
-           "Tom has 12 apples and buys 7 more. How many apples does he have?", "Give me three facts about the moon."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "Tom has 12 apples and buys 7 more. How many apples does he have?",
+    "Give me three facts about the moon.",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -22,29 +27,39 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def expected() -> list[list[int]]:
     llm = LLM(DEFAULT_MODEL, decoder="autoregressive", kv_cache_tokens=8192)
-    outs = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS],
-                    SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)
+    outs = llm.chat(
+        [[{"role": "user", "content": p}] for p in PROMPTS],
+        SamplingParams(temperature=0, max_tokens=40),
+        use_tqdm=False,
+    )
     return [o.outputs[0].token_ids for o in outs]
 
 
 @pytest.mark.parametrize("path", [FSPAD, ADASPEC], ids=["fspad", "adaspec"])
 def test_shipped_drafter_is_small_and_documented(path):
     weights = path / "model.safetensors"
-    assert weights.is_file() and weights.stat().st_size < 32 * 2 ** 20
+    assert weights.is_file() and weights.stat().st_size < 32 * 2**20
     card = (path / "README.md").read_text()
     assert "## Command" in card and "mean_acceptance_length" in card
     assert json.loads((path / "config.json").read_text())
 
 
-@pytest.mark.parametrize("spec", [
-    {"method": "fspad", "model": str(FSPAD), "tree": {"depth": 5, "top_k": 8, "total_tokens": 32}},
-    {"method": "fspad", "model": str(FSPAD), "num_speculative_tokens": 4, "layout": "padded"},
-    {"method": "draft_model", "model": str(ADASPEC), "num_speculative_tokens": 3},
-], ids=["fspad-tree", "fspad-chain-padded", "adaspec-chain"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"method": "fspad", "model": str(FSPAD), "tree": {"depth": 5, "top_k": 8, "total_tokens": 32}},
+        {"method": "fspad", "model": str(FSPAD), "num_speculative_tokens": 4, "layout": "padded"},
+        {"method": "draft_model", "model": str(ADASPEC), "num_speculative_tokens": 3},
+    ],
+    ids=["fspad-tree", "fspad-chain-padded", "adaspec-chain"],
+)
 def test_shipped_drafter_greedy_equals_autoregressive(spec, expected):
     llm = LLM(DEFAULT_MODEL, speculative_config={**spec, "adaptive": False}, kv_cache_tokens=8192)
-    outs = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS],
-                    SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)
+    outs = llm.chat(
+        [[{"role": "user", "content": p}] for p in PROMPTS],
+        SamplingParams(temperature=0, max_tokens=40),
+        use_tqdm=False,
+    )
     assert [o.outputs[0].token_ids for o in outs] == expected
     forwards = sum(o.metrics.target_forwards for o in outs)
     accepted = sum(o.metrics.accepted_tokens for o in outs)

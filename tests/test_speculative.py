@@ -1,6 +1,7 @@
 """The speculative decoder: greedy output identical to autoregressive decoding and to transformers' generate
 (n-gram and draft-model drafters, chains, static and dynamic trees, packed and padded layouts, batches of
 1 to 8), lossless sampling (exact target distribution of the first two tokens), configuration, and the server."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,8 @@ from test_server import API_KEY, MODEL, metric, running_server, scrape
 SMOLLM2 = DEFAULT_MODEL
 PROMPTS = [
     "The capital of France is",
-    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\ndef factorial(n):",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"
+    "def factorial(n):",
     "1, 2, 3, 4, 5, 6, 7, 8,",
     "Once upon a time, in a land far away, there lived a dragon who",
     "Repeat after me: the cat sat on the mat. The cat sat on the mat. The cat",
@@ -44,6 +46,7 @@ PROMPTS = [
 
 
 # ---- units -----------------------------------------------------------------------------------------------------
+
 
 def test_tree_metadata():
     #        root(0)
@@ -68,24 +71,34 @@ def test_ngram_lookup():
     assert lookup([1, 2, 3], 1, 2, 4) == []
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"method": "medusa", "num_speculative_tokens": 2}, "method must be one of"),
-    ({"method": "draft_model", "num_speculative_tokens": 2}, "needs \"model\""),
-    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
-    ({"method": "ngram", "num_speculative_tokens": "4"}, "num_speculative_tokens"),
-    ({"method": "ngram", "num_speculative_tokens": 2, "layout": "ragged"}, "layout"),
-    ({"method": "ngram", "num_speculative_tokens": 2, "tree": [2, 1]}, "chains only"),
-    ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "unknown keys"),
-    ({"method": "draft_model", "model": "x", "tree": {"depth": 0}}, "dynamic tree"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"method": "medusa", "num_speculative_tokens": 2}, "method must be one of"),
+        ({"method": "draft_model", "num_speculative_tokens": 2}, 'needs "model"'),
+        ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+        ({"method": "ngram", "num_speculative_tokens": "4"}, "num_speculative_tokens"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "layout": "ragged"}, "layout"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "tree": [2, 1]}, "chains only"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "unknown keys"),
+        ({"method": "draft_model", "model": "x", "tree": {"depth": 0}}, "dynamic tree"),
+    ],
+)
 def test_speculative_config_validation(bad, message):
     with pytest.raises(ValueError, match=message):
         SpeculativeConfig.from_dict(bad)
 
 
 def test_speculative_config_selects_decoder_and_reserves_lookahead(tiny_model_dir):
-    llm = LLM(str(tiny_model_dir), kv_cache_tokens=1024, speculative_config={
-        "method": "draft_model", "model": str(tiny_model_dir), "tree": {"depth": 3, "top_k": 4, "total_tokens": 10}})
+    llm = LLM(
+        str(tiny_model_dir),
+        kv_cache_tokens=1024,
+        speculative_config={
+            "method": "draft_model",
+            "model": str(tiny_model_dir),
+            "tree": {"depth": 3, "top_k": 4, "total_tokens": 10},
+        },
+    )
     engine = llm.engine
     assert engine.decoder_name == "speculative" and engine.config.decoder is None  # the caller's config as given
     assert engine.decoder.lookahead == 10  # the larger of the tree and the draft model's own expanded nodes
@@ -100,15 +113,26 @@ def test_plain_and_penalised_greedy_requests_verified_in_one_batch(tiny_model_di
     still gets exactly what autoregressive decoding gives it."""
     path = str(tiny_model_dir)
     plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
     def odd_only(prompt_ids, output_ids, logits):
         return logits.masked_fill(torch.arange(logits.shape[-1]) % 2 == 0, float("-inf"))
 
-    penalised = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, presence_penalty=2.0,
-                               frequency_penalty=2.0, logits_processors=[odd_only], logprobs=2)
+    penalised = SamplingParams(
+        temperature=0,
+        max_tokens=24,
+        ignore_eos=True,
+        presence_penalty=2.0,
+        frequency_penalty=2.0,
+        logits_processors=[odd_only],
+        logprobs=2,
+    )
     prompts, params = [PROMPTS[3], PROMPTS[3], PROMPTS[0], PROMPTS[0]], [plain, penalised, plain, penalised]
     want = LLM(path, kv_cache_tokens=2048).generate(prompts, params, use_tqdm=False)
-    llm = LLM(path, kv_cache_tokens=2048, speculative_config={
-        "method": "draft_model", "model": path, "tree": [2, 2, 1], "adaptive": False})
+    llm = LLM(
+        path,
+        kv_cache_tokens=2048,
+        speculative_config={"method": "draft_model", "model": path, "tree": [2, 2, 1], "adaptive": False},
+    )
     got = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     assert all(t % 2 for t in got[1].outputs[0].token_ids)  # the processor was applied...
@@ -120,6 +144,7 @@ def test_plain_and_penalised_greedy_requests_verified_in_one_batch(tiny_model_di
 
 
 # ---- adaptive speculation: drafting only where it pays ---------------------------------------------------------
+
 
 def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
     selector = ModeSelector()
@@ -166,9 +191,20 @@ def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
     # Near parity (drafting 1.05x, below the 1.1x margin) a probe costs nothing: the back-off alone spaces them,
     # 16 steps at first and twice as far after each probe that changes nothing, up to 256.
     selector = ModeSelector()
-    assert run(2, 700, {True: 105.0, False: 100.0}) == [("D", 3), ("p", 16), ("D", 3), ("p", 29), ("D", 3),
-                                                        ("p", 61), ("D", 3), ("p", 125), ("D", 3), ("p", 253),
-                                                        ("D", 3), ("p", 198)]
+    assert run(2, 700, {True: 105.0, False: 100.0}) == [
+        ("D", 3),
+        ("p", 16),
+        ("D", 3),
+        ("p", 29),
+        ("D", 3),
+        ("p", 61),
+        ("D", 3),
+        ("p", 125),
+        ("D", 3),
+        ("p", 253),
+        ("D", 3),
+        ("p", 198),
+    ]
     # The batch size varies within a bucket (9 to 16 sequences here): modes are compared by tokens per sequence,
     # so plain steps of 10 sequences are not judged against drafting steps of 16. Per step, drafting commits 2.2
     # tokens per sequence in 224 ms; plain decoding one in 60 ms + 1.5 ms per sequence (84 ms for 16, 75 ms for
@@ -180,7 +216,12 @@ def test_mode_selector_runs_the_faster_mode_and_probes_the_other():
         selector.record(n, drafts, 2.2 * n if drafts else n, 0.224 if drafts else 0.060 + 0.0015 * n, True)
         modes += "D" if drafts else "p"
     assert [(mode, len(list(run))) for mode, run in itertools.groupby(modes)] == [
-        ("D", 3), ("p", 237), ("D", 3), ("p", 157)]
+        ("D", 3),
+        ("p", 237),
+        ("D", 3),
+        ("p", 157),
+    ]
+
     # Steps with prompt tokens ("_" plain, "d" drafting) are not timed: here every other step carries a prompt.
     # Within a warm-up or probe of drafting they decode plainly, neither ending nor joining it (the warm-up's
     # three drafting steps are those without); where drafting is the choice, they draft too.
@@ -222,8 +263,19 @@ def test_mode_selector_switches_to_drafting_only_on_enough_steps():
         selector.record(4, drafts, 4 * tokens, 0.2 if drafts else 0.1, True)
         modes += "D" if drafts else "p"
     assert [(mode, len(list(run))) for mode, run in itertools.groupby(modes)] == [
-        ("D", 3), ("p", 3), ("D", 5), ("p", 13), ("D", 5), ("p", 29), ("D", 5), ("p", 61), ("D", 5), ("p", 125),
-        ("D", 5), ("p", 41)]
+        ("D", 3),
+        ("p", 3),
+        ("D", 5),
+        ("p", 13),
+        ("D", 5),
+        ("p", 29),
+        ("D", 5),
+        ("p", 61),
+        ("D", 5),
+        ("p", 125),
+        ("D", 5),
+        ("p", 41),
+    ]
     assert selector.buckets[4].best is False
 
 
@@ -239,7 +291,11 @@ class TamperedDrafter:
     def __init__(self, tamper: Tamper, spec: SpeculativeConfig, runner, sampler, on_forward=None):
         self.tamper = tamper
         self.inner = make_drafter(dataclasses.replace(spec, method="draft_model"), runner, sampler, on_forward)
-        self.lookahead, self.max_nodes, self.max_depth = self.inner.lookahead, self.inner.max_nodes, self.inner.max_depth
+        self.lookahead, self.max_nodes, self.max_depth = (
+            self.inner.lookahead,
+            self.inner.max_nodes,
+            self.inner.max_depth,
+        )
 
     def propose(self, scheduled, budgets: list[int]) -> list[DraftTree]:
         return self.tamper(scheduled, budgets, self.inner.propose(scheduled, budgets))
@@ -254,8 +310,17 @@ _tampered_ids = itertools.count()
 def tampered_method(tamper: Tamper) -> str:
     """Register a drafter method whose draft model's proposals `tamper` rewrites; returns its name."""
     name = f"tampered-{next(_tampered_ids)}"
-    register_drafter(DrafterMethod(name, functools.partial(TamperedDrafter, tamper), needs_model=True, trees=True,
-                                   sampling=True, target_features=False, help="a test's tampered draft model"))
+    register_drafter(
+        DrafterMethod(
+            name,
+            functools.partial(TamperedDrafter, tamper),
+            needs_model=True,
+            trees=True,
+            sampling=True,
+            target_features=False,
+            help="a test's tampered draft model",
+        )
+    )
     return name
 
 
@@ -282,8 +347,13 @@ def test_adaptive_drafts_only_where_drafting_pays(tiny_model_dir, accepted):
         return trees if accepted else [DraftTree.chain([(t + 1) % vocab for t in tree.tokens]) for tree in trees]
 
     clock, steps = VirtualClock(lambda tokens: 0.010 + 0.001 * tokens, lambda tokens: 0.001), StepLog()
-    llm = LLM(path, kv_cache_tokens=4096, clock=clock, observers=[clock, steps], speculative_config={
-        "method": tampered_method(shifted), "model": path, "num_speculative_tokens": 4})
+    llm = LLM(
+        path,
+        kv_cache_tokens=4096,
+        clock=clock,
+        observers=[clock, steps],
+        speculative_config={"method": tampered_method(shifted), "model": path, "num_speculative_tokens": 4},
+    )
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == want
     late = [r.drafted for r in steps.records[8:]]
@@ -294,9 +364,9 @@ def test_adaptive_drafts_only_where_drafting_pays(tiny_model_dir, accepted):
         assert sum(o.metrics.accepted_tokens for o in outs) == 0
 
 
-
-def _on_roofline(path: str, running: int, knee: int, accept: float, speculative_config: dict | None = None,
-                 slow_every: int = 0) -> tuple[float, list[list[int]]]:
+def _on_roofline(
+    path: str, running: int, knee: int, accept: float, speculative_config: dict | None = None, slow_every: int = 0
+) -> tuple[float, list[list[int]]]:
     """64 requests (prompts of 32-256 random tokens, 48 tokens each) under continuous batching with at most
     `running` at once, on a modeled accelerator: a target forward of T tokens costs max(10 ms, 10 ms x T / knee)
     (flat while the weights' stream dominates, then linear), a draft forward a tenth of that, and with
@@ -308,8 +378,9 @@ def _on_roofline(path: str, running: int, knee: int, accept: float, speculative_
 
     def slowed(share: float) -> Callable[[int], float]:
         forwards = itertools.count()
-        return lambda tokens: share * roofline.seconds(tokens) * (
-            1.5 if slow_every and next(forwards) % slow_every == 0 else 1.0)
+        return lambda tokens: (
+            share * roofline.seconds(tokens) * (1.5 if slow_every and next(forwards) % slow_every == 0 else 1.0)
+        )
 
     clock = VirtualClock(slowed(1.0), slowed(0.1))
     if speculative_config:
@@ -323,19 +394,27 @@ def _on_roofline(path: str, running: int, knee: int, accept: float, speculative_
             return trees
 
         speculative_config = {**speculative_config, "method": tampered_method(corrupted)}
-    llm = LLM(path, kv_cache_tokens=running * 640, max_num_seqs=running, speculative_config=speculative_config,
-              clock=clock, observers=[clock])
+    llm = LLM(
+        path,
+        kv_cache_tokens=running * 640,
+        max_num_seqs=running,
+        speculative_config=speculative_config,
+        clock=clock,
+        observers=[clock],
+    )
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), use_tqdm=False)
     return clock.now, [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.parametrize("running, knee, accept, slow_every, fixed_below", [
-    (16, 32, 0.5, 0, 0.8),  # verifying 16 x 5 tokens is far past the knee: drafting loses about 25%
-    (16, 64, 0.3, 10, 0.9),  # poor acceptance, every tenth forward slowed
-    (8, 64, 0.6, 0, None),  # drafting pays
-])
-def test_adaptive_speculation_on_a_modeled_accelerator(tiny_model_dir, running, knee, accept, slow_every,
-                                                      fixed_below):
+@pytest.mark.parametrize(
+    "running, knee, accept, slow_every, fixed_below",
+    [
+        (16, 32, 0.5, 0, 0.8),  # verifying 16 x 5 tokens is far past the knee: drafting loses about 25%
+        (16, 64, 0.3, 10, 0.9),  # poor acceptance, every tenth forward slowed
+        (8, 64, 0.6, 0, None),  # drafting pays
+    ],
+)
+def test_adaptive_speculation_on_a_modeled_accelerator(tiny_model_dir, running, knee, accept, slow_every, fixed_below):
     """Adaptive speculation on hardware whose forward cost is flat up to a knee and then linear (GPUs, AMX), modeled
     by a virtual clock over the real engine and drafter. Where drafting on every step loses (a chain of 4 at 16
     running), adaptive speculation is at least 0.98x plain batched decoding: it pays its warm-up and probes only;
@@ -354,7 +433,9 @@ def test_adaptive_speculation_on_a_modeled_accelerator(tiny_model_dir, running, 
         assert plain / fixed > 1.2
         assert plain / adaptive >= 1 + 0.85 * (plain / fixed - 1)
 
+
 # ---- the padded layout: the vanilla baseline's masked KV slots ---------------------------------------------------
+
 
 def _uneven_self_draft(vocab: int) -> str:
     """A drafter method whose (self-)draft is wrong at a position that differs by sequence and step, so that the
@@ -382,17 +463,28 @@ def test_padded_layout_advances_every_sequence_by_the_longest_accepted_path(tiny
     want = [o.outputs[0].token_ids for o in LLM(path, kv_cache_tokens=4096).generate(prompts, params, use_tqdm=False)]
     vocab = AutoConfig.from_pretrained(path).vocab_size
     for layout in ("packed", "padded"):
-        llm = LLM(path, kv_cache_tokens=kv_cache_tokens, speculative_config={
-            "method": _uneven_self_draft(vocab), "model": path, "num_speculative_tokens": 4, "adaptive": False,
-            "layout": layout})
+        llm = LLM(
+            path,
+            kv_cache_tokens=kv_cache_tokens,
+            speculative_config={
+                "method": _uneven_self_draft(vocab),
+                "model": path,
+                "num_speculative_tokens": 4,
+                "adaptive": False,
+                "layout": layout,
+            },
+        )
         engine, holes, outs = llm.engine, 0, {}
         for i, prompt in enumerate(prompts):
             engine.add_request(str(i), llm.tokenizer.encode(prompt), params)
         while engine.has_unfinished():  # step by step, looking at the caches between steps
             before = {seq: (seq.num_kv_slots, seq.num_computed) for seq in engine.scheduler.running}
             outs.update((req.request_id, req.output()) for req in engine.step() if req.finished)
-            grown = [seq.num_kv_slots - slots for seq, (slots, computed) in before.items()
-                     if not seq.finished and computed and seq in engine.scheduler.running]
+            grown = [
+                seq.num_kv_slots - slots
+                for seq, (slots, computed) in before.items()
+                if not seq.finished and computed and seq in engine.scheduler.running
+            ]
             if layout == "padded" and not engine.scheduler.num_preemptions:
                 assert len(set(grown)) <= 1, grown  # every decoding sequence moved by the same number of slots
             holes = max([holes] + [seq.num_kv_holes for seq in engine.scheduler.running])
@@ -403,6 +495,7 @@ def test_padded_layout_advances_every_sequence_by_the_longest_accepted_path(tiny
 
 
 # ---- greedy: identical to autoregressive decoding and transformers ------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def smollm2_reference(tmp_path_factory, smollm2_tokenizer):
@@ -415,9 +508,14 @@ def smollm2_reference(tmp_path_factory, smollm2_tokenizer):
     for prompt, p, w in zip(PROMPTS[:3], params, want):
         ids = torch.tensor([llm.tokenizer.encode(prompt)])
         with torch.no_grad():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=p.max_tokens, do_sample=False,
-                              pad_token_id=llm.tokenizer.eos_token_id)
-        assert out[0, ids.shape[1]:].tolist() == w
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=p.max_tokens,
+                do_sample=False,
+                pad_token_id=llm.tokenizer.eos_token_id,
+            )
+        assert out[0, ids.shape[1] :].tolist() == w
     tiny = save_tiny_llama(tmp_path_factory.mktemp("tiny-draft"), smollm2_tokenizer, seed=3)
     return SimpleNamespace(params=params, want=want, path=str(llm.model_path), tiny=str(tiny))
 
@@ -426,14 +524,31 @@ CASES = {  # name -> (speculative_config builder, batch sizes, minimum mean acce
     "ngram-packed": (lambda r: {"method": "ngram", "num_speculative_tokens": 4}, (1, 8), 1.0),
     "ngram-padded": (lambda r: {"method": "ngram", "num_speculative_tokens": 4, "layout": "padded"}, (8,), 1.0),
     "tiny-draft-chain": (lambda r: {"method": "draft_model", "model": r.tiny, "num_speculative_tokens": 3}, (5,), 1.0),
-    "self-draft-chain": (lambda r: {"method": "draft_model", "model": r.path, "num_speculative_tokens": 4,
-                                    "adaptive": False}, (1, 8), 4.0),
-    "self-draft-static-tree-padded": (lambda r: {"method": "draft_model", "model": r.path, "tree": [2, 2, 1],
-                                                 "layout": "padded", "adaptive": False}, (3,), 3.0),
-    "self-draft-dynamic-tree": (lambda r: {"method": "draft_model", "model": r.path, "adaptive": False,
-                                           "tree": {"depth": 3, "top_k": 3, "total_tokens": 8}}, (2, 6), 2.0),
-    "tiny-draft-dynamic-tree": (lambda r: {"method": "draft_model", "model": r.tiny,
-                                           "tree": {"depth": 3, "top_k": 2, "total_tokens": 5}}, (4,), 1.0),
+    "self-draft-chain": (
+        lambda r: {"method": "draft_model", "model": r.path, "num_speculative_tokens": 4, "adaptive": False},
+        (1, 8),
+        4.0,
+    ),
+    "self-draft-static-tree-padded": (
+        lambda r: {"method": "draft_model", "model": r.path, "tree": [2, 2, 1], "layout": "padded", "adaptive": False},
+        (3,),
+        3.0,
+    ),
+    "self-draft-dynamic-tree": (
+        lambda r: {
+            "method": "draft_model",
+            "model": r.path,
+            "adaptive": False,
+            "tree": {"depth": 3, "top_k": 3, "total_tokens": 8},
+        },
+        (2, 6),
+        2.0,
+    ),
+    "tiny-draft-dynamic-tree": (
+        lambda r: {"method": "draft_model", "model": r.tiny, "tree": {"depth": 3, "top_k": 2, "total_tokens": 5}},
+        (4,),
+        1.0,
+    ),
 }
 
 
@@ -475,9 +590,10 @@ def test_greedy_tiny_with_preemption_chunked_prefill_and_logprobs(tiny_model_dir
     assert small.engine.cache.num_free_blocks == small.engine.cache.num_blocks
     # A stop token inside an accepted run ends the request right there.
     stop = want[2].outputs[0].token_ids[7]
-    cut = small.generate(prompts[2], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop]),
-                         use_tqdm=False)[0].outputs[0]
-    assert cut.token_ids == want[2].outputs[0].token_ids[:want[2].outputs[0].token_ids.index(stop) + 1]
+    cut = small.generate(
+        prompts[2], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop]), use_tqdm=False
+    )[0].outputs[0]
+    assert cut.token_ids == want[2].outputs[0].token_ids[: want[2].outputs[0].token_ids.index(stop) + 1]
 
 
 # ---- sampling: the target's distribution, exactly -----------------------------------------------------------------
@@ -496,9 +612,19 @@ def _tiny_vocab_model(path: Path, seed: int, base: Path | None = None) -> Path:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(path)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -526,8 +652,12 @@ def _joint_first_two(model_dir: Path, prompt: list[int], params: SamplingParams)
 def _tv_tolerance(p: torch.Tensor, n: int, quantile: float = 0.999) -> float:
     """The `quantile` of the total-variation distance between p and the empirical law of n draws from p."""
     g = torch.Generator().manual_seed(0)
-    counts = torch.stack([torch.bincount(torch.multinomial(p.flatten(), n, replacement=True, generator=g),
-                                         minlength=p.numel()) for _ in range(400)])
+    counts = torch.stack(
+        [
+            torch.bincount(torch.multinomial(p.flatten(), n, replacement=True, generator=g), minlength=p.numel())
+            for _ in range(400)
+        ]
+    )
     tv = 0.5 * (counts.double() / n - p.flatten()).abs().sum(-1)
     return float(torch.quantile(tv, quantile))
 
@@ -548,21 +678,39 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("name, spec, params", [
-    ("draft-chain", {"method": "draft_model", "num_speculative_tokens": 2},
-     SamplingParams(temperature=1.0, max_tokens=3)),
-    ("draft-tree", {"method": "draft_model", "tree": [3, 2]},
-     SamplingParams(temperature=0.8, top_p=0.9, max_tokens=3)),
-    ("ngram-chain", {"method": "ngram", "num_speculative_tokens": 2},
-     SamplingParams(temperature=1.0, top_k=12, max_tokens=3)),
-])
+@pytest.mark.parametrize(
+    "name, spec, params",
+    [
+        (
+            "draft-chain",
+            {"method": "draft_model", "num_speculative_tokens": 2},
+            SamplingParams(temperature=1.0, max_tokens=3),
+        ),
+        (
+            "draft-tree",
+            {"method": "draft_model", "tree": [3, 2]},
+            SamplingParams(temperature=0.8, top_p=0.9, max_tokens=3),
+        ),
+        (
+            "ngram-chain",
+            {"method": "ngram", "num_speculative_tokens": 2},
+            SamplingParams(temperature=1.0, top_k=12, max_tokens=3),
+        ),
+    ],
+)
 def test_sampling_matches_target_distribution(tiny_vocab, one_thread, name, spec, params):
     prompt = [3, 5, 7, 3, 5, 7, 3]  # n-gram lookup proposes 5, 7
     exact = _joint_first_two(tiny_vocab.target, prompt, params)
     draft = _joint_first_two(tiny_vocab.draft, prompt, params)
-    llm = LLM(str(tiny_vocab.target), kv_cache_tokens=DRAWS * 32, max_num_seqs=512, max_model_len=64,
-              speculative_config={**spec, "model": str(tiny_vocab.draft), "adaptive": False}
-              if spec["method"] == "draft_model" else {**spec, "adaptive": False})
+    llm = LLM(
+        str(tiny_vocab.target),
+        kv_cache_tokens=DRAWS * 32,
+        max_num_seqs=512,
+        max_model_len=64,
+        speculative_config={**spec, "model": str(tiny_vocab.draft), "adaptive": False}
+        if spec["method"] == "draft_model"
+        else {**spec, "adaptive": False},
+    )
     seeded = [SamplingParams(**{**params.__dict__, "seed": i, "ignore_eos": True}) for i in range(DRAWS)]
     outs = llm.generate([prompt] * DRAWS, seeded, use_tqdm=False)
     firsts = torch.tensor([o.outputs[0].token_ids[:2] for o in outs])
@@ -579,17 +727,26 @@ def test_sampling_matches_target_distribution(tiny_vocab, one_thread, name, spec
 
 # ---- through the HTTP server ---------------------------------------------------------------------------------------
 
+
 def test_server_streams_several_tokens_per_step_and_counts_spec_metrics(tiny_model_dir, tmp_path):
     spec = {"method": "draft_model", "model": str(tiny_model_dir), "num_speculative_tokens": 4, "adaptive": False}
-    with running_server(tiny_model_dir, tmp_path / "server.log", "--kv-cache-tokens", "4096",
-                        "--speculative-config", json.dumps(spec)) as url:
+    with running_server(
+        tiny_model_dir, tmp_path / "server.log", "--kv-cache-tokens", "4096", "--speculative-config", json.dumps(spec)
+    ) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
         before = scrape(url)
-        stream = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=20, temperature=0,
-                                           stream=True, extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model=MODEL,
+            prompt="The quick brown fox",
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         chunks = [c for c in stream if c.choices and c.choices[0].text]
-        plain = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=20, temperature=0,
-                                          extra_body={"ignore_eos": True})
+        plain = client.completions.create(
+            model=MODEL, prompt="The quick brown fox", max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+        )
         after = scrape(url)
     assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
     assert len(chunks) <= 20 // 5 + 1  # the model drafts for itself: 5 tokens per step

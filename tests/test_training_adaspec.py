@@ -1,6 +1,7 @@
 """AdaSPEC training: the losses against hand-computed values, the token filter, resumable training, checkpoint
 export, and a tiny end-to-end run (data from a tiny target, reference + draft, the draft serving in the speculative
 decoder with greedy output identical to autoregressive decoding)."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,14 +15,21 @@ from safetensors.torch import load_file
 
 from leapserve.decoding import LLM, SamplingParams
 from leapserve.drafters.checkpoints import SHARED_WITH_TARGET
-from leapserve.training.adaspec import (AdaSpecConfig, adaspec_loss, add_parser, default_layers, forward_kl,
-                                        select_tokens, train_adaspec)
+from leapserve.training.adaspec import (
+    AdaSpecConfig,
+    adaspec_loss,
+    add_parser,
+    default_layers,
+    forward_kl,
+    select_tokens,
+    train_adaspec,
+)
 from leapserve.training.checkpoint import export_checkpoint
 from leapserve.training.data import DataConfig, generate_data
 from leapserve.training.loop import STATE_FILE, TrainConfig, train
 
-
 # ---- losses and the filter ------------------------------------------------------------------------------------------
+
 
 def test_forward_kl_hand_computed():
     # p = (1/4, 3/4), q = (1/2, 1/2): KL = 1/4 ln(1/2) + 3/4 ln(3/2) = 0.130812...; identical distributions: 0.
@@ -63,6 +71,7 @@ def test_default_layers():
 
 
 # ---- the loop: interrupt and resume -------------------------------------------------------------------------------
+
 
 class _Interrupt(Exception):
     pass
@@ -110,25 +119,35 @@ def test_export_is_atomic_and_never_replaces_other_directories(tmp_path):
 
 # ---- end to end -----------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("adaspec-data")
-    return generate_data(DataConfig(model=str(tiny_model_dir), out=str(out), num_prompts=8, max_tokens=24,
-                                    shard_size=4, device="cpu"))
+    return generate_data(
+        DataConfig(model=str(tiny_model_dir), out=str(out), num_prompts=8, max_tokens=24, shard_size=4, device="cpu")
+    )
 
 
 def test_adaspec_end_to_end_draft_serves_with_greedy_equal_to_autoregressive(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "draft"
-    cfg = AdaSpecConfig(model=str(tiny_model_dir), data=str(tiny_data), out=str(out), init_layers=[1],
-                        eval_prompts=2, eval_max_tokens=8, num_speculative_tokens=3,
-                        train=TrainConfig(steps=3, batch_size=2, max_len=256, checkpoint_every=2, device="cpu"))
+    cfg = AdaSpecConfig(
+        model=str(tiny_model_dir),
+        data=str(tiny_data),
+        out=str(out),
+        init_layers=[1],
+        eval_prompts=2,
+        eval_max_tokens=8,
+        num_speculative_tokens=3,
+        train=TrainConfig(steps=3, batch_size=2, max_len=256, checkpoint_every=2, device="cpu"),
+    )
     train_adaspec(cfg)
     weights = load_file(str(out / "model.safetensors"))
     config = json.loads((out / "config.json").read_text())
     assert config[SHARED_WITH_TARGET] == ["model.embed_tokens.weight", "lm_head.weight"]
     assert config["num_hidden_layers"] == 1 and config["leapserve_init_layers"] == [1]
-    assert not set(config[SHARED_WITH_TARGET]) & set(weights) and all(w.dtype == torch.float16
-                                                                       for w in weights.values())
+    assert not set(config[SHARED_WITH_TARGET]) & set(weights) and all(
+        w.dtype == torch.float16 for w in weights.values()
+    )
     card = (out / "README.md").read_text()
     assert "mean_acceptance_length" in card and "speedup" in card
     assert "| steps | 3 |" in card and "| batch size | 5 |" in card  # ceil(2 / 0.4): the paper's token budget
@@ -137,10 +156,15 @@ def test_adaspec_end_to_end_draft_serves_with_greedy_equal_to_autoregressive(tin
 
     prompts = ["The capital of France is", "def add(a, b):", "1, 2, 3, 4,"]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    want = [o.outputs[0].token_ids for o in LLM(str(tiny_model_dir), kv_cache_tokens=1024).generate(
-        prompts, params, use_tqdm=False)]
-    llm = LLM(str(tiny_model_dir), kv_cache_tokens=1024, speculative_config={
-        "method": "draft_model", "model": str(out), "num_speculative_tokens": 3})
+    want = [
+        o.outputs[0].token_ids
+        for o in LLM(str(tiny_model_dir), kv_cache_tokens=1024).generate(prompts, params, use_tqdm=False)
+    ]
+    llm = LLM(
+        str(tiny_model_dir),
+        kv_cache_tokens=1024,
+        speculative_config={"method": "draft_model", "model": str(out), "num_speculative_tokens": 3},
+    )
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
     draft = llm.engine.decoder.drafter.runner.model
     target = llm.engine.runner.model
@@ -153,15 +177,36 @@ def test_cli_distillspec_baseline_and_bad_flags(tiny_model_dir, tiny_data, tmp_p
     add_parser(parser.add_subparsers())
     base = ["adaspec", "--model", str(tiny_model_dir), "--data", str(tiny_data), "--device", "cpu"]
     monkeypatch.chdir(tmp_path)  # a relative --out, served through a relative speculative_config path
-    args = parser.parse_args(base + ["--out", "distill", "--stage", "draft", "--no-filter", "--init-layers", "0",
-                                     "--steps", "2", "--batch-size", "2", "--eval-prompts", "0"])
+    args = parser.parse_args(
+        base
+        + [
+            "--out",
+            "distill",
+            "--stage",
+            "draft",
+            "--no-filter",
+            "--init-layers",
+            "0",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--eval-prompts",
+            "0",
+        ]
+    )
     assert args.filter_fraction == 1.0
     args.handler(args)
     assert "DistillSpec" in (tmp_path / "distill" / "README.md").read_text()
-    llm = LLM(str(tiny_model_dir), kv_cache_tokens=1024, speculative_config={
-        "method": "draft_model", "model": "distill", "num_speculative_tokens": 2})
-    assert len(llm.generate("Hello", SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0]
-               .outputs[0].token_ids) == 5
+    llm = LLM(
+        str(tiny_model_dir),
+        kv_cache_tokens=1024,
+        speculative_config={"method": "draft_model", "model": "distill", "num_speculative_tokens": 2},
+    )
+    assert (
+        len(llm.generate("Hello", SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0].outputs[0].token_ids)
+        == 5
+    )
     with pytest.raises(ValueError, match="needs --reference"):
         args = parser.parse_args(base + ["--out", "x", "--stage", "draft"])
         args.handler(args)

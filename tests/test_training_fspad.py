@@ -1,5 +1,6 @@
 """FSPAD training: the losses by hand, the data shards (features, resume), and a tiny drafter trained end to end
 and used losslessly by the speculative decoder."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from leapserve.decoding import LLM, SamplingParams
-from leapserve.training.export import export_eagle
 from leapserve.training.data import DataConfig, generate_data, read_sequences
-from leapserve.training.fspad import (FSPADTrainConfig, feature_loss, frequent_tokens, soft_cross_entropy,
-                                      train_fspad)
+from leapserve.training.export import export_eagle
+from leapserve.training.fspad import FSPADTrainConfig, feature_loss, frequent_tokens, soft_cross_entropy, train_fspad
 from leapserve.training.loop import TrainConfig
 
 
@@ -37,6 +37,7 @@ def test_soft_cross_entropy_by_hand():
 
 def test_frequent_tokens_keeps_the_most_common_and_eos():
     from leapserve.training.data import TrainSequence
+
     ids = torch.tensor([5, 5, 5, 7, 7, 9, 1])
     seqs = [TrainSequence(ids, torch.ones(7, dtype=torch.bool), None)]
     assert frequent_tokens(seqs, 2, always=[2]).tolist() == [2, 5]  # EOS first, then the most common
@@ -47,8 +48,9 @@ def test_frequent_tokens_keeps_the_most_common_and_eos():
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("fspad-data") / "data"
-    generate_data(DataConfig(model=str(tiny_model_dir), out=str(out), num_prompts=12, shard_size=4, max_tokens=24,
-                             device="cpu"))
+    generate_data(
+        DataConfig(model=str(tiny_model_dir), out=str(out), num_prompts=12, shard_size=4, max_tokens=24, device="cpu")
+    )
     return out
 
 
@@ -70,14 +72,23 @@ def test_shards_hold_the_targets_features_and_resume(tiny_data, tiny_model_dir, 
         assert torch.equal(logits[resp - 1].argmax(-1), s.input_ids[resp])
     # resume: a run asked for 4 prompts, then extended to 12, writes the same shards as one run
     partial = tmp_path / "partial"
-    generate_data(DataConfig(model=str(tiny_model_dir), out=str(partial), num_prompts=4, shard_size=4,
-                             max_tokens=24, device="cpu"))
+    generate_data(
+        DataConfig(
+            model=str(tiny_model_dir), out=str(partial), num_prompts=4, shard_size=4, max_tokens=24, device="cpu"
+        )
+    )
     first = (partial / "shard-00000.safetensors").stat().st_mtime_ns
-    generate_data(DataConfig(model=str(tiny_model_dir), out=str(partial), num_prompts=12, shard_size=4,
-                             max_tokens=24, device="cpu"))
+    generate_data(
+        DataConfig(
+            model=str(tiny_model_dir), out=str(partial), num_prompts=12, shard_size=4, max_tokens=24, device="cpu"
+        )
+    )
     assert (partial / "shard-00000.safetensors").stat().st_mtime_ns == first
     for i in range(3):
-        a, b = load_file(str(partial / f"shard-0000{i}.safetensors")), load_file(str(tiny_data / f"shard-0000{i}.safetensors"))
+        a, b = (
+            load_file(str(partial / f"shard-0000{i}.safetensors")),
+            load_file(str(tiny_data / f"shard-0000{i}.safetensors")),
+        )
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["loss_mask"], b["loss_mask"])
     assert not list(partial.glob("*.tmp"))
 
@@ -85,11 +96,16 @@ def test_shards_hold_the_targets_features_and_resume(tiny_data, tiny_model_dir, 
 @pytest.mark.parametrize("variant", ["fspad", "no-fs", "no-pad", "no-fs-no-pad"])
 def test_trained_tiny_drafter_is_lossless_in_the_speculative_decoder(variant, tiny_data, tiny_model_dir, tmp_path):
     out = tmp_path / "drafter"
-    cfg = FSPADTrainConfig(model=str(tiny_model_dir), data=str(tiny_data), out=str(out),
-                           feature_sampling="no-fs" not in variant, partial_alignment="no-pad" not in variant,
-                           draft_vocab_size=0 if variant == "fspad" else 2000, eval_prompts=0,
-                           train=TrainConfig(steps=30, lr=3e-3, batch_size=4, max_len=64, checkpoint_every=10,
-                                             device="cpu"))
+    cfg = FSPADTrainConfig(
+        model=str(tiny_model_dir),
+        data=str(tiny_data),
+        out=str(out),
+        feature_sampling="no-fs" not in variant,
+        partial_alignment="no-pad" not in variant,
+        draft_vocab_size=0 if variant == "fspad" else 2000,
+        eval_prompts=0,
+        train=TrainConfig(steps=30, lr=3e-3, batch_size=4, max_len=64, checkpoint_every=10, device="cpu"),
+    )
     train_fspad(cfg)
     config = json.loads((out / "config.json").read_text())
     assert config["leapserve_drafter"] == "fspad" and config["partial_alignment"] == ("no-pad" not in variant)
@@ -105,9 +121,11 @@ def test_trained_tiny_drafter_is_lossless_in_the_speculative_decoder(variant, ti
     assert eagle_config["architectures"] == ["EagleLlamaForCausalLM" if plain else "FSPADEagleLlamaForCausalLM"]
     assert ("d2t" in load_file(str(eagle / "model.safetensors"))) == (config["draft_vocab_size"] < 49152)
     drafts = []
-    for spec in ({"method": "fspad", "model": str(out), "tree": {"depth": 3, "top_k": 3, "total_tokens": 8}},
-                 {"method": "fspad", "model": str(eagle), "tree": {"depth": 3, "top_k": 3, "total_tokens": 8}},
-                 {"method": "fspad", "model": str(out), "num_speculative_tokens": 3, "layout": "padded"}):
+    for spec in (
+        {"method": "fspad", "model": str(out), "tree": {"depth": 3, "top_k": 3, "total_tokens": 8}},
+        {"method": "fspad", "model": str(eagle), "tree": {"depth": 3, "top_k": 3, "total_tokens": 8}},
+        {"method": "fspad", "model": str(out), "num_speculative_tokens": 3, "layout": "padded"},
+    ):
         llm = LLM(str(tiny_model_dir), speculative_config=spec, kv_cache_tokens=2048)
         outs = llm.chat(prompts, params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == expected
@@ -118,8 +136,16 @@ def test_trained_tiny_drafter_is_lossless_in_the_speculative_decoder(variant, ti
     # draft vocabulary mapped back): still lossless.
     penalized = SamplingParams(temperature=0, max_tokens=20, presence_penalty=1.5, frequency_penalty=0.5)
     want = LLM(str(tiny_model_dir), kv_cache_tokens=2048).chat(prompts, penalized, use_tqdm=False)
-    llm = LLM(str(tiny_model_dir), kv_cache_tokens=2048, speculative_config={
-        "method": "fspad", "model": str(out), "tree": {"depth": 3, "top_k": 3, "total_tokens": 8}, "adaptive": False})
+    llm = LLM(
+        str(tiny_model_dir),
+        kv_cache_tokens=2048,
+        speculative_config={
+            "method": "fspad",
+            "model": str(out),
+            "tree": {"depth": 3, "top_k": 3, "total_tokens": 8},
+            "adaptive": False,
+        },
+    )
     outs = llm.chat(prompts, penalized, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in want]
     assert sum(o.metrics.draft_tokens for o in outs) > 0

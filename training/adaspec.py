@@ -17,6 +17,7 @@ Token budget: as the paper's scripts do (draft epochs and batch both scaled by 1
 number of optimizer steps as the reference with `ceil(batch_size / k)` sequences per step (`--draft-batch-size`), so
 it trains on about as many selected tokens per step as the reference (and DistillSpec, k = 1) trains on tokens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,7 @@ STAGES = ("reference", "draft", "both")
 
 # ---- losses ---------------------------------------------------------------------------------------------------------
 
+
 def forward_kl(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Per-token KL(p_target || q) over the vocabulary, `[N, V]` logits -> `[N]`, in float32."""
     log_p = F.log_softmax(target_logits.float(), dim=-1)
@@ -61,8 +63,9 @@ def select_tokens(gap: torch.Tensor, fraction: float) -> torch.Tensor:
     return gap >= torch.quantile(gap.float(), 1.0 - fraction)
 
 
-def adaspec_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, reference_logits: torch.Tensor | None,
-                 fraction: float) -> tuple[torch.Tensor, dict[str, float]]:
+def adaspec_loss(
+    draft_logits: torch.Tensor, target_logits: torch.Tensor, reference_logits: torch.Tensor | None, fraction: float
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum of KL(target || draft) over the selected tokens, divided by the number of all tokens (HF Trainer's
     `num_items_in_batch`); with `fraction` 1 (or no reference) every token counts: plain forward-KL distillation."""
     kl_draft = forward_kl(target_logits, draft_logits)
@@ -75,6 +78,7 @@ def adaspec_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, refere
 
 
 # ---- the draft model ------------------------------------------------------------------------------------------------
+
 
 def default_layers(num_layers: int, count: int = 3) -> list[int]:
     """`count` of the target's layers, evenly spaced from the first to the last."""
@@ -117,12 +121,20 @@ def draft_export(draft: torch.nn.Module, target_name: str, layers: list[int]) ->
     shared = [n for n in SHARED_NAMES if n in dict(draft.named_parameters(remove_duplicate=False))]
     tensors = {n: t for n, t in draft.state_dict().items() if n not in shared}
     config = draft.config.to_dict()
-    config.update({"architectures": [type(draft).__name__], "dtype": "float16", SHARED_WITH_TARGET: shared,
-                   "leapserve_target": target_name, "leapserve_init_layers": layers})
+    config.update(
+        {
+            "architectures": [type(draft).__name__],
+            "dtype": "float16",
+            SHARED_WITH_TARGET: shared,
+            "leapserve_target": target_name,
+            "leapserve_init_layers": layers,
+        }
+    )
     return tensors, config
 
 
 # ---- batches --------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class _Batch:
@@ -139,15 +151,20 @@ def _prepare(batch: list[TrainSequence], device: torch.device) -> _Batch:
     attn = torch.zeros(len(batch), width, dtype=torch.long)
     rows, cols, feats = [], [], []
     for b, s in enumerate(batch):
-        ids[b, :len(s.input_ids)] = s.input_ids
-        attn[b, :len(s.input_ids)] = 1
+        ids[b, : len(s.input_ids)] = s.input_ids
+        attn[b, : len(s.input_ids)] = 1
         pos = torch.nonzero(s.loss_mask[1:]).flatten()
         rows.append(torch.full_like(pos, b))
         cols.append(pos)
         if s.features is not None:
             feats.append(s.features[pos])
-    return _Batch(ids.to(device), attn.to(device), torch.cat(rows).to(device), torch.cat(cols).to(device),
-                  torch.cat(feats).to(device) if feats else None)
+    return _Batch(
+        ids.to(device),
+        attn.to(device),
+        torch.cat(rows).to(device),
+        torch.cat(cols).to(device),
+        torch.cat(feats).to(device) if feats else None,
+    )
 
 
 def _logits(model: torch.nn.Module, b: _Batch) -> torch.Tensor:
@@ -158,9 +175,11 @@ def _logits(model: torch.nn.Module, b: _Batch) -> torch.Tensor:
 
 # ---- the two stages -------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class AdaSpecTraining(TrainConfig):
     """AdaSPEC's optimizer settings, where they differ from `TrainConfig`'s."""
+
     warmup_steps: int = 20
 
 
@@ -172,12 +191,15 @@ class AdaSpecConfig:
     stage: str = option("both", "reference, draft, or both in turn", choices=STAGES)
     reference: str | None = option(None, "--stage draft: the stage-one checkpoint (default: <work-dir>/reference)")
     work_dir: str | None = option(None, "training states, resumable (default: <out>.train)")
-    filter_fraction: float = option(DEFAULT_FRACTION, "k: share of each batch's tokens the draft trains on; 1.0 is "
-                                                      "DistillSpec")
-    init_layers: list[int] | None = option(None, "target layers the draft starts from, e.g. 0,15,29 (default: 3 "
-                                                 "evenly spaced)")
-    draft_batch_size: int | None = option(None, "sequences per step in the draft stage (default: ceil(batch size / "
-                                                "k), the paper's budget)")
+    filter_fraction: float = option(
+        DEFAULT_FRACTION, "k: share of each batch's tokens the draft trains on; 1.0 is DistillSpec"
+    )
+    init_layers: list[int] | None = option(
+        None, "target layers the draft starts from, e.g. 0,15,29 (default: 3 evenly spaced)"
+    )
+    draft_batch_size: int | None = option(
+        None, "sequences per step in the draft stage (default: ceil(batch size / k), the paper's budget)"
+    )
     eval_prompts: int = option(32, "held-out prompts for the final acceptance (0: skip)")
     eval_set: str = option("mixed", "prompt set (or .jsonl) of the final evaluation")
     eval_max_tokens: int = option(128, "output tokens per evaluation prompt at most")
@@ -190,13 +212,17 @@ class AdaSpecConfig:
         if not 0.0 < self.filter_fraction <= 1.0:
             raise ValueError(f"--filter-fraction must be in (0, 1], got {self.filter_fraction}")
         if not (Path(self.data) / "meta.json").is_file():
-            raise FileNotFoundError(f"--data {self.data} is not a training data directory (no meta.json); "
-                                    "create one with `leapserve train data`")
+            raise FileNotFoundError(
+                f"--data {self.data} is not a training data directory (no meta.json); "
+                "create one with `leapserve train data`"
+            )
         if self.reference is not None and not (Path(self.reference) / "config.json").is_file():
             raise FileNotFoundError(f"--reference {self.reference} is not a checkpoint directory (no config.json)")
         if self.stage == "draft" and self.filter_fraction < 1.0 and self.reference is None:
-            raise ValueError("--stage draft with a filter needs --reference (a stage-one checkpoint); "
-                             "use --stage both, or --filter-fraction 1.0 for DistillSpec")
+            raise ValueError(
+                "--stage draft with a filter needs --reference (a stage-one checkpoint); "
+                "use --stage both, or --filter-fraction 1.0 for DistillSpec"
+            )
         if self.eval_prompts < 0 or self.num_speculative_tokens < 1 or self.eval_max_tokens < 1:
             raise ValueError("need --eval-prompts >= 0, --num-speculative-tokens >= 1 and --eval-max-tokens >= 1")
         self.train.validate()
@@ -211,14 +237,21 @@ def _load_data(cfg: AdaSpecConfig, target: torch.nn.Module) -> list[TrainSequenc
     hf = target.config
     for key in ("hidden_size", "vocab_size"):
         if key in meta and meta[key] != getattr(hf, key):
-            raise ValueError(f"--data {cfg.data} was made by a model with {key} {meta[key]}, the target has "
-                             f"{getattr(hf, key)}")
+            raise ValueError(
+                f"--data {cfg.data} was made by a model with {key} {meta[key]}, the target has {getattr(hf, key)}"
+            )
     sequences = read_sequences(cfg.data, with_features=meta.get("config", {}).get("features", True))
-    return [s for s in sequences if s.loss_mask[1:cfg.train.max_len].any()]  # a response token to learn
+    return [s for s in sequences if s.loss_mask[1 : cfg.train.max_len].any()]  # a response token to learn
 
 
-def _run_stage(cfg: AdaSpecConfig, target: torch.nn.Module, sequences: list[TrainSequence], name: str,
-               reference: torch.nn.Module | None, out: Path) -> dict[str, object]:
+def _run_stage(
+    cfg: AdaSpecConfig,
+    target: torch.nn.Module,
+    sequences: list[TrainSequence],
+    name: str,
+    reference: torch.nn.Module | None,
+    out: Path,
+) -> dict[str, object]:
     """Train one model (reference: all tokens; draft: the filtered gap) and export it to `out`; returns the
     training facts for the model card."""
     layers = cfg.init_layers or default_layers(target.config.num_hidden_layers)
@@ -227,8 +260,10 @@ def _run_stage(cfg: AdaSpecConfig, target: torch.nn.Module, sequences: list[Trai
     if name == "draft":
         batch_size = cfg.draft_batch_size or math.ceil(batch_size / fraction)
     if len(sequences) < batch_size:
-        raise ValueError(f"--data holds {len(sequences)} sequences with response tokens, fewer than one batch "
-                         f"({batch_size}); lower --batch-size or make more data")
+        raise ValueError(
+            f"--data holds {len(sequences)} sequences with response tokens, fewer than one batch "
+            f"({batch_size}); lower --batch-size or make more data"
+        )
     device = cfg.train.torch_device
     model = draft_from_target(target, layers)
 
@@ -243,14 +278,28 @@ def _run_stage(cfg: AdaSpecConfig, target: torch.nn.Module, sequences: list[Trai
         return adaspec_loss(_logits(model, b), target_logits, reference_logits, fraction)
 
     stream = batches(sequences, batch_size, cfg.train.max_len, cfg.train.seed)
-    run = {"stage": name, "init layers": layers, "filter fraction k": fraction, "batch size": batch_size,
-           "max length": cfg.train.max_len, "seed": cfg.train.seed, "sequences": len(sequences)}
+    run = {
+        "stage": name,
+        "init layers": layers,
+        "filter fraction k": fraction,
+        "batch size": batch_size,
+        "max length": cfg.train.max_len,
+        "seed": cfg.train.seed,
+        "sequences": len(sequences),
+    }
     result = train(model, loss_fn, stream, cfg.train, cfg.work / f"{name}-state", desc=name, run=run)
     tensors, config = draft_export(model, cfg.model, layers)
-    facts = {"target": cfg.model, **run, "own parameters (trained)": sum(t.numel() for t in tensors.values()),
-             "steps": result.step, "lr (constant after warmup)": cfg.train.lr, "warmup steps": cfg.train.warmup_steps,
-             "weight decay": cfg.train.weight_decay, "final loss (mean of the last 50 steps)": result.loss,
-             "device": str(device)}
+    facts = {
+        "target": cfg.model,
+        **run,
+        "own parameters (trained)": sum(t.numel() for t in tensors.values()),
+        "steps": result.step,
+        "lr (constant after warmup)": cfg.train.lr,
+        "warmup steps": cfg.train.warmup_steps,
+        "weight decay": cfg.train.weight_decay,
+        "final loss (mean of the last 50 steps)": result.loss,
+        "device": str(device),
+    }
     if name == "draft" and fraction < 1.0:
         facts["reference"] = str(cfg.reference or cfg.work / "reference")
     export_checkpoint(out, tensors, config, _card(cfg, facts, None))
@@ -260,17 +309,29 @@ def _run_stage(cfg: AdaSpecConfig, target: torch.nn.Module, sequences: list[Trai
 def _card(cfg: AdaSpecConfig, facts: dict[str, object], metrics: dict[str, object] | None) -> str:
     """The model card of a stage's model, from its training facts (and measured acceptance, once known)."""
     fraction = facts["filter fraction k"]
-    method = ("AdaSPEC reference (forward KL on all tokens)" if facts["stage"] == "reference" else
-              "DistillSpec (forward KL on all tokens)" if fraction >= 1.0 else
-              f"AdaSPEC (forward KL on the top {fraction:g} of tokens by the gap to the reference)")
-    summary = (f"A {len(facts['init layers'])}-layer draft model for speculative decoding with `{cfg.model}`, "
-               f"initialised from the target's layers {facts['init layers']} and distilled with {method}. "
-               f"Its embeddings and LM head are the target's (`{SHARED_WITH_TARGET}` in config.json): this "
-               f"checkpoint holds only its own layers and loads as `--speculative-config '{{\"method\": "
-               f"\"draft_model\", \"model\": \"<this directory>\", \"num_speculative_tokens\": "
-               f"{cfg.num_speculative_tokens}}}'` on that target.")
-    return model_card(f"{method.split(' (')[0]} draft for {cfg.model}", summary=summary, command=command_line(),
-                      data=describe_data(cfg.data), training=facts, metrics=metrics)
+    method = (
+        "AdaSPEC reference (forward KL on all tokens)"
+        if facts["stage"] == "reference"
+        else "DistillSpec (forward KL on all tokens)"
+        if fraction >= 1.0
+        else f"AdaSPEC (forward KL on the top {fraction:g} of tokens by the gap to the reference)"
+    )
+    summary = (
+        f"A {len(facts['init layers'])}-layer draft model for speculative decoding with `{cfg.model}`, "
+        f"initialised from the target's layers {facts['init layers']} and distilled with {method}. "
+        f"Its embeddings and LM head are the target's (`{SHARED_WITH_TARGET}` in config.json): this "
+        f'checkpoint holds only its own layers and loads as `--speculative-config \'{{"method": '
+        f'"draft_model", "model": "<this directory>", "num_speculative_tokens": '
+        f"{cfg.num_speculative_tokens}}}'` on that target."
+    )
+    return model_card(
+        f"{method.split(' (')[0]} draft for {cfg.model}",
+        summary=summary,
+        command=command_line(),
+        data=describe_data(cfg.data),
+        training=facts,
+        metrics=metrics,
+    )
 
 
 def train_adaspec(cfg: AdaSpecConfig) -> Path:
@@ -293,13 +354,27 @@ def train_adaspec(cfg: AdaSpecConfig) -> Path:
             reference = load_draft_model(ref_dir, target, device, torch.float32).requires_grad_(False)
         facts = _run_stage(cfg, target, sequences, "draft", reference, out)
     if cfg.eval_prompts:
-        spec = {"method": "draft_model", "model": str(out.resolve()),
-                "num_speculative_tokens": cfg.num_speculative_tokens, "adaptive": False}
-        acceptance = evaluate_acceptance(cfg.model, spec, prompts=cfg.eval_set, num_prompts=cfg.eval_prompts,
-                                         max_tokens=cfg.eval_max_tokens, baseline=True, seed=cfg.train.seed,
-                                         device=cfg.train.device)
-        metrics = {"held-out prompts": f"{cfg.eval_prompts} of `{cfg.eval_set}` (test split), greedy, chain of "
-                                       f"{cfg.num_speculative_tokens}", **acceptance.as_dict()}
+        spec = {
+            "method": "draft_model",
+            "model": str(out.resolve()),
+            "num_speculative_tokens": cfg.num_speculative_tokens,
+            "adaptive": False,
+        }
+        acceptance = evaluate_acceptance(
+            cfg.model,
+            spec,
+            prompts=cfg.eval_set,
+            num_prompts=cfg.eval_prompts,
+            max_tokens=cfg.eval_max_tokens,
+            baseline=True,
+            seed=cfg.train.seed,
+            device=cfg.train.device,
+        )
+        metrics = {
+            "held-out prompts": f"{cfg.eval_prompts} of `{cfg.eval_set}` (test split), greedy, chain of "
+            f"{cfg.num_speculative_tokens}",
+            **acceptance.as_dict(),
+        }
         print(json.dumps({"out": str(out), **acceptance.as_dict()}), flush=True)
         write_model_card(out, _card(cfg, facts, metrics))
     return out
@@ -307,15 +382,30 @@ def train_adaspec(cfg: AdaSpecConfig) -> Path:
 
 # ---- CLI ------------------------------------------------------------------------------------------------------------
 
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `adaspec` (as `leapserve train adaspec`)."""
-    p = subparsers.add_parser("adaspec", help="distil a draft model with AdaSPEC (or DistillSpec)",
-                              description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser(
+        "adaspec",
+        help="distil a draft model with AdaSPEC (or DistillSpec)",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_config_arguments(p, AdaSpecConfig)
-    p.add_argument("--no-filter", dest="filter_fraction", action="store_const", const=1.0, default=argparse.SUPPRESS,
-                   help="same as --filter-fraction 1.0 (DistillSpec)")
-    add_config_arguments(p.add_argument_group("training"), AdaSpecTraining,
-                         overrides={"steps": {"help": "optimizer steps per stage"},
-                                    "batch_size": {"help": "sequences per step (reference stage)"}})
+    p.add_argument(
+        "--no-filter",
+        dest="filter_fraction",
+        action="store_const",
+        const=1.0,
+        default=argparse.SUPPRESS,
+        help="same as --filter-fraction 1.0 (DistillSpec)",
+    )
+    add_config_arguments(
+        p.add_argument_group("training"),
+        AdaSpecTraining,
+        overrides={
+            "steps": {"help": "optimizer steps per stage"},
+            "batch_size": {"help": "sequences per step (reference stage)"},
+        },
+    )
     p.set_defaults(handler=lambda a: train_adaspec(config_from_args(AdaSpecConfig, a)))

@@ -12,15 +12,16 @@ stores per shard (`shard-00000.safetensors`, ...):
 
 Shards are written atomically and `meta.json` after each one, so an interrupted run resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -45,8 +46,7 @@ class DataConfig:
     max_tokens: int = option(192, "response length cap")
     shard_size: int = option(128, "sequences per shard")
     temperature: float = option(0.0, "0: greedy answers")
-    features: bool = option(True, "store the target's features too (--no-features: token ids only, enough for "
-                                  "AdaSPEC)")
+    features: bool = option(True, "store the target's features too (--no-features: token ids only, enough for AdaSPEC)")
     seed: int = option(0, "prompt order and sampling")
     device: str = option("auto", "where the target runs", choices=DEVICES)
 
@@ -85,14 +85,14 @@ def target_features(model: torch.nn.Module, sequences: list[list[int]], batch_to
     i = 0
     while i < len(order):
         length = len(sequences[order[i]])
-        group = order[i:i + max(1, batch_tokens // max(length, 1))]
+        group = order[i : i + max(1, batch_tokens // max(length, 1))]
         width = max(len(sequences[j]) for j in group)
         ids = torch.zeros(len(group), width, dtype=torch.long)
         for row, j in enumerate(group):
-            ids[row, :len(sequences[j])] = torch.tensor(sequences[j])
+            ids[row, : len(sequences[j])] = torch.tensor(sequences[j])
         hidden = model.model(input_ids=ids.to(device)).last_hidden_state
         for row, j in enumerate(group):
-            out[j] = hidden[row, :len(sequences[j])].to(torch.float16).cpu()
+            out[j] = hidden[row, : len(sequences[j])].to(torch.float16).cpu()
         i += len(group)
     return out
 
@@ -105,7 +105,7 @@ def generate_data(cfg: DataConfig) -> Path:
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if meta and meta.get("config", {}).get("model") != cfg.model:
         raise ValueError(f"{out} holds data for model {meta['config']['model']!r}, not {cfg.model!r}")
-    shards = [prompts[i:i + cfg.shard_size] for i in range(0, len(prompts), cfg.shard_size)]
+    shards = [prompts[i : i + cfg.shard_size] for i in range(0, len(prompts), cfg.shard_size)]
     done = [i for i in range(len(shards)) if (out / SHARD.format(i)).is_file()]
     llm = LLM(cfg.model, device=cfg.device, seed=cfg.seed)
     device = resolve_device(cfg.device)
@@ -114,13 +114,16 @@ def generate_data(cfg: DataConfig) -> Path:
         source = resolve_model(cfg.model)
         feature_model = load_model(source, ModelConfig(model=cfg.model), device, resolve_dtype("auto", device))
     params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed)
-    bar = tqdm(total=len(prompts), desc="target answers", unit="prompt",
-               initial=sum(len(shards[i]) for i in done))
+    bar = tqdm(total=len(prompts), desc="target answers", unit="prompt", initial=sum(len(shards[i]) for i in done))
     for index, shard_prompts in enumerate(shards):
         if index in done:
             continue
-        chats = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                   tokenize=False) for p in shard_prompts]
+        chats = [
+            llm.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            )
+            for p in shard_prompts
+        ]
         prompt_ids = [llm.tokenizer.encode(c, add_special_tokens=False) for c in chats]
         outputs = llm.generate(prompt_ids, params, use_tqdm=False)
         sequences = [p + list(o.outputs[0].token_ids) for p, o in zip(prompt_ids, outputs)]
@@ -128,18 +131,24 @@ def generate_data(cfg: DataConfig) -> Path:
         tensors = {
             "input_ids": torch.tensor([t for s in sequences for t in s], dtype=torch.int32),
             "cu_seqlens": torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int64),
-            "loss_mask": torch.tensor([int(i >= len(p)) for p, s in zip(prompt_ids, sequences)
-                                       for i in range(len(s))], dtype=torch.uint8),
+            "loss_mask": torch.tensor(
+                [int(i >= len(p)) for p, s in zip(prompt_ids, sequences) for i in range(len(s))], dtype=torch.uint8
+            ),
         }
         if feature_model is not None:
             tensors["features"] = torch.cat(target_features(feature_model, sequences))
-        _write_atomic(out / SHARD.format(index), lambda tmp: save_file(tensors, str(tmp)))
+        _write_atomic(out / SHARD.format(index), lambda tmp, tensors=tensors: save_file(tensors, str(tmp)))
         done.append(index)
         bar.update(len(shard_prompts))
         hf = llm.engine.runner.model.config
-        meta = {"config": asdict(cfg), "hidden_size": hf.hidden_size, "vocab_size": hf.vocab_size,
-                "num_shards": len(done), **_count(out)}
-        _write_atomic(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+        meta = {
+            "config": asdict(cfg),
+            "hidden_size": hf.hidden_size,
+            "vocab_size": hf.vocab_size,
+            "num_shards": len(done),
+            **_count(out),
+        }
+        _write_atomic(meta_path, lambda tmp, meta=meta: tmp.write_text(json.dumps(meta, indent=2)))
     bar.close()
     return out
 
@@ -167,13 +176,19 @@ def read_sequences(data_dir: str | Path, with_features: bool = True) -> list[Tra
             raise ValueError(f"{path} has no target features (it was made with --no-features)")
         cu = shard["cu_seqlens"].tolist()
         for lo, hi in zip(cu, cu[1:]):
-            sequences.append(TrainSequence(shard["input_ids"][lo:hi].long(), shard["loss_mask"][lo:hi].bool(),
-                                           shard["features"][lo:hi] if with_features else None))
+            sequences.append(
+                TrainSequence(
+                    shard["input_ids"][lo:hi].long(),
+                    shard["loss_mask"][lo:hi].bool(),
+                    shard["features"][lo:hi] if with_features else None,
+                )
+            )
     return sequences
 
 
-def split_sequences(sequences: list[TrainSequence], held_out: float = 0.05,
-                    seed: int = 0) -> tuple[list[TrainSequence], list[TrainSequence]]:
+def split_sequences(
+    sequences: list[TrainSequence], held_out: float = 0.05, seed: int = 0
+) -> tuple[list[TrainSequence], list[TrainSequence]]:
     """(train, validation): a seeded shuffle, the last `held_out` fraction for validation loss."""
     order = list(range(len(sequences)))
     random.Random(seed).shuffle(order)
@@ -184,18 +199,25 @@ def split_sequences(sequences: list[TrainSequence], held_out: float = 0.05,
 def batches(sequences: list[TrainSequence], batch_size: int, max_len: int, seed: int) -> Iterator[list[TrainSequence]]:
     """An endless stream of shuffled batches; sequences longer than `max_len` are cut to it."""
     rng = random.Random(seed)
-    cut = [TrainSequence(s.input_ids[:max_len], s.loss_mask[:max_len],
-                         None if s.features is None else s.features[:max_len]) for s in sequences]
+    cut = [
+        TrainSequence(
+            s.input_ids[:max_len], s.loss_mask[:max_len], None if s.features is None else s.features[:max_len]
+        )
+        for s in sequences
+    ]
     while True:
         order = list(range(len(cut)))
         rng.shuffle(order)
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield [cut[j] for j in order[i:i + batch_size]]
+            yield [cut[j] for j in order[i : i + batch_size]]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `data` (as `leapserve train data`)."""
-    p = subparsers.add_parser("data", help="generate training data: the target answers offline prompts",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser(
+        "data",
+        help="generate training data: the target answers offline prompts",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_config_arguments(p, DataConfig)
     p.set_defaults(handler=lambda a: generate_data(config_from_args(DataConfig, a)))

@@ -4,6 +4,7 @@ target). The EAGLE-style ablation (`--no-feature-sampling --no-partial-alignment
 `EagleLlamaForCausalLM`; a full FSPAD drafter adds its feature-sampling block and 2d-wide down_proj, which vLLM
 needs a registered architecture for. leapserve's `fspad` drafter loads either layout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,18 +22,26 @@ from .checkpoint import command_line, export_checkpoint
 
 def export_eagle(drafter: str | Path, target: str, out: str | Path) -> Path:
     model = load_fspad(drafter, torch.device("cpu"), torch.float32)
-    lm_head = load_model(resolve_model(target), ModelConfig(model=target), torch.device("cpu"),
-                         torch.float32).get_output_embeddings().weight.detach()
+    lm_head = (
+        load_model(resolve_model(target), ModelConfig(model=target), torch.device("cpu"), torch.float32)
+        .get_output_embeddings()
+        .weight.detach()
+    )
     tensors, config = to_eagle_layout(model, lm_head)
-    card = (f"# {Path(drafter).name} in the EAGLE layout\n\nExported from `{drafter}` for the target `{target}` "
-            f"with\n\n```\n{command_line()}\n```\n\nArchitecture `{config['architectures'][0]}`; the target's "
-            "embedding is shared, not stored.\n")
+    card = (
+        f"# {Path(drafter).name} in the EAGLE layout\n\nExported from `{drafter}` for the target `{target}` "
+        f"with\n\n```\n{command_line()}\n```\n\nArchitecture `{config['architectures'][0]}`; the target's "
+        "embedding is shared, not stored.\n"
+    )
     return export_checkpoint(out, tensors, config, card)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export-eagle", help="export an FSPAD drafter to the EAGLE layout vLLM reads",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser(
+        "export-eagle",
+        help="export an FSPAD drafter to the EAGLE layout vLLM reads",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--drafter", required=True, help="a `leapserve train fspad` checkpoint directory")
     p.add_argument("--model", default=DEFAULT_MODEL, help="its target (for a reduced vocabulary's head)")
     p.add_argument("--out", required=True, help="the export directory")

@@ -9,6 +9,7 @@ and `--no-partial-alignment` train the two ablations. `--draft-vocab-size N` res
 frequent target tokens of the data (the target distribution renormalised over them), which is most of a
 drafting step's cost on CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,7 @@ def frequent_tokens(sequences: list[TrainSequence], n: int, always: list[int]) -
     """`always` (e.g. EOS) and the most frequent token ids of the data, `n` in all, in ascending order."""
     counts = Counter(t for s in sequences for t in s.input_ids.tolist())
     ranked = list(dict.fromkeys(always + [t for t, _ in counts.most_common()]))
-    return torch.tensor(sorted(ranked[:max(n, len(always))]))
+    return torch.tensor(sorted(ranked[: max(n, len(always))]))
 
 
 @dataclass
@@ -85,8 +86,15 @@ def collate(sequences: list[TrainSequence], device: torch.device, all_positions:
 class FSPADObjective:
     """The training loss on a batch of sequences; the target's embedding and (restricted) head are frozen."""
 
-    def __init__(self, model: FSPADModel, embed: torch.Tensor, head: torch.Tensor, noise: bool, all_positions: bool,
-                 device: torch.device):
+    def __init__(
+        self,
+        model: FSPADModel,
+        embed: torch.Tensor,
+        head: torch.Tensor,
+        noise: bool,
+        all_positions: bool,
+        device: torch.device,
+    ):
         self.model, self.embed, self.head, self.noise, self.device = model, embed, head, noise, device
         self.all_positions = all_positions
 
@@ -101,8 +109,12 @@ class FSPADObjective:
         feat = feature_loss(feature_half, f[:, 1:], mask)
         tok = soft_cross_entropy(draft_logits, target_logits, mask)
         agree = (draft_logits.argmax(-1) == target_logits.argmax(-1)).float()
-        return {"loss": FEATURE_WEIGHT * feat + TOKEN_WEIGHT * tok, "feature": feat, "token": tok,
-                "top1": (agree * mask).sum() / mask.sum().clamp(min=1)}
+        return {
+            "loss": FEATURE_WEIGHT * feat + TOKEN_WEIGHT * tok,
+            "feature": feat,
+            "token": tok,
+            "top1": (agree * mask).sum() / mask.sum().clamp(min=1),
+        }
 
     def __call__(self, sequences: list[TrainSequence]):
         out = self.losses(collate(sequences, self.device, self.all_positions), self.noise)
@@ -112,8 +124,10 @@ class FSPADObjective:
     def validate(self, sequences: list[TrainSequence], batch_size: int, max_len: int) -> dict[str, float]:
         totals, n = Counter(), 0
         for i in range(0, len(sequences), batch_size):
-            group = [TrainSequence(s.input_ids[:max_len], s.loss_mask[:max_len], s.features[:max_len])
-                     for s in sequences[i:i + batch_size]]
+            group = [
+                TrainSequence(s.input_ids[:max_len], s.loss_mask[:max_len], s.features[:max_len])
+                for s in sequences[i : i + batch_size]
+            ]
             out = self.losses(collate(group, self.device), noise=False)
             totals.update({k: v.item() * len(group) for k, v in out.items()})
             n += len(group)
@@ -123,6 +137,7 @@ class FSPADObjective:
 @dataclass
 class FSPADTraining(TrainConfig):
     """FSPAD's optimizer settings, where they differ from `TrainConfig`'s."""
+
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 50
@@ -136,11 +151,13 @@ class FSPADTrainConfig:
     model: str = option(DEFAULT_MODEL, "the target")
     work_dir: str | None = option(None, "training state, resumable (default: <out>.train)")
     feature_sampling: bool = option(True, "FSPAD's feature sampling (off: the ablation with EAGLE's plain fuse)")
-    partial_alignment: bool = option(True, "FSPAD's partial alignment (off: the ablation with one d-wide output "
-                                           "for both)")
+    partial_alignment: bool = option(
+        True, "FSPAD's partial alignment (off: the ablation with one d-wide output for both)"
+    )
     noise: bool = option(True, "uniform noise on the input features")
-    all_positions: bool = option(False, "train on prompt positions too (more signal from the same data), not only "
-                                        "on answers")
+    all_positions: bool = option(
+        False, "train on prompt positions too (more signal from the same data), not only on answers"
+    )
     draft_vocab_size: int = option(8192, "0: the target's whole vocabulary")
     intermediate_size: int | None = option(None, "default: the target's")
     eval_prompts: int = option(32, "held-out prompts (0: skip)")
@@ -176,45 +193,80 @@ def train_fspad(cfg: FSPADTrainConfig) -> Path:
         model.draft_to_target.copy_(vocab)
     objective = FSPADObjective(model, embed, model.draft_head(lm_head), cfg.noise, cfg.all_positions, device)
     work = Path(cfg.work_dir or f"{cfg.out}.train")
-    run = {"data": str(Path(cfg.data).resolve()), **config.to_dict(), "noise": cfg.noise,
-           "all_positions": cfg.all_positions}
+    run = {
+        "data": str(Path(cfg.data).resolve()),
+        **config.to_dict(),
+        "noise": cfg.noise,
+        "all_positions": cfg.all_positions,
+    }
     stream = batches(train_seqs, cfg.train.batch_size, cfg.train.max_len, cfg.train.seed)
     result = train(model, objective, stream, cfg.train, work, desc="fspad", run=run)
-    facts = {"steps": result.step, "final train loss": round(result.loss, 4) if result.loss is not None else None,
-             "train sequences": len(train_seqs), **objective.validate(val_seqs, cfg.train.batch_size,
-                                                                      cfg.train.max_len)}
+    facts = {
+        "steps": result.step,
+        "final train loss": round(result.loss, 4) if result.loss is not None else None,
+        "train sequences": len(train_seqs),
+        **objective.validate(val_seqs, cfg.train.batch_size, cfg.train.max_len),
+    }
     export = {"leapserve_drafter": DRAFTER_TYPE, "target": cfg.model, **config.to_dict()}
     out = export_checkpoint(cfg.out, dict(model.state_dict()), export, _card(cfg, facts, None))
     if cfg.eval_prompts:
         spec = {"method": "fspad", "model": str(out), "tree": cfg.tree, "adaptive": False}
-        acceptance = evaluate_acceptance(cfg.model, spec, prompts=cfg.eval_set, num_prompts=cfg.eval_prompts,
-                                         max_tokens=cfg.eval_max_tokens, seed=cfg.train.seed,
-                                         device=cfg.train.device)
-        metrics = {f"held-out {k}": v for k, v in acceptance.as_dict().items()
-                   if k in ("mean_acceptance_length", "acceptance_rate", "num_prompts", "output_tokens")}
+        acceptance = evaluate_acceptance(
+            cfg.model,
+            spec,
+            prompts=cfg.eval_set,
+            num_prompts=cfg.eval_prompts,
+            max_tokens=cfg.eval_max_tokens,
+            seed=cfg.train.seed,
+            device=cfg.train.device,
+        )
+        metrics = {
+            f"held-out {k}": v
+            for k, v in acceptance.as_dict().items()
+            if k in ("mean_acceptance_length", "acceptance_rate", "num_prompts", "output_tokens")
+        }
         write_model_card(out, _card(cfg, facts, {**metrics, "tree": json.dumps(cfg.tree)}))
         print(json.dumps({"out": str(out), **facts, **acceptance.as_dict()}))
     return out
 
 
 def _card(cfg: FSPADTrainConfig, facts: dict, metrics: dict | None) -> str:
-    parts = [name for name, on in (("feature sampling", cfg.feature_sampling),
-                                   ("partial alignment", cfg.partial_alignment)) if on]
-    summary = (f"An FSPAD feature drafter for `{cfg.model}` ({' + '.join(parts) or 'EAGLE-style baseline'}): one "
-               "Llama layer over the target's final-norm features and the next token's embedding, drafting "
-               "EAGLE-2 trees in leapserve's `fspad` drafter. The target's embedding and LM head are shared, not "
-               f'stored. Use it with `--speculative-config \'{{"method": "fspad", "model": "PATH", '
-               f'"tree": {json.dumps(cfg.tree)}}}\'`.')
-    training = {**{k: v for k, v in vars(cfg.train).items()}, "draft vocabulary": cfg.draft_vocab_size or "full",
-                "input noise": cfg.noise, "trained positions": "all" if cfg.all_positions else "answers", **facts}
-    return model_card(f"FSPAD drafter for {cfg.model}", summary=summary, command=command_line(),
-                      data=describe_data(cfg.data), training=training, metrics=metrics)
+    parts = [
+        name
+        for name, on in (("feature sampling", cfg.feature_sampling), ("partial alignment", cfg.partial_alignment))
+        if on
+    ]
+    summary = (
+        f"An FSPAD feature drafter for `{cfg.model}` ({' + '.join(parts) or 'EAGLE-style baseline'}): one "
+        "Llama layer over the target's final-norm features and the next token's embedding, drafting "
+        "EAGLE-2 trees in leapserve's `fspad` drafter. The target's embedding and LM head are shared, not "
+        f'stored. Use it with `--speculative-config \'{{"method": "fspad", "model": "PATH", '
+        f'"tree": {json.dumps(cfg.tree)}}}\'`.'
+    )
+    training = {
+        **{k: v for k, v in vars(cfg.train).items()},
+        "draft vocabulary": cfg.draft_vocab_size or "full",
+        "input noise": cfg.noise,
+        "trained positions": "all" if cfg.all_positions else "answers",
+        **facts,
+    }
+    return model_card(
+        f"FSPAD drafter for {cfg.model}",
+        summary=summary,
+        command=command_line(),
+        data=describe_data(cfg.data),
+        training=training,
+        metrics=metrics,
+    )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `fspad` (as `leapserve train fspad`)."""
-    p = subparsers.add_parser("fspad", help="train an FSPAD feature drafter for the target",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser(
+        "fspad",
+        help="train an FSPAD feature drafter for the target",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_config_arguments(p, FSPADTrainConfig)
     add_config_arguments(p.add_argument_group("training"), FSPADTraining)
     p.set_defaults(handler=lambda a: train_fspad(config_from_args(FSPADTrainConfig, a)))

@@ -7,6 +7,7 @@ batches the finished steps consumed, so an interrupted run ends with the same we
 (given a deterministic batch iterator, e.g. one seeded like `training.data.batches`).
 Frozen parameters (say embeddings shared with the target) are not saved: the caller rebuilds them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,9 +15,10 @@ import itertools
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -34,6 +36,7 @@ LossFn = Callable[[Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
 @dataclass
 class TrainConfig:
     """The optimizer and run settings of both trainers; each trainer's own defaults are a subclass of this."""
+
     steps: int = option(2000, "optimizer steps")
     lr: float = option(3e-4, "peak learning rate (constant after the warmup)")
     weight_decay: float = option(0.1, "AdamW weight decay, on matrices only (not on norms and biases)")
@@ -45,8 +48,9 @@ class TrainConfig:
     checkpoint_every: int = option(200, "steps between resumable training states")
     seed: int = option(0, "initialisation, data order and evaluation")
     device: str = option("auto", "where training runs", choices=DEVICES)
-    dtype: str = option("auto", "compute dtype; auto: bfloat16 autocast on CUDA, float32 on CPU (weights stay "
-                                "float32)", choices=DTYPES)
+    dtype: str = option(
+        "auto", "compute dtype; auto: bfloat16 autocast on CUDA, float32 on CPU (weights stay float32)", choices=DTYPES
+    )
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "max_len", "checkpoint_every"):
@@ -59,7 +63,7 @@ class TrainConfig:
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for the forward and loss when the compute dtype is not float32."""
         device = self.torch_device
         dtype = resolve_dtype(self.dtype, device)
@@ -83,8 +87,10 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     params = _trainable(model).values()
     if not params:
         raise ValueError("the model has no trainable parameters")
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
 
 
@@ -102,29 +108,49 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, cfg: TrainConfig, run: dict,
-               recent: list[float]) -> None:
+def _save_state(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+    cfg: TrainConfig,
+    run: dict,
+    recent: list[float],
+) -> None:
     """Write the training state atomically (temp file + rename)."""
-    state = {"step": step, "model": {n: p.detach().cpu() for n, p in _trainable(model).items()},
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-             "config": asdict(cfg), "run": run, "recent_losses": recent}
+    state = {
+        "step": step,
+        "model": {n: p.detach().cpu() for n, p in _trainable(model).items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+        "config": asdict(cfg),
+        "run": run,
+        "recent_losses": recent,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def _load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler, run: dict) -> tuple[int, list[float]]:
+def _load_state(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    run: dict,
+) -> tuple[int, list[float]]:
     """Restore a state written by `_save_state` for the same `run` settings; return its step and recent losses."""
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG states
     params = _trainable(model)
     changed = {k: (state["run"].get(k), v) for k, v in run.items() if state["run"].get(k) != v}
     if set(state["model"]) != set(params) or changed:
         what = f"settings changed, (was, now): {changed}" if changed else "other trainable parameters"
-        raise ValueError(f"{path} was written for a different run ({what}); delete it or pick another directory "
-                         "to start over")
+        raise ValueError(
+            f"{path} was written for a different run ({what}); delete it or pick another directory to start over"
+        )
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state["model"][name])
@@ -134,8 +160,15 @@ def _load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     return state["step"], state["recent_losses"]
 
 
-def train(model: torch.nn.Module, loss_fn: LossFn, batches: Iterator[Any], cfg: TrainConfig, out_dir: str | Path,
-          desc: str = "training", run: dict | None = None) -> TrainResult:
+def train(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batches: Iterator[Any],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    desc: str = "training",
+    run: dict | None = None,
+) -> TrainResult:
     """Run `cfg.steps` optimizer steps of `loss_fn(batch)` over `batches`, resuming from `out_dir` if it holds a
     state written with the same `run` settings (what must not change between an interruption and its resumption,
     besides the trainable parameters' names). `model` must already be on its device; only its parameters with
@@ -175,4 +208,3 @@ def train(model: torch.nn.Module, loss_fn: LossFn, batches: Iterator[Any], cfg: 
     model.eval()
     mean = sum(recent) / len(recent) if recent else None
     return TrainResult(step, mean, time.perf_counter() - start)
-

@@ -1,5 +1,6 @@
 """Decoders: each turns a scheduled batch into committed tokens. `DECODERS` is the registry the engine and
 `--decoder` read, by decoder name."""
+
 from .autoregressive import AutoregressiveDecoder
 from .base import Decoder
 from .speculative import SpeculativeDecoder

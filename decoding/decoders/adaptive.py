@@ -14,15 +14,16 @@ Each threshold, its value and the measurements behind it: `docs/adaptive-specula
 
 | threshold | value | meaning |
 |---|---|---|
-| `rate_decay` | 0.9 | a bucket's mean tokens per step: even over a run's first timed steps, then this weight of the past |
+| `rate_decay` | 0.9 | mean tokens per step: even over a run's first timed steps, then this weight of the past |
 | `step_window` | 9 | seconds per step: the median of this many last timed steps (noise only adds time) |
-| `samples`, `min_samples` | 3, 2 | timed steps a decision rests on: ceil(samples / n) for n sequences, at least min_samples |
-| `probe_min`, `probe_max` | 16, 256 | steps between probes: from probe_min, doubled by each probe that changes nothing |
-| `probe_cost`, `probe_cost_max` | 0.01, 2048 | ... and at least far enough apart that probing costs this share, up to this many |
+| `samples`, `min_samples` | 3, 2 | timed steps a decision rests on: ceil(samples / n) for n sequences, at least 2 |
+| `probe_min`, `probe_max` | 16, 256 | steps between probes: from 16, doubled by each probe that changes nothing |
+| `probe_cost`, `probe_cost_max` | 0.01, 2048 | ... or far enough apart that probing costs this share, up to 2048 |
 | `probe_patience` | 4 | a probe whose steps carry prompt tokens (untimed) ends after this many times its length |
 | `draft_margin` | 1.1 | drafting runs only when measured this much faster |
 | `confirm` | 3 | ... on at least this many times a decision's timed steps |
 """
+
 from __future__ import annotations
 
 import math
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Thresholds:
     """The policy's numbers (the table above)."""
+
     rate_decay: float = 0.9
     step_window: int = 9
     samples: int = 3
@@ -54,6 +56,7 @@ THRESHOLDS = Thresholds()
 class _Run:
     """Consecutive steps of one mode in one bucket; `seconds` and `tokens` add up its first steps without prompt
     tokens, as many as a probe has (the first after a switch included: a draft model catches up on it)."""
+
     size: int
     drafts: bool
     steps: int = 0
@@ -66,6 +69,7 @@ class _Run:
 @dataclass
 class _Bucket:
     """What one batch-size bucket has measured of both modes, and where its probing stands."""
+
     times: dict[bool, deque[float]]  # drafting? -> seconds of its last timed steps (a window of step_window)
     interval: int  # back-off: steps from one probe to the next, unless probes are dear (_probe_gap)
     tokens: dict[bool, float] = field(default_factory=dict)  # drafting? -> mean tokens per sequence per step
@@ -119,8 +123,11 @@ class ModeSelector:
         it is never timed and drafting costs most there (the drafter also catches up on the new prompts)."""
         size = self._bucket(num_decoding)
         if size not in self.buckets:
-            self.buckets[size] = _Bucket(times={m: deque(maxlen=self.th.step_window) for m in (False, True)},
-                                         interval=self.th.probe_min, assumed=self._implied(size))
+            self.buckets[size] = _Bucket(
+                times={m: deque(maxlen=self.th.step_window) for m in (False, True)},
+                interval=self.th.probe_min,
+                assumed=self._implied(size),
+            )
         b = self.buckets[size]
         current = self.last is not False
         unwarmed = None if b.assumed is None else not b.assumed  # left to the probes

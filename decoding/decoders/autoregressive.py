@@ -1,4 +1,5 @@
 """The baseline decoder: one token per sequence per target forward."""
+
 from __future__ import annotations
 
 from ..request import Sequence
@@ -12,10 +13,15 @@ class AutoregressiveDecoder(Decoder):
     name = "autoregressive"
 
     def step(self, scheduled: list[ScheduledSeq]) -> dict[Sequence, SeqStep]:
-        chunks = [SeqChunk(block_table=s.seq.block_table, start=s.seq.num_computed,
-                           token_ids=s.seq.token_ids[s.seq.num_computed:s.seq.num_computed + s.num_new],
-                           logits_rows=[s.num_new - 1] if s.completes_prefix else [])
-                  for s in scheduled]
+        chunks = [
+            SeqChunk(
+                block_table=s.seq.block_table,
+                start=s.seq.num_computed,
+                token_ids=s.seq.token_ids[s.seq.num_computed : s.seq.num_computed + s.num_new],
+                logits_rows=[s.num_new - 1] if s.completes_prefix else [],
+            )
+            for s in scheduled
+        ]
         logits = self.runner.execute(chunks)
         sampling = [s.seq for s in scheduled if s.completes_prefix]
         results = {s.seq: SeqStep() for s in scheduled}

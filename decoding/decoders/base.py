@@ -6,6 +6,7 @@ The shape admits every decoder of the design: several tokens committed per step 
 and extra inputs such as silent-thought embeddings (`SeqChunk.extra`). `lookahead` cache slots per sequence
 are reserved by the scheduler for tokens a decoder writes beyond the committed ones (drafts).
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -22,6 +23,7 @@ from ..scheduler import ScheduledSeq
 @dataclass
 class SeqStep:
     """What one step did for one sequence."""
+
     samples: list[Sample] = field(default_factory=list)  # committed tokens, in order
     error: SequenceError | None = None
     forwarded: bool = False  # took part in a target forward that produced tokens

@@ -12,6 +12,7 @@ Adaptive speculation (`adaptive`): per step, `adaptive.ModeSelector` picks draft
 0, the same forward as the autoregressive decoder), so that speculation is switched off where it does not pay, e.g.
 at high concurrency on a compute-bound device; while drafting, each sequence's budget follows its own acceptance.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,8 @@ import torch
 from leapserve.kernels import move_kv
 
 from ..config import EngineConfig, SpeculativeConfig
-from ..observe import Observers
 from ..drafter import DraftTree, make_drafter
+from ..observe import Observers
 from ..request import Sequence
 from ..runner import ModelRunner, SeqChunk
 from ..sampler import Sampler, SequenceError, row_argmax
@@ -42,8 +43,10 @@ class SpeculativeDecoder(Decoder):
     def __init__(self, runner: ModelRunner, sampler: Sampler, config: EngineConfig, observers: Observers):
         super().__init__(runner, sampler, config, observers)
         if not config.speculative_config:
-            raise ValueError('decoder "speculative" needs a speculative_config, e.g. '
-                             '{"method": "ngram", "num_speculative_tokens": 4}')
+            raise ValueError(
+                'decoder "speculative" needs a speculative_config, e.g. '
+                '{"method": "ngram", "num_speculative_tokens": 4}'
+            )
         self.spec = SpeculativeConfig.from_dict(config.speculative_config)
         self.drafter = make_drafter(self.spec, runner, sampler, on_forward=observers.on_draft_forward)
         self.lookahead = self.drafter.lookahead
@@ -62,8 +65,9 @@ class SpeculativeDecoder(Decoder):
         self._step_start = self.observers.clock()
         drafting = [s for s in scheduled if s.completes_prefix]
         self._step_timeable = all(s.num_new == 1 for s in scheduled)
-        self._step_drafts = (self.selector.choose(len(drafting), self._step_timeable)
-                             if self.spec.adaptive and drafting else None)
+        self._step_drafts = (
+            self.selector.choose(len(drafting), self._step_timeable) if self.spec.adaptive and drafting else None
+        )
         cap = self.max_nodes
         if self._step_drafts is False:
             cap = 0
@@ -90,8 +94,10 @@ class SpeculativeDecoder(Decoder):
         budgets = self._budgets(scheduled)
         trees = self.drafter.propose(scheduled, budgets)
         width = max(budgets, default=0)
-        chunks = [self._chunk(s, t, width - len(t) if self.spec.layout == "padded" and s.completes_prefix else 0)
-                  for s, t in zip(scheduled, trees)]
+        chunks = [
+            self._chunk(s, t, width - len(t) if self.spec.layout == "padded" and s.completes_prefix else 0)
+            for s, t in zip(scheduled, trees)
+        ]
         hidden = None
         if self.drafter.needs_target_features:
             logits, hidden = self.runner.forward(chunks)
@@ -108,8 +114,8 @@ class SpeculativeDecoder(Decoder):
                     observed.append((s.seq, list(range(chunk_lo, lo))))
                 results[s.seq] = SeqStep()
                 continue
-            seq_logits = logits[row:row + len(tree) + 1]
-            seq_argmax = None if argmax is None else argmax[row:row + len(tree) + 1]
+            seq_logits = logits[row : row + len(tree) + 1]
+            seq_argmax = None if argmax is None else argmax[row : row + len(tree) + 1]
             row += len(tree) + 1
             try:
                 accepted, samples = verify(tree, seq_logits, s.seq, self.sampler, seq_argmax)
@@ -123,8 +129,9 @@ class SpeculativeDecoder(Decoder):
             if len(tree):
                 old = self._accept_ema.get(s.seq, float(self.max_depth))
                 self._accept_ema[s.seq] = EMA_DECAY * old + (1 - EMA_DECAY) * len(accepted)
-            results[s.seq] = SeqStep(samples=samples, forwarded=True, draft_tokens=len(tree),
-                                     accepted_tokens=len(accepted))
+            results[s.seq] = SeqStep(
+                samples=samples, forwarded=True, draft_tokens=len(tree), accepted_tokens=len(accepted)
+            )
         if self.spec.layout == "padded":  # vanilla: every sequence advances by the batch's longest accepted path
             verified = [results[s.seq] for s in scheduled if s.completes_prefix and results[s.seq].forwarded]
             longest = max((r.accepted_tokens for r in verified), default=0)
@@ -132,7 +139,7 @@ class SpeculativeDecoder(Decoder):
                 r.masked_slots = longest - r.accepted_tokens
         if hidden is not None and observed:  # one gather for the whole batch, then a view per sequence
             rows = torch.tensor([r for _, seq_rows in observed for r in seq_rows], device=hidden.device)
-            for (seq, seq_rows), features in zip(observed, hidden[rows].split([len(r) for _, r in observed])):
+            for (seq, _), features in zip(observed, hidden[rows].split([len(r) for _, r in observed])):
                 self.drafter.observe(seq, seq.num_computed, features)
         if self._step_drafts is not None:
             self._report(scheduled, results)
@@ -142,8 +149,13 @@ class SpeculativeDecoder(Decoder):
         """The step's committed tokens and time, to the mode selector."""
         decoding = [s for s in scheduled if s.completes_prefix]
         tokens = sum(len(results[s.seq].samples) for s in decoding)
-        self.selector.record(len(decoding), bool(self._step_drafts), tokens,
-                             self.observers.clock() - self._step_start, self._step_timeable)
+        self.selector.record(
+            len(decoding),
+            bool(self._step_drafts),
+            tokens,
+            self.observers.clock() - self._step_start,
+            self._step_timeable,
+        )
 
     @staticmethod
     def _chunk(s: ScheduledSeq, tree: DraftTree, num_pad: int) -> SeqChunk:
@@ -151,15 +163,22 @@ class SpeculativeDecoder(Decoder):
         starts at the sequence's next free cache slot; rotary positions count tokens (holes take none)."""
         seq = s.seq
         start = seq.num_computed
-        prefix = seq.token_ids[start:start + s.num_new]
+        prefix = seq.token_ids[start : start + s.num_new]
         rows = list(range(len(prefix) - 1, len(prefix) + len(tree))) if s.completes_prefix else []
         tokens, mask = prefix, None
         offsets: list[int] | range = range(len(prefix))
         if s.completes_prefix and (len(tree) or num_pad):
             mask, offsets = chunk_layout(len(prefix), tree.parents, num_pad)
             tokens = prefix + tree.tokens + [prefix[-1]] * num_pad
-        return SeqChunk(seq.block_table, seq.num_kv_slots, tokens, logits_rows=rows,
-                        positions=[start + o for o in offsets], tree_mask=mask, context_holes=seq.kv_holes)
+        return SeqChunk(
+            seq.block_table,
+            seq.num_kv_slots,
+            tokens,
+            logits_rows=rows,
+            positions=[start + o for o in offsets],
+            tree_mask=mask,
+            context_holes=seq.kv_holes,
+        )
 
     def _compact(self, seq: Sequence, root: int, accepted: list[int]) -> None:
         """Move the accepted nodes' K/V (node i sits at cache slot root + i) to root + 1, root + 2, ..."""
@@ -170,8 +189,11 @@ class SpeculativeDecoder(Decoder):
         bs = cache.block_size
 
         def slots(positions: list[int]) -> torch.Tensor:
-            return torch.tensor([seq.block_table[p // bs] * bs + p % bs for p in positions], dtype=torch.int64,
-                                device=self.runner.device)
+            return torch.tensor(
+                [seq.block_table[p // bs] * bs + p % bs for p in positions],
+                dtype=torch.int64,
+                device=self.runner.device,
+            )
 
         src, dst = slots([m[0] for m in moves]), slots([m[1] for m in moves])
         for k, v in zip(cache.k, cache.v):
