@@ -59,16 +59,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=serve)
 
 
+def run_server_arguments(args: argparse.Namespace) -> tuple[tuple, dict]:
+    """What `serve` hands `run_server`: the engine config from the options, the address, the API key (the flag,
+    else $LEAPSERVE_API_KEY), the logits processors and the log level."""
+    api_key = args.api_key or os.environ.get(API_KEY_ENV)
+    return (config_from_args(EngineConfig, args), args.host, args.port, api_key), {
+        "logits_processors": args.logits_processors,
+        "log_level": args.log_level,
+    }
+
+
 def serve(args: argparse.Namespace) -> None:
-    """The `leapserve serve` handler: the engine config from the options, then the server until it is stopped."""
+    """The `leapserve serve` handler: the server until it is stopped."""
     from leapserve.server.app import run_server  # the HTTP stack loads only to serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_server(
-        config_from_args(EngineConfig, args),
-        args.host,
-        args.port,
-        args.api_key or os.environ.get(API_KEY_ENV),
-        logits_processors=args.logits_processors,
-        log_level=args.log_level,
-    )
+    positional, keywords = run_server_arguments(args)
+    run_server(*positional, **keywords)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
-from collections.abc import AsyncGenerator
+import time
+from collections.abc import AsyncGenerator, Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from .config import EngineConfig
 from .engine import LLMEngine
+from .observe import Clock, StepObserver
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -34,8 +38,9 @@ class EngineStats:
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig):
-        """Build the engine on its own thread and wait until it is ready (its errors are raised here).
+    def __init__(self, config: EngineConfig, *, clock: Clock = time.perf_counter, observers: Seq[StepObserver] = ()):
+        """Build the engine (`LLMEngine(config, clock=clock, observers=observers)`) on its own thread and wait
+        until it is ready (its errors are raised here).
 
         Every torch call happens on that one thread, loading included. On CPU, a second thread that has run
         OpenMP work (here: building the engine) keeps its own OpenMP team; with more OpenMP threads than cores,
@@ -46,7 +51,8 @@ class AsyncLLMEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = threading.Event()
         ready: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, args=(config, ready), name="leapserve-engine", daemon=True)
+        build = functools.partial(LLMEngine, config, clock=clock, observers=observers)
+        self._thread = threading.Thread(target=self._run, args=(build, ready), name="leapserve-engine", daemon=True)
         self._thread.start()
         built = ready.get()
         if isinstance(built, BaseException):
@@ -127,9 +133,9 @@ class AsyncLLMEngine:
         elif kind == "abort":
             self.engine.abort(args[0])
 
-    def _run(self, config: EngineConfig, ready: queue.SimpleQueue) -> None:
+    def _run(self, build: Callable[[], LLMEngine], ready: queue.SimpleQueue) -> None:
         try:
-            self.engine = LLMEngine(config)
+            self.engine = build()
         except BaseException as e:  # handed to the constructor, which raises it
             ready.put(e)
             return

@@ -49,6 +49,7 @@ class LLMEngine:
         model forward and every step (`observe.py`)."""
         self.config = config
         self.observers = Observers(clock, observers)
+        start = clock()
         mc = config.model
         # as vLLM: a speculative_config alone turns speculative decoding on (the caller's config stays as given)
         self.decoder_name = config.decoder or ("speculative" if config.speculative_config else "autoregressive")
@@ -85,7 +86,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._next_seq_id = 0
         logger.info(
-            "engine ready: %s on %s/%s, decoder %s, KV cache %d tokens, max_model_len %d",
+            "engine ready in %.1f s: %s on %s/%s, decoder %s, KV cache %d tokens, max_model_len %d",
+            clock() - start,
             self.model_path,
             self.device,
             self.dtype,

@@ -12,10 +12,10 @@ import pytest
 
 import fault_injection
 from leapserve.cli.main import build_parser, main
+from leapserve.cli.serve import run_server_arguments
 from leapserve.decoding.args import add_config_arguments, config_from_args, option
 from leapserve.decoding.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from leapserve.decoding.decoders import DECODERS
-from leapserve.server import app
 from leapserve.training.adaspec import AdaSpecConfig
 from leapserve.training.data import DataConfig
 from leapserve.training.fspad import FSPADTrainConfig
@@ -226,27 +226,14 @@ def test_options_from_a_dataclass(capsys):
 
 
 def test_serve_hands_the_flags_to_run_server(monkeypatch):
-    calls = []
-    monkeypatch.setattr(app, "run_server", lambda *args, **kwargs: calls.append((args, kwargs)))
     monkeypatch.setenv("LEAPSERVE_API_KEY", "from-env")
-    main(
-        [
-            "serve",
-            "--port",
-            "9001",
-            "--max-num-seqs",
-            "4",
-            "--log-level",
-            "warning",
-            "--logits-processors",
-            "fault_injection:fail_if_poisoned",
-        ]
+    argv = ["--port", "9001", "--max-num-seqs", "4", "--log-level", "warning"]
+    (config, host, port, api_key), kwargs = run_server_arguments(
+        parse(*argv, "--logits-processors", "fault_injection:fail_if_poisoned")
     )
-    main(["serve", "--api-key", "from-flag"])
-    (config, host, port, api_key), kwargs = calls[0]
     assert config.scheduler.max_num_seqs == 4 and (host, port, api_key) == ("127.0.0.1", 9001, "from-env")
     assert kwargs == {"logits_processors": [fault_injection.fail_if_poisoned], "log_level": "warning"}
-    assert calls[1][0][3] == "from-flag"
+    assert run_server_arguments(parse("--api-key", "from-flag"))[0][3] == "from-flag"
 
 
 def test_logits_processors_are_imported():

@@ -180,27 +180,26 @@ def test_smollm2_greedy_equals_transformers():
     assert "Paris" in chat.text
 
 
-def test_async_engine_runs_all_torch_work_on_its_own_thread(tiny_model_dir, monkeypatch):
-    """The engine is built on the engine thread (not the caller's): a second thread running OpenMP work makes
-    every CPU step pay OpenMP wake-ups. Errors while building reach the caller."""
+def test_async_engine_runs_all_torch_work_on_its_own_thread(tiny_model_dir):
+    """The engine is built on the engine thread (not the caller's): a second thread running OpenMP work makes every
+    CPU step pay OpenMP wake-ups. The injected clock, read while the engine is built, tells where that happened.
+    Errors while building reach the caller."""
     import threading
+    import time
 
     from leapserve.decoding import async_engine
     from leapserve.decoding.config import CacheConfig, EngineConfig, ModelConfig
 
-    built_on = []
-    real_init = async_engine.LLMEngine.__init__
+    read_on = []
 
-    def recording_init(self, config):
-        built_on.append(threading.current_thread().name)
-        real_init(self, config)
+    def clock() -> float:
+        read_on.append(threading.current_thread().name)
+        return time.perf_counter()
 
-    monkeypatch.setattr(async_engine.LLMEngine, "__init__", recording_init)
-    engine = async_engine.AsyncLLMEngine(
-        EngineConfig(model=ModelConfig(model=str(tiny_model_dir)), cache=CacheConfig(kv_cache_tokens=1024))
-    )
+    config = EngineConfig(model=ModelConfig(model=str(tiny_model_dir)), cache=CacheConfig(kv_cache_tokens=1024))
+    engine = async_engine.AsyncLLMEngine(config, clock=clock)
     try:
-        assert built_on == ["leapserve-engine"] and engine.max_model_len > 0
+        assert read_on and set(read_on) == {"leapserve-engine"} and engine.max_model_len > 0
     finally:
         engine.shutdown()
     with pytest.raises(ValueError, match="unknown decoder"):
