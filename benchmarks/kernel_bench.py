@@ -254,7 +254,7 @@ def markdown(rows: list[dict], copy_bw: float, device_name: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -278,8 +278,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="tiny shapes on the CPU (the PyTorch reference path), fp32; checks the script runs",
     )
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.smoke:
         device = torch.device("cpu")
         args.batch, args.new, args.context = [1, 3], [1, 5], [40]

@@ -11,7 +11,8 @@ One program handles one query tile of one sequence, one KV head and one split of
   (flash-decoding) and a second kernel merges the partial results.
 
 Contract: docs/kernel.md. Values (cu_seqlens_q, context_lens) are not checked here, to avoid a
-device synchronisation; the reference checks them.
+device synchronisation; the reference checks them. The attention kernel, its merge kernel and their launcher stay
+in one file (over 400 lines): they share the tiling and are read together.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """`leapserve bench`: the metric arithmetic on synthetic timelines, the command-line parsing, and short real runs of
-`bench offline` and `bench serve` on a tiny random Llama that write a valid JSON record and a PNG plot."""
+`bench offline` and `bench serve` on a tiny random Llama that write a valid JSON record and a PNG plot. One module
+(over 400 lines): the harness's parts are tested together with the runs that use them."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from leapserve.benchmarks.bench_metrics import (
     speedup,
     summary_ms,
 )
-from leapserve.benchmarks.bench_offline import NAMED_CONFIGS, Decoder, decoder_list, split_top_level
 from leapserve.benchmarks.bench_serve import spec_counters
+from leapserve.benchmarks.decoder_specs import NAMED_CONFIGS, Decoder, decoder_list, split_top_level
 from leapserve.cli.main import main
 from leapserve.decoding.observe import StepRecord
 from test_server import API_KEY, MODEL, running_server

@@ -3,7 +3,7 @@
 Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py before
 anything imports triton); with one they run compiled on CUDA tensors. Every case poisons what must not be read or
 written: unused cache slots and padding blocks hold NaN, outputs start as NaN, tree-mask columns past a
-sequence's own new tokens hold random bits.
+sequence's own new tokens hold random bits. One module (over 400 lines): every test sweeps the one kernel contract.
 """
 
 from __future__ import annotations
@@ -75,6 +75,56 @@ def random_tree(rnd: random.Random, n: int) -> torch.Tensor:
     return visible
 
 
+def random_masks(
+    rnd: random.Random, gen: torch.Generator, new: list[int], mask_kind: str
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Per sequence, which of its new tokens each one sees; and the packed tree mask (None: causal), whose columns
+    past a sequence's own new tokens are garbage the kernels must ignore."""
+    if mask_kind == "causal":
+        visible = [torch.ones(n, n, dtype=torch.bool).tril() for n in new]
+    elif mask_kind == "tree":
+        visible = [random_tree(rnd, n) for n in new]
+    else:
+        visible = [torch.ones(n, n, dtype=torch.bool) for n in new]
+    if mask_kind == "causal":
+        return visible, None
+    width = max(new) + rnd.randint(0, 3)
+    tree_mask = torch.rand(sum(new), width, generator=gen) < (1.0 if mask_kind == "bidirectional" else 0.5)
+    row = 0
+    for n, vis in zip(new, visible):
+        tree_mask[row : row + n, :n] = vis
+        row += n
+    return visible, tree_mask
+
+
+def hide_context(
+    rnd: random.Random,
+    gen: torch.Generator,
+    context: list[int],
+    block_tables: torch.Tensor,
+    caches: tuple[torch.Tensor, torch.Tensor],
+    keys: list[torch.Tensor],
+) -> torch.Tensor:
+    """A context mask hiding runs of context slots, whose K/V become large finite garbage (and NaN for the oracle);
+    columns past a sequence's context are random bits the kernels must ignore."""
+    block_size, num_kv_heads, head_dim = caches[0].shape[1:]
+    context_mask = torch.rand(len(context), max(context) + rnd.randint(0, 3), generator=gen) < 0.5
+    for b, c in enumerate(context):
+        row = torch.ones(c, dtype=torch.bool)
+        for _ in range(rnd.randint(0, 4)):  # holes: runs of up to 6 slots
+            lo = rnd.randint(0, max(0, c - 1))
+            row[lo : lo + rnd.randint(1, 6)] = False
+        context_mask[b, :c] = row
+        hidden = torch.nonzero(~row).flatten()
+        table = block_tables[b].long()
+        for cache in caches:
+            cache[table[hidden // block_size], hidden % block_size] = 1e3 * torch.randn(
+                len(hidden), num_kv_heads, head_dim, generator=gen
+            ).to(cache.dtype)
+        keys[b][hidden] = float("nan")  # the oracle must not use them either
+    return context_mask
+
+
 def make_case(
     seed: int,
     *,
@@ -120,41 +170,13 @@ def make_case(
         v_cache[torch.tensor(table)[pos // block_size], pos % block_size] = v
         keys.append(k)
         values.append(v)
-    if mask_kind == "causal":
-        visible = [torch.ones(n, n, dtype=torch.bool).tril() for n in new]
-    elif mask_kind == "tree":
-        visible = [random_tree(rnd, n) for n in new]
-    else:
-        visible = [torch.ones(n, n, dtype=torch.bool) for n in new]
-    tree_mask = None
-    if mask_kind != "causal":
-        width = max(new) + rnd.randint(0, 3)
-        # Columns past a sequence's own new tokens are garbage the kernels must ignore.
-        tree_mask = torch.rand(sum(new), width, generator=gen) < (1.0 if mask_kind == "bidirectional" else 0.5)
-        row = 0
-        for n, vis in zip(new, visible):
-            tree_mask[row : row + n, :n] = vis
-            row += n
+    visible, tree_mask = random_masks(rnd, gen, new, mask_kind)
     cu = [0, *itertools.accumulate(new)]
     q = torch.randn(cu[-1], num_q_heads, head_dim, generator=gen).to(dtype)
     scale = rnd.choice((None, 0.3))
     context_mask = None
     if masked_context:
-        # Columns past a sequence's context are random bits the kernels must ignore.
-        context_mask = torch.rand(num_seqs, max(context) + rnd.randint(0, 3), generator=gen) < 0.5
-        for b, c in enumerate(context):
-            row = torch.ones(c, dtype=torch.bool)
-            for _ in range(rnd.randint(0, 4)):  # holes: runs of up to 6 slots
-                lo = rnd.randint(0, max(0, c - 1))
-                row[lo : lo + rnd.randint(1, 6)] = False
-            context_mask[b, :c] = row
-            hidden = torch.nonzero(~row).flatten()
-            table = block_tables[b].long()
-            for cache in (k_cache, v_cache):
-                cache[table[hidden // block_size], hidden % block_size] = 1e3 * torch.randn(
-                    len(hidden), num_kv_heads, head_dim, generator=gen
-                ).to(dtype)
-            keys[b][hidden] = float("nan")  # the oracle must not use them either
+        context_mask = hide_context(rnd, gen, context, block_tables, (k_cache, v_cache), keys)
     return Case(
         q.to(device),
         k_cache.to(device),

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, end to end: a real `leapserve serve` subprocess on a tiny random Llama,
-spoken to with the `openai` client and raw httpx."""
+spoken to with the `openai` client and raw httpx. One module (over 400 lines): the tests share one running server.
+"""
 
 from __future__ import annotations
 
