@@ -7,7 +7,6 @@ registry (`drafter_methods.py`) names them as "module:Class", imported only when
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -15,6 +14,7 @@ import torch
 
 from .config import SpeculativeConfig
 from .drafter_methods import drafter_method
+from .observe import ForwardHook
 
 if TYPE_CHECKING:
     from .request import Sequence
@@ -65,7 +65,7 @@ class Drafter(Protocol):
 
 
 def make_drafter(
-    spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler, on_forward: Callable[[int], None] | None = None
+    spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler, on_forward: ForwardHook | None = None
 ) -> Drafter:
     """The drafter for `spec.method`, given the target's runner (cache geometry, device) and sampler (RNG);
     `on_forward(num_tokens)` is told of each forward of the drafter's model."""

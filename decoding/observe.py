@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 Clock = Callable[[], float]  # seconds, monotonic
+ForwardHook = Callable[[int], None]  # told each forward's token count before it runs
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -12,6 +11,7 @@ from leapserve.kernels import AttentionStep
 
 from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, register
 from .kv_cache import PagedKVCache
+from .observe import ForwardHook
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -85,7 +85,7 @@ class ModelRunner:
         model: PreTrainedModel,
         cache: PagedKVCache,
         device: torch.device,
-        on_forward: Callable[[int], None] | None = None,
+        on_forward: ForwardHook | None = None,
     ):
         """`on_forward(num_tokens)` is told of each forward before it runs (the engine's observers)."""
         register()

@@ -10,7 +10,6 @@ there (`TreeGrower`); the checkpoint is loaded by `load_draft_model`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from weakref import WeakKeyDictionary
 
@@ -19,6 +18,7 @@ import torch
 from leapserve.decoding.config import SpeculativeConfig
 from leapserve.decoding.drafter import DraftTree
 from leapserve.decoding.kv_cache import PagedKVCache
+from leapserve.decoding.observe import ForwardHook
 from leapserve.decoding.request import Sequence
 from leapserve.decoding.runner import ModelRunner, SeqChunk
 from leapserve.decoding.sampler import Sampler
@@ -38,12 +38,7 @@ class DraftModelDrafter:
     needs_target_features = False
 
     def __init__(
-        self,
-        spec: SpeculativeConfig,
-        runner: ModelRunner,
-        sampler: Sampler,
-        *,
-        on_forward: Callable[[int], None] | None = None,
+        self, spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler, *, on_forward: ForwardHook | None = None
     ):
         target = runner.cache
         model = load_draft_model(spec.model, runner.model, runner.device, target.k[0].dtype)

@@ -14,7 +14,6 @@ position earlier than there (its row is the last catch-up pair).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from weakref import WeakKeyDictionary
 
@@ -23,6 +22,7 @@ import torch
 from leapserve.decoding.config import SpeculativeConfig
 from leapserve.decoding.drafter import DraftTree
 from leapserve.decoding.kv_cache import PagedKVCache
+from leapserve.decoding.observe import ForwardHook
 from leapserve.decoding.request import Sequence
 from leapserve.decoding.runner import ModelRunner, SeqChunk, step_metadata
 from leapserve.decoding.sampler import Sampler
@@ -48,12 +48,7 @@ class FSPADDrafter:
     needs_target_features = True
 
     def __init__(
-        self,
-        spec: SpeculativeConfig,
-        runner: ModelRunner,
-        sampler: Sampler,
-        *,
-        on_forward: Callable[[int], None] | None = None,
+        self, spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler, *, on_forward: ForwardHook | None = None
     ):
         target = runner.cache
         self.model = load_fspad(spec.model, runner.device, target.k[0].dtype)

@@ -3,12 +3,11 @@ sequence's last n tokens (n from prompt_lookup_max down to prompt_lookup_min) is
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from leapserve.decoding.config import SpeculativeConfig
 from leapserve.decoding.drafter import DraftTree
+from leapserve.decoding.observe import ForwardHook
 from leapserve.decoding.request import Sequence
 from leapserve.decoding.runner import ModelRunner
 from leapserve.decoding.sampler import Sampler
@@ -29,12 +28,7 @@ class NgramDrafter:
     needs_target_features = False
 
     def __init__(
-        self,
-        spec: SpeculativeConfig,
-        runner: ModelRunner,
-        sampler: Sampler,
-        *,
-        on_forward: Callable[[int], None] | None = None,
+        self, spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler, *, on_forward: ForwardHook | None = None
     ):
         """No model, so `on_forward` is never called."""
         self.n_min, self.n_max = spec.prompt_lookup_min, spec.prompt_lookup_max

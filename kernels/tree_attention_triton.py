@@ -11,8 +11,8 @@ One program handles one query tile of one sequence, one KV head and one split of
   (flash-decoding) and a second kernel merges the partial results.
 
 Contract: docs/kernel.md. Values (cu_seqlens_q, context_lens) are not checked here, to avoid a
-device synchronisation; the reference checks them. The attention kernel, its merge kernel and their launcher stay
-in one file (over 400 lines): they share the tiling and are read together.
+device synchronisation; the reference checks them. Laid out by hand (kept out of `ruff format`): the launch and
+helper calls pass some twenty tile arguments each, which read best packed.
 """
 
 from __future__ import annotations
@@ -42,37 +42,11 @@ def _find_sequence(cu_seqlens_q_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _attend_keys(
-    acc,
-    m_i,
-    l_i,
-    q,
-    k_ptr,
-    v_ptr,
-    block_table_ptr,
-    tree_mask_ptr,
-    context_mask_ptr,
-    key_start,
-    key_end,
-    context_len,
-    query_idx,
-    token_idx,
-    row_valid,
-    offs_d,
-    d_valid,
-    scale_log2e,
-    stride_k_b,
-    stride_k_s,
-    stride_v_b,
-    stride_v_s,
-    stride_tm,
-    NEW_KEYS: tl.constexpr,
-    HAS_TREE_MASK: tl.constexpr,
-    HAS_CONTEXT_MASK: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    NATIVE_DOT: tl.constexpr,
-):
+def _attend_keys(acc, m_i, l_i, q, k_ptr, v_ptr, block_table_ptr, tree_mask_ptr, context_mask_ptr,
+                 key_start, key_end, context_len, query_idx, token_idx, row_valid, offs_d, d_valid, scale_log2e,
+                 stride_k_b, stride_k_s, stride_v_b, stride_v_s, stride_tm,
+                 NEW_KEYS: tl.constexpr, HAS_TREE_MASK: tl.constexpr, HAS_CONTEXT_MASK: tl.constexpr,
+                 BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NATIVE_DOT: tl.constexpr):
     """Fold keys [key_start, key_end) into the running softmax state (acc, m_i, l_i)."""
     for start in range(key_start, key_end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
@@ -88,14 +62,8 @@ def _attend_keys(
         if NEW_KEYS:
             new_idx = pos - context_len
             if HAS_TREE_MASK:
-                visible = (
-                    tl.load(
-                        tree_mask_ptr + token_idx[:, None] * stride_tm + new_idx[None, :],
-                        mask=row_valid[:, None] & in_range[None, :],
-                        other=0,
-                    )
-                    != 0
-                )
+                visible = tl.load(tree_mask_ptr + token_idx[:, None] * stride_tm + new_idx[None, :],
+                                  mask=row_valid[:, None] & in_range[None, :], other=0) != 0
             else:
                 visible = (new_idx[None, :] <= query_idx[:, None]) & in_range[None, :]
         elif HAS_CONTEXT_MASK:
@@ -108,11 +76,8 @@ def _attend_keys(
         p = tl.exp2(scores - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_ptr + (page * stride_v_b + slot * stride_v_s)[:, None] + offs_d[None, :],
-            mask=in_range[:, None] & d_valid[None, :],
-            other=0.0,
-        )
+        v = tl.load(v_ptr + (page * stride_v_b + slot * stride_v_s)[:, None] + offs_d[None, :],
+                    mask=in_range[:, None] & d_valid[None, :], other=0.0)
         if NATIVE_DOT:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         else:
@@ -123,47 +88,14 @@ def _attend_keys(
 
 @triton.jit
 def _tree_attention_kernel(
-    q_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
-    out_ptr,
-    part_acc_ptr,
-    part_max_ptr,
-    part_sum_ptr,
-    block_tables_ptr,
-    context_lens_ptr,
-    cu_seqlens_q_ptr,
-    tree_mask_ptr,
-    context_mask_ptr,
-    num_seqs,
-    num_tokens,
-    num_q_heads,
-    scale_log2e,
-    stride_q_t,
-    stride_q_h,
-    stride_k_b,
-    stride_k_s,
-    stride_k_h,
-    stride_v_b,
-    stride_v_s,
-    stride_v_h,
-    stride_o_t,
-    stride_o_h,
-    stride_bt,
-    stride_tm,
-    stride_cm,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    HAS_TREE_MASK: tl.constexpr,
-    HAS_CONTEXT_MASK: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    NATIVE_DOT: tl.constexpr,
-):
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+        block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr, tree_mask_ptr, context_mask_ptr,
+        num_seqs, num_tokens, num_q_heads, scale_log2e,
+        stride_q_t, stride_q_h, stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
+        stride_o_t, stride_o_h, stride_bt, stride_tm, stride_cm,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_TREE_MASK: tl.constexpr,
+        HAS_CONTEXT_MASK: tl.constexpr, NUM_SPLITS: tl.constexpr, NATIVE_DOT: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -185,9 +117,8 @@ def _tree_attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     q_mask = row_valid[:, None] & d_valid[None, :]
-    q = tl.load(
-        q_ptr + token_idx[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :], mask=q_mask, other=0.0
-    )
+    q = tl.load(q_ptr + token_idx[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :], mask=q_mask,
+                other=0.0)
     if not NATIVE_DOT:
         q = q.to(tl.float32)
 
@@ -211,75 +142,22 @@ def _tree_attention_kernel(
     v_ptr = v_cache_ptr + kv_head * stride_v_h
     seq_context_mask_ptr = context_mask_ptr + seq.to(tl.int64) * stride_cm
     acc, m_i, l_i = _attend_keys(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_ptr,
-        v_ptr,
-        block_table_ptr,
-        tree_mask_ptr,
-        seq_context_mask_ptr,
-        key_lo,
-        tl.minimum(key_hi, context_len),
-        context_len,
-        query_idx,
-        token_idx,
-        row_valid,
-        offs_d,
-        d_valid,
-        scale_log2e,
-        stride_k_b,
-        stride_k_s,
-        stride_v_b,
-        stride_v_s,
-        stride_tm,
-        NEW_KEYS=False,
-        HAS_TREE_MASK=HAS_TREE_MASK,
-        HAS_CONTEXT_MASK=HAS_CONTEXT_MASK,
-        BLOCK_N=BLOCK_N,
-        PAGE_SIZE=PAGE_SIZE,
-        NATIVE_DOT=NATIVE_DOT,
-    )
+        acc, m_i, l_i, q, k_ptr, v_ptr, block_table_ptr, tree_mask_ptr, seq_context_mask_ptr,
+        key_lo, tl.minimum(key_hi, context_len), context_len, query_idx, token_idx, row_valid, offs_d, d_valid,
+        scale_log2e, stride_k_b, stride_k_s, stride_v_b, stride_v_s, stride_tm,
+        NEW_KEYS=False, HAS_TREE_MASK=HAS_TREE_MASK, HAS_CONTEXT_MASK=HAS_CONTEXT_MASK, BLOCK_N=BLOCK_N,
+        PAGE_SIZE=PAGE_SIZE, NATIVE_DOT=NATIVE_DOT)
     acc, m_i, l_i = _attend_keys(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_ptr,
-        v_ptr,
-        block_table_ptr,
-        tree_mask_ptr,
-        seq_context_mask_ptr,
-        tl.maximum(key_lo, context_len),
-        new_hi,
-        context_len,
-        query_idx,
-        token_idx,
-        row_valid,
-        offs_d,
-        d_valid,
-        scale_log2e,
-        stride_k_b,
-        stride_k_s,
-        stride_v_b,
-        stride_v_s,
-        stride_tm,
-        NEW_KEYS=True,
-        HAS_TREE_MASK=HAS_TREE_MASK,
-        HAS_CONTEXT_MASK=HAS_CONTEXT_MASK,
-        BLOCK_N=BLOCK_N,
-        PAGE_SIZE=PAGE_SIZE,
-        NATIVE_DOT=NATIVE_DOT,
-    )
+        acc, m_i, l_i, q, k_ptr, v_ptr, block_table_ptr, tree_mask_ptr, seq_context_mask_ptr,
+        tl.maximum(key_lo, context_len), new_hi, context_len, query_idx, token_idx, row_valid, offs_d, d_valid,
+        scale_log2e, stride_k_b, stride_k_s, stride_v_b, stride_v_s, stride_tm,
+        NEW_KEYS=True, HAS_TREE_MASK=HAS_TREE_MASK, HAS_CONTEXT_MASK=HAS_CONTEXT_MASK, BLOCK_N=BLOCK_N,
+        PAGE_SIZE=PAGE_SIZE, NATIVE_DOT=NATIVE_DOT)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(
-            out_ptr + token_idx[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=q_mask,
-        )
+        tl.store(out_ptr + token_idx[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
         part_row = (split * num_tokens + token_idx) * num_q_heads + head
         tl.store(part_max_ptr + part_row, m_i, mask=row_valid)
@@ -288,20 +166,9 @@ def _tree_attention_kernel(
 
 
 @triton.jit
-def _merge_splits_kernel(
-    out_ptr,
-    part_acc_ptr,
-    part_max_ptr,
-    part_sum_ptr,
-    num_tokens,
-    num_q_heads,
-    stride_o_t,
-    stride_o_h,
-    NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+def _merge_splits_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, num_tokens, num_q_heads,
+                         stride_o_t, stride_o_h, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Combine the per-split (unnormalised acc, max, sum) of one (token, query head) into the output row."""
     token = tl.program_id(0)
     head = tl.program_id(1)
@@ -315,13 +182,11 @@ def _merge_splits_kernel(
     total = tl.sum(weight * l_part, 0)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
-    acc = tl.load(
-        part_acc_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :],
-        mask=split_valid[:, None] & d_valid[None, :],
-        other=0.0,
-    )
+    acc = tl.load(part_acc_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=split_valid[:, None] & d_valid[None, :], other=0.0)
     out = tl.sum(acc * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + token * stride_o_t + head * stride_o_h + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_valid)
+    tl.store(out_ptr + token * stride_o_t + head * stride_o_h + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=d_valid)
 
 
 @functools.cache
@@ -347,24 +212,13 @@ def _default_splits(device: torch.device, programs: int, key_capacity: int) -> i
     return max(1, min(MAX_SPLITS, triton.cdiv(4 * sm_count, programs), key_capacity // 256))
 
 
-def tree_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    tree_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    *,
-    out: torch.Tensor | None = None,
-    context_mask: torch.Tensor | None = None,
-    num_splits: int | None = None,
-) -> torch.Tensor:
+def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                   context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, tree_mask: torch.Tensor | None = None,
+                   scale: float | None = None, *, out: torch.Tensor | None = None,
+                   context_mask: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
     """Triton implementation of the `tree_attention` contract; `num_splits` overrides the key-split heuristic."""
-    check_tree_attention_args(
-        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, tree_mask, out, context_mask
-    )
+    check_tree_attention_args(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, tree_mask, out,
+                              context_mask)
     num_tokens, num_q_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if head_dim > 256:
@@ -402,63 +256,24 @@ def tree_attention(
         part_sum = torch.empty_like(part_max)
     else:
         part_acc = part_max = part_sum = out  # unused
-    scale = head_dim**-0.5 if scale is None else scale
+    scale = head_dim ** -0.5 if scale is None else scale
     # Tensor-core dots in the input precision, except bf16 in the CPU interpreter (wrong there: upcast to fp32).
     native_dot = q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and q.device.type != "cpu")
     _tree_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
-        q,
-        k_cache,
-        v_cache,
-        out,
-        part_acc,
-        part_max,
-        part_sum,
-        block_tables,
-        context_lens,
-        cu_seqlens_q,
-        q if tree_mask is None else tree_mask.view(torch.uint8),
+        q, k_cache, v_cache, out, part_acc, part_max, part_sum,
+        block_tables, context_lens, cu_seqlens_q, q if tree_mask is None else tree_mask.view(torch.uint8),
         q if context_mask is None else context_mask.view(torch.uint8),
-        num_seqs,
-        num_tokens,
-        num_q_heads,
-        scale * 1.4426950408889634,
-        q.stride(0),
-        q.stride(1),
-        *k_cache.stride()[:3],
-        *v_cache.stride()[:3],
-        out.stride(0),
-        out.stride(1),
-        block_tables.stride(0),
-        0 if tree_mask is None else tree_mask.stride(0),
+        num_seqs, num_tokens, num_q_heads, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1),
+        block_tables.stride(0), 0 if tree_mask is None else tree_mask.stride(0),
         0 if context_mask is None else context_mask.stride(0),
-        GROUP=group,
-        GROUP_PAD=group_pad,
-        BLOCK_Q=block_q,
-        BLOCK_N=block_n,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        PAGE_SIZE=page_size,
-        HAS_TREE_MASK=tree_mask is not None,
-        HAS_CONTEXT_MASK=context_mask is not None,
-        NUM_SPLITS=num_splits,
-        NATIVE_DOT=native_dot,
-        num_warps=8,
-        num_stages=2,
-    )
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        PAGE_SIZE=page_size, HAS_TREE_MASK=tree_mask is not None, HAS_CONTEXT_MASK=context_mask is not None,
+        NUM_SPLITS=num_splits, NATIVE_DOT=native_dot,
+        num_warps=8, num_stages=2)
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
-            out,
-            part_acc,
-            part_max,
-            part_sum,
-            num_tokens,
-            num_q_heads,
-            out.stride(0),
-            out.stride(1),
-            NUM_SPLITS=num_splits,
-            SPLITS_PAD=max(triton.next_power_of_2(num_splits), 2),
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            num_warps=4,
-        )
+            out, part_acc, part_max, part_sum, num_tokens, num_q_heads, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, SPLITS_PAD=max(triton.next_power_of_2(num_splits), 2), HEAD_DIM=head_dim,
+            BLOCK_D=block_d, num_warps=4)
     return out

@@ -30,11 +30,10 @@ from .protocol import (
     ChatTokenLogprob,
     DeltaMessage,
     TopLogprob,
-    UsageInfo,
     random_id,
 )
 from .serving import OpenAIServing, Outputs, respond, usage
-from .streaming import ChoiceTracker, sse
+from .streaming import ChoiceTracker, sse_chunk
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -92,12 +91,6 @@ def chat_response(
     )
 
 
-def _chunk(
-    request_id: str, created: int, model: str, choices: list[ChatChunkChoice], usage_info: UsageInfo | None = None
-) -> str:
-    return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage_info))
-
-
 async def chat_events(
     request_id: str,
     created: int,
@@ -110,18 +103,15 @@ async def chat_events(
     include_usage: bool,
 ) -> AsyncGenerator[str, None]:
     """Each choice's role, one chunk per choice that changed, then (if asked for) one with the usage and no choices."""
+    chunk = partial(sse_chunk, ChatCompletionChunk, request_id, created, model)
     trackers = [ChoiceTracker() for _ in range(n)]
     for j in range(n):
-        role = ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))
-        yield _chunk(request_id, created, model, [role])
+        yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))])
     async for _, output in outputs:
         for c in output.outputs:
             delta = trackers[c.index].advance(c)
             if delta is not None:
-                yield _chunk(
-                    request_id,
-                    created,
-                    model,
+                yield chunk(
                     [
                         ChatChunkChoice(
                             index=c.index,
@@ -129,10 +119,10 @@ async def chat_events(
                             finish_reason=delta.finish_reason,
                             logprobs=chat_logprobs(delta.token_ids, delta.logprobs, top_logprobs),
                         )
-                    ],
+                    ]
                 )
     if include_usage:
-        yield _chunk(request_id, created, model, [], usage([len(prompt_ids)], sum(t.num_tokens for t in trackers)))
+        yield chunk([], usage([len(prompt_ids)], sum(t.num_tokens for t in trackers)))
 
 
 async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequest, http_request: Request) -> Response:

@@ -17,9 +17,9 @@ from fastapi.responses import Response
 
 from leapserve.decoding.outputs import Logprob, RequestOutput
 
-from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo, random_id
+from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, random_id
 from .serving import OpenAIServing, Outputs, respond, usage
-from .streaming import ChoiceTracker, sse
+from .streaming import ChoiceTracker, sse_chunk
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -76,12 +76,6 @@ def completion_response(
     )
 
 
-def _chunk(
-    request_id: str, created: int, model: str, choices: list[CompletionChoice], usage_info: UsageInfo | None = None
-) -> str:
-    return sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage_info))
-
-
 async def completion_events(
     request_id: str,
     created: int,
@@ -93,6 +87,7 @@ async def completion_events(
     include_usage: bool,
 ) -> AsyncGenerator[str, None]:
     """One event per choice that changed, then (if asked for) one with the usage and no choices."""
+    chunk = partial(sse_chunk, CompletionResponse, request_id, created, model)
     trackers = [ChoiceTracker() for _ in range(len(prompts) * n)]
     async for i, output in outputs:
         for c in output.outputs:
@@ -100,18 +95,15 @@ async def completion_events(
             if delta is None:
                 continue
             logprobs = completion_logprobs(delta.token_ids, delta.logprobs, delta.text_offset)
-            yield _chunk(
-                request_id,
-                created,
-                model,
+            yield chunk(
                 [
                     CompletionChoice(
                         index=i * n + c.index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason
                     )
-                ],
+                ]
             )
     if include_usage:
-        yield _chunk(request_id, created, model, [], usage(map(len, prompts), sum(t.num_tokens for t in trackers)))
+        yield chunk([], usage(map(len, prompts), sum(t.num_tokens for t in trackers)))
 
 
 async def create_completion(serving: OpenAIServing, req: CompletionRequest, http_request: Request) -> Response:

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -87,6 +87,13 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> tuple[boo
 def sse(payload: BaseModel) -> str:
     """One server-sent event carrying `payload` as JSON."""
     return f"data: {payload.model_dump_json()}\n\n"
+
+
+def sse_chunk(
+    chunk_type: type[BaseModel], request_id: str, created: int, model: str, choices: list, usage: Any = None
+) -> str:
+    """One streamed chunk of `chunk_type` (a completion or a chat completion chunk) as a server-sent event."""
+    return sse(chunk_type(id=request_id, created=created, model=model, choices=choices, usage=usage))
 
 
 async def sse_stream(events: AsyncGenerator[str, None], source: AsyncGenerator) -> AsyncGenerator[str, None]:

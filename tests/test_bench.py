@@ -219,6 +219,13 @@ def _run_cli(monkeypatch, argv: list[str]) -> None:
     main(argv)
 
 
+def _bench_offline(monkeypatch, model_dir, decoders: str, options: str, *paths: str) -> None:
+    """`leapserve bench offline` of `decoders` on the tiny model over `chat` prompts, EOS ignored, one repeat;
+    `options` (space-separated) and `paths` follow."""
+    argv = ["bench", "offline", "--model", str(model_dir), "--decoders", decoders, "--dataset", "chat"]
+    _run_cli(monkeypatch, [*argv, "--ignore-eos", "--repeats", "1", *options.split(), *paths])
+
+
 def _check_outputs(path: Path, kind: str) -> dict:
     record = json.loads(path.read_text())
     assert record["kind"] == kind and record["command"].startswith(f"leapserve bench {kind} ")
@@ -232,33 +239,12 @@ def test_bench_offline_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     draft = json.dumps(
         {"method": "draft_model", "model": str(tiny_model_dir), "num_speculative_tokens": 2, "adaptive": False}
     )  # adaptive speculation picks modes by timing: not deterministic
-    _run_cli(
+    _bench_offline(
         monkeypatch,
-        [
-            "bench",
-            "offline",
-            "--model",
-            str(tiny_model_dir),
-            "--decoders",
-            f"autoregressive,speculative:ngram,self-draft=speculative:{draft}",
-            "--batch-sizes",
-            "1,2",
-            "--dataset",
-            "chat",
-            "--num-prompts",
-            "2",
-            "--max-tokens",
-            "8",
-            "--ignore-eos",
-            "--repeats",
-            "1",
-            "--baselines",
-            "hf",
-            "--output-json",
-            str(out),
-            "--output-md",
-            str(tmp_path / "offline.md"),
-        ],
+        tiny_model_dir,
+        f"autoregressive,speculative:ngram,self-draft=speculative:{draft}",
+        "--batch-sizes 1,2 --num-prompts 2 --max-tokens 8 --baselines hf",
+        *("--output-json", str(out), "--output-md", str(tmp_path / "offline.md")),
     )
     record = _check_outputs(out, "offline")
     rows = {(r["decoder"], r["batch_size"]): r for r in record["results"]}
@@ -287,30 +273,12 @@ def test_bench_offline_continuous_batching(tiny_model_dir, tmp_path, monkeypatch
     """All prompts submitted at once, at most BATCH running: same outputs as autoregressive decoding, and the
     record and table say which batching ran."""
     out = tmp_path / "continuous.json"
-    _run_cli(
+    _bench_offline(
         monkeypatch,
-        [
-            "bench",
-            "offline",
-            "--model",
-            str(tiny_model_dir),
-            "--decoders",
-            "autoregressive,speculative:ngram",
-            "--batch-sizes",
-            "2",
-            "--continuous",
-            "--dataset",
-            "chat",
-            "--num-prompts",
-            "5",
-            "--max-tokens",
-            "8",
-            "--ignore-eos",
-            "--repeats",
-            "1",
-            "--output-json",
-            str(out),
-        ],
+        tiny_model_dir,
+        "autoregressive,speculative:ngram",
+        "--batch-sizes 2 --continuous --num-prompts 5 --max-tokens 8",
+        *("--output-json", str(out)),
     )
     record = _check_outputs(out, "offline")
     assert record["batching"] == "continuous" and record["options"]["continuous"] is True
@@ -337,31 +305,12 @@ def test_bench_offline_on_a_modeled_accelerator(tiny_model_dir, tmp_path, monkey
     machine does meanwhile; drafters are charged too, and the mode choice runs on the same clock."""
     out = tmp_path / "roofline.json"
     draft = json.dumps({"method": "draft_model", "model": str(tiny_model_dir), "num_speculative_tokens": 2})
-    _run_cli(
+    _bench_offline(
         monkeypatch,
-        [
-            "bench",
-            "offline",
-            "--model",
-            str(tiny_model_dir),
-            "--decoders",
-            f"autoregressive,self-draft=speculative:{draft}",
-            "--batch-sizes",
-            "1",
-            "--dataset",
-            "chat",
-            "--num-prompts",
-            "2",
-            "--max-tokens",
-            "8",
-            "--ignore-eos",
-            "--repeats",
-            "1",
-            "--roofline",
-            "10,1",
-            "--output-json",
-            str(out),
-        ],
+        tiny_model_dir,
+        f"autoregressive,self-draft=speculative:{draft}",
+        "--batch-sizes 1 --num-prompts 2 --max-tokens 8 --roofline 10,1",
+        *("--output-json", str(out)),
     )
     record = _check_outputs(out, "offline")
     assert record["roofline"] == {"forward_ms": 10.0, "knee_tokens": 1, "draft_share": 0.1}
@@ -376,30 +325,12 @@ def test_bench_offline_profile_splits_a_step(tiny_model_dir, tmp_path, monkeypat
     """`--profile`: each engine row gets a step breakdown whose matmuls and attention took time, found from the
     profiler's events alone (the product has no profiling switch)."""
     out = tmp_path / "profile.json"
-    _run_cli(
+    _bench_offline(
         monkeypatch,
-        [
-            "bench",
-            "offline",
-            "--model",
-            str(tiny_model_dir),
-            "--decoders",
-            "autoregressive",
-            "--batch-sizes",
-            "2",
-            "--dataset",
-            "chat",
-            "--num-prompts",
-            "2",
-            "--max-tokens",
-            "4",
-            "--ignore-eos",
-            "--repeats",
-            "1",
-            "--profile",
-            "--output-json",
-            str(out),
-        ],
+        tiny_model_dir,
+        "autoregressive",
+        "--batch-sizes 2 --num-prompts 2 --max-tokens 4 --profile",
+        *("--output-json", str(out)),
     )
     (row,) = json.loads(out.read_text())["results"]
     split = row["step_breakdown"]

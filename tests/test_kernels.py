@@ -129,10 +129,10 @@ def make_case(
     seed: int,
     *,
     group: int,
-    head_dim: int,
-    block_size: int,
     mask_kind: str,
-    dtype: torch.dtype,
+    head_dim: int = 64,
+    block_size: int = 16,
+    dtype: torch.dtype = torch.float32,
     max_seqs: int = 6,
     max_new: int = 33,
     max_context: int = 300,
@@ -252,7 +252,6 @@ def test_reference_fp32(group: int, head_dim: int, block_size: int, mask_kind: s
             head_dim=head_dim,
             block_size=block_size,
             mask_kind=mask_kind,
-            dtype=torch.float32,
         )
         oracle = naive_attention(case)
         assert_close(run_into_nan(reference.tree_attention, case), case, oracle)
@@ -278,15 +277,7 @@ def test_reference_half(dtype: torch.dtype, mask_kind: str) -> None:
 def test_reference_consecutive_blocks(mask_kind: str) -> None:
     """Block tables that are runs of consecutive blocks take the reference's no-copy path."""
     for seed in range(4):
-        case = make_case(
-            200 + seed,
-            group=3,
-            head_dim=64,
-            block_size=16,
-            mask_kind=mask_kind,
-            dtype=torch.float32,
-            consecutive_blocks=True,
-        )
+        case = make_case(200 + seed, group=3, mask_kind=mask_kind, consecutive_blocks=True)
         assert_close(run_into_nan(reference.tree_attention, case), case, naive_attention(case))
 
 
@@ -299,10 +290,7 @@ def test_reference_batched_steps_and_shared_plan(consecutive: bool, max_new: int
         case = make_case(
             300 + seed,
             group=(1, 3, 4)[seed % 3],
-            head_dim=64,
-            block_size=16,
             mask_kind=mask_kind,
-            dtype=torch.float32,
             max_seqs=8,
             max_new=max_new,
             consecutive_blocks=consecutive,
@@ -326,10 +314,7 @@ def test_reference_context_mask(consecutive: bool, max_new: int, mask_kind: str)
         case = make_case(
             350 + seed,
             group=(1, 3)[seed % 2],
-            head_dim=64,
-            block_size=16,
             mask_kind=mask_kind,
-            dtype=torch.float32,
             max_seqs=5,
             max_new=max_new,
             consecutive_blocks=consecutive,
@@ -348,10 +333,7 @@ def test_attention_step_writes_then_attends(backend: str, mask_kind: str, monkey
     case = make_case(
         400 + MASK_KINDS.index(mask_kind),
         group=3,
-        head_dim=64,
-        block_size=16,
         mask_kind=mask_kind,
-        dtype=torch.float32,
         max_new=9,
         max_context=60,
         masked_context=mask_kind == "tree",
@@ -387,7 +369,7 @@ def test_attention_step_writes_then_attends(backend: str, mask_kind: str, monkey
 def test_reference_single_sequence_returns_fresh_tensor() -> None:
     """One sequence without `out`: the result is returned directly; it must still be a valid [T, Hq, D]."""
     for mask_kind in MASK_KINDS:
-        case = make_case(7, group=3, head_dim=64, block_size=16, mask_kind=mask_kind, dtype=torch.float32, max_seqs=1)
+        case = make_case(7, group=3, mask_kind=mask_kind, max_seqs=1)
         assert_close(reference.tree_attention(*case.args()), case, naive_attention(case))
 
 
@@ -406,7 +388,6 @@ def test_triton_fp32(group: int, head_dim: int, block_size: int, mask_kind: str)
             head_dim=head_dim,
             block_size=block_size,
             mask_kind=mask_kind,
-            dtype=torch.float32,
             max_seqs=4,
         )
         assert_close(run_into_nan(triton_attention(), case), case, naive_attention(case))
@@ -417,16 +398,7 @@ def test_triton_fp32(group: int, head_dim: int, block_size: int, mask_kind: str)
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 def test_triton_split_keys(num_splits: int, mask_kind: str) -> None:
     """Flash-decoding path: keys split over several programs, then merged (splits may be empty)."""
-    case = make_case(
-        2000 + num_splits,
-        group=4,
-        head_dim=64,
-        block_size=16,
-        mask_kind=mask_kind,
-        dtype=torch.float32,
-        max_seqs=3,
-        max_new=6,
-    )
+    case = make_case(2000 + num_splits, group=4, mask_kind=mask_kind, max_seqs=3, max_new=6)
     assert_close(run_into_nan(triton_attention(), case, num_splits=num_splits), case, naive_attention(case))
 
 
@@ -435,16 +407,7 @@ def test_triton_split_keys(num_splits: int, mask_kind: str) -> None:
 @pytest.mark.parametrize("mask_kind", ["causal", "tree"])
 def test_triton_context_mask(num_splits: int, mask_kind: str) -> None:
     case = make_case(
-        2100 + num_splits,
-        group=4,
-        head_dim=64,
-        block_size=16,
-        mask_kind=mask_kind,
-        dtype=torch.float32,
-        max_seqs=3,
-        max_new=9,
-        max_context=120,
-        masked_context=True,
+        2100 + num_splits, group=4, mask_kind=mask_kind, max_seqs=3, max_new=9, max_context=120, masked_context=True
     )
     assert_close(run_into_nan(triton_attention(), case, num_splits=num_splits), case, naive_attention(case))
 
@@ -475,7 +438,6 @@ def test_triton_extreme_head_dims(head_dim: int) -> None:
         head_dim=head_dim,
         block_size=32,
         mask_kind="tree",
-        dtype=torch.float32,
         max_seqs=2,
         max_new=9,
         max_context=80,
@@ -503,9 +465,7 @@ def backends() -> list[str]:
 def test_sequence_without_new_tokens(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A sequence with no new tokens this step (equal cu_seqlens_q entries) is skipped; the others are exact."""
     monkeypatch.setenv("LEAPSERVE_KERNEL_BACKEND", backend)
-    case = make_case(
-        6000, group=2, head_dim=64, block_size=16, mask_kind="tree", dtype=torch.float32, max_seqs=1, max_new=5
-    )
+    case = make_case(6000, group=2, mask_kind="tree", max_seqs=1, max_new=5)
     block_tables = torch.cat([case.block_tables, torch.full_like(case.block_tables, case.poison_block)])
     context_lens = torch.cat([case.context_lens, torch.tensor([7], dtype=torch.int32, device=DEVICE)])
     cu = torch.cat([case.cu_seqlens_q, case.cu_seqlens_q[-1:]])
@@ -574,9 +534,7 @@ def test_validation_errors(impl: str) -> None:
     if impl == "triton" and not HAS_TRITON:
         pytest.skip("triton is not installed")
     attention = reference.tree_attention if impl == "reference" else triton_attention()
-    case = make_case(
-        7000, group=2, head_dim=64, block_size=16, mask_kind="tree", dtype=torch.float32, max_seqs=2, num_kv_heads=2
-    )
+    case = make_case(7000, group=2, mask_kind="tree", max_seqs=2, num_kv_heads=2)
     good = dict(
         zip(("q", "k_cache", "v_cache", "block_tables", "context_lens", "cu_seqlens_q", "tree_mask"), case.args())
     )
