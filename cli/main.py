@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from leapserve.benchmarks import bench_offline, bench_serve
+from leapserve.decoding.args import DefaultsHelpFormatter
 from leapserve.training import adaspec, data, export, fspad
 
 from . import serve
@@ -20,9 +21,7 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         ("offline", bench_offline, "decoders on the in-process engine, same prompts"),
     ):
         module.add_arguments(
-            commands.add_parser(
-                name, help=help_text, description=module.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-            )
+            commands.add_parser(name, help=help_text, description=module.__doc__, formatter_class=DefaultsHelpFormatter)
         )
 
 

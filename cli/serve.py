@@ -8,7 +8,7 @@ import importlib
 import logging
 import os
 
-from leapserve.decoding.args import add_config_arguments, config_from_args
+from leapserve.decoding.args import DefaultsHelpFormatter, add_config_arguments, config_from_args
 from leapserve.decoding.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from leapserve.decoding.decoders import DECODERS
 from leapserve.decoding.sampling_params import LogitsProcessor
@@ -39,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     for title, cls in (("model", ModelConfig), ("KV cache", CacheConfig), ("scheduler", SchedulerConfig)):
         add_config_arguments(p.add_argument_group(title), cls)

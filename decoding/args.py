@@ -24,6 +24,15 @@ OPTION = "leapserve_option"  # the metadata key that marks a field as a command-
 ArgumentContainer = argparse.ArgumentParser | argparse._ArgumentGroup
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default in its help, unless there is none to show (None, or a switch that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def option(default: Any = dataclasses.MISSING, help: str | None = None, **metadata: Any) -> Any:
     """A dataclass field that is also a command-line option; `metadata` (choices, type, metavar) goes to
     `add_argument`. A dict or list default is copied for every instance."""

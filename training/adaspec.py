@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from leapserve.decoding.args import add_config_arguments, config_from_args, option
+from leapserve.decoding.args import DefaultsHelpFormatter, add_config_arguments, config_from_args, option
 from leapserve.decoding.config import DEFAULT_MODEL, ModelConfig
 from leapserve.decoding.model_loader import load_model, resolve_model
 from leapserve.drafters.checkpoints import SHARED_WITH_TARGET, assemble_draft, load_draft_model
@@ -391,7 +391,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "adaspec",
         help="distil a draft model with AdaSPEC (or DistillSpec)",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_config_arguments(p, AdaSpecConfig)
     p.add_argument(

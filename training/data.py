@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from leapserve.decoding.args import add_config_arguments, config_from_args, option
+from leapserve.decoding.args import DefaultsHelpFormatter, add_config_arguments, config_from_args, option
 from leapserve.decoding.config import DEFAULT_MODEL, DEVICES, ModelConfig
 from leapserve.decoding.llm import LLM
 from leapserve.decoding.model_loader import load_model, resolve_device, resolve_dtype, resolve_model
@@ -217,7 +217,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "data",
         help="generate training data: the target answers offline prompts",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_config_arguments(p, DataConfig)
     p.set_defaults(handler=lambda a: generate_data(config_from_args(DataConfig, a)))

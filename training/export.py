@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from leapserve.decoding.args import DefaultsHelpFormatter
 from leapserve.decoding.config import DEFAULT_MODEL, ModelConfig
 from leapserve.decoding.model_loader import load_model, resolve_model
 from leapserve.drafters.checkpoints import load_fspad
@@ -40,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export-eagle",
         help="export an FSPAD drafter to the EAGLE layout vLLM reads",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--drafter", required=True, help="a `leapserve train fspad` checkpoint directory")
     p.add_argument("--model", default=DEFAULT_MODEL, help="its target (for a reduced vocabulary's head)")

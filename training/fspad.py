@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from leapserve.decoding.args import add_config_arguments, config_from_args, option
+from leapserve.decoding.args import DefaultsHelpFormatter, add_config_arguments, config_from_args, option
 from leapserve.decoding.config import DEFAULT_MODEL, ModelConfig
 from leapserve.decoding.model_loader import load_model, resolve_model
 from leapserve.drafters.checkpoints import DRAFTER_TYPE
@@ -265,7 +265,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "fspad",
         help="train an FSPAD feature drafter for the target",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_config_arguments(p, FSPADTrainConfig)
     add_config_arguments(p.add_argument_group("training"), FSPADTraining)
