@@ -147,8 +147,10 @@ class FSPADModel(nn.Module):
         return lm_head[self.draft_to_target.to(lm_head.device)]
 
 
+FSPAD_EAGLE_ARCHITECTURE = "EagleFSPADLlamaForCausalLM"  # starts with "Eagle": vLLM keeps the name as it is
+
 # Our parameter names -> the EAGLE checkpoint layout vLLM's EAGLE proposer reads (`llama_eagle`);
-# the feature-sampling block has no EAGLE counterpart and keeps its own names under the layer.
+# the feature-sampling block has no EAGLE counterpart: its names avoid the q/k/v and gate/up parts vLLM fuses.
 EAGLE_NAMES = {
     "fc.weight": "fc.weight",
     "fc.bias": "fc.bias",
@@ -160,17 +162,17 @@ EAGLE_NAMES = {
     "gate_proj.weight": "layers.0.mlp.gate_proj.weight",
     "up_proj.weight": "layers.0.mlp.up_proj.weight",
     "down_proj.weight": "layers.0.mlp.down_proj.weight",
-    "fs_norm.weight": "layers.0.feature_sampling.norm.weight",
-    "fs_gate.weight": "layers.0.feature_sampling.gate_proj.weight",
-    "fs_up.weight": "layers.0.feature_sampling.up_proj.weight",
-    "fs_down.weight": "layers.0.feature_sampling.down_proj.weight",
+    "fs_norm.weight": "feature_sampling.norm.weight",
+    "fs_gate.weight": "feature_sampling.gate.weight",
+    "fs_up.weight": "feature_sampling.up.weight",
+    "fs_down.weight": "feature_sampling.down.weight",
 }
 
 
 def to_eagle_layout(model: FSPADModel, lm_head: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
-    """The drafter as an EAGLE checkpoint (tensors, config.json): a plain EAGLE drafter when both FSPAD parts
-    are off; otherwise the same layout with the feature-sampling block and the 2d-wide down_proj added, which
-    vLLM loads only through a registered architecture (`FSPADEagleLlamaForCausalLM`)."""
+    """The drafter as an EAGLE checkpoint (tensors, config.json), with the feature-sampling block and the 2d-wide
+    down_proj where the drafter has them. Its architecture, `EagleFSPADLlamaForCausalLM`, is the one leapserve's
+    vLLM plugin registers (the plain EAGLE ablation too: vLLM's stock EAGLE model would drop its fc bias)."""
     c = model.config
     tensors = {EAGLE_NAMES[name]: t for name, t in model.state_dict().items() if name in EAGLE_NAMES}
     reduced = c.draft_vocab_size != c.target_vocab_size
@@ -178,9 +180,8 @@ def to_eagle_layout(model: FSPADModel, lm_head: torch.Tensor) -> tuple[dict[str,
         ids = model.draft_to_target
         tensors["lm_head.weight"] = lm_head[ids.to(lm_head.device)]
         tensors["d2t"] = ids - torch.arange(len(ids), device=ids.device)  # target = draft + d2t[draft]
-    plain = not (c.feature_sampling or c.partial_alignment)
     config = {
-        "architectures": ["EagleLlamaForCausalLM" if plain else "FSPADEagleLlamaForCausalLM"],
+        "architectures": [FSPAD_EAGLE_ARCHITECTURE],
         "model_type": "llama",
         "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size,

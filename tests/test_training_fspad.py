@@ -117,8 +117,7 @@ def test_trained_tiny_drafter_is_lossless_in_the_speculative_decoder(variant, ti
     expected = [o.outputs[0].token_ids for o in plain.chat(prompts, params, use_tqdm=False)]
     eagle = export_eagle(out, str(tiny_model_dir), tmp_path / "eagle")
     eagle_config = json.loads((eagle / "config.json").read_text())
-    plain = variant == "no-fs-no-pad"
-    assert eagle_config["architectures"] == ["EagleLlamaForCausalLM" if plain else "FSPADEagleLlamaForCausalLM"]
+    assert eagle_config["architectures"] == ["EagleFSPADLlamaForCausalLM"]
     assert ("d2t" in load_file(str(eagle / "model.safetensors"))) == (config["draft_vocab_size"] < 49152)
     drafts = []
     for spec in (

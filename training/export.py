@@ -1,8 +1,8 @@
 """`leapserve train export-eagle`: an FSPAD drafter in the EAGLE checkpoint layout vLLM's EAGLE proposer reads:
 `fc.*`, `layers.0.*`, `lm_head.weight` and `d2t` for a reduced vocabulary, the embedding left out (shared from the
-target). The EAGLE-style ablation (`--no-feature-sampling --no-partial-alignment`) exports as a plain
-`EagleLlamaForCausalLM`; a full FSPAD drafter adds its feature-sampling block and 2d-wide down_proj, which vLLM
-needs a registered architecture for. leapserve's `fspad` drafter loads either layout.
+target), the feature-sampling block and the 2d-wide down_proj where the drafter has them. Its architecture,
+`EagleFSPADLlamaForCausalLM`, is what leapserve's vLLM plugin registers; leapserve's `fspad` drafter loads the
+export too.
 """
 
 from __future__ import annotations

@@ -1,0 +1,138 @@
+"""leapserve inside vLLM's CPU build, run for real from `.venv-vllm` (`make setup-vllm` builds it): the plugin
+registers through vLLM's entry point, a leapserve FSPAD drafter exported with `leapserve train export-eagle` drafts
+inside plain `vllm serve` with greedy output token for token equal to leapserve's own engine, and an export that
+would lose a tensor fails the load."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+from leapserve.decoding import LLM, SamplingParams
+from leapserve.drafters.fspad_model import FSPADConfig, FSPADModel, to_eagle_layout
+from leapserve.training.checkpoint import export_checkpoint
+from test_server import _free_port, _healthy
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_BIN = ROOT / ".venv-vllm" / "bin"
+pytestmark = pytest.mark.skipif(
+    not (VLLM_BIN / "vllm").exists(), reason="no .venv-vllm with vLLM's CPU build (`make setup-vllm` builds it)"
+)
+VLLM_ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+STARTUP_TIMEOUT = 400  # seconds: a vLLM CPU server on 2 cores starts in about 40-70 s, more under load
+
+
+def vllm_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([VLLM_BIN / "python", "-c", code], capture_output=True, text=True, env=VLLM_ENV, cwd="/")
+
+
+def test_the_plugin_registers_through_vllms_entry_point():
+    """vLLM's own plugin loader finds leapserve's entry point; registering twice is harmless."""
+    done = vllm_python(
+        "from vllm.plugins import load_general_plugins\n"
+        "from vllm import ModelRegistry\n"
+        "from leapserve.vllm_plugin import register\n"
+        "load_general_plugins(); register()\n"
+        "print('EagleFSPADLlamaForCausalLM' in ModelRegistry.get_supported_archs())\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("True")
+
+
+def export_tiny_fspad(target: Path, out: Path, draft_vocab: int = 2000, extra: str | None = None) -> Path:
+    """A random FSPAD drafter for `target` with a reduced vocabulary, in the EAGLE layout (plus a stray tensor
+    named `extra`, if given)."""
+    config = AutoConfig.from_pretrained(target)
+    torch.manual_seed(0)
+    model = FSPADModel(FSPADConfig.from_target(config, draft_vocab_size=draft_vocab)).eval()
+    model.draft_to_target.copy_(torch.randperm(config.vocab_size)[:draft_vocab].sort().values)
+    weights = load_file(str(next(target.glob("*.safetensors"))))
+    tensors, eagle_config = to_eagle_layout(model, weights.get("lm_head.weight", weights["model.embed_tokens.weight"]))
+    if extra:
+        tensors[extra] = torch.zeros(4)
+    return export_checkpoint(out, tensors, eagle_config, "# a random FSPAD drafter for tests\n")
+
+
+@contextmanager
+def vllm_server(model: Path, log_path: Path, *args: str) -> Iterator[str]:
+    """`vllm serve MODEL ARGS` (eager, fp32) from .venv-vllm; yields its URL once healthy, then stops it."""
+    port = _free_port()
+    cmd = [VLLM_BIN / "vllm", "serve", str(model), "--port", str(port), "--enforce-eager", "--dtype", "float32"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [*cmd, "--max-model-len", "256", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=VLLM_ENV,
+            cwd=log_path.parent,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + STARTUP_TIMEOUT
+            while not _healthy(url):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"vLLM did not come up (exit code {proc.poll()}); log:\n{log_path.read_text()[-5000:]}")
+                time.sleep(1)
+            yield url
+        finally:
+            proc.terminate()  # the API server only: it stops its engine core and workers
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def spec_counters(url: str) -> dict[str, float]:
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    names = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
+    return {n: sum(float(x.split()[-1]) for x in lines if x.startswith(f"vllm:spec_decode_{n}_total{{")) for n in names}
+
+
+def test_an_fspad_drafter_drafts_in_plain_vllm_serve(tiny_model_dir, tmp_path):
+    """`vllm serve TARGET --speculative-config '{"method": "eagle", "model": EXPORT, ...}'`: greedy output equals
+    leapserve's autoregressive engine token for token (which the engine tests hold to transformers' generate), and
+    the drafter drafts: the spec-decode counters move, 3 tokens a draft."""
+    export = export_tiny_fspad(tiny_model_dir, tmp_path / "fspad-eagle")
+    prompts = [[1, 510, 3283, 282, 4649, 314], [9690, 28, 1205, 346, 30], [2]]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    llm = LLM(str(tiny_model_dir), decoder="autoregressive", kv_cache_tokens=1024)
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    spec = json.dumps({"method": "eagle", "model": str(export), "num_speculative_tokens": 3})
+    with vllm_server(tiny_model_dir, tmp_path / "vllm.log", "--speculative-config", spec) as url:
+        got = []
+        for prompt in prompts:
+            body = {
+                "model": str(tiny_model_dir),
+                "prompt": prompt,
+                "max_tokens": 24,
+                "temperature": 0,
+                "ignore_eos": True,
+                "return_token_ids": True,
+            }
+            got.append(httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["token_ids"])
+        counters = spec_counters(url)
+    assert got == want
+    assert counters["num_drafts"] > 0 and counters["num_draft_tokens"] == 3 * counters["num_drafts"]
+    assert "Resolved architecture: EagleFSPADLlamaForCausalLM" in (tmp_path / "vllm.log").read_text()
+
+
+def test_an_export_that_would_lose_a_tensor_fails_the_load(tiny_model_dir, tmp_path):
+    export = export_tiny_fspad(tiny_model_dir, tmp_path / "fspad-eagle", extra="layers.0.stray.weight")
+    spec = json.dumps({"method": "eagle", "model": str(export), "num_speculative_tokens": 2})
+    log = tmp_path / "vllm.log"
+    with pytest.raises(pytest.fail.Exception, match="vLLM did not come up"):
+        with vllm_server(tiny_model_dir, log, "--speculative-config", spec):
+            pass
+    assert "checkpoint tensor 'layers.0.stray.weight' has no parameter" in log.read_text()
