@@ -12,8 +12,10 @@ from leapserve.decoding.args import DefaultsHelpFormatter, add_config_arguments,
 from leapserve.decoding.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from leapserve.decoding.decoders import DECODERS
 from leapserve.decoding.sampling_params import LogitsProcessor
+from leapserve.server.vllm_backend import Parallelism, find_vllm, run_vllm, vllm_command
 
 API_KEY_ENV = "LEAPSERVE_API_KEY"
+BACKENDS = ("native", "vllm")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -56,6 +58,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--port", type=int, default=8000, help="port to listen on")
     g.add_argument("--api-key", help=f"require `Authorization: Bearer <key>` on /v1/*; default: ${API_KEY_ENV}")
     g.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="of leapserve and uvicorn")
+    g = p.add_argument_group("backend")
+    g.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="native",
+        help="native: leapserve's engine; vllm: vLLM's engine with leapserve's drafters, in a child process",
+    )
+    g.add_argument(
+        "--vllm-executable", help="vLLM backend: the `vllm` to run; default: $LEAPSERVE_VLLM, PATH, ./.venv-vllm"
+    )
+    add_config_arguments(g, Parallelism)
     p.set_defaults(handler=serve)
 
 
@@ -71,8 +84,18 @@ def run_server_arguments(args: argparse.Namespace) -> tuple[tuple, dict]:
 
 def serve(args: argparse.Namespace) -> None:
     """The `leapserve serve` handler: the server until it is stopped."""
-    from leapserve.server.app import run_server  # the HTTP stack loads only to serve
-
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     positional, keywords = run_server_arguments(args)
+    parallelism = config_from_args(Parallelism, args)
+    if args.backend == "vllm":
+        if args.logits_processors:
+            raise ValueError("--logits-processors are leapserve's own: they run with --backend native only")
+        config, host, port, api_key = positional
+        executable = find_vllm(args.vllm_executable)
+        run_vllm(vllm_command(config, host, port, api_key, args.log_level, parallelism, executable))
+        return
+    if parallelism.distributed or parallelism.distributed_executor_backend:
+        raise ValueError("tensor and pipeline parallelism run on vLLM: add --backend vllm")
+    from leapserve.server.app import run_server  # the HTTP stack loads only to serve
+
     run_server(*positional, **keywords)

@@ -16,11 +16,13 @@ from leapserve.cli.serve import run_server_arguments
 from leapserve.decoding.args import add_config_arguments, config_from_args, option
 from leapserve.decoding.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from leapserve.decoding.decoders import DECODERS
+from leapserve.server.vllm_backend import Parallelism
 from leapserve.training.adaspec import AdaSpecConfig
 from leapserve.training.data import DataConfig
 from leapserve.training.fspad import FSPADTrainConfig
 
-SERVER_OPTIONS = {"logits_processors", "host", "port", "api_key", "log_level"}  # not engine config fields
+# not engine config fields: the server's, and the backend's (`Parallelism`'s are checked like the engine's)
+SERVER_OPTIONS = {"logits_processors", "host", "port", "api_key", "log_level", "backend", "vllm_executable"}
 
 
 def parse(*argv: str):
@@ -103,7 +105,7 @@ def test_every_serve_option_is_an_engine_config_field_and_back():
     """The generated options are exactly the engine configs' fields, each defaulting to its dataclass default."""
     actions = {a.dest: a for a in subparser("serve")._actions if a.dest != "help"}
     engine_fields = {"decoder": EngineConfig(), "speculative_config": EngineConfig(), "seed": EngineConfig()}
-    for config in (ModelConfig(), CacheConfig(), SchedulerConfig()):
+    for config in (ModelConfig(), CacheConfig(), SchedulerConfig(), Parallelism()):
         engine_fields.update({f.name: config for f in dataclasses.fields(config)})
     assert set(actions) - SERVER_OPTIONS == set(engine_fields)
     for name, config in engine_fields.items():

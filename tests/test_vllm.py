@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -23,6 +25,7 @@ from leapserve.decoding import LLM, SamplingParams
 from leapserve.drafters.fspad_model import FSPADConfig, FSPADModel, to_eagle_layout
 from leapserve.training.checkpoint import export_checkpoint
 from test_server import _free_port, _healthy
+from test_vllm_backend import save_tiny_fspad
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_BIN = ROOT / ".venv-vllm" / "bin"
@@ -136,3 +139,47 @@ def test_an_export_that_would_lose_a_tensor_fails_the_load(tiny_model_dir, tmp_p
         with vllm_server(tiny_model_dir, log, "--speculative-config", spec):
             pass
     assert "checkpoint tensor 'layers.0.stray.weight' has no parameter" in log.read_text()
+
+
+def test_leapserve_serve_backend_vllm(tiny_model_dir, tmp_path):
+    """`leapserve serve --backend vllm` with an FSPAD checkpoint in leapserve's own format: it is exported into the
+    cache and served as eagle by vLLM; the openai client gets the served name, greedy answers equal to leapserve's
+    engine and a 400 for a request too long; stopping leapserve stops vLLM."""
+    fspad = save_tiny_fspad(tiny_model_dir, tmp_path / "fspad")
+    port = _free_port()
+    spec = json.dumps({"method": "fspad", "model": str(fspad), "num_speculative_tokens": 2})
+    cmd = [
+        sys.executable,
+        "-m",
+        "leapserve.cli",
+        "serve",
+        "--backend",
+        "vllm",
+        "--vllm-executable",
+        str(VLLM_BIN / "vllm"),
+    ]
+    cmd += ["--model", str(tiny_model_dir), "--served-model-name", "tiny", "--max-model-len", "256", "--api-key", "k"]
+    cmd += ["--port", str(port), "--log-level", "warning", "--speculative-config", spec]
+    env = {**VLLM_ENV, "LEAPSERVE_CACHE": str(tmp_path / "cache")}
+    messages = [{"role": "user", "content": "Say something."}]
+    llm = LLM(str(tiny_model_dir), decoder="autoregressive", kv_cache_tokens=1024)
+    want = llm.chat(messages, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0].text
+    url, log_path = f"http://127.0.0.1:{port}", tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + STARTUP_TIMEOUT
+            while not _healthy(url):
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-5000:]
+                time.sleep(1)
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="k")
+            assert [m.id for m in client.models.list()] == ["tiny"]
+            reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+            with pytest.raises(openai.BadRequestError):
+                client.chat.completions.create(model="tiny", messages=messages, max_tokens=100_000)
+            assert spec_counters(url)["num_drafts"] > 0
+        finally:
+            proc.terminate()
+            status = proc.wait(timeout=90)
+    assert reply.choices[0].message.content == want
+    assert status == 0 and not _healthy(url)

@@ -1,0 +1,184 @@
+"""`leapserve serve --backend vllm`: the same command served by vLLM's engine, as a child process.
+
+leapserve's engine config becomes a `vllm serve` command line: the model alias resolves to its local checkpoint,
+`dtype auto` means what it means natively (float32 on CPU), and the speculative config maps onto vLLM's: `ngram`
+and `draft_model` pass through, `fspad` is exported once into the cache in the EAGLE layout and served as `eagle`
+by leapserve's vLLM plugin. What vLLM cannot do (trees, the padded layout, leapserve's logits processors) is refused
+with a message; adaptive speculation has no vLLM counterpart (vLLM drafts on every step). The child is stopped
+with SIGTERM when this process is, and its exit status becomes ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from leapserve.decoding.args import option
+from leapserve.decoding.config import EngineConfig, SpeculativeConfig
+from leapserve.decoding.kv_cache import PagedKVCache
+from leapserve.decoding.model_loader import cache_dir, resolve_device, resolve_dtype, resolve_model
+
+logger = logging.getLogger(__name__)
+
+VLLM_ENV = "LEAPSERVE_VLLM"  # the `vllm` executable to run, where it is not on PATH
+LOCAL_VLLM = Path(".venv-vllm") / "bin" / "vllm"  # what `make setup-vllm` builds
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallelism:
+    """vLLM's distribution flags, passed through (`--backend vllm` only)."""
+
+    tensor_parallel_size: int = option(1, "vLLM backend: GPUs (or CPU ranks) each layer is split over")
+    pipeline_parallel_size: int = option(1, "vLLM backend: pipeline stages the layers are split into")
+    distributed_executor_backend: str | None = option(
+        None, "vLLM backend: how ranks run; default: vLLM's choice", choices=("mp", "ray", "uni", "external_launcher")
+    )
+
+    @property
+    def distributed(self) -> bool:
+        return self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1
+
+
+def find_vllm(explicit: str | None = None) -> str:
+    """The `vllm` executable: `explicit`, else $LEAPSERVE_VLLM, else on PATH, else ./.venv-vllm/bin/vllm."""
+    for candidate in (explicit, os.environ.get(VLLM_ENV), shutil.which("vllm"), str(LOCAL_VLLM)):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return str(Path(candidate).resolve())
+    raise ValueError(
+        "--backend vllm: no vLLM found (looked at --vllm-executable, $LEAPSERVE_VLLM, PATH and ./.venv-vllm); "
+        "install it with `pip install 'leapserve[vllm]'` on CUDA, or `make setup-vllm` on CPU"
+    )
+
+
+def vllm_speculative_config(spec: SpeculativeConfig, target: str) -> dict:
+    """leapserve's speculative config for the target `target` as vLLM's (`--speculative-config`)."""
+    if spec.tree is not None:
+        raise ValueError(
+            "--backend vllm: vLLM verifies chains only; give num_speculative_tokens instead of a tree, "
+            "or serve trees with --backend native"
+        )
+    if spec.layout != "packed":
+        raise ValueError('--backend vllm: vLLM has no "padded" layout (it never pads drafts); drop "layout"')
+    if spec.adaptive:
+        logger.info("--backend vllm: vLLM drafts on every step (leapserve's adaptive speculation is native only)")
+    k = spec.num_speculative_tokens
+    if spec.method == "ngram":
+        return {
+            "method": "ngram",
+            "num_speculative_tokens": k,
+            "prompt_lookup_min": spec.prompt_lookup_min,
+            "prompt_lookup_max": spec.prompt_lookup_max,
+        }
+    if spec.method == "draft_model":
+        return {"method": "draft_model", "model": str(resolve_model(str(spec.model))), "num_speculative_tokens": k}
+    if spec.method == "fspad":
+        return {"method": "eagle", "model": str(eagle_export(str(spec.model), target)), "num_speculative_tokens": k}
+    raise ValueError(f"--backend vllm: drafter method {spec.method!r} has no vLLM counterpart")
+
+
+def eagle_export(drafter: str, target: str) -> Path:
+    """The FSPAD drafter (for `target`) in the EAGLE layout, exported once into the cache (keyed by its weights'
+    digest)."""
+    from leapserve.training.export import export_eagle
+
+    source = Path(drafter)
+    config = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
+    if "leapserve_fspad" in config:  # already an export
+        return source
+    digest = hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()[:16]
+    out = cache_dir() / "vllm-exports" / f"{source.resolve().name}-{digest}"
+    if not (out / "config.json").is_file():
+        export_eagle(source, target, out)
+    return out
+
+
+def vllm_command(
+    config: EngineConfig,
+    host: str,
+    port: int,
+    api_key: str | None,
+    log_level: str,
+    parallelism: Parallelism,
+    executable: str,
+) -> list[str]:
+    """The `vllm serve` command line for this engine config."""
+    mc = config.model
+    device = resolve_device(mc.device)
+    dtype = resolve_dtype(mc.dtype, device)
+    model_dir = str(resolve_model(mc.model))
+    cmd = [
+        executable,
+        "serve",
+        model_dir,
+        "--served-model-name",
+        mc.served_model_name or mc.model,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        str(dtype).removeprefix("torch."),
+        "--seed",
+        str(config.seed),
+        "--uvicorn-log-level",
+        log_level,
+        "--max-num-seqs",
+        str(config.scheduler.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(config.scheduler.max_num_batched_tokens),
+        "--gpu-memory-utilization",
+        str(config.cache.gpu_memory_utilization),
+        "--tensor-parallel-size",
+        str(parallelism.tensor_parallel_size),
+        "--pipeline-parallel-size",
+        str(parallelism.pipeline_parallel_size),
+    ]
+    if parallelism.distributed_executor_backend:
+        cmd += ["--distributed-executor-backend", parallelism.distributed_executor_backend]
+    if mc.max_model_len:
+        cmd += ["--max-model-len", str(mc.max_model_len)]
+    if mc.trust_remote_code:
+        cmd.append("--trust-remote-code")
+    if config.cache.kv_cache_tokens:
+        cmd += ["--kv-cache-memory-bytes", str(kv_cache_bytes(model_dir, config, dtype))]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    speculative = config.speculative_config if config.decoder != "autoregressive" else None
+    if speculative:
+        spec = vllm_speculative_config(SpeculativeConfig.from_dict(speculative), model_dir)
+        cmd += ["--speculative-config", json.dumps(spec)]
+    return cmd
+
+
+def kv_cache_bytes(model_dir: str, config: EngineConfig, dtype) -> int:
+    """`--kv-cache-tokens` in bytes of the target's KV cache."""
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(model_dir, trust_remote_code=config.model.trust_remote_code)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    per_token = PagedKVCache.bytes_per_token(hf.num_hidden_layers, hf.num_key_value_heads, head_dim, dtype)
+    return per_token * int(config.cache.kv_cache_tokens or 0)
+
+
+def run_vllm(cmd: list[str]) -> None:
+    """Run vLLM until it exits; SIGINT/SIGTERM here stop it (SIGTERM to the API server only: it stops its engine
+    and workers itself). Exits with its status when it fails."""
+    logger.info("serving with vLLM: %s", " ".join(cmd))
+    child = subprocess.Popen(cmd)
+
+    def stop(signum: int, frame: object) -> None:
+        child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    status = child.wait()
+    if status not in (0, -signal.SIGTERM):
+        sys.exit(f"leapserve serve --backend vllm: vLLM exited with status {status}")

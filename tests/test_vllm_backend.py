@@ -1,0 +1,119 @@
+"""`leapserve serve --backend vllm` without running vLLM: how leapserve's engine config becomes a `vllm serve`
+command line, and what is refused with a message. (The served end to end: `test_vllm.py`.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from leapserve.cli.main import main
+from leapserve.decoding.config import CacheConfig, EngineConfig, ModelConfig
+from leapserve.drafters.fspad_model import FSPAD_EAGLE_ARCHITECTURE, FSPADConfig, FSPADModel
+from leapserve.server.vllm_backend import Parallelism, find_vllm, vllm_command
+from leapserve.training.checkpoint import export_checkpoint
+
+
+def command(model_dir: Path, speculative_config: dict | None = None, **cache) -> list[str]:
+    config = EngineConfig(
+        model=ModelConfig(model=str(model_dir), max_model_len=256),
+        cache=CacheConfig(**cache),
+        speculative_config=speculative_config,
+    )
+    return vllm_command(config, "127.0.0.1", 9000, "key", "warning", Parallelism(tensor_parallel_size=2), "vllm")
+
+
+def option(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def test_the_engine_config_becomes_vllm_flags(tiny_model_dir):
+    cmd = command(tiny_model_dir, kv_cache_tokens=1000)
+    assert cmd[:3] == ["vllm", "serve", str(tiny_model_dir)]
+    assert option(cmd, "--served-model-name") == str(tiny_model_dir) and option(cmd, "--dtype") == "float32"
+    assert option(cmd, "--max-model-len") == "256" and option(cmd, "--tensor-parallel-size") == "2"
+    assert option(cmd, "--api-key") == "key" and option(cmd, "--port") == "9000"
+    hf = AutoConfig.from_pretrained(tiny_model_dir)  # K and V, fp32, every layer's KV heads
+    per_token = 2 * hf.num_hidden_layers * hf.num_key_value_heads * (hf.hidden_size // hf.num_attention_heads) * 4
+    assert option(cmd, "--kv-cache-memory-bytes") == str(1000 * per_token)
+    assert "--speculative-config" not in cmd
+
+
+def test_speculative_configs_map_onto_vllms(tiny_model_dir, tmp_path, monkeypatch):
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5}
+    assert json.loads(option(command(tiny_model_dir, ngram), "--speculative-config")) == {
+        **ngram,
+        "prompt_lookup_min": 1,
+    }
+    draft = {"method": "draft_model", "model": str(tiny_model_dir), "num_speculative_tokens": 2}
+    assert json.loads(option(command(tiny_model_dir, draft), "--speculative-config")) == draft
+    # fspad: exported once into the cache in the EAGLE layout, served as eagle
+    monkeypatch.setenv("LEAPSERVE_CACHE", str(tmp_path / "cache"))
+    fspad = save_tiny_fspad(tiny_model_dir, tmp_path / "fspad")
+    spec = json.loads(
+        option(
+            command(tiny_model_dir, {"method": "fspad", "model": str(fspad), "num_speculative_tokens": 3}),
+            "--speculative-config",
+        )
+    )
+    assert spec["method"] == "eagle" and spec["num_speculative_tokens"] == 3
+    export = Path(spec["model"])
+    assert export.parent == tmp_path / "cache" / "vllm-exports"
+    assert json.loads((export / "config.json").read_text())["architectures"] == [FSPAD_EAGLE_ARCHITECTURE]
+    again = json.loads(
+        option(
+            command(tiny_model_dir, {"method": "fspad", "model": str(fspad), "num_speculative_tokens": 2}),
+            "--speculative-config",
+        )
+    )
+    assert again["model"] == spec["model"]  # the same weights: the same export
+
+
+def save_tiny_fspad(target: Path, out: Path) -> Path:
+    """A random FSPAD drafter for `target`, in leapserve's own checkpoint format."""
+    config = FSPADConfig.from_target(AutoConfig.from_pretrained(target))
+    torch.manual_seed(0)
+    state = FSPADModel(config).state_dict()
+    return export_checkpoint(out, state, {"leapserve_drafter": "fspad", **config.to_dict()}, "# random\n")
+
+
+@pytest.mark.parametrize(
+    ("speculative_config", "message"),
+    [
+        ({"method": "fspad", "model": "x", "tree": {"depth": 3}}, "vLLM verifies chains only"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "layout": "padded"}, 'no "padded" layout'),
+    ],
+)
+def test_what_vllm_cannot_do_is_refused(tiny_model_dir, speculative_config, message):
+    with pytest.raises(ValueError, match=message):
+        command(tiny_model_dir, speculative_config)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tensor-parallel-size", "2"], "tensor and pipeline parallelism run on vLLM: add --backend vllm"),
+        (["--backend", "vllm", "--logits-processors", "fault_injection:fail_if_poisoned"], "--backend native only"),
+        (["--backend", "vllm", "--vllm-executable", "/nonexistent/vllm"], "no vLLM found"),
+    ],
+)
+def test_serve_refuses_backend_mismatches(argv, message, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no vllm on PATH
+    monkeypatch.delenv("LEAPSERVE_VLLM", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./.venv-vllm
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", *argv])
+    assert message in str(exc.value)
+
+
+def test_find_vllm_prefers_the_explicit_one(tmp_path, monkeypatch):
+    fake = tmp_path / "vllm"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.delenv("LEAPSERVE_VLLM", raising=False)
+    assert find_vllm(str(fake)) == str(fake.resolve())
+    monkeypatch.setenv("LEAPSERVE_VLLM", str(fake))
+    assert find_vllm() == str(fake.resolve())
