@@ -85,15 +85,15 @@ def vllm_speculative_config(spec: SpeculativeConfig, target: str) -> dict:
 
 
 def eagle_export(drafter: str, target: str) -> Path:
-    """The FSPAD drafter (for `target`) in the EAGLE layout, exported once into the cache (keyed by its weights'
-    digest)."""
+    """The FSPAD drafter (for `target`) in the EAGLE layout, exported once into the cache (keyed by the drafter's
+    weights and the target: a reduced vocabulary's head rows come from the target)."""
     from leapserve.training.export import export_eagle
 
     source = Path(drafter)
     config = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
     if "leapserve_fspad" in config:  # already an export
         return source
-    digest = hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256((source / "model.safetensors").read_bytes() + target.encode()).hexdigest()[:16]
     out = cache_dir() / "vllm-exports" / f"{source.resolve().name}-{digest}"
     if not (out / "config.json").is_file():
         export_eagle(source, target, out)
