@@ -53,6 +53,29 @@ def test_the_plugin_registers_through_vllms_entry_point():
     assert done.stdout.strip().endswith("True")
 
 
+def test_the_cache_reader_reads_what_vllms_cpu_kernel_wrote():
+    """K/V written by vLLM's own CPU cache op (the `vec` ISA, fp32) read back in leapserve's layout, across two
+    blocks out of order."""
+    done = vllm_python(
+        "import torch\n"
+        "from vllm import _custom_ops as ops\n"
+        "from vllm.v1.attention.backends.cpu_attn import _get_attn_isa\n"
+        "from leapserve.vllm_plugin.cpu_attention import leapserve_layout\n"
+        "D, H, B, T = 32, 2, 32, 40\n"
+        "isa = _get_attn_isa(torch.float32, B, D, 'auto')\n"
+        "kv = torch.zeros(4, H, B, 2 * D)\n"
+        "kc, vc = kv.view(4, H, 2 * B, D).chunk(2, dim=2)\n"
+        "k, v = torch.randn(T, H, D), torch.randn(T, H, D)\n"
+        "slots = torch.tensor([3 * B + i if i < B else B + i - B for i in range(T)])\n"
+        "ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype='auto')\n"
+        "K, V, table = leapserve_layout(kv, torch.tensor([[3, 1]]))\n"
+        "rows = lambda c: torch.cat([c[table[0, 0]], c[table[0, 1]]])[:T]\n"
+        "print(isa, torch.equal(rows(K), k), torch.equal(rows(V), v))\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-3:] == ["vec", "True", "True"]
+
+
 def export_tiny_fspad(target: Path, out: Path, draft_vocab: int = 2000, extra: str | None = None) -> Path:
     """A random FSPAD drafter for `target` with a reduced vocabulary, in the EAGLE layout (plus a stray tensor
     named `extra`, if given)."""
@@ -68,8 +91,9 @@ def export_tiny_fspad(target: Path, out: Path, draft_vocab: int = 2000, extra: s
 
 
 @contextmanager
-def vllm_server(model: Path, log_path: Path, *args: str) -> Iterator[str]:
-    """`vllm serve MODEL ARGS` (eager, fp32) from .venv-vllm; yields its URL once healthy, then stops it."""
+def vllm_server(model: Path, log_path: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`vllm serve MODEL ARGS` (eager, fp32) from .venv-vllm, with `env` added to its environment; yields its URL
+    once healthy, then stops it."""
     port = _free_port()
     cmd = [VLLM_BIN / "vllm", "serve", str(model), "--port", str(port), "--enforce-eager", "--dtype", "float32"]
     with open(log_path, "w") as log:
@@ -77,7 +101,7 @@ def vllm_server(model: Path, log_path: Path, *args: str) -> Iterator[str]:
             [*cmd, "--max-model-len", "256", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=VLLM_ENV,
+            env={**VLLM_ENV, **(env or {})},
             cwd=log_path.parent,
         )
         url = f"http://127.0.0.1:{port}"
@@ -104,16 +128,18 @@ def spec_counters(url: str) -> dict[str, float]:
 
 
 def test_an_fspad_drafter_drafts_in_plain_vllm_serve(tiny_model_dir, tmp_path):
-    """`vllm serve TARGET --speculative-config '{"method": "eagle", "model": EXPORT, ...}'`: greedy output equals
-    leapserve's autoregressive engine token for token (which the engine tests hold to transformers' generate), and
-    the drafter drafts: the spec-decode counters move, 3 tokens a draft."""
+    """`vllm serve TARGET --speculative-config '{"method": "eagle", "model": EXPORT, ...}'`, its CPU attention routed
+    through leapserve's kernel (`LEAPSERVE_VLLM_CPU_ATTENTION=leapserve`; the log line comes from that code alone):
+    greedy output equals leapserve's autoregressive engine token for token (which the engine tests hold to
+    transformers' generate), and the drafter drafts: the spec-decode counters move, 3 tokens a draft."""
     export = export_tiny_fspad(tiny_model_dir, tmp_path / "fspad-eagle")
     prompts = [[1, 510, 3283, 282, 4649, 314], [9690, 28, 1205, 346, 30], [2]]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     llm = LLM(str(tiny_model_dir), decoder="autoregressive", kv_cache_tokens=1024)
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     spec = json.dumps({"method": "eagle", "model": str(export), "num_speculative_tokens": 3})
-    with vllm_server(tiny_model_dir, tmp_path / "vllm.log", "--speculative-config", spec) as url:
+    attention = {"LEAPSERVE_VLLM_CPU_ATTENTION": "leapserve"}
+    with vllm_server(tiny_model_dir, tmp_path / "vllm.log", "--speculative-config", spec, env=attention) as url:
         got = []
         for prompt in prompts:
             body = {
@@ -128,7 +154,9 @@ def test_an_fspad_drafter_drafts_in_plain_vllm_serve(tiny_model_dir, tmp_path):
         counters = spec_counters(url)
     assert got == want
     assert counters["num_drafts"] > 0 and counters["num_draft_tokens"] == 3 * counters["num_drafts"]
-    assert "Resolved architecture: EagleFSPADLlamaForCausalLM" in (tmp_path / "vllm.log").read_text()
+    log = (tmp_path / "vllm.log").read_text()
+    assert "Resolved architecture: EagleFSPADLlamaForCausalLM" in log
+    assert "leapserve tree attention serves vLLM's CPU attention layers" in log
 
 
 def test_an_export_that_would_lose_a_tensor_fails_the_load(tiny_model_dir, tmp_path):

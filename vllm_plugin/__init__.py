@@ -1,12 +1,15 @@
 """leapserve inside vLLM: a `vllm.general_plugins` entry point that vLLM calls in each of its processes (API server,
 engine core, workers). It registers leapserve's drafter architectures with vLLM's model registry, so that a
 drafter exported with `leapserve train export-eagle` serves with plain `vllm serve TARGET --speculative-config
-'{"method": "eagle", "model": EXPORT, "num_speculative_tokens": K}'`.
+'{"method": "eagle", "model": EXPORT, "num_speculative_tokens": K}'`; and, where the environment asks for it
+(`LEAPSERVE_VLLM_CPU_ATTENTION=leapserve`), routes vLLM's CPU attention through leapserve's kernel.
 
 Nothing here is imported by leapserve's own engine; vLLM is imported only inside `register`.
 """
 
 from __future__ import annotations
+
+import os
 
 from leapserve.drafters.fspad_model import FSPAD_EAGLE_ARCHITECTURE
 
@@ -20,6 +23,12 @@ def register() -> None:
         return
     from vllm import ModelRegistry
 
+    if os.environ.get("LEAPSERVE_VLLM_CPU_ATTENTION") == "leapserve":
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+        register_backend(
+            AttentionBackendEnum.CPU_ATTN, "leapserve.vllm_plugin.cpu_attention.LeapserveCPUAttentionBackend"
+        )
     if FSPAD_EAGLE_ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(
             FSPAD_EAGLE_ARCHITECTURE, "leapserve.vllm_plugin.fspad_eagle:EagleFSPADLlamaForCausalLM"
