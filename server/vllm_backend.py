@@ -21,10 +21,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from leapserve.decoding.args import option
-from leapserve.decoding.config import EngineConfig, SpeculativeConfig
+from leapserve.decoding.config import EngineConfig, ModelConfig, SpeculativeConfig
 from leapserve.decoding.kv_cache import PagedKVCache
-from leapserve.decoding.model_loader import cache_dir, resolve_device, resolve_dtype, resolve_model
+from leapserve.decoding.model_loader import cache_dir, load_model, resolve_device, resolve_dtype, resolve_model
+from leapserve.drafters.checkpoints import SHARED_WITH_TARGET, load_draft_model
+from leapserve.training.checkpoint import export_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +82,11 @@ def vllm_speculative_config(spec: SpeculativeConfig, target: str) -> dict:
             "prompt_lookup_max": spec.prompt_lookup_max,
         }
     if spec.method == "draft_model":
-        return {"method": "draft_model", "model": str(resolve_model(str(spec.model))), "num_speculative_tokens": k}
+        return {
+            "method": "draft_model",
+            "model": str(whole_draft(str(spec.model), target)),
+            "num_speculative_tokens": k,
+        }
     if spec.method == "fspad":
         return {"method": "eagle", "model": str(eagle_export(str(spec.model), target)), "num_speculative_tokens": k}
     raise ValueError(f"--backend vllm: drafter method {spec.method!r} has no vLLM counterpart")
@@ -93,11 +101,36 @@ def eagle_export(drafter: str, target: str) -> Path:
     config = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
     if "leapserve_fspad" in config:  # already an export
         return source
-    digest = hashlib.sha256((source / "model.safetensors").read_bytes() + target.encode()).hexdigest()[:16]
-    out = cache_dir() / "vllm-exports" / f"{source.resolve().name}-{digest}"
+    out = _export_dir(source, (source / "model.safetensors").read_bytes() + target.encode())
     if not (out / "config.json").is_file():
         export_eagle(source, target, out)
     return out
+
+
+def whole_draft(draft: str, target: str) -> Path:
+    """A draft model as vLLM's `draft_model` loads it: whole. One that stores only its own layers and takes the
+    rest from its target (an AdaSPEC draft, `leapserve_shared_with_target`) is assembled once with `target`'s
+    tensors and written into the cache, in fp32."""
+    source = Path(resolve_model(draft))
+    config = json.loads((source / "config.json").read_text())
+    if not config.get(SHARED_WITH_TARGET):
+        return source
+    weights = b"".join(p.read_bytes() for p in sorted(source.glob("*.safetensors")))
+    out = _export_dir(source, weights + target.encode())
+    if not (out / "config.json").is_file():
+        cpu = torch.device("cpu")
+        target_model = load_model(target, ModelConfig(model=target), cpu, torch.float32)
+        model = load_draft_model(str(source), target_model, cpu, torch.float32)
+        tensors = {name: t.clone() for name, t in model.state_dict().items()}  # tied ones as copies of their own
+        whole = {key: value for key, value in config.items() if key != SHARED_WITH_TARGET}
+        card = f"# {source.name}, whole\n\n`{source}` with the tensors it shares with `{target}`, for vLLM.\n"
+        export_checkpoint(out, tensors, whole, card, dtype=torch.float32)
+    return out
+
+
+def _export_dir(source: Path, contents: bytes) -> Path:
+    """Where an export of `source` for vLLM lives in the cache, keyed by what it is made of."""
+    return cache_dir() / "vllm-exports" / f"{source.resolve().name}-{hashlib.sha256(contents).hexdigest()[:16]}"
 
 
 def vllm_command(

@@ -25,7 +25,7 @@ from leapserve.decoding import LLM, SamplingParams
 from leapserve.drafters.fspad_model import FSPADConfig, FSPADModel, to_eagle_layout
 from leapserve.training.checkpoint import export_checkpoint
 from test_server import _free_port, _healthy
-from test_vllm_backend import save_tiny_fspad
+from test_vllm_backend import save_tiny_adaspec, save_tiny_fspad
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_BIN = ROOT / ".venv-vllm" / "bin"
@@ -169,13 +169,11 @@ def test_an_export_that_would_lose_a_tensor_fails_the_load(tiny_model_dir, tmp_p
     assert "checkpoint tensor 'layers.0.stray.weight' has no parameter" in log.read_text()
 
 
-def test_leapserve_serve_backend_vllm(tiny_model_dir, tmp_path):
-    """`leapserve serve --backend vllm` with an FSPAD checkpoint in leapserve's own format: it is exported into the
-    cache and served as eagle by vLLM; the openai client gets the served name, greedy answers equal to leapserve's
-    engine and a 400 for a request too long; stopping leapserve stops vLLM."""
-    fspad = save_tiny_fspad(tiny_model_dir, tmp_path / "fspad")
+@contextmanager
+def leapserve_on_vllm(model_dir: Path, tmp_path: Path, speculative_config: dict) -> Iterator[str]:
+    """`leapserve serve --backend vllm` (served as "tiny", API key "k"); yields its URL once healthy, then stops it
+    and checks that it stopped cleanly, vLLM with it."""
     port = _free_port()
-    spec = json.dumps({"method": "fspad", "model": str(fspad), "num_speculative_tokens": 2})
     cmd = [
         sys.executable,
         "-m",
@@ -186,12 +184,9 @@ def test_leapserve_serve_backend_vllm(tiny_model_dir, tmp_path):
         "--vllm-executable",
         str(VLLM_BIN / "vllm"),
     ]
-    cmd += ["--model", str(tiny_model_dir), "--served-model-name", "tiny", "--max-model-len", "256", "--api-key", "k"]
-    cmd += ["--port", str(port), "--log-level", "warning", "--speculative-config", spec]
+    cmd += ["--model", str(model_dir), "--served-model-name", "tiny", "--max-model-len", "256", "--api-key", "k"]
+    cmd += ["--port", str(port), "--log-level", "warning", "--speculative-config", json.dumps(speculative_config)]
     env = {**VLLM_ENV, "LEAPSERVE_CACHE": str(tmp_path / "cache")}
-    messages = [{"role": "user", "content": "Say something."}]
-    llm = LLM(str(tiny_model_dir), decoder="autoregressive", kv_cache_tokens=1024)
-    want = llm.chat(messages, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0].text
     url, log_path = f"http://127.0.0.1:{port}", tmp_path / "serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
@@ -200,14 +195,47 @@ def test_leapserve_serve_backend_vllm(tiny_model_dir, tmp_path):
             while not _healthy(url):
                 assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-5000:]
                 time.sleep(1)
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="k")
-            assert [m.id for m in client.models.list()] == ["tiny"]
-            reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
-            with pytest.raises(openai.BadRequestError):
-                client.chat.completions.create(model="tiny", messages=messages, max_tokens=100_000)
-            assert spec_counters(url)["num_drafts"] > 0
+            yield url
         finally:
             proc.terminate()
             status = proc.wait(timeout=90)
-    assert reply.choices[0].message.content == want
     assert status == 0 and not _healthy(url)
+
+
+def native_chat(model_dir: Path, messages: list[dict], max_tokens: int) -> str:
+    llm = LLM(str(model_dir), decoder="autoregressive", kv_cache_tokens=1024)
+    return llm.chat(messages, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)[0].outputs[0].text
+
+
+MESSAGES = [{"role": "user", "content": "Say something."}]
+
+
+def test_leapserve_serve_backend_vllm(tiny_model_dir, tmp_path):
+    """`leapserve serve --backend vllm` with an FSPAD checkpoint in leapserve's own format: it is exported into the
+    cache and served as eagle by vLLM; the openai client gets the served name, greedy answers equal to leapserve's
+    engine and a 400 for a request too long; stopping leapserve stops vLLM."""
+    fspad = save_tiny_fspad(tiny_model_dir, tmp_path / "fspad")
+    with leapserve_on_vllm(
+        tiny_model_dir, tmp_path, {"method": "fspad", "model": str(fspad), "num_speculative_tokens": 2}
+    ) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k")
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=100_000)
+        assert spec_counters(url)["num_drafts"] > 0
+    assert reply.choices[0].message.content == native_chat(tiny_model_dir, MESSAGES, 12)
+
+
+def test_an_adaspec_draft_drafts_in_vllm(tiny_model_dir, tmp_path):
+    """A draft that shares its target's embedding and head (as AdaSPEC drafts do), made of all the target's layers:
+    served through `--backend vllm` as a whole draft model, it proposes exactly the target's tokens, so every draft
+    token is accepted, and the answer is leapserve's engine's."""
+    draft = save_tiny_adaspec(tiny_model_dir, tmp_path / "adaspec", [0, 1])
+    spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3}
+    with leapserve_on_vllm(tiny_model_dir, tmp_path, spec) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k")
+        reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0)
+        counters = spec_counters(url)
+    assert reply.choices[0].message.content == native_chat(tiny_model_dir, MESSAGES, 16)
+    assert counters["num_drafts"] > 0 and counters["num_accepted_tokens"] >= 0.8 * counters["num_draft_tokens"]

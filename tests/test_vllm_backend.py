@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig
+from safetensors.torch import load_file
+from transformers import AutoConfig, LlamaForCausalLM
 
 from leapserve.cli.main import main
 from leapserve.decoding.config import CacheConfig, EngineConfig, ModelConfig
+from leapserve.drafters.checkpoints import SHARED_WITH_TARGET
 from leapserve.drafters.fspad_model import FSPAD_EAGLE_ARCHITECTURE, FSPADConfig, FSPADModel
 from leapserve.server.vllm_backend import Parallelism, find_vllm, vllm_command
+from leapserve.training.adaspec import draft_export, draft_from_target
 from leapserve.training.checkpoint import export_checkpoint
 
 
@@ -117,3 +120,30 @@ def test_find_vllm_prefers_the_explicit_one(tmp_path, monkeypatch):
     assert find_vllm(str(fake)) == str(fake.resolve())
     monkeypatch.setenv("LEAPSERVE_VLLM", str(fake))
     assert find_vllm() == str(fake.resolve())
+
+
+def save_tiny_adaspec(target: Path, out: Path, layers: list[int]) -> Path:
+    """An AdaSPEC-style draft of `target`'s `layers`, stored as `leapserve train adaspec` stores it: its own layers,
+    the embedding and LM head shared with the target."""
+    model = LlamaForCausalLM.from_pretrained(target, dtype=torch.float32)
+    tensors, config = draft_export(draft_from_target(model, layers), str(target), layers)
+    return export_checkpoint(out, tensors, config, "# a draft sharing its target's embedding and head\n")
+
+
+def test_a_draft_sharing_its_targets_tensors_is_written_whole_for_vllm(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LEAPSERVE_CACHE", str(tmp_path / "cache"))
+    draft = save_tiny_adaspec(tiny_model_dir, tmp_path / "adaspec", [1])
+    assert "model.embed_tokens.weight" not in load_file(str(draft / "model.safetensors"))
+    spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 2}
+    whole = Path(json.loads(option(command(tiny_model_dir, spec), "--speculative-config"))["model"])
+    assert whole.parent == tmp_path / "cache" / "vllm-exports"
+    assert SHARED_WITH_TARGET not in json.loads((whole / "config.json").read_text())
+    tensors, target = (
+        load_file(str(whole / "model.safetensors")),
+        load_file(str(next(tiny_model_dir.glob("*.safetensors")))),
+    )
+    assert torch.equal(tensors["model.embed_tokens.weight"], target["model.embed_tokens.weight"])
+    own = target["model.layers.1.mlp.up_proj.weight"].half().float()  # the draft stores its own layers in fp16
+    assert torch.equal(tensors["model.layers.0.mlp.up_proj.weight"], own)
+    plain = {"method": "draft_model", "model": str(tiny_model_dir), "num_speculative_tokens": 2}
+    assert json.loads(option(command(tiny_model_dir, plain), "--speculative-config"))["model"] == str(tiny_model_dir)
