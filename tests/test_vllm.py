@@ -127,19 +127,22 @@ def spec_counters(url: str) -> dict[str, float]:
     return {n: sum(float(x.split()[-1]) for x in lines if x.startswith(f"vllm:spec_decode_{n}_total{{")) for n in names}
 
 
-def test_an_fspad_drafter_drafts_in_plain_vllm_serve(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_an_fspad_drafter_drafts_in_plain_vllm_serve(tiny_model_dir, tmp_path, ranks):
     """`vllm serve TARGET --speculative-config '{"method": "eagle", "model": EXPORT, ...}'`, its CPU attention routed
-    through leapserve's kernel (`LEAPSERVE_VLLM_CPU_ATTENTION=leapserve`; the log line comes from that code alone):
-    greedy output equals leapserve's autoregressive engine token for token (which the engine tests hold to
-    transformers' generate), and the drafter drafts: the spec-decode counters move, 3 tokens a draft."""
+    through leapserve's kernel (`LEAPSERVE_VLLM_CPU_ATTENTION=leapserve`; the log line comes from that code alone),
+    on one rank and with `--tensor-parallel-size 2` (the plugin registers in both workers, and both attend through
+    leapserve): greedy output equals leapserve's autoregressive engine token for token (which the engine tests hold
+    to transformers' generate), and the drafter drafts: the spec-decode counters move, 3 tokens a draft."""
     export = export_tiny_fspad(tiny_model_dir, tmp_path / "fspad-eagle")
     prompts = [[1, 510, 3283, 282, 4649, 314], [9690, 28, 1205, 346, 30], [2]]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     llm = LLM(str(tiny_model_dir), decoder="autoregressive", kv_cache_tokens=1024)
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     spec = json.dumps({"method": "eagle", "model": str(export), "num_speculative_tokens": 3})
-    attention = {"LEAPSERVE_VLLM_CPU_ATTENTION": "leapserve"}
-    with vllm_server(tiny_model_dir, tmp_path / "vllm.log", "--speculative-config", spec, env=attention) as url:
+    env = {"LEAPSERVE_VLLM_CPU_ATTENTION": "leapserve", **({"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if ranks > 1 else {})}
+    args = ("--speculative-config", spec, "--tensor-parallel-size", str(ranks))
+    with vllm_server(tiny_model_dir, tmp_path / "vllm.log", *args, env=env) as url:
         got = []
         for prompt in prompts:
             body = {
@@ -156,7 +159,8 @@ def test_an_fspad_drafter_drafts_in_plain_vllm_serve(tiny_model_dir, tmp_path):
     assert counters["num_drafts"] > 0 and counters["num_draft_tokens"] == 3 * counters["num_drafts"]
     log = (tmp_path / "vllm.log").read_text()
     assert "Resolved architecture: EagleFSPADLlamaForCausalLM" in log
-    assert "leapserve tree attention serves vLLM's CPU attention layers" in log
+    announced = [line for line in log.splitlines() if "leapserve tree attention serves vLLM's CPU attention" in line]
+    assert len(announced) == ranks and (ranks == 1 or {"Worker_TP0", "Worker_TP1"} <= {w[1:11] for w in announced})
 
 
 def test_an_export_that_would_lose_a_tensor_fails_the_load(tiny_model_dir, tmp_path):
