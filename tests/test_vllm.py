@@ -24,7 +24,7 @@ from transformers import AutoConfig
 from leapserve.decoding import LLM, SamplingParams
 from leapserve.drafters.fspad_model import FSPADConfig, FSPADModel, to_eagle_layout
 from leapserve.training.checkpoint import export_checkpoint
-from test_server import _free_port, _healthy
+from test_server import API_KEY, _free_port, _healthy
 from test_vllm_backend import save_tiny_adaspec, save_tiny_fspad
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,9 +174,10 @@ def test_an_export_that_would_lose_a_tensor_fails_the_load(tiny_model_dir, tmp_p
 
 
 @contextmanager
-def leapserve_on_vllm(model_dir: Path, tmp_path: Path, speculative_config: dict) -> Iterator[str]:
-    """`leapserve serve --backend vllm` (served as "tiny", API key "k"); yields its URL once healthy, then stops it
-    and checks that it stopped cleanly, vLLM with it."""
+def leapserve_on_vllm(model_dir: Path, tmp_path: Path, speculative_config: dict | None) -> Iterator[str]:
+    """`leapserve serve --backend vllm` (served as "tiny", with test_server's API key), speculating where
+    `speculative_config` says; yields its URL once healthy, then stops it and checks that it stopped cleanly,
+    vLLM with it."""
     port = _free_port()
     cmd = [
         sys.executable,
@@ -188,8 +189,10 @@ def leapserve_on_vllm(model_dir: Path, tmp_path: Path, speculative_config: dict)
         "--vllm-executable",
         str(VLLM_BIN / "vllm"),
     ]
-    cmd += ["--model", str(model_dir), "--served-model-name", "tiny", "--max-model-len", "256", "--api-key", "k"]
-    cmd += ["--port", str(port), "--log-level", "warning", "--speculative-config", json.dumps(speculative_config)]
+    cmd += ["--model", str(model_dir), "--served-model-name", "tiny", "--max-model-len", "256", "--api-key", API_KEY]
+    cmd += ["--port", str(port), "--log-level", "warning"]
+    if speculative_config:
+        cmd += ["--speculative-config", json.dumps(speculative_config)]
     env = {**VLLM_ENV, "LEAPSERVE_CACHE": str(tmp_path / "cache")}
     url, log_path = f"http://127.0.0.1:{port}", tmp_path / "serve.log"
     with open(log_path, "w") as log:
@@ -222,7 +225,7 @@ def test_leapserve_serve_backend_vllm(tiny_model_dir, tmp_path):
     with leapserve_on_vllm(
         tiny_model_dir, tmp_path, {"method": "fspad", "model": str(fspad), "num_speculative_tokens": 2}
     ) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY)
         assert [m.id for m in client.models.list()] == ["tiny"]
         reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
         with pytest.raises(openai.BadRequestError):
@@ -238,7 +241,7 @@ def test_an_adaspec_draft_drafts_in_vllm(tiny_model_dir, tmp_path):
     draft = save_tiny_adaspec(tiny_model_dir, tmp_path / "adaspec", [0, 1])
     spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3}
     with leapserve_on_vllm(tiny_model_dir, tmp_path, spec) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY)
         reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0)
         counters = spec_counters(url)
     assert reply.choices[0].message.content == native_chat(tiny_model_dir, MESSAGES, 16)
