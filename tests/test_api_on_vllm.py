@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import openai
 import pytest
 
 from test_server import (  # noqa: F401  (collected here, against this module's fixtures)
     API_KEY,
     MODEL,
+    client,
     test_chat_completion_and_stream,
     test_chat_max_tokens_and_n,
     test_completion_usage_and_greedy_determinism,
@@ -22,6 +22,7 @@ from test_server import (  # noqa: F401  (collected here, against this module's 
     test_invalid_request_through_openai_client,
     test_seeded_sampling_is_reproducible,
     test_stop_strings,
+    tokenizer,
 )
 from test_vllm import VLLM_BIN, leapserve_on_vllm
 
@@ -34,13 +35,3 @@ pytestmark = pytest.mark.skipif(
 def server(tiny_model_dir, tmp_path_factory) -> Iterator[str]:
     with leapserve_on_vllm(tiny_model_dir, tmp_path_factory.mktemp("vllm-server"), None) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_tokenizer):
-    return smollm2_tokenizer

@@ -63,20 +63,32 @@ def running_server(model_dir: Path, log_path: Path, *extra_args: str, startup_ti
         *extra_args,
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))}
+    with served(cmd, port, log_path, env=env, cwd=TESTS_DIR.parent, startup_timeout=startup_timeout):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def served(
+    cmd: list, port: int, log_path: Path, *, env: dict, cwd: Path, startup_timeout: float, stop_timeout: float = 30
+) -> Iterator[subprocess.Popen]:
+    """A server command in a subprocess logging to `log_path`; yields the process once /health on `port` answers,
+    then stops it (SIGTERM, then SIGKILL after `stop_timeout`); its exit status is in `returncode` afterwards."""
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=TESTS_DIR.parent)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         try:
             deadline = time.monotonic() + startup_timeout
             while not _healthy(url):
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"server did not come up (exit code {proc.poll()}); log:\n{log_path.read_text()}")
+                    pytest.fail(
+                        f"server did not come up (exit code {proc.poll()}); log:\n{log_path.read_text()[-5000:]}"
+                    )
                 time.sleep(0.2)
-            yield url
+            yield proc
         finally:
             proc.terminate()
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=stop_timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

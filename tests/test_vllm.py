@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +23,7 @@ from transformers import AutoConfig
 from leapserve.decoding import LLM, SamplingParams
 from leapserve.drafters.fspad_model import FSPADConfig, FSPADModel, to_eagle_layout
 from leapserve.training.checkpoint import export_checkpoint
-from test_server import API_KEY, _free_port, _healthy
+from test_server import API_KEY, _free_port, _healthy, served
 from test_vllm_backend import save_tiny_adaspec, save_tiny_fspad
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,32 +92,20 @@ def export_tiny_fspad(target: Path, out: Path, draft_vocab: int = 2000, extra: s
 @contextmanager
 def vllm_server(model: Path, log_path: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
     """`vllm serve MODEL ARGS` (eager, fp32) from .venv-vllm, with `env` added to its environment; yields its URL
-    once healthy, then stops it."""
+    once healthy, then stops it (SIGTERM to the API server only: it stops its engine core and workers)."""
     port = _free_port()
     cmd = [VLLM_BIN / "vllm", "serve", str(model), "--port", str(port), "--enforce-eager", "--dtype", "float32"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [*cmd, "--max-model-len", "256", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**VLLM_ENV, **(env or {})},
-            cwd=log_path.parent,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT
-            while not _healthy(url):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"vLLM did not come up (exit code {proc.poll()}); log:\n{log_path.read_text()[-5000:]}")
-                time.sleep(1)
-            yield url
-        finally:
-            proc.terminate()  # the API server only: it stops its engine core and workers
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    cmd += ["--max-model-len", "256", *args]
+    with served(
+        cmd,
+        port,
+        log_path,
+        env={**VLLM_ENV, **(env or {})},
+        cwd=log_path.parent,
+        startup_timeout=STARTUP_TIMEOUT,
+        stop_timeout=60,
+    ):
+        yield f"http://127.0.0.1:{port}"
 
 
 def spec_counters(url: str) -> dict[str, float]:
@@ -167,7 +154,7 @@ def test_an_export_that_would_lose_a_tensor_fails_the_load(tiny_model_dir, tmp_p
     export = export_tiny_fspad(tiny_model_dir, tmp_path / "fspad-eagle", extra="layers.0.stray.weight")
     spec = json.dumps({"method": "eagle", "model": str(export), "num_speculative_tokens": 2})
     log = tmp_path / "vllm.log"
-    with pytest.raises(pytest.fail.Exception, match="vLLM did not come up"):
+    with pytest.raises(pytest.fail.Exception, match="did not come up"):
         with vllm_server(tiny_model_dir, log, "--speculative-config", spec):
             pass
     assert "checkpoint tensor 'layers.0.stray.weight' has no parameter" in log.read_text()
@@ -194,19 +181,11 @@ def leapserve_on_vllm(model_dir: Path, tmp_path: Path, speculative_config: dict 
     if speculative_config:
         cmd += ["--speculative-config", json.dumps(speculative_config)]
     env = {**VLLM_ENV, "LEAPSERVE_CACHE": str(tmp_path / "cache")}
-    url, log_path = f"http://127.0.0.1:{port}", tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-        try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT
-            while not _healthy(url):
-                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-5000:]
-                time.sleep(1)
-            yield url
-        finally:
-            proc.terminate()
-            status = proc.wait(timeout=90)
-    assert status == 0 and not _healthy(url)
+    with served(
+        cmd, port, tmp_path / "serve.log", env=env, cwd=tmp_path, startup_timeout=STARTUP_TIMEOUT, stop_timeout=90
+    ) as proc:
+        yield f"http://127.0.0.1:{port}"
+    assert proc.returncode == 0 and not _healthy(f"http://127.0.0.1:{port}")
 
 
 def native_chat(model_dir: Path, messages: list[dict], max_tokens: int) -> str:
