@@ -184,6 +184,7 @@ def vllm_command(
         cmd += ["--kv-cache-memory-bytes", str(kv_cache_bytes(model_dir, config, dtype))]
     if api_key:
         cmd += ["--api-key", api_key]
+    cmd += ["--middleware", "leapserve.vllm_plugin.openai_errors.OpenAIErrorShape"]
     speculative = config.speculative_config if config.decoder != "autoregressive" else None
     if speculative:
         spec = vllm_speculative_config(SpeculativeConfig.from_dict(speculative), model_dir)

@@ -75,6 +75,20 @@ def test_the_cache_reader_reads_what_vllms_cpu_kernel_wrote():
     assert done.stdout.split()[-3:] == ["vec", "True", "True"]
 
 
+def test_the_custom_attention_backend_writes_and_attends_in_vllms_triton_layout():
+    """`--attention-backend CUSTOM` resolves to leapserve's backend; its `do_kv_cache_update` (leapserve's Triton
+    `write_kv`, in the interpreter) writes vLLM's Triton cache layout `[blocks, Hkv, block, 2D]` in place, and its
+    `forward` (leapserve's Triton kernel) equals a float64 causal attention over three sequences with cached
+    context and a padded token; a sliding-window layer is left to vLLM's kernel. vLLM's own Triton kernels do not
+    run on CPU, so the comparison with them needs a GPU."""
+    done = subprocess.run(
+        [VLLM_BIN / "python", Path(__file__).with_name("vllm_custom_backend_check.py")],
+        capture_output=True, text=True, env=VLLM_ENV, cwd="/",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-6:] == ["CUSTOM", "True", "True", "True", "True", "False"]
+
+
 def export_tiny_fspad(target: Path, out: Path, draft_vocab: int = 2000, extra: str | None = None) -> Path:
     """A random FSPAD drafter for `target` with a reduced vocabulary, in the EAGLE layout (plus a stray tensor
     named `extra`, if given)."""

@@ -3,6 +3,7 @@ command line, and what is refused with a message. (The served end to end: `test_
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from leapserve.drafters.fspad_model import FSPAD_EAGLE_ARCHITECTURE, FSPADConfig
 from leapserve.server.vllm_backend import Parallelism, find_vllm, vllm_command
 from leapserve.training.adaspec import draft_export, draft_from_target
 from leapserve.training.checkpoint import export_checkpoint
+from leapserve.vllm_plugin.openai_errors import OpenAIErrorShape, openai_error
 
 
 def command(model_dir: Path, speculative_config: dict | None = None, **cache) -> list[str]:
@@ -43,6 +45,35 @@ def test_the_engine_config_becomes_vllm_flags(tiny_model_dir):
     per_token = 2 * hf.num_hidden_layers * hf.num_key_value_heads * (hf.hidden_size // hf.num_attention_heads) * 4
     assert option(cmd, "--kv-cache-memory-bytes") == str(1000 * per_token)
     assert "--speculative-config" not in cmd
+    middleware = option(cmd, "--middleware")
+    module, name = middleware.rsplit(".", 1)
+    assert getattr(importlib.import_module(module), name) is OpenAIErrorShape
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error"),
+    [
+        (400, {"error": {"message": "m", "type": "BadRequestError", "param": "max_tokens", "code": 400}},
+         {"message": "m", "type": "invalid_request_error", "param": "max_tokens", "code": None}),
+        (400, {"error": {"message": "m", "type": "Bad Request", "param": "body.prompt.1", "code": 400}},
+         {"message": "m", "type": "invalid_request_error", "param": "prompt", "code": None}),
+        (400, {"error": {"message": "m", "type": "Bad Request", "param": "body.28", "code": 400}},
+         {"message": "m", "type": "invalid_request_error", "param": None, "code": None}),
+        (400, {"error": {"message": "m", "type": "BadRequestError", "param": "input_tokens", "code": 400}},
+         {"message": "m", "type": "invalid_request_error", "param": "prompt", "code": None}),
+        (404, {"error": {"message": "m", "type": "NotFoundError", "param": "model", "code": 404}},
+         {"message": "m", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}),
+        (401, {"error": "Unauthorized"},
+         {"message": "invalid or missing API key", "type": "invalid_request_error", "param": None,
+          "code": "invalid_api_key"}),
+        (404, {"detail": "Not Found"},
+         {"message": "no route GET /nowhere", "type": "invalid_request_error", "param": None, "code": None}),
+        (500, {"error": {"message": "boom", "type": "InternalServerError", "param": None, "code": 500}},
+         {"message": "boom", "type": "server_error", "param": None, "code": None}),
+    ],
+)  # fmt: skip
+def test_vllms_error_bodies_in_openais_shape(status, body, error):
+    assert openai_error(status, body, "GET", "/nowhere") == {"error": error}
 
 
 def test_speculative_configs_map_onto_vllms(tiny_model_dir, tmp_path, monkeypatch):

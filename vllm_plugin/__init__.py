@@ -2,7 +2,8 @@
 engine core, workers). It registers leapserve's drafter architectures with vLLM's model registry, so that a
 drafter exported with `leapserve train export-eagle` serves with plain `vllm serve TARGET --speculative-config
 '{"method": "eagle", "model": EXPORT, "num_speculative_tokens": K}'`; and, where the environment asks for it
-(`LEAPSERVE_VLLM_CPU_ATTENTION=leapserve`), routes vLLM's CPU attention through leapserve's kernel.
+(`LEAPSERVE_VLLM_CPU_ATTENTION=leapserve`), routes vLLM's CPU attention through leapserve's kernel. On GPUs,
+leapserve's Triton kernel is vLLM's `CUSTOM` attention backend, chosen with `--attention-backend CUSTOM`.
 
 Nothing here is imported by leapserve's own engine; vLLM is imported only inside `register`.
 """
@@ -22,10 +23,12 @@ def register() -> None:
     if _registered:
         return
     from vllm import ModelRegistry
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
+    register_backend(
+        AttentionBackendEnum.CUSTOM, "leapserve.vllm_plugin.triton_attention.LeapserveTritonAttentionBackend"
+    )
     if os.environ.get("LEAPSERVE_VLLM_CPU_ATTENTION") == "leapserve":
-        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
         register_backend(
             AttentionBackendEnum.CPU_ATTN, "leapserve.vllm_plugin.cpu_attention.LeapserveCPUAttentionBackend"
         )
