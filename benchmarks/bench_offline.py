@@ -277,7 +277,7 @@ def tables(rows: list[dict], setup: dict) -> str:
     text += markdown_table(headers, body)
     profiled = [r for r in rows if "step_breakdown" in r]
     if profiled:
-        headers = ["decoder", "batch", "ms/step (profiled)", "matmuls", "attention", "other ops + Python"]
+        headers = ["decoder", "batch", "ms/step (profiled)", "matmuls", "attention", "rest of the model", "bookkeeping"]
         body = [[r["decoder"], r["batch_size"], *r["step_breakdown"].values()] for r in profiled]
         text += "\n\n" + markdown_table(headers, body)
     return text

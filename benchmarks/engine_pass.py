@@ -17,7 +17,10 @@ from leapserve.decoding.observe import StepObserver, StepRecord
 
 from .bench_metrics import OfflineRun, Pass, drafting_cost
 
-ATTENTION_FRAME = ": paged_attention"  # how the profiler's Python tracer names the attention function's frames
+# The profiler's Python tracer names frames "path(line): function"
+ATTENTION_FRAME = ": attend_layer"  # one attention layer: K/V written, then attended (both model paths)
+RUNNER_FILE, FORWARD_FRAME, METADATA_FRAME = "runner.py(", ": forward", ": step_metadata"
+MATMUL_OPS = ("aten::linear", "mkldnn::_linear_pointwise")  # transformers' modules; leapserve's prepacked GEMMs
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -113,19 +116,29 @@ def step_breakdown(
     bench_engine: Engine, prompts: list[list[int]], batch_size: int, params: SamplingParams, continuous: bool
 ) -> dict[str, float]:
     """Where an engine step's time goes, under torch.profiler with Python stacks (which slow the Python parts):
-    matmuls, paged attention (the attention function's Python frames, inclusive), and everything else."""
+    the model's matmuls (LM heads included), its attention layers (K/V writes included), the rest of the model
+    (norms, rotary, activations, residuals: what is left of the model runners' forwards, target and drafter), and
+    leapserve's own bookkeeping (the rest of the step: scheduling, metadata, sampling, drafting logic, outputs)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
         run_, _ = engine_pass(bench_engine, prompts, batch_size, params, continuous)
     steps = run_.target_forwards
     events = prof.events()
-    matmul = sum(e.cpu_time_total for e in events if e.name == "aten::linear") / 1e3 / steps
-    attend = sum(e.cpu_time_total for e in events if e.name.endswith(ATTENTION_FRAME)) / 1e3 / steps
+
+    def ms(selected: Callable[[str], bool]) -> float:
+        return sum(e.cpu_time_total for e in events if selected(e.name)) / 1e3 / steps
+
+    matmul = ms(lambda name: name in MATMUL_OPS)
+    attend = ms(lambda name: name.endswith(ATTENTION_FRAME))
+    runner = ms(lambda name: RUNNER_FILE in name and name.endswith(FORWARD_FRAME))
+    metadata = ms(lambda name: RUNNER_FILE in name and name.endswith(METADATA_FRAME))
+    model = runner - metadata
     per_step = run_.elapsed * 1e3 / steps
     return {
         "ms_per_step": per_step,
         "matmul_ms": matmul,
         "attention_ms": attend,
-        "other_ms": per_step - matmul - attend,
+        "rest_of_model_ms": model - matmul - attend,
+        "bookkeeping_ms": per_step - model,
     }

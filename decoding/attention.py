@@ -1,12 +1,16 @@
 """Routes transformers' attention through leapserve's paged tree-attention kernels.
 
-`AttentionMetadata` is built once per step and handed to the model as a keyword argument; every attention layer
+`AttentionMetadata` is built once per step and handed to the model: to transformers' modules as a keyword argument,
+to leapserve's own Llama (`llama.py`) through `forward_context`, which the `leapserve::paged_attention` custom op
+reads, so that a compiled graph holds one opaque op per layer and no per-step Python object. Every attention layer
 writes its new K/V into the paged cache by slot and attends through `leapserve.kernels` (an `AttentionStep`, which
 runs the Triton kernels on CUDA and the PyTorch reference on CPU).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import cast
 
@@ -27,6 +31,50 @@ class AttentionMetadata:
     step: AttentionStep  # slot mapping, block tables, lengths, tree mask: checked and planned once per step
 
 
+def attend_layer(
+    meta: AttentionMetadata, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float | None
+) -> torch.Tensor:
+    """Write this step's new K/V `[T, Hkv, D]` into `layer`'s cache, then attend `q` `[T, Hq, D]` over it."""
+    k_cache, v_cache = meta.cache.k[layer], meta.cache.v[layer]
+    meta.step.write_kv(k, v, k_cache, v_cache)
+    return meta.step.attend(q, k_cache, v_cache, scale)
+
+
+_current: list[AttentionMetadata] = []  # the step being run, for the custom op
+
+
+@contextmanager
+def forward_context(meta: AttentionMetadata) -> Iterator[None]:
+    """Make `meta` the step that `leapserve::paged_attention` attends with, for the duration of one forward."""
+    _current.append(meta)
+    try:
+        yield
+    finally:
+        _current.pop()
+
+
+def current_step() -> AttentionMetadata:
+    if not _current:
+        raise RuntimeError("leapserve attention ran outside a forward_context (run the model through the engine)")
+    return _current[-1]
+
+
+def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    """`attend_layer` with the current step's metadata (writes the layer's cache, which is not a graph tensor)."""
+    return attend_layer(current_step(), q, k, v, layer, scale)
+
+
+def _paged_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+# torch.library.Library rather than the custom_op decorator: ~2 us of dispatch a call instead of ~7 us
+_lib = torch.library.Library("leapserve", "FRAGMENT")
+_lib.define("paged_attention(Tensor q, Tensor k, Tensor v, int layer, float scale) -> Tensor")
+_lib.impl("paged_attention", _paged_attention, "CompositeExplicitAutograd")
+torch.library.register_fake("leapserve::paged_attention", _paged_attention_shape, lib=_lib)
+
+
 def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -43,12 +91,10 @@ def paged_attention(
         raise RuntimeError(
             "the leapserve attention implementation needs `leapserve_meta` (run the model through the engine)"
         )
-    meta = leapserve_meta
     # transformers' attention modules set layer_idx (a Module's attributes are typed Tensor | Module)
     layer = cast(int, module.layer_idx)
-    k_cache, v_cache = meta.cache.k[layer], meta.cache.v[layer]
-    meta.step.write_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache)
-    return meta.step.attend(query[0].transpose(0, 1), k_cache, v_cache, scaling).unsqueeze(0), None
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    return attend_layer(leapserve_meta, q, k, v, layer, scaling).unsqueeze(0), None
 
 
 def _no_mask(*args, **kwargs) -> None:

@@ -10,6 +10,7 @@ from .drafter_methods import drafter_method
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+MODEL_IMPLS = ("auto", "leapserve", "transformers")
 
 
 @dataclass
@@ -20,6 +21,17 @@ class ModelConfig:
     max_model_len: int | None = option(None, "context length (prompt + completion); default: the model's")
     trust_remote_code: bool = option(False, "allow a checkpoint's own modeling code")
     served_model_name: str | None = option(None, "the name clients send as `model`; default: --model")
+    model_impl: str = option(
+        "auto",
+        "auto: leapserve's own Llama-family decoder (fused, prepacked GEMMs) where it covers the architecture, else "
+        "transformers' modules; transformers: always transformers' modules (logits equal to transformers' generate)",
+        choices=MODEL_IMPLS,
+    )
+    enforce_eager: bool | None = option(
+        None,
+        "never torch.compile the model; default: compile on CUDA, run eagerly on CPU (where compiling measured no "
+        "faster); compiling needs leapserve's Llama",
+    )
 
 
 @dataclass

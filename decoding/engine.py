@@ -79,7 +79,14 @@ class LLMEngine:
         self.vocab_size = hf.vocab_size
         self.eos_token_ids = self._eos_ids(model)
         self.sampler = Sampler(self.tokenizer, torch.Generator(device=self.device).manual_seed(config.seed))
-        self.runner = ModelRunner(model, self.cache, self.device, on_forward=self.observers.on_target_forward)
+        self.runner = ModelRunner(
+            model,
+            self.cache,
+            self.device,
+            on_forward=self.observers.on_target_forward,
+            model_impl=mc.model_impl,
+            compile=not mc.enforce_eager if mc.enforce_eager is not None else self.device.type == "cuda",
+        )
         self.decoder = DECODERS[self.decoder_name](self.runner, self.sampler, config, self.observers)
         self.max_model_len = self._max_model_len(getattr(hf, "max_position_embeddings", None))
         self.scheduler = Scheduler(config.scheduler, self.cache)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -9,9 +13,14 @@ import torch
 
 from leapserve.kernels import AttentionStep
 
-from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, register
+from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, forward_context, register
+from .config import MODEL_IMPLS
 from .kv_cache import PagedKVCache
+from .llama import Llama, unsupported
+from .model_loader import cache_dir
 from .observe import ForwardHook
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -79,6 +88,30 @@ def step_metadata(
     return AttentionMetadata(cache, step), t(positions, torch.int64), cu
 
 
+def leapserve_llama(model: PreTrainedModel, model_impl: str) -> Llama | None:
+    """leapserve's Llama over `model`'s weights, or None for transformers' modules (`model_impl` as ModelConfig's)."""
+    if model_impl not in MODEL_IMPLS:
+        raise ValueError(f"model_impl must be one of {MODEL_IMPLS}, got {model_impl!r}")
+    reason = unsupported(model)
+    if model_impl == "transformers" or (model_impl == "auto" and reason is not None):
+        if reason is not None:
+            logger.info("transformers' modules run the model (leapserve's Llama does not cover %s)", reason)
+        return None
+    return Llama(model)  # raises for model_impl "leapserve" where it does not cover the model
+
+
+def compiled(llama: Llama) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`llama` through torch.compile (inductor), one graph for any number of tokens per step; compiled artifacts
+    are cached under $LEAPSERVE_CACHE/inductor (or $TORCHINDUCTOR_CACHE_DIR) and reused by later starts."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    return torch.compile(
+        llama,
+        dynamic=True,
+        fullgraph=True,
+        options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+    )
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -86,14 +119,33 @@ class ModelRunner:
         cache: PagedKVCache,
         device: torch.device,
         on_forward: ForwardHook | None = None,
+        *,
+        model_impl: str = "transformers",
+        compile: bool = False,
     ):
-        """`on_forward(num_tokens)` is told of each forward before it runs (the engine's observers)."""
+        """`on_forward(num_tokens)` is told of each forward before it runs (the engine's observers). `model_impl`
+        and `compile` as ModelConfig's `model_impl` and `not enforce_eager`; `compile` needs leapserve's Llama."""
         register()
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model
         self.cache = cache
         self.device = device
         self.on_forward = on_forward
+        self.model_impl, self.compile = model_impl, compile  # for drafter models, which run as the target does
+        self.llama = leapserve_llama(model, model_impl)
+        self._llama_forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = self.llama
+        if compile and self.llama is not None:
+            self._llama_forward = compiled(self.llama)
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile now rather than on the first requests: one token per step, then any larger number (the two
+        graphs torch.compile makes for a dynamic length); the step writes into block 0, which no sequence holds yet."""
+        start = time.perf_counter()
+        logger.info("compiling the model (torch.compile, inductor): 1 token per step, then 2 or more ...")
+        for n in (1, 2, 3):
+            self.forward([SeqChunk([0], 0, [0] * n, [n - 1])])
+        logger.info("compiled in %.1f s", time.perf_counter() - start)
 
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Run the target over all chunks at once; return float32 logits `[sum(len(logits_rows)), V]`."""
@@ -109,7 +161,12 @@ class ModelRunner:
         rows = torch.tensor(
             [lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows], dtype=torch.int64, device=self.device
         )
-        hidden = self.model.get_decoder()(
-            input_ids=input_ids[None], position_ids=positions[None], use_cache=False, leapserve_meta=meta
-        ).last_hidden_state[0]
-        return self.model.get_output_embeddings()(hidden[rows]).float(), hidden
+        if self.llama is None:
+            hidden = self.model.get_decoder()(
+                input_ids=input_ids[None], position_ids=positions[None], use_cache=False, leapserve_meta=meta
+            ).last_hidden_state[0]
+            return self.model.get_output_embeddings()(hidden[rows]).float(), hidden
+        assert self._llama_forward is not None
+        with forward_context(meta):
+            hidden = self._llama_forward(input_ids, positions)
+        return self.llama.logits(hidden[rows]), hidden

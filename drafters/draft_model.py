@@ -58,7 +58,9 @@ class DraftModelDrafter:
             target.k[0].dtype,
             runner.device,
         )
-        self.runner = ModelRunner(model, self.cache, runner.device)
+        self.runner = ModelRunner(
+            model, self.cache, runner.device, model_impl=runner.model_impl, compile=runner.compile
+        )
         self.on_forward = on_forward
         self.grower = TreeGrower(spec, sampler)
         shape = self.grower.shape

@@ -27,6 +27,7 @@ from leapserve.decoding.request import Sequence
 from leapserve.decoding.runner import ModelRunner, SeqChunk, step_metadata
 from leapserve.decoding.sampler import Sampler
 from leapserve.decoding.scheduler import ScheduledSeq
+from leapserve.kernels.packed_linear import PackedLinear, pack_linears
 
 from .checkpoints import load_fspad
 from .tree_growth import TreeGrower
@@ -59,7 +60,9 @@ class FSPADDrafter:
                 f"{c.target_vocab_size} and hidden size {c.hidden_size}, not this one"
             )
         self.embed = runner.model.get_input_embeddings()
-        self.head = self.model.draft_head(runner.model.get_output_embeddings().weight).detach()  # [V_draft, d]
+        self.head = PackedLinear(self.model.draft_head(runner.model.get_output_embeddings().weight))  # [V_draft, d]
+        if runner.llama is not None:  # the target runs on leapserve's Llama: its prepacked GEMMs here too
+            pack_linears(self.model)
         self.cache = PagedKVCache(
             1, target.num_blocks, target.block_size, c.num_key_value_heads, c.head_dim, target.k[0].dtype, runner.device
         )
@@ -112,7 +115,7 @@ class FSPADDrafter:
             self.on_forward(sum(len(c.token_ids) for c in chunks))
         meta, positions, offsets = step_metadata(chunks, self.cache, self.device)
         ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64, device=self.device)
-        feats = torch.cat([c.extra["features"] for c in chunks]).to(device=self.device, dtype=self.head.dtype)
+        feats = torch.cat([c.extra["features"] for c in chunks]).to(device=self.device, dtype=self.head.weight.dtype)
         token_half, feature_half = self.model(feats[None], self.embed(ids)[None], positions[None], meta)
         rows = torch.tensor([lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows], device=self.device)
-        return (token_half[0, rows] @ self.head.T).float(), feature_half[0, rows]
+        return self.head(token_half[0, rows]).float(), feature_half[0, rows]

@@ -180,6 +180,8 @@ def vllm_command(
         cmd += ["--max-model-len", str(mc.max_model_len)]
     if mc.trust_remote_code:
         cmd.append("--trust-remote-code")
+    if mc.enforce_eager:
+        cmd.append("--enforce-eager")
     if config.cache.kv_cache_tokens:
         cmd += ["--kv-cache-memory-bytes", str(kv_cache_bytes(model_dir, config, dtype))]
     if api_key:

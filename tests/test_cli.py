@@ -109,7 +109,8 @@ def test_every_serve_option_is_an_engine_config_field_and_back():
         engine_fields.update({f.name: config for f in dataclasses.fields(config)})
     assert set(actions) - SERVER_OPTIONS == set(engine_fields)
     for name, config in engine_fields.items():
-        assert actions[name].option_strings == [f"--{name.replace('_', '-')}"]
+        flag = f"--{name.replace('_', '-')}"
+        assert actions[name].option_strings in ([flag], [flag, f"--no-{flag[2:]}"])
         assert actions[name].default == getattr(config, name), name
 
 

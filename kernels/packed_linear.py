@@ -1,0 +1,85 @@
+"""Linear layers whose weights are prepacked once for oneDNN, the CPU layout its GEMM streams at memory bandwidth.
+
+A decode step at small batch reads every weight once and does little arithmetic with it, so its speed is the speed
+at which the GEMM streams weights. `torch.nn.functional.linear` on a row-major fp32 weight reaches about half of
+the machine's copy bandwidth on a 2-core AVX2 CPU; the same weights reordered by oneDNN (`mkldnn`) for a batch
+hint of 32 reach it at every batch size up to 16 (BENCHMARKS.md, "The compiled model path"). Elsewhere (CUDA,
+dtypes oneDNN does not pack) a `PackedLinear` is a plain linear.
+
+Under `torch.compile` the packed call is one custom op (`leapserve::packed_linear`), as the packed tensor is opaque
+to the compiler; the op finds its packed weight by an integer handle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PACK_BATCH_HINT = 32  # oneDNN picks its weight layout for this many rows; 1 would halve the speed at batch 16
+_packed: dict[int, torch.Tensor] = {}  # handle -> oneDNN-packed weight, freed with its PackedLinear
+_handles = itertools.count()
+
+
+def packable(weight: torch.Tensor) -> bool:
+    """Whether oneDNN can prepack this weight here: a CPU fp32 matrix (or bf16 where the CPU computes in bf16)."""
+    bf16 = weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (
+        weight.device.type == "cpu"
+        and (weight.dtype == torch.float32 or bf16)
+        and weight.dim() == 2
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, handle: int) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` through the packed copy of `weight` registered under `handle`."""
+    return torch.ops.mkldnn._linear_pointwise(x, _packed[handle], bias, "none", [], "")
+
+
+def _packed_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, handle: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+# torch.library.Library rather than the custom_op decorator: a call costs ~2 us of dispatch instead of ~7 us
+_lib = torch.library.Library("leapserve", "FRAGMENT")
+_lib.define("packed_linear(Tensor x, Tensor weight, Tensor? bias, int handle) -> Tensor")
+_lib.impl("packed_linear", _packed_linear, "CPU")
+torch.library.register_fake("leapserve::packed_linear", _packed_linear_shape, lib=_lib)
+
+
+class PackedLinear(nn.Module):
+    """`y = x @ weight.T + bias` with `weight` [out, in] prepacked where `packable`; `weight` itself is kept (the
+    compiler reads its shape, and other modules may share it)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.handle: int | None = None
+        if packable(weight):
+            self.handle = next(_handles)
+            _packed[self.handle] = torch.ops.mkldnn._reorder_linear_weight(self.weight, PACK_BATCH_HINT)
+            weakref.finalize(self, _packed.pop, self.handle, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.handle is None:
+            return F.linear(x, self.weight, self.bias)
+        if torch.compiler.is_compiling():
+            return torch.ops.leapserve.packed_linear(x, self.weight, self.bias, self.handle)
+        # eager: the op directly, without the custom op's dispatch (~15 us a call, 2 ms a step at 121 calls)
+        return torch.ops.mkldnn._linear_pointwise(x, _packed[self.handle], self.bias, "none", [], "")
+
+
+def pack_linears(module: nn.Module) -> nn.Module:
+    """Every `nn.Linear` inside `module` replaced, in place, by a `PackedLinear` of the same weights (where
+    `packable`); returns `module`."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear) and packable(child.weight):
+            setattr(module, name, PackedLinear(child.weight, child.bias))
+        else:
+            pack_linears(child)
+    return module
