@@ -27,10 +27,8 @@ class ModelConfig:
         "transformers' modules; transformers: always transformers' modules (logits equal to transformers' generate)",
         choices=MODEL_IMPLS,
     )
-    enforce_eager: bool | None = option(
-        None,
-        "never torch.compile the model; default: compile on CUDA, run eagerly on CPU (where compiling measured no "
-        "faster); compiling needs leapserve's Llama",
+    enforce_eager: bool = option(
+        False, "never torch.compile the model (only leapserve's Llama is compiled; transformers' modules run eagerly)"
     )
 
 

@@ -85,7 +85,7 @@ class LLMEngine:
             self.device,
             on_forward=self.observers.on_target_forward,
             model_impl=mc.model_impl,
-            compile=not mc.enforce_eager if mc.enforce_eager is not None else self.device.type == "cuda",
+            compile=not mc.enforce_eager,
         )
         self.decoder = DECODERS[self.decoder_name](self.runner, self.sampler, config, self.observers)
         self.max_model_len = self._max_model_len(getattr(hf, "max_position_embeddings", None))

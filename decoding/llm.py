@@ -32,7 +32,7 @@ class LLM:
         block_size: int = CacheConfig.block_size,
         trust_remote_code: bool = ModelConfig.trust_remote_code,
         model_impl: str = ModelConfig.model_impl,
-        enforce_eager: bool | None = ModelConfig.enforce_eager,
+        enforce_eager: bool = ModelConfig.enforce_eager,
         seed: int = EngineConfig.seed,
         config: EngineConfig | None = None,
         clock: Clock = time.perf_counter,

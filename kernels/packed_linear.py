@@ -7,12 +7,12 @@ hint of 32 reach it at every batch size up to 16 (BENCHMARKS.md, "The compiled m
 dtypes oneDNN does not pack) a `PackedLinear` is a plain linear.
 
 Under `torch.compile` the packed call is one custom op (`leapserve::packed_linear`), as the packed tensor is opaque
-to the compiler; the op finds its packed weight by an integer handle.
+to the compiler; the op finds the packed copy by its plain weight's address, the weight being a graph input (an
+integer handle would be baked into the graph as a constant and reused by every model sharing the graph's code).
 """
 
 from __future__ import annotations
 
-import itertools
 import weakref
 
 import torch
@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 PACK_BATCH_HINT = 32  # oneDNN picks its weight layout for this many rows; 1 would halve the speed at batch 16
-_packed: dict[int, torch.Tensor] = {}  # handle -> oneDNN-packed weight, freed with its PackedLinear
-_handles = itertools.count()
+_packed: dict[int, torch.Tensor] = {}  # plain weight's data_ptr -> its oneDNN-packed copy, freed with its layer
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -35,18 +34,18 @@ def packable(weight: torch.Tensor) -> bool:
     )
 
 
-def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, handle: int) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` through the packed copy of `weight` registered under `handle`."""
-    return torch.ops.mkldnn._linear_pointwise(x, _packed[handle], bias, "none", [], "")
+def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` through the packed copy of `weight`."""
+    return torch.ops.mkldnn._linear_pointwise(x, _packed[weight.data_ptr()], bias, "none", [], "")
 
 
-def _packed_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, handle: int) -> torch.Tensor:
+def _packed_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 # torch.library.Library rather than the custom_op decorator: a call costs ~2 us of dispatch instead of ~7 us
 _lib = torch.library.Library("leapserve", "FRAGMENT")
-_lib.define("packed_linear(Tensor x, Tensor weight, Tensor? bias, int handle) -> Tensor")
+_lib.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 _lib.impl("packed_linear", _packed_linear, "CPU")
 torch.library.register_fake("leapserve::packed_linear", _packed_linear_shape, lib=_lib)
 
@@ -59,9 +58,9 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self.handle: int | None = None
+        self.handle: int | None = None  # the key of the packed copy in `_packed`
         if packable(weight):
-            self.handle = next(_handles)
+            self.handle = self.weight.data_ptr()
             _packed[self.handle] = torch.ops.mkldnn._reorder_linear_weight(self.weight, PACK_BATCH_HINT)
             weakref.finalize(self, _packed.pop, self.handle, None)
 
@@ -69,7 +68,7 @@ class PackedLinear(nn.Module):
         if self.handle is None:
             return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():
-            return torch.ops.leapserve.packed_linear(x, self.weight, self.bias, self.handle)
+            return torch.ops.leapserve.packed_linear(x, self.weight, self.bias)
         # eager: the op directly, without the custom op's dispatch (~15 us a call, 2 ms a step at 121 calls)
         return torch.ops.mkldnn._linear_pointwise(x, _packed[self.handle], self.bias, "none", [], "")
 

@@ -128,15 +128,18 @@ def test_what_it_does_not_cover_runs_on_transformers_modules():
         ModelRunner(model, cache, torch.device("cpu"), model_impl="leapserve")
 
 
-def test_speculation_on_the_compiled_path_equals_plain_decoding_on_it(tiny_model_dir):
-    """The lossless guarantee where it is defined: speculative == plain decoding of the same (compiled) engine."""
+@pytest.mark.parametrize("eager", [False, True], ids=["compiled", "eager"])
+def test_speculation_equals_plain_decoding_on_the_same_path(tiny_model_dir, eager):
+    """The lossless guarantee where it is defined: speculative == plain decoding of the same engine, token for
+    token, on leapserve's Llama compiled and eager."""
     prompts = PROMPTS[:4]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    plain = LLM(str(tiny_model_dir), enforce_eager=False, kv_cache_tokens=2048)
+    plain = LLM(str(tiny_model_dir), enforce_eager=eager, kv_cache_tokens=2048)
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
     spec = {"method": "draft_model", "model": str(tiny_model_dir), "tree": [2, 2, 1], "adaptive": False}
-    fast = LLM(str(tiny_model_dir), enforce_eager=False, kv_cache_tokens=2048, speculative_config=spec)
-    assert fast.engine.runner.llama is not None and fast.engine.runner._llama_forward is not fast.engine.runner.llama
+    fast = LLM(str(tiny_model_dir), enforce_eager=eager, kv_cache_tokens=2048, speculative_config=spec)
+    runner = fast.engine.runner
+    assert runner.llama is not None and (runner._llama_forward is runner.llama) == eager
     outs = fast.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == want
     assert sum(o.metrics.accepted_tokens for o in outs) > 0
