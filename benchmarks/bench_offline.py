@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed passes; figures are their median")
     _add_measurement_arguments(p)
     g = p.add_argument_group("engine")
-    add_config_arguments(g, ModelConfig, only=["dtype", "device"])
+    add_config_arguments(g, ModelConfig, only=["dtype", "device", "model_impl", "enforce_eager"])
     add_config_arguments(
         g,
         CacheConfig,

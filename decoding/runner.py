@@ -105,13 +105,13 @@ def compiled(llama: Llama) -> Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     are cached under $LEAPSERVE_CACHE/inductor (or $TORCHINDUCTOR_CACHE_DIR) and reused by later starts."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 
-    def forward(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def run_llama(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return llama(ids, positions)
 
     # Dynamo keeps graphs, and its limit on recompiling them, per code object: each model gets its own, so a
     # process may hold many engines (a server's drafter beside its target; the test suite)
-    forward.__code__ = forward.__code__.replace()
-    return torch.compile(forward, dynamic=True, fullgraph=True)
+    run_llama.__code__ = run_llama.__code__.replace()
+    return torch.compile(run_llama, dynamic=True, fullgraph=True)
 
 
 class ModelRunner:
