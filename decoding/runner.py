@@ -146,7 +146,7 @@ class ModelRunner:
         start = time.perf_counter()
         logger.info("compiling the model (torch.compile, inductor): 1 token per step, then 2 or more ...")
         for n in (1, 2, 3):
-            self.forward([SeqChunk([0], 0, [0] * n, [n - 1])])
+            self._run([SeqChunk([0], 0, [0] * n, [n - 1])])
         logger.info("compiled in %.1f s", time.perf_counter() - start)
 
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
@@ -158,6 +158,10 @@ class ModelRunner:
         """`execute`, plus the final-norm hidden states of every token `[T, d]` (what feature drafters read)."""
         if self.on_forward is not None:
             self.on_forward(sum(len(c.token_ids) for c in chunks))
+        return self._run(chunks)
+
+    @torch.inference_mode()
+    def _run(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor]:
         meta, positions, offsets = step_metadata(chunks, self.cache, self.device)
         input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64, device=self.device)
         rows = torch.tensor(

@@ -14,13 +14,21 @@ integer handle would be baked into the graph as a constant and reused by every m
 from __future__ import annotations
 
 import weakref
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 PACK_BATCH_HINT = 32  # oneDNN picks its weight layout for this many rows; 1 would halve the speed at batch 16
-_packed: dict[int, torch.Tensor] = {}  # plain weight's data_ptr -> its oneDNN-packed copy, freed with its layer
+_packed: dict[int, torch.Tensor] = {}  # plain weight's data_ptr -> its oneDNN-packed copy
+_users: Counter[int] = Counter()  # layers using each packed copy (a weight shared by two models is packed once)
+
+
+def _release(key: int) -> None:
+    _users[key] -= 1
+    if _users[key] == 0:
+        del _users[key], _packed[key]
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -61,8 +69,10 @@ class PackedLinear(nn.Module):
         self.handle: int | None = None  # the key of the packed copy in `_packed`
         if packable(weight):
             self.handle = self.weight.data_ptr()
-            _packed[self.handle] = torch.ops.mkldnn._reorder_linear_weight(self.weight, PACK_BATCH_HINT)
-            weakref.finalize(self, _packed.pop, self.handle, None)
+            if self.handle not in _packed:
+                _packed[self.handle] = torch.ops.mkldnn._reorder_linear_weight(self.weight, PACK_BATCH_HINT)
+            _users[self.handle] += 1
+            weakref.finalize(self, _release, self.handle)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.handle is None:

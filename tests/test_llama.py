@@ -33,9 +33,14 @@ def test_packed_linear_equals_linear(rows, bias):
     lin = PackedLinear(weight, b)
     assert lin.handle in packed_linear._packed
     torch.testing.assert_close(lin(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
-    handle = lin.handle
+    shared = PackedLinear(lin.weight)  # a weight shared by two models is packed once, freed with its last user
+    handle, packed = lin.handle, packed_linear._packed[lin.handle]
+    assert shared.handle == handle and packed_linear._packed[handle] is packed
     del lin
-    assert handle not in packed_linear._packed  # the packed copy goes with its layer
+    assert packed_linear._packed[handle] is packed
+    torch.testing.assert_close(shared(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    del shared
+    assert handle not in packed_linear._packed
 
 
 def runner_logits(model, impl: str, prompts: list[list[int]], compile: bool = False) -> torch.Tensor:
