@@ -113,11 +113,16 @@ class AsyncLLMEngine:
         self._commands.put(("wake",))
         self._thread.join(timeout=10)
 
-    def _publish(self, out: RequestOutput) -> None:
-        stream = self._streams.get(out.request_id)
-        if stream is not None:
-            loop, q = stream
-            loop.call_soon_threadsafe(q.put_nowait, out)
+    def _publish(self, *outs: RequestOutput) -> None:
+        """Hand outputs to their streams: one wake-up per event loop for the whole step, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                loop, q = stream
+                by_loop.setdefault(loop, []).append((q, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
     def _handle(self, command: tuple) -> None:
         kind, *args = command
@@ -153,8 +158,7 @@ class AsyncLLMEngine:
                         break
                     self._handle(command)
                     block = False
-                for req in self.engine.step():
-                    self._publish(req.output())
+                self._publish(*(req.output() for req in self.engine.step()))
             except Exception:  # a bug outside any one request: fail everything in flight, keep the loop alive
                 logger.exception("engine loop error")
                 for request_id in list(self.engine.requests):
@@ -170,3 +174,8 @@ class AsyncLLMEngine:
                                 error="internal engine error",
                             )
                         )
+
+
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)

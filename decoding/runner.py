@@ -19,6 +19,7 @@ from .kv_cache import PagedKVCache
 from .llama import Llama, unsupported
 from .model_loader import cache_dir
 from .observe import ForwardHook
+from .step_buffers import StepBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,11 @@ class SeqChunk:
 
 
 def step_metadata(
-    chunks: list[SeqChunk], cache: PagedKVCache, device: torch.device
+    chunks: list[SeqChunk], cache: PagedKVCache, buffers: StepBuffers
 ) -> tuple[AttentionMetadata, torch.Tensor, list[int]]:
-    """A step's attention metadata over `cache`, rotary positions, and where each chunk starts in the packed batch."""
+    """A step's attention metadata over `cache`, rotary positions, and where each chunk starts in the packed batch,
+    their index tensors written into `buffers`."""
+    device = buffers.device
     bs = cache.block_size
     slots: list[int] = []
     positions: list[int] = []
@@ -55,7 +58,7 @@ def step_metadata(
         positions.extend(c.positions if c.positions is not None else pos)
         cu.append(cu[-1] + n)
     max_blocks = max(len(c.block_table) for c in chunks)
-    tables = [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks]
+    tables = [b for c in chunks for b in c.block_table + [0] * (max_blocks - len(c.block_table))]
     tree_mask = None
     if any(c.tree_mask is not None for c in chunks):
         max_q = max(len(c.token_ids) for c in chunks)
@@ -73,19 +76,16 @@ def step_metadata(
                 row[lo:hi] = False
         context_mask = context_mask.to(device)
 
-    def t(x, dtype):
-        return torch.tensor(x, dtype=dtype, device=device)
-
     step = AttentionStep(
-        t(slots, torch.int64),
-        t(tables, torch.int32),
-        t([c.start for c in chunks], torch.int32),
-        t(cu, torch.int32),
+        buffers.put("slots", slots, torch.int64),
+        buffers.put("block_tables", tables, torch.int32, (len(chunks), max_blocks)),
+        buffers.put("context_lens", [c.start for c in chunks], torch.int32),
+        buffers.put("cu_seqlens_q", cu, torch.int32),
         tree_mask,
         bs,
         context_mask,
     )
-    return AttentionMetadata(cache, step), t(positions, torch.int64), cu
+    return AttentionMetadata(cache, step), buffers.put("positions", positions, torch.int64), cu
 
 
 def leapserve_llama(model: PreTrainedModel, model_impl: str) -> Llama | None:
@@ -132,6 +132,7 @@ class ModelRunner:
         self.model = model
         self.cache = cache
         self.device = device
+        self.buffers = StepBuffers(device)
         self.on_forward = on_forward
         self.model_impl, self.compile = model_impl, compile  # for drafter models, which run as the target does
         self.llama = leapserve_llama(model, model_impl)
@@ -162,10 +163,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _run(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        meta, positions, offsets = step_metadata(chunks, self.cache, self.device)
-        input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64, device=self.device)
-        rows = torch.tensor(
-            [lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows], dtype=torch.int64, device=self.device
+        meta, positions, offsets = step_metadata(chunks, self.cache, self.buffers)
+        input_ids = self.buffers.put("input_ids", [t for c in chunks for t in c.token_ids], torch.int64)
+        rows = self.buffers.put(
+            "logits_rows", [lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows], torch.int64
         )
         if self.llama is None:
             hidden = self.model.get_decoder()(

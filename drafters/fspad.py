@@ -27,6 +27,7 @@ from leapserve.decoding.request import Sequence
 from leapserve.decoding.runner import ModelRunner, SeqChunk, step_metadata
 from leapserve.decoding.sampler import Sampler
 from leapserve.decoding.scheduler import ScheduledSeq
+from leapserve.decoding.step_buffers import StepBuffers
 from leapserve.kernels.packed_linear import PackedLinear, pack_linears
 
 from .checkpoints import load_fspad
@@ -67,6 +68,7 @@ class FSPADDrafter:
             1, target.num_blocks, target.block_size, c.num_key_value_heads, c.head_dim, target.k[0].dtype, runner.device
         )
         self.device = runner.device
+        self.buffers = StepBuffers(runner.device)
         self.on_forward = on_forward
         reduced = c.draft_vocab_size != c.target_vocab_size  # logit columns are draft_to_target's token ids
         self.grower = TreeGrower(spec, sampler, self.model.draft_to_target if reduced else None, c.target_vocab_size)
@@ -113,9 +115,11 @@ class FSPADDrafter:
         `[rows, d]`, at the chunks' logits rows; each chunk carries its tokens' input features in `extra`."""
         if self.on_forward is not None:
             self.on_forward(sum(len(c.token_ids) for c in chunks))
-        meta, positions, offsets = step_metadata(chunks, self.cache, self.device)
-        ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64, device=self.device)
+        meta, positions, offsets = step_metadata(chunks, self.cache, self.buffers)
+        ids = self.buffers.put("input_ids", [t for c in chunks for t in c.token_ids], torch.int64)
         feats = torch.cat([c.extra["features"] for c in chunks]).to(device=self.device, dtype=self.head.weight.dtype)
         token_half, feature_half = self.model(feats[None], self.embed(ids)[None], positions[None], meta)
-        rows = torch.tensor([lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows], device=self.device)
+        rows = self.buffers.put(
+            "logits_rows", [lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows], torch.int64
+        )
         return self.head(token_half[0, rows]).float(), feature_half[0, rows]

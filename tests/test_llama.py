@@ -14,6 +14,7 @@ from leapserve.decoding import LLM, SamplingParams
 from leapserve.decoding.kv_cache import PagedKVCache
 from leapserve.decoding.model_loader import resolve_model
 from leapserve.decoding.runner import ModelRunner, SeqChunk
+from leapserve.decoding.step_buffers import StepBuffers
 from leapserve.kernels import packed_linear
 from leapserve.kernels.packed_linear import PackedLinear, packable
 from test_speculative import PROMPTS, SMOLLM2
@@ -41,6 +42,19 @@ def test_packed_linear_equals_linear(rows, bias):
     torch.testing.assert_close(shared(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
     del shared
     assert handle not in packed_linear._packed
+
+
+def test_step_buffers_hand_out_views_of_kept_buffers_and_grow():
+    buffers = StepBuffers(torch.device("cpu"), capacity=4)
+    first = buffers.put("ids", [3, 1, 2], torch.int64)
+    assert first.tolist() == [3, 1, 2] and first.dtype == torch.int64
+    again = buffers.put("ids", [7], torch.int64)
+    assert again.tolist() == [7] and again.data_ptr() == first.data_ptr()  # the same memory, rewritten
+    table = buffers.put("tables", list(range(6)), torch.int32, (2, 3))
+    assert table.tolist() == [[0, 1, 2], [3, 4, 5]] and table.dtype == torch.int32 and table.is_contiguous()
+    grown = buffers.put("ids", list(range(9)), torch.int64)  # beyond capacity: a larger buffer
+    assert grown.tolist() == list(range(9))
+    assert buffers.put("ids", [], torch.int64).numel() == 0
 
 
 def runner_logits(model, impl: str, prompts: list[list[int]], compile: bool = False) -> torch.Tensor:
