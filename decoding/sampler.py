@@ -29,10 +29,15 @@ def apply_penalties(logits: torch.Tensor, seq: Sequence, output_ids: list[int]) 
     return logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
+def path_independent(seq: Sequence) -> bool:
+    """No penalties and no logits processors: a position's processed logits do not depend on the tokens before it."""
+    p = seq.params
+    return not (p.presence_penalty or p.frequency_penalty or p.logits_processors)
+
+
 def plain_greedy(seq: Sequence) -> bool:
     """Greedy on the raw logits: no penalties and no logits processors change what the argmax sees."""
-    p = seq.params
-    return p.greedy and not (p.presence_penalty or p.frequency_penalty or p.logits_processors)
+    return seq.params.greedy and path_independent(seq)
 
 
 def row_argmax(logits: torch.Tensor, seqs: list[Sequence]) -> list[int] | None:
@@ -57,11 +62,12 @@ def processed_logits(logits: torch.Tensor, seq: Sequence, pending: list[int] | N
 
 
 def target_probs(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    """The distribution sampling draws from: temperature, then top-k, then top-p (nucleus) truncation."""
+    """The distribution sampling draws from: temperature, then top-k, then top-p (nucleus) truncation; `logits`
+    `[V]`, or `[N, V]` for N positions at once."""
     p = seq.params
     logits = logits / p.temperature
     if p.top_k and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
+        kth = torch.topk(logits, p.top_k).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if p.top_p < 1.0:
@@ -70,7 +76,7 @@ def target_probs(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
         drop = cum - sorted_probs > p.top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        probs /= probs.sum()
+        probs /= probs.sum(dim=-1, keepdim=True)
     return probs
 
 

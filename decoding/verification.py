@@ -5,6 +5,11 @@ Sampling (SpecInfer's recursive rejection): at each node visit the children in o
 from q with probability min(1, p(x) / q(x)), otherwise set p <- norm(max(p - q, 0)) and try the next sibling
 (q is one-hot on x for a deterministically chosen child); when all are rejected, the bonus token is drawn from
 the residual p. A chain is the tree with one child per node (Leviathan et al.); the output is distributed as p.
+
+Where every draft was chosen deterministically (q one-hot: top-k tree children, n-gram and fixed drafts) and the
+request's probabilities do not depend on the path, sampling verification reads the host twice per sequence instead
+of at every tried child: the target's probabilities at every node with children in one batched op, the children's
+probabilities and one uniform per child in one transfer, the walk on the host, then the bonus draw.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import torch
 
 from .drafter import DraftTree
 from .request import Sequence
-from .sampler import Sample, Sampler, draw, plain_greedy, processed_logits, target_probs
+from .sampler import Sample, Sampler, draw, path_independent, plain_greedy, processed_logits, target_probs
 from .tree import tree_children
 
 
@@ -39,6 +44,12 @@ def verify(
     children = tree_children(tree.parents)
     generator = seq.generator or sampler.generator
     k = seq.params.logprobs
+    if not seq.params.greedy and path_independent(seq) and all(q is None for q in tree.q):
+        accepted, tokens = _verify_chosen_drafts(tree, children, logits, seq, generator)
+        nodes = [0, *accepted]
+        return accepted, [
+            Sample(t, None if k is None else sampler.token_logprobs(logits[n], t, k)) for n, t in zip(nodes, tokens)
+        ]
     node = 0
     accepted: list[int] = []
     tokens: list[int] = []
@@ -67,3 +78,42 @@ def verify(
             return accepted, samples
         accepted.append(nxt)
         node = nxt
+
+
+def _verify_chosen_drafts(
+    tree: DraftTree, children: list[list[int]], logits: torch.Tensor, seq: Sequence, generator: torch.Generator | None
+) -> tuple[list[int], list[int]]:
+    """Recursive rejection with every q one-hot, read from the host once: the accepted nodes and the committed tokens
+    (the accepted nodes' and the bonus). Rejecting child x leaves p with p(x) = 0, renormalized: the next sibling y
+    is accepted with probability p(y) / (1 - the rejected siblings' mass)."""
+    inner = [n for n, c in enumerate(children) if c]
+    edges = [c for n in inner for c in children[n]]
+    probs = target_probs(logits[inner], seq) if inner else logits[:0]  # [I, V]
+    row_of = {n: i for i, n in enumerate(inner)}
+    p_child = probs[[row_of[tree.parents[c - 1]] for c in edges], [tree.tokens[c - 1] for c in edges]]
+    u = torch.rand(len(edges), generator=generator, device=probs.device)
+    p_list, u_list = torch.stack((p_child.double(), u.double())).tolist()
+    edge = {c: i for i, c in enumerate(edges)}
+    node, accepted, tokens = 0, [], []
+    while True:
+        rejected, zeroed, nxt = 0.0, [], None
+        for c in children[node]:
+            px = p_list[edge[c]]
+            left = 1.0 - rejected
+            if u_list[edge[c]] < (px / left if left > 0 else px):
+                nxt = c
+                break
+            rejected += px
+            zeroed.append(tree.tokens[c - 1])
+        if nxt is None:
+            break
+        accepted.append(nxt)
+        tokens.append(tree.tokens[nxt - 1])
+        node = nxt
+    p = probs[row_of[node]] if node in row_of else target_probs(logits[node], seq)
+    if zeroed:
+        r = p.clone()
+        r[zeroed] = 0.0
+        p = torch.where(r.sum() > 0, r, p)  # all of p on rejected children (p == q): p itself, as `_residual`
+    tokens.append(draw(p, generator))
+    return accepted, tokens
