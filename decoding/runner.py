@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -22,6 +22,7 @@ from .observe import ForwardHook
 from .step_buffers import StepBuffers
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -100,18 +101,19 @@ def leapserve_llama(model: PreTrainedModel, model_impl: str) -> Llama | None:
     return Llama(model)  # raises for model_impl "leapserve" where it does not cover the model
 
 
-def compiled(llama: Llama) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """`llama` through torch.compile (inductor), one graph for any number of tokens per step; compiled artifacts
-    are cached under $LEAPSERVE_CACHE/inductor (or $TORCHINDUCTOR_CACHE_DIR) and reused by later starts."""
+def compiled(forward: Callable[..., T]) -> Callable[..., T]:
+    """`forward` (a model's, taking tensors) through torch.compile (inductor), one graph for any number of tokens
+    per step; compiled artifacts are cached under $LEAPSERVE_CACHE/inductor (or $TORCHINDUCTOR_CACHE_DIR) and reused
+    by later starts."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 
-    def run_llama(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return llama(ids, positions)
+    def run_model(*args: torch.Tensor) -> T:
+        return forward(*args)
 
     # Dynamo keeps graphs, and its limit on recompiling them, per code object: each model gets its own, so a
     # process may hold many engines (a server's drafter beside its target; the test suite)
-    run_llama.__code__ = run_llama.__code__.replace()
-    return torch.compile(run_llama, dynamic=True, fullgraph=True)
+    run_model.__code__ = run_model.__code__.replace()
+    return torch.compile(run_model, dynamic=True, fullgraph=True)
 
 
 class ModelRunner:

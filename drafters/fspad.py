@@ -14,17 +14,20 @@ position earlier than there (its row is the last catch-up pair).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from weakref import WeakKeyDictionary
 
 import torch
 
+from leapserve.decoding.attention import forward_context
 from leapserve.decoding.config import SpeculativeConfig
 from leapserve.decoding.drafter import DraftTree
 from leapserve.decoding.kv_cache import PagedKVCache
 from leapserve.decoding.observe import ForwardHook
 from leapserve.decoding.request import Sequence
-from leapserve.decoding.runner import ModelRunner, SeqChunk, step_metadata
+from leapserve.decoding.runner import ModelRunner, SeqChunk, compiled, step_metadata
 from leapserve.decoding.sampler import Sampler
 from leapserve.decoding.scheduler import ScheduledSeq
 from leapserve.decoding.step_buffers import StepBuffers
@@ -75,6 +78,16 @@ class FSPADDrafter:
         shape = self.grower.shape
         self.max_nodes, self.max_depth, self.lookahead = shape.max_nodes, shape.num_levels, shape.lookahead
         self._state: WeakKeyDictionary[Sequence, _FeatureState] = WeakKeyDictionary()
+        self._forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] = functools.partial(self.model, paged=True)
+        if runner.compile and runner.llama is not None:  # compiled as the target is
+            self._forward = compiled(self._forward)
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile now, as the target's runner does (1 token, then 2 or more), writing into block 0."""
+        d = self.model.config.hidden_size
+        for n in (1, 2, 3):
+            self._run([SeqChunk([0], 0, [0] * n, [n - 1], extra={"features": torch.zeros(n, d)})])
 
     def propose(self, scheduled: list[ScheduledSeq], budgets: list[int]) -> list[DraftTree]:
         return self.grower.propose(scheduled, budgets, self._catch_up, self.execute)
@@ -115,10 +128,15 @@ class FSPADDrafter:
         `[rows, d]`, at the chunks' logits rows; each chunk carries its tokens' input features in `extra`."""
         if self.on_forward is not None:
             self.on_forward(sum(len(c.token_ids) for c in chunks))
+        return self._run(chunks)
+
+    @torch.inference_mode()
+    def _run(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor]:
         meta, positions, offsets = step_metadata(chunks, self.cache, self.buffers)
         ids = self.buffers.put("input_ids", [t for c in chunks for t in c.token_ids], torch.int64)
         feats = torch.cat([c.extra["features"] for c in chunks]).to(device=self.device, dtype=self.head.weight.dtype)
-        token_half, feature_half = self.model(feats[None], self.embed(ids)[None], positions[None], meta)
+        with forward_context(meta):
+            token_half, feature_half = self._forward(feats[None], self.embed(ids)[None], positions[None])
         rows = self.buffers.put(
             "logits_rows", [lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows], torch.int64
         )

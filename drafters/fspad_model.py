@@ -13,8 +13,8 @@ half serves both roles, which gives the two ablations. The target's embedding an
 they are passed in, never stored. With a reduced draft vocabulary (`draft_to_target`, the most frequent target
 tokens) the head is the target's head restricted to those rows.
 
-Attention is causal SDPA over padded batches in training, and leapserve's paged tree attention (an
-`AttentionMetadata` over the drafter's own one-layer cache) when drafting.
+Attention is causal SDPA over padded batches in training, and leapserve's paged tree attention (the
+`leapserve::paged_attention` op over the drafter's own one-layer cache) when drafting.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from leapserve.decoding.attention import AttentionMetadata
+import leapserve.decoding.attention  # noqa: F401  (registers the leapserve::paged_attention op)
 
 
 @dataclass
@@ -107,16 +107,17 @@ class FSPADModel(nn.Module):
         features: torch.Tensor,
         embeddings: torch.Tensor,
         positions: torch.Tensor,
-        meta: AttentionMetadata | None = None,
+        paged: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """features, embeddings `[B, L, d]`, positions `[B, L]` -> (token half, feature half), each `[B, L, d]`.
 
-        Without `meta`: causal attention within each row. With `meta` (B == 1): paged tree attention.
+        Causal attention within each row, or with `paged` (B == 1) the paged tree attention of the step in
+        `attention.forward_context` (the `leapserve::paged_attention` op over layer 0 of that step's cache).
         """
         u = self.fc(torch.cat([embeddings, features], dim=-1))
         if self.config.feature_sampling:
             u = u + self.fs_down(F.silu(self.fs_gate(embeddings)) * self.fs_up(self.fs_norm(u)))
-        h = u + self._attention(u, positions, meta)
+        h = u + self._attention(u, positions, paged)
         z = self.down_proj(F.silu(self.gate_proj(n := self.post_attention_layernorm(h))) * self.up_proj(n))
         if not self.config.partial_alignment:
             out = h + z
@@ -124,7 +125,7 @@ class FSPADModel(nn.Module):
         d = self.config.hidden_size
         return h + z[..., :d], h + z[..., d:]
 
-    def _attention(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata | None) -> torch.Tensor:
+    def _attention(self, x: torch.Tensor, positions: torch.Tensor, paged: bool) -> torch.Tensor:
         c = self.config
         b, length, _ = x.shape
         q = self.q_proj(x).view(b, length, c.num_attention_heads, c.head_dim).transpose(1, 2)
@@ -132,12 +133,11 @@ class FSPADModel(nn.Module):
         v = self.v_proj(x).view(b, length, c.num_key_value_heads, c.head_dim).transpose(1, 2)
         cos, sin = self.rotary(v, positions)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if meta is None:
+        if not paged:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
         else:
-            k_cache, v_cache = meta.cache.k[0], meta.cache.v[0]
-            meta.step.write_kv(k[0].transpose(0, 1), v[0].transpose(0, 1), k_cache, v_cache)
-            out = meta.step.attend(q[0].transpose(0, 1), k_cache, v_cache, c.head_dim**-0.5)[None]
+            q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, H, D]
+            out = torch.ops.leapserve.paged_attention(q, k, v, 0, c.head_dim**-0.5)[None]
         return self.o_proj(out.reshape(b, length, -1))
 
     def draft_head(self, lm_head: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ speculative decoding on the compiled path equal to plain decoding on it, token f
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,3 +164,27 @@ def test_speculation_equals_plain_decoding_on_the_same_path(tiny_model_dir, eage
     outs = fast.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == want
     assert sum(o.metrics.accepted_tokens for o in outs) > 0
+
+
+def test_the_fspad_drafter_is_compiled_as_its_target_and_drafts_the_same():
+    """On the compiled path the FSPAD drafter's layer runs compiled too; its logits and features equal the eager
+    drafter's within the compiled path's tolerance, on a chunk with context in its cache."""
+    from test_shipped_drafters import FSPAD
+
+    spec = {"method": "fspad", "model": str(FSPAD), "tree": {"depth": 2, "top_k": 2, "total_tokens": 4}}
+    drafters = [
+        LLM(SMOLLM2, enforce_eager=eager, kv_cache_tokens=512, speculative_config=spec).engine.decoder.drafter
+        for eager in (False, True)
+    ]
+    assert not isinstance(drafters[0]._forward, functools.partial) and isinstance(
+        drafters[1]._forward, functools.partial
+    )
+    torch.manual_seed(0)
+    features = torch.randn(7, 576)
+    outs = []
+    for drafter in drafters:
+        drafter._run([SeqChunk([1], 0, [5, 6, 7, 8, 9], [4], extra={"features": features[:5]})])  # context
+        outs.append(drafter._run([SeqChunk([1], 5, [10, 11], [0, 1], extra={"features": features[5:]})]))
+    (logits, feats), (want_logits, want_feats) = outs
+    assert_logits_close(logits, want_logits)
+    assert torch.allclose(feats, want_feats, atol=1e-4, rtol=1e-4)
