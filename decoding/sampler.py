@@ -29,15 +29,9 @@ def apply_penalties(logits: torch.Tensor, seq: Sequence, output_ids: list[int]) 
     return logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-def path_independent(seq: Sequence) -> bool:
-    """No penalties and no logits processors: a position's processed logits do not depend on the tokens before it."""
-    p = seq.params
-    return not (p.presence_penalty or p.frequency_penalty or p.logits_processors)
-
-
 def plain_greedy(seq: Sequence) -> bool:
     """Greedy on the raw logits: no penalties and no logits processors change what the argmax sees."""
-    return seq.params.greedy and path_independent(seq)
+    return seq.params.greedy and not seq.params.processes_logits
 
 
 def row_argmax(logits: torch.Tensor, seqs: list[Sequence]) -> list[int] | None:

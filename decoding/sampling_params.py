@@ -63,6 +63,11 @@ class SamplingParams:
 
         bad(not 1 <= self.n <= MAX_N, "n", f"n must be between 1 and {MAX_N}, got {self.n}")
         bad(
+            self.seed is not None and not -(2**63) <= self.seed < 2**63,
+            "seed",
+            f"seed must be a 64-bit signed integer, got {self.seed}",
+        )
+        bad(
             self.max_tokens is not None and self.max_tokens < 1,
             "max_tokens",
             f"max_tokens must be at least 1, got {self.max_tokens}",

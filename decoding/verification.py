@@ -18,7 +18,7 @@ import torch
 
 from .drafter import DraftTree
 from .request import Sequence
-from .sampler import Sample, Sampler, draw, path_independent, plain_greedy, processed_logits, target_probs
+from .sampler import Sample, Sampler, draw, plain_greedy, processed_logits, target_probs
 from .tree import tree_children
 
 
@@ -44,7 +44,7 @@ def verify(
     children = tree_children(tree.parents)
     generator = seq.generator or sampler.generator
     k = seq.params.logprobs
-    if not seq.params.greedy and path_independent(seq) and all(q is None for q in tree.q):
+    if not (seq.params.greedy or seq.params.processes_logits) and all(q is None for q in tree.q):
         accepted, tokens = _verify_chosen_drafts(tree, children, logits, seq, generator)
         nodes = [0, *accepted]
         return accepted, [

@@ -6,6 +6,7 @@ chunk per change of a choice.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator
 from functools import partial
@@ -128,7 +129,8 @@ async def chat_events(
 async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequest, http_request: Request) -> Response:
     """The handler: apply the chat template, submit, answer as JSON or as server-sent events."""
     serving.check_model(req.model)
-    text, prompt_ids = chat_prompt(serving.engine.tokenizer, req)
+    # in a worker thread: the tokenizer releases the GIL, so a huge prompt does not hold up other clients
+    text, prompt_ids = await asyncio.to_thread(chat_prompt, serving.engine.tokenizer, req)
     params = serving.prepare(req.to_sampling_params(), [prompt_ids])
     request_id, created, model = random_id("chatcmpl"), int(time.time()), serving.model_name
     top_logprobs = params.logprobs or 0

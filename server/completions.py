@@ -6,6 +6,7 @@ sample of prompt i. The response is built from each prompt's final output, or st
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator
 from functools import partial
@@ -109,7 +110,8 @@ async def completion_events(
 async def create_completion(serving: OpenAIServing, req: CompletionRequest, http_request: Request) -> Response:
     """The handler: tokenize, submit every prompt, answer as JSON or as server-sent events."""
     serving.check_model(req.model)
-    texts, prompts = completion_prompts(serving.engine.tokenizer, req)
+    # in a worker thread: the tokenizer releases the GIL, so a huge prompt does not hold up other clients
+    texts, prompts = await asyncio.to_thread(completion_prompts, serving.engine.tokenizer, req)
     params = serving.prepare(req.to_sampling_params(), prompts)
     request_id, created, model, n = random_id("cmpl"), int(time.time()), serving.model_name, params.n
     outputs = serving.submit(request_id, prompts, texts, params)

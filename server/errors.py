@@ -67,6 +67,9 @@ def as_api_error(exc: Exception) -> APIError:
 def validation_error(exc: RequestValidationError) -> APIError:
     """400 for a body that is not JSON or does not fit the request model; `param` names the first bad field."""
     errors = exc.errors()
+    cause = errors[0].get("ctx", {}).get("error")
+    if isinstance(cause, InvalidRequestError):  # raised by a request model's own validator
+        return APIError(400, str(cause), param=cause.param)
     if errors[0]["type"] == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {errors[0].get('ctx', {}).get('error', '')}")
 

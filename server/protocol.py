@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from leapserve.decoding.sampling_params import InvalidRequestError, SamplingParams
 
@@ -22,6 +22,22 @@ def _is_none(value: object) -> bool:
 # ---------------------------------------------------------------- requests
 
 
+def _lone_surrogate(value: object, path: str = "") -> str | None:
+    """Where in a parsed JSON body a string holds a lone UTF-16 surrogate ("\\ud800"), which is no Unicode text."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = _lone_surrogate(item, f"{path}.{key}" if path else str(key))
+        if where is not None:
+            return where
+    return None
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -30,6 +46,16 @@ class _SamplingRequest(BaseModel):
     """Fields shared by both endpoints; unknown fields are ignored, as OpenAI does."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_text(cls, data: object) -> object:
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise InvalidRequestError(
+                f"{where}: not valid Unicode text (it holds a lone UTF-16 surrogate)", where.split(".")[0]
+            )
+        return data
 
     model: str | None = None
     n: int = 1

@@ -427,6 +427,36 @@ def test_invalid_requests_get_400(server, path, body, param):
     assert_error(post(server, path, body), 400, param=param)
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {**COMPLETION, "seed": 2**80}, "seed"),
+        ("/v1/completions", {**COMPLETION, "seed": -(2**63) - 1}, "seed"),
+        ("/v1/completions", {**COMPLETION, "prompt": "Hi \ud800 there"}, "prompt"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "Hi \udfff"}]}, "messages"),
+        ("/v1/chat/completions", {**CHAT, "stop": ["\ud800"]}, "stop"),
+    ],
+)
+def test_out_of_range_seeds_and_lone_surrogates_get_400(server, path, body, param):
+    """Values that once failed inside the engine or the tokenizer (a 500) are refused up front; JSON's escapes
+    carry the lone surrogates, which no UTF-8 body can."""
+    assert_error(post(server, path, json.dumps(body).encode()), 400, param=param)
+    paired = {**CHAT, "messages": [{"role": "user", "content": "Hi \ud83d\ude00"}], "max_tokens": 2}
+    assert post(server, "/v1/chat/completions", json.dumps(paired).encode()).status_code == 200  # a valid pair
+
+
+def test_a_huge_prompt_is_tokenized_without_holding_up_other_clients(server):
+    """A prompt of several megabytes takes seconds to tokenize; that happens off the event loop, so a short
+    request sent after it is answered first (and the huge one gets its 400 for length)."""
+    huge = {**COMPLETION, "prompt": "all work and no play makes a dull model " * 200_000}  # 8 MB
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(post, server, "/v1/completions", huge)
+        time.sleep(1.0)  # the huge body is received and its tokenization under way
+        short = post(server, "/v1/completions", {**COMPLETION, "max_tokens": 2})
+        assert short.status_code == 200 and not slow.done()
+        assert_error(slow.result(), 400, param="prompt")
+
+
 def test_malformed_json_gets_400(server):
     assert_error(post(server, "/v1/completions", b'{"model": "tiny", "prompt": '), 400)
     assert_error(post(server, "/v1/chat/completions", b"[1, 2]"), 400)
