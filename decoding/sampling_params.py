@@ -11,6 +11,7 @@ import torch
 LogitsProcessor = Callable[[list[int], list[int], torch.Tensor], torch.Tensor]
 MAX_N = 16
 MAX_LOGPROBS = 20
+MAX_STOP = 64  # stop strings a request may give: each is looked for in every new piece of text
 
 
 class InvalidRequestError(ValueError):
@@ -95,3 +96,4 @@ class SamplingParams:
             f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}",
         )
         bad(any(not s for s in self.stop), "stop", "stop strings must not be empty")
+        bad(len(self.stop) > MAX_STOP, "stop", f"at most {MAX_STOP} stop strings, got {len(self.stop)}")

@@ -435,11 +435,14 @@ def test_invalid_requests_get_400(server, path, body, param):
         ("/v1/completions", {**COMPLETION, "prompt": "Hi \ud800 there"}, "prompt"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "Hi \udfff"}]}, "messages"),
         ("/v1/chat/completions", {**CHAT, "stop": ["\ud800"]}, "stop"),
+        ("/v1/completions", {**COMPLETION, "stop_token_ids": [10**20]}, "stop_token_ids"),
+        ("/v1/completions", {**COMPLETION, "stop_token_ids": [-1]}, "stop_token_ids"),
+        ("/v1/completions", {**COMPLETION, "stop": [f"s{i}" for i in range(1000)]}, "stop"),
     ],
 )
-def test_out_of_range_seeds_and_lone_surrogates_get_400(server, path, body, param):
-    """Values that once failed inside the engine or the tokenizer (a 500) are refused up front; JSON's escapes
-    carry the lone surrogates, which no UTF-8 body can."""
+def test_hostile_values_get_400_naming_the_field(server, path, body, param):
+    """Values that once failed inside the engine or the tokenizer (a 500) or were silently accepted are refused up
+    front; JSON's escapes carry the lone surrogates, which no UTF-8 body can."""
     assert_error(post(server, path, json.dumps(body).encode()), 400, param=param)
     paired = {**CHAT, "messages": [{"role": "user", "content": "Hi \ud83d\ude00"}], "max_tokens": 2}
     assert post(server, "/v1/chat/completions", json.dumps(paired).encode()).status_code == 200  # a valid pair
