@@ -12,6 +12,7 @@ from leapserve.decoding.args import DefaultsHelpFormatter, add_config_arguments,
 from leapserve.decoding.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from leapserve.decoding.decoders import DECODERS
 from leapserve.decoding.sampling_params import LogitsProcessor
+from leapserve.server import DEFAULT_MAX_REQUEST_BYTES
 from leapserve.server.vllm_backend import Parallelism, find_vllm, run_vllm, vllm_command
 
 API_KEY_ENV = "LEAPSERVE_API_KEY"
@@ -58,6 +59,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--port", type=int, default=8000, help="port to listen on")
     g.add_argument("--api-key", help=f"require `Authorization: Bearer <key>` on /v1/*; default: ${API_KEY_ENV}")
     g.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="of leapserve and uvicorn")
+    g.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="request bodies over this size get a 413 (native backend)",
+    )
     g = p.add_argument_group("backend")
     g.add_argument(
         "--backend",
@@ -74,11 +81,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_server_arguments(args: argparse.Namespace) -> tuple[tuple, dict]:
     """What `serve` hands `run_server`: the engine config from the options, the address, the API key (the flag,
-    else $LEAPSERVE_API_KEY), the logits processors and the log level."""
+    else $LEAPSERVE_API_KEY), the logits processors, the log level and the body size limit."""
     api_key = args.api_key or os.environ.get(API_KEY_ENV)
     return (config_from_args(EngineConfig, args), args.host, args.port, api_key), {
         "logits_processors": args.logits_processors,
         "log_level": args.log_level,
+        "max_request_bytes": args.max_request_bytes,
     }
 
 
@@ -90,6 +98,8 @@ def serve(args: argparse.Namespace) -> None:
     if args.backend == "vllm":
         if args.logits_processors:
             raise ValueError("--logits-processors are leapserve's own: they run with --backend native only")
+        if args.max_request_bytes != DEFAULT_MAX_REQUEST_BYTES:
+            raise ValueError("--max-request-bytes is the native server's: it runs with --backend native only")
         config, host, port, api_key = positional
         executable = find_vllm(args.vllm_executable)
         run_vllm(vllm_command(config, host, port, api_key, args.log_level, parallelism, executable))

@@ -17,24 +17,31 @@ from leapserve.decoding.async_engine import AsyncLLMEngine
 from leapserve.decoding.config import EngineConfig
 from leapserve.decoding.sampling_params import LogitsProcessor
 
-from . import chat, completions
+from . import DEFAULT_MAX_REQUEST_BYTES, chat, completions
 from .auth import APIKeyMiddleware
 from .errors import APIError, install_exception_handlers
+from .limits import RequestSizeLimit
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelList
 from .serving import OpenAIServing
 
 
 def build_app(
-    engine: AsyncLLMEngine, *, api_key: str | None, logits_processors: Sequence[LogitsProcessor] = ()
+    engine: AsyncLLMEngine,
+    *,
+    api_key: str | None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
-    """The FastAPI app; `logits_processors` are added to every request's sampling parameters."""
+    """The FastAPI app; `logits_processors` are added to every request's sampling parameters; bodies over
+    `max_request_bytes` get a 413."""
     metrics = ServerMetrics(engine)
     serving = OpenAIServing(engine, metrics, logits_processors)
     app = FastAPI(title="leapserve", docs_url=None, redoc_url=None)
     install_exception_handlers(app)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(RequestSizeLimit, max_bytes=max_request_bytes)  # added last: runs first
 
     @app.get("/health")
     async def health() -> Response:
@@ -72,11 +79,14 @@ def run_server(
     *,
     logits_processors: Sequence[LogitsProcessor] = (),
     log_level: str = "info",
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> None:
     """Load the engine, serve until SIGINT/SIGTERM, then shut the engine down."""
     engine = AsyncLLMEngine(config)
     try:
-        app = build_app(engine, api_key=api_key, logits_processors=logits_processors)
+        app = build_app(
+            engine, api_key=api_key, logits_processors=logits_processors, max_request_bytes=max_request_bytes
+        )
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
     finally:
         engine.shutdown()

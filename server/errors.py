@@ -88,6 +88,8 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, APIError):  # FastAPI wraps what reading the body raised (the size limit's 413)
+            return exc.__cause__.response()
         messages = {
             404: f"no route {request.method} {request.url.path}",
             405: f"method {request.method} is not allowed on {request.url.path}",

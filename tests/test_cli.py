@@ -16,13 +16,23 @@ from leapserve.cli.serve import run_server_arguments
 from leapserve.decoding.args import add_config_arguments, config_from_args, option
 from leapserve.decoding.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from leapserve.decoding.decoders import DECODERS
+from leapserve.server import DEFAULT_MAX_REQUEST_BYTES
 from leapserve.server.vllm_backend import Parallelism
 from leapserve.training.adaspec import AdaSpecConfig
 from leapserve.training.data import DataConfig
 from leapserve.training.fspad import FSPADTrainConfig
 
 # not engine config fields: the server's, and the backend's (`Parallelism`'s are checked like the engine's)
-SERVER_OPTIONS = {"logits_processors", "host", "port", "api_key", "log_level", "backend", "vllm_executable"}
+SERVER_OPTIONS = {
+    "logits_processors",
+    "host",
+    "port",
+    "api_key",
+    "log_level",
+    "max_request_bytes",
+    "backend",
+    "vllm_executable",
+}
 
 
 def parse(*argv: str):
@@ -235,7 +245,11 @@ def test_serve_hands_the_flags_to_run_server(monkeypatch):
         parse(*argv, "--logits-processors", "fault_injection:fail_if_poisoned")
     )
     assert config.scheduler.max_num_seqs == 4 and (host, port, api_key) == ("127.0.0.1", 9001, "from-env")
-    assert kwargs == {"logits_processors": [fault_injection.fail_if_poisoned], "log_level": "warning"}
+    assert kwargs == {
+        "logits_processors": [fault_injection.fail_if_poisoned],
+        "log_level": "warning",
+        "max_request_bytes": DEFAULT_MAX_REQUEST_BYTES,
+    }
     assert run_server_arguments(parse("--api-key", "from-flag"))[0][3] == "from-flag"
 
 

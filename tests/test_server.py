@@ -460,6 +460,23 @@ def test_a_huge_prompt_is_tokenized_without_holding_up_other_clients(server):
         assert_error(slow.result(), 400, param="prompt")
 
 
+def test_bodies_over_the_size_limit_get_413_whether_declared_or_streamed(server):
+    """`--max-request-bytes` (default 16 MiB): refused from the Content-Length header, or counted as a chunked
+    body arrives; the server goes on serving."""
+    from leapserve.server import DEFAULT_MAX_REQUEST_BYTES
+
+    body = json.dumps({**COMPLETION, "prompt": "x" * (DEFAULT_MAX_REQUEST_BYTES + 1)}).encode()
+    assert_error(post(server, "/v1/completions", body), 413)
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(body), 1 << 20):
+            yield body[i : i + 1 << 20]
+
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    assert_error(httpx.post(server + "/v1/completions", content=chunks(), headers=headers, timeout=60), 413)
+    assert post(server, "/v1/completions", {**COMPLETION, "max_tokens": 2}).status_code == 200
+
+
 def test_malformed_json_gets_400(server):
     assert_error(post(server, "/v1/completions", b'{"model": "tiny", "prompt": '), 400)
     assert_error(post(server, "/v1/chat/completions", b"[1, 2]"), 400)
