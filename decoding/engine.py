@@ -130,8 +130,9 @@ class LLMEngine:
             raise InvalidRequestError("the prompt must contain at least one token", "prompt")
         if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
-        if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+            if any(not 0 <= t < self.vocab_size for t in ids):
+                raise InvalidRequestError(f"{name}: token ids must be in [0, {self.vocab_size})", name)
         if n >= self.max_model_len:
             raise InvalidRequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has {n} tokens",

@@ -20,8 +20,19 @@ class SequenceError(RuntimeError):
 
 
 def apply_penalties(logits: torch.Tensor, seq: Sequence, output_ids: list[int]) -> torch.Tensor:
-    """OpenAI presence/frequency penalties over the tokens generated so far (`output_ids`)."""
+    """`logit_bias`, then the repetition penalty over the prompt and the tokens generated so far (`output_ids`), then
+    OpenAI's presence and frequency penalties over the generated ones."""
     p = seq.params
+    if p.logit_bias:
+        bias = torch.zeros_like(logits)
+        bias[list(p.logit_bias)] = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+        logits = logits + bias
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(seq.request.prompt_token_ids + output_ids, device=logits.device).unique()
+        scores = logits[seen]
+        logits = logits.index_put(
+            (seen,), torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+        )
     if not (p.presence_penalty or p.frequency_penalty) or not output_ids:
         return logits
     counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.shape[-1])
@@ -56,14 +67,17 @@ def processed_logits(logits: torch.Tensor, seq: Sequence, pending: list[int] | N
 
 
 def target_probs(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    """The distribution sampling draws from: temperature, then top-k, then top-p (nucleus) truncation; `logits`
-    `[V]`, or `[N, V]` for N positions at once."""
+    """The distribution sampling draws from: temperature, then top-k, min-p and top-p (nucleus) truncation;
+    `logits` `[V]`, or `[N, V]` for N positions at once."""
     p = seq.params
     logits = logits / p.temperature
     if p.top_k and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if p.min_p:
+        probs = probs.masked_fill(probs < p.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        probs /= probs.sum(dim=-1, keepdim=True)
     if p.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cum = torch.cumsum(sorted_probs, dim=-1)

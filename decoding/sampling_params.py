@@ -37,6 +37,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k: the sampled token's logprob plus the top k
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # > 1 discourages every token of the prompt and the output (as transformers)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
+    min_p: float = 0.0  # sampling keeps tokens at least this share of the most likely one's probability
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -55,7 +58,13 @@ class SamplingParams:
     @property
     def processes_logits(self) -> bool:
         """Whether logits change before sampling beyond temperature and truncation (penalties, processors)."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logits_processors)
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.logits_processors
+        )
 
     def validate(self) -> None:
         def bad(cond: bool, param: str, msg: str) -> None:
@@ -94,6 +103,17 @@ class SamplingParams:
             self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS,
             "logprobs",
             f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}",
+        )
+        bad(
+            not 0.0 < self.repetition_penalty <= 10.0,
+            "repetition_penalty",
+            f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}",
+        )
+        bad(not 0.0 <= self.min_p <= 1.0, "min_p", f"min_p must be between 0 and 1, got {self.min_p}")
+        bad(
+            any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()),
+            "logit_bias",
+            "logit_bias values must be between -100 and 100",
         )
         bad(any(not s for s in self.stop), "stop", "stop strings must not be empty")
         bad(len(self.stop) > MAX_STOP, "stop", f"at most {MAX_STOP} stop strings, got {len(self.stop)}")

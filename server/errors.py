@@ -76,7 +76,12 @@ def validation_error(exc: RequestValidationError) -> APIError:
     def field(error: dict) -> str:
         return ".".join(str(part) for part in error["loc"] if part != "body")
 
-    message = "; ".join(f"{field(e) or 'body'}: {e['msg']}" for e in errors)
+    def explained(error: dict) -> str:
+        if error["type"] == "extra_forbidden":
+            return "not a parameter this server knows (see docs/api.md for what it supports)"
+        return error["msg"]
+
+    message = "; ".join(f"{field(e) or 'body'}: {explained(e)}" for e in errors)
     return APIError(400, message, param=field(errors[0]).split(".")[0] or None)
 
 

@@ -42,10 +42,41 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
-    """Fields shared by both endpoints; unknown fields are ignored, as OpenAI does."""
+# OpenAI's and vLLM's parameters leapserve does not implement: refused with a 400 that names them unless given a
+# value that asks for nothing (the neutral values listed)
+NOT_SUPPORTED: dict[str, tuple] = {
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    "min_tokens": (None, 0),
+    "prompt_logprobs": (None,),
+    "use_beam_search": (None, False),
+    "bad_words": (None, []),
+    "allowed_token_ids": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+}
 
-    model_config = ConfigDict(extra="ignore")
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by both endpoints. A parameter this server does not implement (`NOT_SUPPORTED`) or does not
+    know gets a 400 naming it: a client is never answered as if it had been honoured."""
+
+    model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
@@ -55,7 +86,12 @@ class _SamplingRequest(BaseModel):
             raise InvalidRequestError(
                 f"{where}: not valid Unicode text (it holds a lone UTF-16 surrogate)", where.split(".")[0]
             )
-        return data
+        if not isinstance(data, dict):
+            return data
+        for name in NOT_SUPPORTED.keys() & data.keys():
+            if not any(data[name] == neutral for neutral in NOT_SUPPORTED[name]):
+                raise InvalidRequestError(f"{name} is not supported by this server", name)
+        return {k: v for k, v in data.items() if k not in NOT_SUPPORTED}
 
     model: str | None = None
     n: int = 1
@@ -67,9 +103,18 @@ class _SamplingRequest(BaseModel):
     frequency_penalty: float = 0.0
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[int, float] | None = None  # token id (a JSON string) -> bias
+    # OpenAI's with no effect on the output
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # vLLM extras
     top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
@@ -95,6 +140,9 @@ class _SamplingRequest(BaseModel):
             logprobs=logprobs,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self.logit_bias or {},
+            min_p=self.min_p or 0.0,
         )
 
 

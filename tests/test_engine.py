@@ -20,7 +20,7 @@ PROMPTS = [
 ]
 
 
-def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int, **generate_kwargs) -> list[int]:
     ids = torch.tensor([tokenizer.encode(prompt)])
     with torch.no_grad():
         out = model.generate(
@@ -29,6 +29,7 @@ def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.eos_token_id,
+            **generate_kwargs,
         )
     return out[0, ids.shape[1] :].tolist()
 
@@ -134,6 +135,25 @@ def test_penalties_change_greedy_output(tiny_llm):
         .token_ids
     )
     assert len(set(pen)) >= len(set(plain)) and pen != plain
+
+
+def test_repetition_penalty_and_logit_bias_equal_transformers_generate(tiny_llm, tiny_hf):
+    """vLLM's `repetition_penalty` (over the prompt and the output, as transformers') and OpenAI's `logit_bias`
+    (added to the raw logits: transformers' `sequence_bias` of one-token sequences), greedy, token for token."""
+    tok = tiny_llm.tokenizer
+    base = tiny_llm.generate(PROMPTS[3], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+    first, second = base.outputs[0].token_ids[:2]
+    bias = {first: -100.0, second: 100.0}  # the greedy first token never comes, the second comes every time
+    cases = [
+        ({"repetition_penalty": 1.3}, {"repetition_penalty": 1.3}),
+        ({"logit_bias": bias}, {"sequence_bias": {(t,): b for t, b in bias.items()}}),
+    ]
+    for ours, theirs in cases:
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, **ours)
+        got = [o.outputs[0].token_ids for o in tiny_llm.generate(PROMPTS, params, use_tqdm=False)]
+        want = [hf_greedy(tiny_hf, tok, p, 12, **theirs) for p in PROMPTS]
+        assert got == want, ours
+    assert got[3] == [second] * 12
 
 
 def test_failing_request_does_not_harm_others(tiny_llm):

@@ -477,6 +477,46 @@ def test_bodies_over_the_size_limit_get_413_whether_declared_or_streamed(server)
     assert post(server, "/v1/completions", {**COMPLETION, "max_tokens": 2}).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/completions", "echo", True),
+        ("/v1/completions", "best_of", 3),
+        ("/v1/completions", "suffix", "end"),
+        ("/v1/completions", "min_tokens", 4),
+        ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+        ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("/v1/chat/completions", "tool_choice", "required"),
+        ("/v1/chat/completions", "guided_json", {"type": "object"}),
+        ("/v1/chat/completions", "reasoning_effort", "high"),
+        ("/v1/chat/completions", "frobnicate", 1),  # no such parameter anywhere
+    ],
+)
+def test_parameters_not_honoured_get_400_naming_them(server, path, field, value):
+    body = {**(COMPLETION if path == "/v1/completions" else CHAT), field: value}
+    assert_error(post(server, path, body), 400, param=field)
+
+
+def test_parameters_that_ask_for_nothing_are_accepted(server):
+    neutral = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "echo": False, "best_of": 1}
+    metadata_only = {"user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto"}
+    resp = post(server, "/v1/chat/completions", {**CHAT, "max_tokens": 2, **neutral, **metadata_only})
+    assert resp.status_code == 200, resp.text
+
+
+def test_logit_bias_and_min_p_are_honoured(client, tokenizer):
+    """`logit_bias` +100 makes one token the greedy choice everywhere; `min_p` 1 keeps only the most likely
+    token, so sampling at temperature 1 gives the greedy output."""
+    forced = tokenizer.encode(" blue")[-1]
+    kwargs = {"model": MODEL, "prompt": "The sky is", "max_tokens": 6}
+    out = client.completions.create(**kwargs, temperature=0, logit_bias={str(forced): 100})
+    assert out.choices[0].text == tokenizer.decode([forced] * 6)
+    greedy = client.completions.create(**kwargs, temperature=0).choices[0].text
+    for seed in range(3):
+        sampled = client.completions.create(**kwargs, temperature=1.0, seed=seed, extra_body={"min_p": 1.0})
+        assert sampled.choices[0].text == greedy
+
+
 def test_malformed_json_gets_400(server):
     assert_error(post(server, "/v1/completions", b'{"model": "tiny", "prompt": '), 400)
     assert_error(post(server, "/v1/chat/completions", b"[1, 2]"), 400)

@@ -116,6 +116,8 @@ def test_plain_and_penalised_greedy_requests_verified_in_one_batch(tiny_model_di
         ignore_eos=True,
         presence_penalty=2.0,
         frequency_penalty=2.0,
+        repetition_penalty=1.3,
+        logit_bias={3: 4.0, 5: -2.0},
         logits_processors=[odd_only],
         logprobs=2,
     )
