@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API over `AsyncLLMEngine`: completions, chat completions, models, health, metrics.
+"""The OpenAI-compatible HTTP API over `AsyncLLMEngine`: completions, chat completions, models, health, metrics,
+and vLLM's tokenize, detokenize and version.
 
 The engine runs on its own thread; uvicorn's event loop runs the handlers (`completions`, `chat`), which submit
 requests through `serving` and stream the engine's cumulative outputs back as JSON or server-sent events.
@@ -17,12 +18,22 @@ from leapserve.decoding.async_engine import AsyncLLMEngine
 from leapserve.decoding.config import EngineConfig
 from leapserve.decoding.sampling_params import LogitsProcessor
 
-from . import DEFAULT_MAX_REQUEST_BYTES, chat, completions
+from . import DEFAULT_MAX_REQUEST_BYTES, chat, completions, tokenize
 from .auth import APIKeyMiddleware
 from .errors import APIError, install_exception_handlers
 from .limits import RequestSizeLimit
 from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
 from .serving import OpenAIServing
 
 
@@ -52,6 +63,18 @@ def build_app(
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/version")
+    async def get_version() -> VersionResponse:
+        return tokenize.server_version()
+
+    @app.post("/tokenize")
+    async def post_tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        return await tokenize.tokenize(serving, req)
+
+    @app.post("/detokenize")
+    async def post_detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+        return await tokenize.detokenize(serving, req)
 
     v1 = APIRouter(prefix="/v1")
 

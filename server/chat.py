@@ -28,6 +28,7 @@ from .protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
+    ChatMessage,
     ChatTokenLogprob,
     DeltaMessage,
     TopLogprob,
@@ -40,11 +41,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, req: ChatCompletionRequest) -> tuple[str, list[int]]:
-    """The chat template applied (with the assistant's generation prompt) and tokenized as is."""
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+def chat_prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage], add_generation_prompt: bool = True
+) -> tuple[str, list[int]]:
+    """The chat template applied (by default with the assistant's generation prompt) and tokenized as is."""
+    rendered = [{"role": m.role, "content": m.text()} for m in messages]
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt, tokenize=False)
         assert isinstance(text, str)  # tokenize=False: the rendered text (transformers' return type is a union)
     except (ValueError, TemplateError) as e:
         raise InvalidRequestError(f"cannot apply the model's chat template: {e}", "messages") from e
@@ -130,7 +133,7 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     """The handler: apply the chat template, submit, answer as JSON or as server-sent events."""
     serving.check_model(req.model)
     # in a worker thread: the tokenizer releases the GIL, so a huge prompt does not hold up other clients
-    text, prompt_ids = await asyncio.to_thread(chat_prompt, serving.engine.tokenizer, req)
+    text, prompt_ids = await asyncio.to_thread(chat_prompt, serving.engine.tokenizer, req.messages)
     params = serving.prepare(req.to_sampling_params(), [prompt_ids])
     request_id, created, model = random_id("chatcmpl"), int(time.time()), serving.model_name
     top_logprobs = params.logprobs or 0

@@ -72,9 +72,9 @@ NOT_SUPPORTED: dict[str, tuple] = {
 }
 
 
-class _SamplingRequest(BaseModel):
-    """Fields shared by both endpoints. A parameter this server does not implement (`NOT_SUPPORTED`) or does not
-    know gets a 400 naming it: a client is never answered as if it had been honoured."""
+class _Request(BaseModel):
+    """A request body: a parameter this server does not know gets a 400 naming it, and so does text that is not
+    Unicode (a lone UTF-16 surrogate, which JSON can carry)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -86,6 +86,16 @@ class _SamplingRequest(BaseModel):
             raise InvalidRequestError(
                 f"{where}: not valid Unicode text (it holds a lone UTF-16 surrogate)", where.split(".")[0]
             )
+        return data
+
+
+class _SamplingRequest(_Request):
+    """Fields shared by both generating endpoints; a parameter this server does not implement (`NOT_SUPPORTED`)
+    gets a 400 naming it unless given a value that asks for nothing."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _supported(cls, data: object) -> object:
         if not isinstance(data, dict):
             return data
         for name in NOT_SUPPORTED.keys() & data.keys():
@@ -199,6 +209,25 @@ class ChatCompletionRequest(_SamplingRequest):
         return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
 
+class TokenizeCompletionRequest(_Request):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Request):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
 # ---------------------------------------------------------------- responses
 
 
@@ -309,3 +338,18 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str

@@ -301,7 +301,7 @@ def test_chat_events_open_with_each_role_then_deltas_then_usage():
 
 def test_chat_prompt_applies_the_template_with_the_generation_prompt(smollm2_tokenizer):
     req = ChatCompletionRequest(messages=[ChatMessage(role="user", content="Hello")])
-    text, ids = chat_prompt(smollm2_tokenizer, req)
+    text, ids = chat_prompt(smollm2_tokenizer, req.messages)
     assert "Hello" in text and text.endswith("<|im_start|>assistant\n")
     assert ids == smollm2_tokenizer.encode(text, add_special_tokens=False)
 

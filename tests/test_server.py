@@ -517,6 +517,24 @@ def test_logit_bias_and_min_p_are_honoured(client, tokenizer):
         assert sampled.choices[0].text == greedy
 
 
+def test_tokenize_detokenize_and_version(server, client, tokenizer):
+    """vLLM's routes: the token ids a completion and a chat completion are counted with, and back to text."""
+    ids = post(server, "/tokenize", {"prompt": PROMPT, "return_token_strs": True}).json()
+    usage = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1).usage
+    assert ids["count"] == len(ids["tokens"]) == usage.prompt_tokens and ids["tokens"] == tokenizer.encode(PROMPT)
+    assert ids["token_strs"] == tokenizer.convert_ids_to_tokens(ids["tokens"]) and ids["max_model_len"] > 0
+    chat = post(server, "/tokenize", {"messages": CHAT["messages"]}).json()
+    usage = client.chat.completions.create(model=MODEL, messages=CHAT["messages"], max_tokens=1).usage
+    assert chat["count"] == usage.prompt_tokens
+    assert post(server, "/detokenize", {"tokens": ids["tokens"]}).json() == {"prompt": PROMPT}
+    assert_error(post(server, "/detokenize", {"tokens": [-1]}), 400, param="tokens")
+    assert_error(
+        post(server, "/tokenize", {"model": "nope", "prompt": PROMPT}), 404, param="model", code="model_not_found"
+    )
+    version = httpx.get(server + "/version").json()["version"]
+    assert version and version[0].isdigit()
+
+
 def test_malformed_json_gets_400(server):
     assert_error(post(server, "/v1/completions", b'{"model": "tiny", "prompt": '), 400)
     assert_error(post(server, "/v1/chat/completions", b"[1, 2]"), 400)
