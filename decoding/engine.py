@@ -151,7 +151,9 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
         self.validate_prompt(prompt_token_ids, params)
-        req = Request(request_id, prompt, list(prompt_token_ids), params)
+        eos = frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)
+        stop_ids = frozenset(params.stop_token_ids) | eos
+        req = Request(request_id, prompt, list(prompt_token_ids), params, stop_ids)
         for index in range(params.n):
             gen = None
             if params.seed is not None:
@@ -262,7 +264,7 @@ class LLMEngine:
         delta = seq.detokenizer.add(token)
         if delta:
             seq.text += delta
-            if p.stop and self._check_stop_strings(seq, len(delta)):
+            if p.stop and seq.num_output >= p.min_tokens and self._check_stop_strings(seq, len(delta)):
                 return
         max_tokens = p.max_tokens or self.max_model_len
         if seq.num_output >= max_tokens or len(seq.token_ids) >= self.max_model_len:

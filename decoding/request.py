@@ -119,6 +119,7 @@ class Request:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
+    stop_ids: frozenset[int] = frozenset()  # tokens that end a sequence: held back until `min_tokens`
     arrival_time: float = field(default_factory=time.time)
     seqs: list[Sequence] = field(default_factory=list)
     first_token_time: float | None = None

@@ -21,8 +21,10 @@ class SequenceError(RuntimeError):
 
 def apply_penalties(logits: torch.Tensor, seq: Sequence, output_ids: list[int]) -> torch.Tensor:
     """`logit_bias`, then the repetition penalty over the prompt and the tokens generated so far (`output_ids`), then
-    OpenAI's presence and frequency penalties over the generated ones."""
+    OpenAI's presence and frequency penalties over the generated ones; before `min_tokens`, no stop token."""
     p = seq.params
+    if len(output_ids) < p.min_tokens and seq.request.stop_ids:
+        logits = logits.index_fill(0, torch.tensor(sorted(seq.request.stop_ids), device=logits.device), float("-inf"))
     if p.logit_bias:
         bias = torch.zeros_like(logits)
         bias[list(p.logit_bias)] = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)

@@ -40,6 +40,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages every token of the prompt and the output (as transformers)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
     min_p: float = 0.0  # sampling keeps tokens at least this share of the most likely one's probability
+    min_tokens: int = 0  # before this many tokens, EOS, stop_token_ids and stop strings do not end the sequence
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -63,6 +64,7 @@ class SamplingParams:
             or self.frequency_penalty
             or self.repetition_penalty != 1.0
             or self.logit_bias
+            or self.min_tokens
             or self.logits_processors
         )
 
@@ -110,6 +112,11 @@ class SamplingParams:
             f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}",
         )
         bad(not 0.0 <= self.min_p <= 1.0, "min_p", f"min_p must be between 0 and 1, got {self.min_p}")
+        bad(
+            self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens),
+            "min_tokens",
+            f"min_tokens must be between 0 and max_tokens, got {self.min_tokens}",
+        )
         bad(
             any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()),
             "logit_bias",

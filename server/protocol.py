@@ -59,7 +59,6 @@ NOT_SUPPORTED: dict[str, tuple] = {
     "prediction": (None,),
     "reasoning_effort": (None,),
     "web_search_options": (None,),
-    "min_tokens": (None, 0),
     "prompt_logprobs": (None,),
     "use_beam_search": (None, False),
     "bad_words": (None, []),
@@ -125,6 +124,7 @@ class _SamplingRequest(_Request):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
@@ -153,6 +153,7 @@ class _SamplingRequest(_Request):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=self.logit_bias or {},
             min_p=self.min_p or 0.0,
+            min_tokens=self.min_tokens,
         )
 
 

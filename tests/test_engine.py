@@ -156,6 +156,26 @@ def test_repetition_penalty_and_logit_bias_equal_transformers_generate(tiny_llm,
     assert got[3] == [second] * 12
 
 
+def test_min_tokens_holds_back_stop_tokens_and_stop_strings(tiny_llm, tiny_model_dir):
+    """Before `min_tokens`, a stop token is never sampled (masked as vLLM does) and a stop string does not end the
+    sequence; after it both stop as usual; speculative decoding gives the same tokens."""
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    free = tiny_llm.generate(PROMPTS[3], params, use_tqdm=False)[0].outputs[0]
+    stop = free.token_ids[1]
+    stopped = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop_token_ids=[stop])
+    assert len(tiny_llm.generate(PROMPTS[3], stopped, use_tqdm=False)[0].outputs[0].token_ids) == 2
+    held = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop_token_ids=[stop], min_tokens=6)
+    out = tiny_llm.generate(PROMPTS[3], held, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) >= 6 and stop not in out.token_ids[:6]
+    assert out.finish_reason == "length" or out.token_ids[-1] == stop
+    text_stop = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[free.text[:3]], min_tokens=4)
+    assert len(tiny_llm.generate(PROMPTS[3], text_stop, use_tqdm=False)[0].outputs[0].token_ids) >= 4
+    spec = {"method": "draft_model", "model": str(tiny_model_dir), "tree": [2, 2, 1], "adaptive": False}
+    fast = LLM(str(tiny_model_dir), kv_cache_tokens=2048, speculative_config=spec)
+    got = fast.generate(PROMPTS[3], held, use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == out.token_ids
+
+
 def test_failing_request_does_not_harm_others(tiny_llm):
     def boom(prompt_ids, output_ids, logits):
         if len(output_ids) == 3:

@@ -483,7 +483,7 @@ def test_bodies_over_the_size_limit_get_413_whether_declared_or_streamed(server)
         ("/v1/completions", "echo", True),
         ("/v1/completions", "best_of", 3),
         ("/v1/completions", "suffix", "end"),
-        ("/v1/completions", "min_tokens", 4),
+        ("/v1/completions", "prompt_logprobs", 1),
         ("/v1/chat/completions", "response_format", {"type": "json_object"}),
         ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
         ("/v1/chat/completions", "tool_choice", "required"),
@@ -504,9 +504,9 @@ def test_parameters_that_ask_for_nothing_are_accepted(server):
     assert resp.status_code == 200, resp.text
 
 
-def test_logit_bias_and_min_p_are_honoured(client, tokenizer):
+def test_logit_bias_min_p_and_min_tokens_are_honoured(client, tokenizer):
     """`logit_bias` +100 makes one token the greedy choice everywhere; `min_p` 1 keeps only the most likely
-    token, so sampling at temperature 1 gives the greedy output."""
+    token, so sampling at temperature 1 gives the greedy output; `min_tokens` holds back a stop string."""
     forced = tokenizer.encode(" blue")[-1]
     kwargs = {"model": MODEL, "prompt": "The sky is", "max_tokens": 6}
     out = client.completions.create(**kwargs, temperature=0, logit_bias={str(forced): 100})
@@ -515,6 +515,10 @@ def test_logit_bias_and_min_p_are_honoured(client, tokenizer):
     for seed in range(3):
         sampled = client.completions.create(**kwargs, temperature=1.0, seed=seed, extra_body={"min_p": 1.0})
         assert sampled.choices[0].text == greedy
+    stopped = client.completions.create(**kwargs, temperature=0, stop=[greedy[:2]])
+    assert stopped.usage.completion_tokens < 6
+    held = client.completions.create(**kwargs, temperature=0, stop=[greedy[:2]], extra_body={"min_tokens": 6})
+    assert held.usage.completion_tokens == 6  # min_tokens: the stop string does not end it early
 
 
 def test_tokenize_detokenize_and_version(server, client, tokenizer):
