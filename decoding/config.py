@@ -123,3 +123,12 @@ class EngineConfig:
         None, 'JSON object, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\''
     )
     seed: int = option(0, "seed of the engine's sampling generator")
+    default_max_tokens: int = option(
+        1024,
+        "completion budget of a request that sets no max_tokens (a chat completion may leave it out), so that no "
+        "request holds a CPU server for minutes unasked; 0: up to the context length",
+    )
+
+    def __post_init__(self) -> None:
+        if self.default_max_tokens < 0:
+            raise ValueError(f"default_max_tokens must be 0 (off) or positive, got {self.default_max_tokens}")

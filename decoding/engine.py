@@ -266,7 +266,7 @@ class LLMEngine:
             seq.text += delta
             if p.stop and seq.num_output >= p.min_tokens and self._check_stop_strings(seq, len(delta)):
                 return
-        max_tokens = p.max_tokens or self.max_model_len
+        max_tokens = p.max_tokens or self.config.default_max_tokens or self.max_model_len
         if seq.num_output >= max_tokens or len(seq.token_ids) >= self.max_model_len:
             seq.text += seq.detokenizer.flush()
             self._finish(seq, "length")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -174,6 +176,17 @@ def test_min_tokens_holds_back_stop_tokens_and_stop_strings(tiny_llm, tiny_model
     fast = LLM(str(tiny_model_dir), kv_cache_tokens=2048, speculative_config=spec)
     got = fast.generate(PROMPTS[3], held, use_tqdm=False)[0].outputs[0]
     assert got.token_ids == out.token_ids
+
+
+def test_a_request_without_max_tokens_gets_the_default_budget(tiny_llm):
+    """`default_max_tokens` bounds what a request that sets no max_tokens may generate (0: the context)."""
+    params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
+    budgeted = LLM(config=dataclasses.replace(tiny_llm.engine.config, default_max_tokens=5))
+    assert len(budgeted.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids) == 5
+    asked = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    assert len(budgeted.generate(PROMPTS[0], asked, use_tqdm=False)[0].outputs[0].token_ids) == 9
+    with pytest.raises(ValueError, match="default_max_tokens"):
+        dataclasses.replace(tiny_llm.engine.config, default_max_tokens=-1)
 
 
 def test_failing_request_does_not_harm_others(tiny_llm):
