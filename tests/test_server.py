@@ -687,6 +687,63 @@ def test_concurrent_streams_match_sequential_outputs(server):
             assert usage == alone.usage and usage.completion_tokens == 12
 
 
+def test_a_mixed_load_loses_nothing(server):
+    """48 clients at once: streamed and whole completions and chats, streams dropped mid-way, requests abandoned
+    by their clients, invalid requests. Every request kept to its end completes with its full usage, the greedy
+    ones equal their output served alone, the invalid ones get their 400, and afterwards nothing runs or waits and
+    every KV block is free."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def body(i: int) -> tuple[str, dict]:
+        common = {"model": MODEL, "max_tokens": 4 + i % 13, "temperature": 0, "ignore_eos": True}
+        if i % 3 == 2:
+            return "/v1/chat/completions", {**common, "messages": [{"role": "user", "content": f"Load test {i}"}]}
+        return "/v1/completions", {**common, "prompt": f"Load test {i}: once upon a time"}
+
+    async def one(http: httpx.AsyncClient, i: int) -> tuple[int, str, int] | None:
+        path, req = body(i)
+        kind = i % 6
+        if kind == 4:  # invalid: refused, and nothing else disturbed
+            resp = await http.post(path, json={**req, "temperature": 9}, headers=headers)
+            assert resp.status_code == 400, resp.text
+            return None
+        if kind == 5:  # abandoned by its client before the answer
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post(path, json={**req, "max_tokens": 200}, headers=headers, timeout=0.3)
+            return None
+        if kind in (0, 3):  # streamed (kind 3 dropped after its first chunk)
+            streamed = {**req, "stream": True, "stream_options": {"include_usage": True}}
+            async with http.stream("POST", path, json=streamed, headers=headers) as resp:
+                events = []
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        events.append(json.loads(line[len("data: ") :]))
+                        if kind == 3:
+                            return None
+            assert events[-1]["usage"]["completion_tokens"] == req["max_tokens"]
+            choices = [e["choices"][0] for e in events if e["choices"]]
+            text = "".join(c.get("text") or (c.get("delta") or {}).get("content") or "" for c in choices)
+            return i, text, req["max_tokens"]
+        resp = await http.post(path, json=req, headers=headers)
+        assert resp.status_code == 200, resp.text
+        answer = resp.json()
+        choice = answer["choices"][0]
+        assert answer["usage"]["completion_tokens"] == req["max_tokens"]
+        return i, choice.get("text") or choice["message"]["content"], req["max_tokens"]
+
+    async def run_all() -> list:
+        async with httpx.AsyncClient(base_url=server, timeout=120) as http:
+            return await asyncio.wait_for(asyncio.gather(*(one(http, i) for i in range(48))), timeout=180)
+
+    finished = [r for r in asyncio.run(run_all()) if r is not None]
+    assert len(finished) == 24
+    for i, text, _ in finished[::3]:  # greedy probes: what each got under load is what it gets alone
+        path, req = body(i)
+        alone = post(server, path, req).json()["choices"][0]
+        assert text == (alone.get("text") or alone["message"]["content"]), i
+    wait_until_idle(server, timeout=10)
+
+
 def test_metrics_count_requests(server, client, tokenizer):
     messages = [{"role": "user", "content": "Hi"}]
     before = scrape(server)
