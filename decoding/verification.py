@@ -45,10 +45,10 @@ def verify(
     generator = seq.generator or sampler.generator
     k = seq.params.logprobs
     if not (seq.params.greedy or seq.params.processes_logits) and all(q is None for q in tree.q):
-        accepted, tokens = _verify_chosen_drafts(tree, children, logits, seq, generator)
-        nodes = [0, *accepted]
-        return accepted, [
-            Sample(t, None if k is None else sampler.token_logprobs(logits[n], t, k)) for n, t in zip(nodes, tokens)
+        path, committed = _verify_chosen_drafts(tree, children, logits, seq, generator)
+        return path, [
+            Sample(t, None if k is None else sampler.token_logprobs(logits[n], t, k))
+            for n, t in zip([0, *path], committed)
         ]
     node = 0
     accepted: list[int] = []
