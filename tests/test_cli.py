@@ -114,7 +114,8 @@ def test_every_flag_maps_onto_the_engine_config():
 def test_every_serve_option_is_an_engine_config_field_and_back():
     """The generated options are exactly the engine configs' fields, each defaulting to its dataclass default."""
     actions = {a.dest: a for a in subparser("serve")._actions if a.dest != "help"}
-    engine_fields = {"decoder": EngineConfig(), "speculative_config": EngineConfig(), "seed": EngineConfig()}
+    nested = {"model", "cache", "scheduler"}
+    engine_fields = {f.name: EngineConfig() for f in dataclasses.fields(EngineConfig) if f.name not in nested}
     for config in (ModelConfig(), CacheConfig(), SchedulerConfig(), Parallelism()):
         engine_fields.update({f.name: config for f in dataclasses.fields(config)})
     assert set(actions) - SERVER_OPTIONS == set(engine_fields)
