@@ -29,8 +29,7 @@ from .protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     ModelList,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
+    TokenizeRequest,
     TokenizeResponse,
     VersionResponse,
 )
@@ -69,7 +68,7 @@ def build_app(
         return tokenize.server_version()
 
     @app.post("/tokenize")
-    async def post_tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+    async def post_tokenize(req: TokenizeRequest) -> TokenizeResponse:
         return await tokenize.tokenize(serving, req)
 
     @app.post("/detokenize")

@@ -12,19 +12,18 @@ from .chat import chat_prompt
 from .protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
+    TokenizeRequest,
     TokenizeResponse,
     VersionResponse,
 )
 from .serving import OpenAIServing
 
 
-async def tokenize(serving: OpenAIServing, req: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+async def tokenize(serving: OpenAIServing, req: TokenizeRequest) -> TokenizeResponse:
     """Token ids as a completion (`prompt`) or a chat completion (`messages`, through the chat template) gets them."""
     serving.check_model(req.model)
     tokenizer = serving.engine.tokenizer
-    if isinstance(req, TokenizeChatRequest):
+    if req.messages is not None:
         _, ids = await asyncio.to_thread(chat_prompt, tokenizer, req.messages, req.add_generation_prompt)
     else:
         ids = await asyncio.to_thread(tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens)

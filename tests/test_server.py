@@ -532,6 +532,9 @@ def test_tokenize_detokenize_and_version(server, client, tokenizer):
     assert chat["count"] == usage.prompt_tokens
     assert post(server, "/detokenize", {"tokens": ids["tokens"]}).json() == {"prompt": PROMPT}
     assert_error(post(server, "/detokenize", {"tokens": [-1]}), 400, param="tokens")
+    assert_error(post(server, "/tokenize", {}), 400, param="prompt")
+    assert_error(post(server, "/tokenize", {"prompt": PROMPT, "messages": CHAT["messages"]}), 400, param="messages")
+    assert_error(post(server, "/tokenize", {"prompt": PROMPT, "nothing": 1}), 400, param="nothing")
     assert_error(
         post(server, "/tokenize", {"model": "nope", "prompt": PROMPT}), 404, param="model", code="model_not_found"
     )
