@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 
 import torch
@@ -123,16 +124,19 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------------------
 
+    def check_token_ids(self, param: str, ids: Iterable[int]) -> None:
+        """Raise InvalidRequestError naming `param` if any of `ids` is outside the vocabulary."""
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise InvalidRequestError(f"{param}: token ids must be in [0, {self.vocab_size})", param)
+
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError if the prompt cannot be served with these parameters."""
         n = len(prompt_token_ids)
         if n == 0:
             raise InvalidRequestError("the prompt must contain at least one token", "prompt")
-        if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
-        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
-            if any(not 0 <= t < self.vocab_size for t in ids):
-                raise InvalidRequestError(f"{name}: token ids must be in [0, {self.vocab_size})", name)
+        self.check_token_ids("prompt", prompt_token_ids)
+        self.check_token_ids("stop_token_ids", params.stop_token_ids)
+        self.check_token_ids("logit_bias", params.logit_bias)
         if n >= self.max_model_len:
             raise InvalidRequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has {n} tokens",

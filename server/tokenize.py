@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 from importlib.metadata import version
 
-from leapserve.decoding.sampling_params import InvalidRequestError
-
 from .chat import chat_prompt
 from .protocol import (
     DetokenizeRequest,
@@ -33,9 +31,7 @@ async def tokenize(serving: OpenAIServing, req: TokenizeRequest) -> TokenizeResp
 
 async def detokenize(serving: OpenAIServing, req: DetokenizeRequest) -> DetokenizeResponse:
     serving.check_model(req.model)
-    vocab_size = serving.engine.engine.vocab_size
-    if any(not 0 <= t < vocab_size for t in req.tokens):
-        raise InvalidRequestError(f"tokens: token ids must be in [0, {vocab_size})", "tokens")
+    serving.engine.engine.check_token_ids("tokens", req.tokens)
     return DetokenizeResponse(prompt=serving.engine.tokenizer.decode(req.tokens))
 
 
