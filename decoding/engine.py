@@ -158,6 +158,8 @@ class LLMEngine:
         eos = frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)
         stop_ids = frozenset(params.stop_token_ids) | eos
         req = Request(request_id, prompt, list(prompt_token_ids), params, stop_ids)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
         for index in range(params.n):
             gen = None
             if params.seed is not None:
@@ -215,6 +217,9 @@ class LLMEngine:
                 continue
             if seq.finished:  # a sibling's failure ended it in this loop
                 continue
+            if res.prompt_logprobs:
+                assert req.prompt_logprobs is not None
+                req.prompt_logprobs += res.prompt_logprobs
             seq.num_computed += s.num_new + max(0, len(res.samples) - 1)
             if res.masked_slots:
                 seq.add_kv_hole(res.masked_slots)

@@ -59,3 +59,4 @@ class RequestOutput:
     error: str | None = None  # set when the engine failed this request
     num_cached_tokens: int = 0
     extra: dict = field(default_factory=dict)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # as SamplingParams.prompt_logprobs asked

@@ -125,6 +125,9 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     error: str | None = None
+    # with `params.prompt_logprobs`: per prompt token, its logprob and the top k given the tokens before it (None
+    # for the first); filled as the prompt's chunks are computed
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -151,4 +154,5 @@ class Request:
             finished=self.finished,
             metrics=metrics,
             error=self.error,
+            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
         )

@@ -174,8 +174,14 @@ class ModelRunner:
             hidden = self.model.get_decoder()(
                 input_ids=input_ids[None], position_ids=positions[None], use_cache=False, leapserve_meta=meta
             ).last_hidden_state[0]
-            return self.model.get_output_embeddings()(hidden[rows]).float(), hidden
-        assert self._llama_forward is not None
-        with forward_context(meta):
-            hidden = self._llama_forward(input_ids, positions)
-        return self.llama.logits(hidden[rows]), hidden
+        else:
+            assert self._llama_forward is not None
+            with forward_context(meta):
+                hidden = self._llama_forward(input_ids, positions)
+        return self.logits(hidden[rows]), hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head over final-norm hidden states `[N, d]`: float32 logits `[N, V]`."""
+        if self.llama is None:
+            return self.model.get_output_embeddings()(hidden).float()
+        return self.llama.logits(hidden)

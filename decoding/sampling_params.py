@@ -35,6 +35,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: off; k: the sampled token's logprob plus the top k
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob (after the first) plus the top k
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # > 1 discourages every token of the prompt and the output (as transformers)
@@ -105,6 +106,11 @@ class SamplingParams:
             self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS,
             "logprobs",
             f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}",
+        )
+        bad(
+            self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+            "prompt_logprobs",
+            f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.prompt_logprobs}",
         )
         bad(
             not 0.0 < self.repetition_penalty <= 10.0,

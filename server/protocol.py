@@ -42,8 +42,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-# OpenAI's and vLLM's parameters leapserve does not implement: refused with a 400 that names them unless given a
-# value that asks for nothing (the neutral values listed)
+# OpenAI's and vLLM's parameters leapserve does not implement (on an endpoint without a field of that name):
+# refused with a 400 that names them unless given a value that asks for nothing (the neutral values listed)
 NOT_SUPPORTED: dict[str, tuple] = {
     "best_of": (None, 1),
     "echo": (None, False),
@@ -97,10 +97,11 @@ class _SamplingRequest(_Request):
     def _supported(cls, data: object) -> object:
         if not isinstance(data, dict):
             return data
-        for name in NOT_SUPPORTED.keys() & data.keys():
+        unsupported = NOT_SUPPORTED.keys() - cls.model_fields.keys()  # an endpoint may implement some (echo)
+        for name in unsupported & data.keys():
             if not any(data[name] == neutral for neutral in NOT_SUPPORTED[name]):
                 raise InvalidRequestError(f"{name} is not supported by this server", name)
-        return {k: v for k, v in data.items() if k not in NOT_SUPPORTED}
+        return {k: v for k, v in data.items() if k not in unsupported}
 
     model: str | None = None
     n: int = 1
@@ -162,6 +163,7 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
+    echo: bool = False  # the prompt before each completion (and with logprobs, the prompt tokens' logprobs)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list; choice i * n + j answers prompt i."""
@@ -176,7 +178,10 @@ class CompletionRequest(_SamplingRequest):
         return list(cast("list[str] | list[list[int]]", prompt))
 
     def to_sampling_params(self) -> SamplingParams:
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        params = self._sampling_params(self.max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None:
+            params.prompt_logprobs = self.logprobs
+        return params
 
 
 class TextContentPart(BaseModel):
@@ -243,8 +248,8 @@ class UsageInfo(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

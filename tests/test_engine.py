@@ -257,3 +257,27 @@ def test_async_engine_runs_all_torch_work_on_its_own_thread(tiny_model_dir):
         engine.shutdown()
     with pytest.raises(ValueError, match="unknown decoder"):
         async_engine.AsyncLLMEngine(EngineConfig(model=ModelConfig(model=str(tiny_model_dir)), decoder="nope"))
+
+
+def test_prompt_logprobs_score_the_prompt_as_transformers_does(tiny_model_dir, tiny_llm, tiny_hf):
+    params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=2, ignore_eos=True)
+    out = tiny_llm.generate(PROMPTS, params, use_tqdm=False)
+    for prompt, o in zip(PROMPTS, out):
+        ids = tiny_llm.tokenizer.encode(prompt)
+        assert o.prompt_token_ids == ids and len(o.prompt_logprobs) == len(ids) and o.prompt_logprobs[0] is None
+        with torch.no_grad():
+            want = torch.log_softmax(tiny_hf(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+        for row, (token, entries) in enumerate(zip(ids[1:], o.prompt_logprobs[1:])):
+            assert abs(entries[token].logprob - float(want[row, token])) < 1e-4
+            top = torch.topk(want[row], 2).indices.tolist()
+            assert [t for t, lp in sorted(entries.items(), key=lambda e: e[1].rank) if lp.rank <= 2] == top
+    # chunked prefill, preemption, n = 2 and speculative decoding score each prompt once, the same
+    spec = {"method": "draft_model", "model": str(tiny_model_dir), "tree": [2, 1], "adaptive": False}
+    small = LLM(str(tiny_model_dir), kv_cache_tokens=128, max_model_len=96, speculative_config=spec)
+    small.engine.config.scheduler.max_num_batched_tokens = 7
+    got = small.generate(PROMPTS, dataclasses.replace(params, n=2, max_tokens=40), use_tqdm=False)
+    assert small.engine.scheduler.num_preemptions > 0
+    for g, o in zip(got, out):
+        assert len(g.prompt_logprobs) == len(o.prompt_logprobs) and g.prompt_logprobs[0] is None
+        for a, b in zip(g.prompt_logprobs[1:], o.prompt_logprobs[1:]):
+            assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)

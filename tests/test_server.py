@@ -296,6 +296,31 @@ def test_completion_logprobs(client):
         assert top[token] == logprob == max(top.values())  # greedy picks the most likely token
 
 
+def test_completion_echo_with_prompt_logprobs(client, tokenizer):
+    """`echo` puts the prompt before the completion; with `logprobs`, each prompt token's logprob after the first
+    (null, as OpenAI's), as lm-evaluation-harness reads them to score a continuation; streamed alike."""
+    ids = tokenizer.encode(PROMPT)
+    kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, echo=True, extra_body=IGNORE_EOS)
+    resp = client.completions.create(**kwargs)
+    plain = client.completions.create(**{**kwargs, "echo": False}).choices[0]
+    (c,) = resp.choices
+    assert c.text == PROMPT + plain.text
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x < 0 and len(top) in (2, 3) for x, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]))
+    assert lp.token_logprobs[len(ids) :] == plain.logprobs.token_logprobs
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    # the prompt as token ids, streamed: the same text and logprobs
+    chunks = list(client.completions.create(**{**kwargs, "prompt": ids, "stream": True}))
+    assert "".join(ch.choices[0].text for ch in chunks) == c.text
+    streamed = [x for ch in chunks if ch.choices[0].logprobs for x in ch.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+    # without logprobs, only the text; with n = 2, before each sample
+    bare = client.completions.create(**{**kwargs, "logprobs": None, "n": 2})
+    assert [x.text for x in bare.choices] == [c.text] * 2 and bare.choices[0].logprobs is None
+
+
 def _chat_prompt_len(tokenizer, messages: list[dict]) -> int:
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return len(tokenizer.encode(text, add_special_tokens=False))
@@ -480,7 +505,7 @@ def test_bodies_over_the_size_limit_get_413_whether_declared_or_streamed(server)
 @pytest.mark.parametrize(
     ("path", "field", "value"),
     [
-        ("/v1/completions", "echo", True),
+        ("/v1/chat/completions", "echo", True),
         ("/v1/completions", "best_of", 3),
         ("/v1/completions", "suffix", "end"),
         ("/v1/completions", "prompt_logprobs", 1),

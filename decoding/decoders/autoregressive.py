@@ -22,7 +22,7 @@ class AutoregressiveDecoder(Decoder):
             )
             for s in scheduled
         ]
-        logits = self.runner.execute(chunks)
+        logits, hidden = self.runner.forward(chunks)
         sampling = [s.seq for s in scheduled if s.completes_prefix]
         results = {s.seq: SeqStep() for s in scheduled}
         for seq, sample in zip(sampling, self.sampler.sample(logits, sampling)):
@@ -30,4 +30,5 @@ class AutoregressiveDecoder(Decoder):
                 results[seq].error = sample
             else:
                 results[seq] = SeqStep(samples=[sample], forwarded=True)
+        self.score_prompts(scheduled, chunks, hidden, results)
         return results

@@ -12,10 +12,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+import torch
+
 from ..config import EngineConfig
 from ..observe import Observers
-from ..request import Sequence
-from ..runner import ModelRunner
+from ..outputs import Logprob
+from ..request import Request, Sequence
+from ..runner import ModelRunner, SeqChunk
 from ..sampler import Sample, Sampler, SequenceError
 from ..scheduler import ScheduledSeq
 
@@ -30,6 +33,7 @@ class SeqStep:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     masked_slots: int = 0  # cache slots to leave as a hole after the committed tokens (the padded layout)
+    prompt_logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # the request's next prompt tokens'
 
 
 class Decoder(ABC):
@@ -47,3 +51,32 @@ class Decoder(ABC):
         """Run one step; K/V of committed tokens must be in the cache when it returns (`num_computed` is the
         engine's to advance: it adds the computed prompt chunk and all committed tokens but the last, then
         `masked_slots` holes)."""
+
+    def score_prompts(
+        self,
+        scheduled: list[ScheduledSeq],
+        chunks: list[SeqChunk],
+        hidden: torch.Tensor,
+        results: dict[Sequence, SeqStep],
+    ) -> None:
+        """Prompt logprobs for the requests that ask for them (`SamplingParams.prompt_logprobs`): the row of prompt
+        position p in `hidden` `[T, d]` (the step's packed chunks, in order) scores prompt token p + 1. A request's
+        prompt is scored once, in order: a recomputed (preempted) sequence, or a request's other samples, score only
+        positions past what is scored."""
+        lo, frontier = 0, dict[Request, int]()  # request -> the first position not yet scored
+        for s, chunk in zip(scheduled, chunks):
+            seq, row = s.seq, lo
+            lo += len(chunk.token_ids)
+            req, k = seq.request, seq.params.prompt_logprobs
+            if req.prompt_logprobs is None or k is None:
+                continue
+            first = frontier.get(req, len(req.prompt_logprobs) - 1)
+            end = min(seq.num_computed + s.num_new, seq.prompt_len - 1)  # the last prompt token scores the output
+            if not seq.num_computed <= first < end:
+                continue
+            frontier[req] = end
+            rows = hidden[row + first - seq.num_computed : row + end - seq.num_computed]
+            results[seq].prompt_logprobs = [
+                self.sampler.token_logprobs(raw, token, k)
+                for raw, token in zip(self.runner.logits(rows), seq.token_ids[first + 1 : end + 1])
+            ]

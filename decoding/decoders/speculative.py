@@ -98,11 +98,8 @@ class SpeculativeDecoder(Decoder):
             self._chunk(s, t, width - len(t) if self.spec.layout == "padded" and s.completes_prefix else 0)
             for s, t in zip(scheduled, trees)
         ]
-        hidden = None
-        if self.drafter.needs_target_features:
-            logits, hidden = self.runner.forward(chunks)
-        else:
-            logits = self.runner.execute(chunks)
+        logits, hidden = self.runner.forward(chunks)
+        observes = self.drafter.needs_target_features
         results: dict[Sequence, SeqStep] = {}
         observed: list[tuple[Sequence, list[int]]] = []  # feature drafters: each sequence's hidden rows to observe
         argmax = row_argmax(logits, [s.seq for s in scheduled if s.completes_prefix])
@@ -110,7 +107,7 @@ class SpeculativeDecoder(Decoder):
         for s, tree, chunk in zip(scheduled, trees, chunks):
             lo, chunk_lo = lo + len(chunk.token_ids), lo
             if not s.completes_prefix:
-                if hidden is not None:
+                if observes:
                     observed.append((s.seq, list(range(chunk_lo, lo))))
                 results[s.seq] = SeqStep()
                 continue
@@ -123,7 +120,7 @@ class SpeculativeDecoder(Decoder):
                 results[s.seq] = SeqStep(error=e)
                 continue
             self._compact(s.seq, s.seq.num_kv_slots + s.num_new - 1, accepted)
-            if hidden is not None:  # the features of every token this step computed and committed
+            if observes:  # the features of every token this step computed and committed
                 root = chunk_lo + s.num_new - 1
                 observed.append((s.seq, list(range(chunk_lo, root + 1)) + [root + node for node in accepted]))
             if len(tree):
@@ -137,10 +134,11 @@ class SpeculativeDecoder(Decoder):
             longest = max((r.accepted_tokens for r in verified), default=0)
             for r in verified:
                 r.masked_slots = longest - r.accepted_tokens
-        if hidden is not None and observed:  # one gather for the whole batch, then a view per sequence
+        if observed:  # one gather for the whole batch, then a view per sequence
             rows = torch.tensor([r for _, seq_rows in observed for r in seq_rows], device=hidden.device)
             for (seq, _), features in zip(observed, hidden[rows].split([len(r) for _, r in observed])):
                 self.drafter.observe(seq, seq.num_computed, features)
+        self.score_prompts(scheduled, chunks, hidden, results)
         if self._step_drafts is not None:
             self._report(scheduled, results)
         return results
