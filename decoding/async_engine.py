@@ -17,6 +17,7 @@ from .engine import LLMEngine
 from .observe import Clock, StepObserver
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+from .structured_output import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,10 @@ class AsyncLLMEngine:
 
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.engine.validate_prompt(prompt_token_ids, params)
+
+    def compile_grammar(self, spec: StructuredOutputsParams) -> object:
+        """`LLMEngine.compile_grammar`, from any thread."""
+        return self.engine.compile_grammar(spec)
 
     def stats(self) -> EngineStats:
         sched = self.engine.scheduler

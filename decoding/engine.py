@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +24,11 @@ from .runner import ModelRunner
 from .sampler import Sample, Sampler
 from .sampling_params import InvalidRequestError, SamplingParams
 from .scheduler import ScheduledSeq, Scheduler
+
+if TYPE_CHECKING:
+    from xgrammar import CompiledGrammar
+
+    from .structured_output import GrammarCompiler, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +100,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.cache)
         self.requests: dict[str, Request] = {}
         self._next_seq_id = 0
+        self._grammars: GrammarCompiler | None = None  # made on the first request with structured outputs
+        self._grammars_lock = threading.Lock()
         logger.info(
             "engine ready in %.1f s: %s on %s/%s, decoder %s, KV cache %d tokens, max_model_len %d",
             clock() - start,
@@ -129,8 +138,22 @@ class LLMEngine:
         if any(not 0 <= t < self.vocab_size for t in ids):
             raise InvalidRequestError(f"{param}: token ids must be in [0, {self.vocab_size})", param)
 
+    def compile_grammar(self, spec: StructuredOutputsParams) -> CompiledGrammar:
+        """A structured-output constraint compiled for this tokenizer (cached by spec; thread-safe, so a server
+        compiles off its event loop); InvalidRequestError if it does not parse."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                from .structured_output import GrammarCompiler  # xgrammar is loaded by the first request using it
+
+                self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
+        return self._grammars.compile(spec)
+
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError if the prompt cannot be served with these parameters."""
+        if params.structured_outputs is not None:
+            if params.min_tokens:  # the grammar may allow only a stop token where min_tokens forbids it
+                raise InvalidRequestError("min_tokens cannot be combined with structured outputs", "min_tokens")
+            self.compile_grammar(params.structured_outputs)
         n = len(prompt_token_ids)
         if n == 0:
             raise InvalidRequestError("the prompt must contain at least one token", "prompt")
@@ -160,6 +183,7 @@ class LLMEngine:
         req = Request(request_id, prompt, list(prompt_token_ids), params, stop_ids)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
+        compiled = None if params.structured_outputs is None else self.compile_grammar(params.structured_outputs)
         for index in range(params.n):
             gen = None
             if params.seed is not None:
@@ -173,6 +197,10 @@ class LLMEngine:
                 gen,
                 logprobs=[] if params.logprobs is not None else None,
             )
+            if compiled is not None:
+                from .structured_output import SequenceGrammar
+
+                seq.grammar = SequenceGrammar(compiled, self.vocab_size)
             self._next_seq_id += 1
             req.seqs.append(seq)
             self.scheduler.add(seq)
@@ -267,8 +295,13 @@ class LLMEngine:
         if seq.logprobs is not None:
             assert sample.logprobs is not None  # sampled with logprobs, as the request asked for them
             seq.logprobs.append(sample.logprobs)
+        if seq.grammar is not None and not seq.grammar.accept(token):  # sampled under its mask: cannot happen
+            raise RuntimeError(f"token {token} breaks the request's grammar")
         if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
             self._finish(seq, "stop", token if token in p.stop_token_ids else None)
+            return
+        if seq.grammar is not None and seq.grammar.terminated:  # complete, its stop token taken (ignore_eos)
+            self._finish(seq, "stop")
             return
         delta = seq.detokenizer.add(token)
         if delta:

@@ -6,12 +6,16 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .detokenizer import IncrementalDetokenizer
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .structured_output import SequenceGrammar
 
 
 class SeqStatus(enum.Enum):
@@ -40,6 +44,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[dict[int, Logprob]] | None = None
+    grammar: SequenceGrammar | None = None  # with `params.structured_outputs`: where its output is in the grammar
     target_forwards: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0

@@ -54,7 +54,7 @@ def row_argmax(logits: torch.Tensor, seqs: list[Sequence]) -> list[int] | None:
 
 
 def processed_logits(logits: torch.Tensor, seq: Sequence, pending: list[int] | None = None) -> torch.Tensor:
-    """Logits after penalties and the request's logits processors (what greedy takes the argmax of).
+    """Logits after penalties, the request's logits processors and its grammar (what greedy takes the argmax of).
 
     `pending`: tokens not yet committed that precede this position (a draft path), counted as generated output.
     """
@@ -65,6 +65,8 @@ def processed_logits(logits: torch.Tensor, seq: Sequence, pending: list[int] | N
             logits = proc(seq.request.prompt_token_ids, output_ids, logits)
         except Exception as e:
             raise SequenceError(seq, e) from e
+    if seq.grammar is not None:
+        logits = seq.grammar.mask(logits, pending)
     return logits
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .structured_output import StructuredOutputsParams
 
 # (prompt_token_ids, output_token_ids, logits [V]) -> logits; applied before temperature and truncation
 LogitsProcessor = Callable[[list[int], list[int], torch.Tensor], torch.Tensor]
@@ -43,6 +47,7 @@ class SamplingParams:
     min_p: float = 0.0  # sampling keeps tokens at least this share of the most likely one's probability
     min_tokens: int = 0  # before this many tokens, EOS, stop_token_ids and stop strings do not end the sequence
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    structured_outputs: StructuredOutputsParams | None = None  # a JSON schema, regex, choice or grammar to follow
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -67,6 +72,7 @@ class SamplingParams:
             or self.logit_bias
             or self.min_tokens
             or self.logits_processors
+            or self.structured_outputs is not None
         )
 
     def validate(self) -> None:

@@ -134,7 +134,7 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     serving.check_model(req.model)
     # in a worker thread: the tokenizer releases the GIL, so a huge prompt does not hold up other clients
     text, prompt_ids = await asyncio.to_thread(chat_prompt, serving.engine.tokenizer, req.messages)
-    params = serving.prepare(req.to_sampling_params(), [prompt_ids])
+    params = await serving.prepare(req.to_sampling_params(), [prompt_ids])
     request_id, created, model = random_id("chatcmpl"), int(time.time()), serving.model_name
     top_logprobs = params.logprobs or 0
     outputs = serving.submit(request_id, [prompt_ids], [text], params)

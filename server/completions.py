@@ -169,7 +169,7 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, http
     serving.check_model(req.model)
     # in a worker thread: the tokenizer releases the GIL, so a huge prompt does not hold up other clients
     texts, prompts = await asyncio.to_thread(completion_prompts, serving.engine.tokenizer, req)
-    params = serving.prepare(req.to_sampling_params(), prompts)
+    params = await serving.prepare(req.to_sampling_params(), prompts)
     request_id, created, model, n = random_id("cmpl"), int(time.time()), serving.model_name, params.n
     outputs = serving.submit(request_id, prompts, texts, params)
     tokenizer = serving.engine.tokenizer

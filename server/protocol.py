@@ -9,6 +9,7 @@ from typing import Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from leapserve.decoding.sampling_params import InvalidRequestError, SamplingParams
+from leapserve.decoding.structured_output import StructuredOutputsParams
 
 
 def random_id(prefix: str) -> str:
@@ -48,7 +49,6 @@ NOT_SUPPORTED: dict[str, tuple] = {
     "best_of": (None, 1),
     "echo": (None, False),
     "suffix": (None, ""),
-    "response_format": (None, {"type": "text"}),
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
     "parallel_tool_calls": (None, True, False),
@@ -63,11 +63,6 @@ NOT_SUPPORTED: dict[str, tuple] = {
     "use_beam_search": (None, False),
     "bad_words": (None, []),
     "allowed_token_ids": (None,),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
-    "structured_outputs": (None,),
 }
 
 
@@ -86,6 +81,28 @@ class _Request(BaseModel):
                 f"{where}: not valid Unicode text (it holds a lone UTF-16 surrogate)", where.split(".")[0]
             )
         return data
+
+
+class JSONSchemaFormat(_Request):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs`: exactly one of these."""
+
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class _SamplingRequest(_Request):
@@ -129,6 +146,49 @@ class _SamplingRequest(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    # structured outputs: OpenAI's response_format, or one of vLLM's
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """The one constraint the request gives (InvalidRequestError naming the fields when it gives several)."""
+        given: list[StructuredOutputsParams] = []
+        if self.response_format is not None and self.response_format.type != "text":
+            fmt = self.response_format
+            if fmt.type == "json_object":
+                given.append(StructuredOutputsParams(json_object=True, param="response_format"))
+            elif fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise InvalidRequestError("response_format: json_schema needs a schema", "response_format")
+            else:
+                given.append(StructuredOutputsParams(json=fmt.json_schema.schema_, param="response_format"))
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            given.append(
+                StructuredOutputsParams(
+                    json=so.json_,
+                    json_object=bool(so.json_object),
+                    regex=so.regex,
+                    choice=None if so.choice is None else tuple(so.choice),
+                    grammar=so.grammar,
+                    param="structured_outputs",
+                )
+            )
+        for name, kwargs in (
+            ("guided_json", {"json": self.guided_json}),
+            ("guided_regex", {"regex": self.guided_regex}),
+            ("guided_choice", {"choice": None if self.guided_choice is None else tuple(self.guided_choice)}),
+            ("guided_grammar", {"grammar": self.guided_grammar}),
+        ):
+            if next(iter(kwargs.values())) is not None:
+                given.append(StructuredOutputsParams(**kwargs, param=name))  # type: ignore[arg-type]
+        if len(given) > 1:
+            names = ", ".join(g.param for g in given)
+            raise InvalidRequestError(f"give one structured-output constraint, not several ({names})", given[1].param)
+        return given[0] if given else None
 
     @property
     def include_usage(self) -> bool:
@@ -155,6 +215,7 @@ class _SamplingRequest(_Request):
             logit_bias=self.logit_bias or {},
             min_p=self.min_p or 0.0,
             min_tokens=self.min_tokens,
+            structured_outputs=self._structured_outputs(),
         )
 
 

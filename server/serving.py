@@ -7,6 +7,7 @@ goes away closes the engine's generators, which aborts its requests and frees th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from contextlib import aclosing
 
@@ -95,8 +96,11 @@ class OpenAIServing:
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.engine.max_model_len)])
 
-    def prepare(self, params: SamplingParams, prompts: list[list[int]]) -> SamplingParams:
-        """`params` with the server's logits processors; raises InvalidRequestError for a prompt that cannot run."""
+    async def prepare(self, params: SamplingParams, prompts: list[list[int]]) -> SamplingParams:
+        """`params` with the server's logits processors; raises InvalidRequestError for a prompt that cannot run.
+        A structured-output constraint is compiled (or found cached) in a worker thread, off the event loop."""
+        if params.structured_outputs is not None:
+            await asyncio.to_thread(self.engine.compile_grammar, params.structured_outputs)
         params.logits_processors.extend(self.logits_processors)
         for prompt_ids in prompts:
             self.engine.validate_prompt(prompt_ids, params)

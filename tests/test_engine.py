@@ -23,7 +23,11 @@ PROMPTS = [
 
 
 def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int, **generate_kwargs) -> list[int]:
-    ids = torch.tensor([tokenizer.encode(prompt)])
+    return hf_greedy_ids(model, tokenizer, tokenizer.encode(prompt), max_new_tokens, **generate_kwargs)
+
+
+def hf_greedy_ids(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, **generate_kwargs) -> list[int]:
+    ids = torch.tensor([prompt_ids])
     with torch.no_grad():
         out = model.generate(
             ids,
@@ -231,6 +235,21 @@ def test_smollm2_greedy_equals_transformers():
         use_tqdm=False,
     )[0].outputs[0]
     assert "Paris" in chat.text
+
+
+def test_min_tokens_equals_transformers_min_new_tokens():
+    """On a chat whose greedy answer ends early, `min_tokens` holds back EOS as transformers' `min_new_tokens`
+    does: the same tokens, past where the plain answer stopped."""
+    llm = LLM(DEFAULT_MODEL, enforce_eager=True, kv_cache_tokens=2048)
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model(DEFAULT_MODEL), dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": "Say hi."}]
+    ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    short = llm.generate([ids], SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0].outputs[0]
+    assert short.finish_reason == "stop"
+    held = len(short.token_ids) + 6
+    want = hf_greedy_ids(hf, llm.tokenizer, ids, held + 4, min_new_tokens=held)
+    got = llm.generate([ids], SamplingParams(temperature=0, max_tokens=held + 4, min_tokens=held), use_tqdm=False)
+    assert got[0].outputs[0].token_ids == want and len(want) >= held
 
 
 def test_async_engine_runs_all_torch_work_on_its_own_thread(tiny_model_dir):

@@ -342,14 +342,18 @@ def _tiny_vocab_model(path: Path, seed: int, base: Path | None = None) -> Path:
     return path
 
 
-def _joint_first_two(model_dir: Path, prompt: list[int], params: SamplingParams) -> torch.Tensor:
-    """Exact P(first token, second token) `[V, V]` under the request's temperature / top-k / top-p."""
+def _joint_first_two(
+    model_dir: Path, prompt: list[int], params: SamplingParams, masks: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Exact P(first token, second token) `[V, V]` under the request's temperature / top-k / top-p, with `masks`
+    (`[V]` each, 0 or -inf: what a grammar allows at the first and at the second position) added to the logits."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     stub = SimpleNamespace(params=params)
+    add1, add2 = (0.0, 0.0) if masks is None else (masks[0].double(), masks[1].double())
     with torch.no_grad():
-        p1 = target_probs(model(torch.tensor([prompt])).logits[0, -1].double(), stub)
+        p1 = target_probs(model(torch.tensor([prompt])).logits[0, -1].double() + add1, stub)
         both = torch.tensor([prompt + [t] for t in range(VOCAB)])
-        p2 = torch.stack([target_probs(row.double(), stub) for row in model(both).logits[:, -1]])
+        p2 = torch.stack([target_probs(row.double() + add2, stub) for row in model(both).logits[:, -1]])
     return p1[:, None] * p2
 
 
