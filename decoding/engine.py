@@ -295,8 +295,9 @@ class LLMEngine:
         if seq.logprobs is not None:
             assert sample.logprobs is not None  # sampled with logprobs, as the request asked for them
             seq.logprobs.append(sample.logprobs)
-        if seq.grammar is not None and not seq.grammar.accept(token):  # sampled under its mask: cannot happen
-            raise RuntimeError(f"token {token} breaks the request's grammar")
+        if seq.grammar is not None and not seq.grammar.accept(token):  # only if a logits processor masked all it allows
+            self._fail(seq.request, f"token {token} breaks the request's grammar (nothing it allows was left)")
+            return
         if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
             self._finish(seq, "stop", token if token in p.stop_token_ids else None)
             return

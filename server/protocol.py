@@ -250,9 +250,44 @@ class TextContentPart(BaseModel):
     text: str
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's result: the call it answers
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -268,12 +303,47 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call (enforced where tool_choice forces calls)
+
+    @property
+    def active_tools(self) -> list[Tool] | None:
+        """The tools the model is offered (none when there are none or tool_choice is "none")."""
+        return self.tools if self.tools and self.tool_choice != "none" else None
+
+    @property
+    def forced_function(self) -> str | None:
+        """The function tool_choice names, if it names one."""
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+
+    @property
+    def forces_call(self) -> bool:
+        """`required` or a named function: the output must be calls."""
+        return self.active_tools is not None and (self.tool_choice == "required" or self.forced_function is not None)
 
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise InvalidRequestError("tool_choice needs tools", "tool_choice")
+        name = self.forced_function
+        if name is not None and self.tools and name not in {t.function.name for t in self.tools}:
+            raise InvalidRequestError(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        params = self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        if self.forces_call:
+            if params.structured_outputs is not None:
+                raise InvalidRequestError(
+                    f"tool_choice {self.tool_choice if name is None else name!r} cannot be combined with "
+                    f"{params.structured_outputs.param}",
+                    "tool_choice",
+                )
+            from .tools import forced_calls_constraint
+
+            assert self.tools is not None
+            params.structured_outputs = forced_calls_constraint(self.tools, name, self.parallel_tool_calls is not False)
+        return params
 
 
 class TokenizeRequest(_Request):
@@ -346,7 +416,8 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatChoice(BaseModel):
@@ -365,9 +436,22 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = Field(default=None, exclude_if=_is_none)
+    arguments: str | None = Field(default=None, exclude_if=_is_none)
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = Field(default=None, exclude_if=_is_none)
+    type: Literal["function"] | None = Field(default=None, exclude_if=_is_none)
+    function: DeltaFunctionCall | None = Field(default=None, exclude_if=_is_none)
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = Field(default=None, exclude_if=_is_none)
     content: str | None = Field(default=None, exclude_if=_is_none)
+    tool_calls: list[DeltaToolCall] | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatChunkChoice(BaseModel):

@@ -510,7 +510,7 @@ def test_bodies_over_the_size_limit_get_413_whether_declared_or_streamed(server)
         ("/v1/completions", "suffix", "end"),
         ("/v1/completions", "prompt_logprobs", 1),
         ("/v1/chat/completions", "response_format", {"type": "yaml"}),  # not a format
-        ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("/v1/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
         ("/v1/chat/completions", "tool_choice", "required"),
         ("/v1/chat/completions", "guided_json", {"type": "nonsense"}),  # not a schema
         ("/v1/chat/completions", "reasoning_effort", "high"),
