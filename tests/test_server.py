@@ -502,6 +502,15 @@ def test_bodies_over_the_size_limit_get_413_whether_declared_or_streamed(server)
     assert post(server, "/v1/completions", {**COMPLETION, "max_tokens": 2}).status_code == 200
 
 
+def test_over_deep_json_gets_400(server):
+    """JSON nested deeper than the parser's recursion limit, as a whole body and inside a field."""
+    deep = b"[" * 200_000 + b"]" * 200_000
+    assert_error(post(server, "/v1/completions", deep), 400)
+    inner = b'{"model": "tiny", "prompt": "Hi", "logit_bias": ' + b'{"1": ' * 50_000 + b"1" + b"}" * 50_001
+    assert_error(post(server, "/v1/completions", inner), 400)
+    assert post(server, "/v1/completions", {**COMPLETION, "max_tokens": 2}).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("path", "field", "value"),
     [
