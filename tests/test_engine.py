@@ -193,6 +193,27 @@ def test_a_request_without_max_tokens_gets_the_default_budget(tiny_llm):
         dataclasses.replace(tiny_llm.engine.config, default_max_tokens=-1)
 
 
+def test_waiting_requests_are_admitted_in_arrival_order(tiny_model_dir):
+    """First come, first served: a long prompt at the head of the queue, which does not fit while others run, is
+    not overtaken by the short requests that arrived after it (each of which would fit), so a request waits only
+    for the requests ahead of it, each bounded by its max_tokens."""
+    llm = LLM(str(tiny_model_dir), kv_cache_tokens=256, max_model_len=200)  # 16 blocks of 16 tokens
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    for i in range(3):  # 4 blocks each by the end
+        engine.add_request(f"running-{i}", [5] * 40, params)
+    engine.step()
+    engine.add_request("long", [7] * 150, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # 10 blocks
+    for i in range(4):
+        engine.add_request(f"short-{i}", [9] * 5, params)
+    admitted: list[str] = []
+    while engine.has_unfinished():
+        engine.step()
+        admitted += [s.request.request_id for s in engine.scheduler.running if s.request.request_id not in admitted]
+    assert admitted[:3] == [f"running-{i}" for i in range(3)]
+    assert admitted[3:] == ["long"] + [f"short-{i}" for i in range(4)]
+
+
 def test_failing_request_does_not_harm_others(tiny_llm):
     def boom(prompt_ids, output_ids, logits):
         if len(output_ids) == 3:
