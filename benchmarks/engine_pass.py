@@ -19,7 +19,9 @@ from .bench_metrics import OfflineRun, Pass, drafting_cost
 
 # The profiler's Python tracer names frames "path(line): function"
 ATTENTION_FRAME = ": attend_layer"  # one attention layer: K/V written, then attended (both model paths)
-RUNNER_FILE, FORWARD_FRAME, METADATA_FRAME = "runner.py(", ": forward", ": step_metadata"
+RUNNER_FILE, METADATA_FRAME = "runner.py(", ": step_metadata"
+# the model forwards: the runners' (target, draft model) and the FSPAD drafter's, as (file, frame) of their calls
+MODEL_FRAMES = (("runner.py(", ": forward"), ("fspad.py(", ": execute"))
 MATMUL_OPS = ("aten::linear", "mkldnn::_linear_pointwise")  # transformers' modules; leapserve's prepacked GEMMs
 
 
@@ -131,9 +133,9 @@ def step_breakdown(
 
     matmul = ms(lambda name: name in MATMUL_OPS)
     attend = ms(lambda name: name.endswith(ATTENTION_FRAME))
-    runner = ms(lambda name: RUNNER_FILE in name and name.endswith(FORWARD_FRAME))
+    forwards = ms(lambda name: any(file in name and name.endswith(frame) for file, frame in MODEL_FRAMES))
     metadata = ms(lambda name: RUNNER_FILE in name and name.endswith(METADATA_FRAME))
-    model = runner - metadata
+    model = forwards - metadata
     per_step = run_.elapsed * 1e3 / steps
     return {
         "ms_per_step": per_step,

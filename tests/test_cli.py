@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -300,3 +301,16 @@ def test_command_line_entry_point():
 
     no_command = subprocess.run([sys.executable, "-m", "leapserve.cli"], capture_output=True, text=True, timeout=120)
     assert no_command.returncode == 2 and "serve" in no_command.stderr
+
+
+def test_the_command_shortens_openmp_spinning_unless_told_otherwise():
+    """`import leapserve.cli` (what the `leapserve` command runs first) sets GOMP_SPINCOUNT before torch loads
+    OpenMP, keeping one that is already set."""
+    from leapserve.cli import OMP_SPIN_COUNT
+
+    code = "import leapserve.cli, os; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    for given, want in ((None, OMP_SPIN_COUNT), ("7", "7")):
+        run_env = env if given is None else {**env, "GOMP_SPINCOUNT": given}
+        out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want
