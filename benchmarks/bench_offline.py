@@ -277,10 +277,28 @@ def tables(rows: list[dict], setup: dict) -> str:
     text += markdown_table(headers, body)
     profiled = [r for r in rows if "step_breakdown" in r]
     if profiled:
-        headers = ["decoder", "batch", "ms/step (profiled)", "matmuls", "attention", "rest of the model", "bookkeeping"]
-        body = [[r["decoder"], r["batch_size"], *r["step_breakdown"].values()] for r in profiled]
+        headers = [
+            "decoder",
+            "batch",
+            "ms/step (profiled)",
+            "matmuls",
+            "attention",
+            "rest of the model",
+            "bookkeeping",
+            "rest + bookkeeping",
+        ]
+        body = [
+            [r["decoder"], r["batch_size"], *split.values(), f"{100 * overhead_share(split):.1f}%"]
+            for r in profiled
+            for split in [r["step_breakdown"]]
+        ]
         text += "\n\n" + markdown_table(headers, body)
     return text
+
+
+def overhead_share(split: dict[str, float]) -> float:
+    """The rest of the model and bookkeeping together, as a share of a step (`step_breakdown`)."""
+    return (split["rest_of_model_ms"] + split["bookkeeping_ms"]) / split["ms_per_step"]
 
 
 def run(args: argparse.Namespace) -> None:

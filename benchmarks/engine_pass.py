@@ -10,19 +10,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.profiler_util import FunctionEvent
 
 from leapserve.decoding import LLM, RequestOutput, SamplingParams
 from leapserve.decoding.engine import LLMEngine
-from leapserve.decoding.observe import StepObserver, StepRecord
+from leapserve.decoding.observe import ATTENTION_RANGE, MODEL_RANGE, STEP_RANGE, StepObserver, StepRecord
 
 from .bench_metrics import OfflineRun, Pass, drafting_cost
 
-# The profiler's Python tracer names frames "path(line): function"
-ATTENTION_FRAME = ": attend_layer"  # one attention layer: K/V written, then attended (both model paths)
-RUNNER_FILE, METADATA_FRAME = "runner.py(", ": step_metadata"
-# the model forwards: the runners' (target, draft model) and the FSPAD drafter's, as (file, frame) of their calls
-MODEL_FRAMES = (("runner.py(", ": forward"), ("fspad.py(", ": execute"))
-MATMUL_OPS = ("aten::linear", "mkldnn::_linear_pointwise")  # transformers' modules; leapserve's prepacked GEMMs
+# the outermost op of a matmul call: transformers' modules'; leapserve's prepacked GEMM, compiled (the custom op, its
+# dispatch included) and eager
+MATMUL_OPS = ("aten::linear", "leapserve::packed_linear", "mkldnn::_linear_pointwise")
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -117,30 +115,45 @@ def engine_pass(
 def step_breakdown(
     bench_engine: Engine, prompts: list[list[int]], batch_size: int, params: SamplingParams, continuous: bool
 ) -> dict[str, float]:
-    """Where an engine step's time goes, under torch.profiler with Python stacks (which slow the Python parts):
-    the model's matmuls (LM heads included), its attention layers (K/V writes included), the rest of the model
-    (norms, rotary, activations, residuals: what is left of the model runners' forwards, target and drafter), and
-    leapserve's own bookkeeping (the rest of the step: scheduling, metadata, sampling, drafting logic, outputs)."""
+    """Where a decode step's time goes (steps computing no prompt tokens), from one pass under torch.profiler
+    (operators and the engine's named ranges, no Python tracing): the models' matmuls (LM heads included), their
+    attention layers (K/V writes included), the rest of the models (norms, rotary, activations, residuals, the
+    compiled graph's own calls: what is left of every model forward, target and drafters), and leapserve's own
+    bookkeeping (the rest of the step: scheduling, metadata, sampling, drafting logic, outputs). Milliseconds per
+    step, averaged over the decode steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
-        run_, _ = engine_pass(bench_engine, prompts, batch_size, params, continuous)
-    steps = run_.target_forwards
-    events = prof.events()
-
-    def ms(selected: Callable[[str], bool]) -> float:
-        return sum(e.cpu_time_total for e in events if selected(e.name)) / 1e3 / steps
-
-    matmul = ms(lambda name: name in MATMUL_OPS)
-    attend = ms(lambda name: name.endswith(ATTENTION_FRAME))
-    forwards = ms(lambda name: any(file in name and name.endswith(frame) for file, frame in MODEL_FRAMES))
-    metadata = ms(lambda name: RUNNER_FILE in name and name.endswith(METADATA_FRAME))
-    model = forwards - metadata
-    per_step = run_.elapsed * 1e3 / steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine_pass(bench_engine, prompts, batch_size, params, continuous)
+    steps = [e for e in prof.events() if e.name == STEP_RANGE]
+    records = bench_engine.steps.records
+    if len(steps) != len(records):
+        raise RuntimeError(f"{len(steps)} profiled steps for {len(records)} step records")
+    decode = [e for e, r in zip(steps, records) if r.prompt_tokens == 0]
+    parts = [_split(e) for e in decode]
+    split = {key: sum(p[key] for p in parts) / 1e3 / len(parts) for key in parts[0]}
     return {
-        "ms_per_step": per_step,
-        "matmul_ms": matmul,
-        "attention_ms": attend,
-        "rest_of_model_ms": model - matmul - attend,
-        "bookkeeping_ms": per_step - model,
+        "ms_per_step": split["step"],
+        "matmul_ms": split["matmul"],
+        "attention_ms": split["attention"],
+        "rest_of_model_ms": split["model"] - split["matmul"] - split["attention"],
+        "bookkeeping_ms": split["step"] - split["model"],
     }
+
+
+def _split(step: FunctionEvent) -> dict[str, float]:
+    """Microseconds of one step's event tree in model forwards, and in matmuls and attention layers within them."""
+    split = {"step": step.cpu_time_total, "model": 0.0, "matmul": 0.0, "attention": 0.0}
+    stack = list(step.cpu_children)
+    while stack:
+        event = stack.pop()
+        if event.name == MODEL_RANGE:
+            split["model"] += event.cpu_time_total
+        elif event.name in MATMUL_OPS:
+            split["matmul"] += event.cpu_time_total
+            continue
+        elif event.name == ATTENTION_RANGE:
+            split["attention"] += event.cpu_time_total
+            continue
+        stack.extend(event.cpu_children)
+    return split

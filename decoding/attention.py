@@ -21,6 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from leapserve.kernels import AttentionStep
 
 from .kv_cache import PagedKVCache
+from .observe import ATTENTION_RANGE, profiled_range
 
 ATTN_IMPLEMENTATION = "leapserve"
 
@@ -36,8 +37,9 @@ def attend_layer(
 ) -> torch.Tensor:
     """Write this step's new K/V `[T, Hkv, D]` into `layer`'s cache, then attend `q` `[T, Hq, D]` over it."""
     k_cache, v_cache = meta.cache.k[layer], meta.cache.v[layer]
-    meta.step.write_kv(k, v, k_cache, v_cache)
-    return meta.step.attend(q, k_cache, v_cache, scale)
+    with profiled_range(ATTENTION_RANGE):
+        meta.step.write_kv(k, v, k_cache, v_cache)
+        return meta.step.attend(q, k_cache, v_cache, scale)
 
 
 _current: list[AttentionMetadata] = []  # the step being run, for the custom op

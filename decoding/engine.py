@@ -18,7 +18,7 @@ from .decoders.base import SeqStep
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import PagedKVCache
 from .model_loader import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
-from .observe import Clock, Observers, StepObserver, StepRecord
+from .observe import STEP_RANGE, Clock, Observers, StepObserver, StepRecord, profiled_range
 from .request import Request, SeqStatus, Sequence
 from .runner import ModelRunner
 from .sampler import Sample, Sampler
@@ -222,6 +222,10 @@ class LLMEngine:
 
     def step(self) -> list[Request]:
         """Advance every scheduled sequence by one decoder step; return the requests that changed."""
+        with profiled_range(STEP_RANGE):
+            return self._step()
+
+    def _step(self) -> list[Request]:
         scheduled = self.scheduler.schedule(self.decoder.lookahead)
         if not scheduled:
             return []

@@ -3,16 +3,34 @@
 Whatever watches the engine (benchmarks, profiling, a modeled accelerator, tests) is passed in here at construction,
 `LLMEngine(config, clock=..., observers=[...])`, and sees the engine only through it. The clock also times the
 speculative decoder's mode choice, so a virtual clock changes what the engine decides, as it would on that hardware.
+
+A running `torch.profiler` also sees named ranges (`profiled_range`): every engine step (`STEP_RANGE`), every model
+forward (`MODEL_RANGE`: the model, its LM head) and every attention layer (`ATTENTION_RANGE`: K/V write and
+attention), which is how `bench offline --profile` splits a step without tracing Python. They cost nothing while no
+profiler runs.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+
+import torch
 
 Clock = Callable[[], float]  # seconds, monotonic
 ForwardHook = Callable[[int], None]  # told each forward's token count before it runs
+
+STEP_RANGE = "leapserve.step"
+MODEL_RANGE = "leapserve.model"
+ATTENTION_RANGE = "leapserve.attention"
+_NO_RANGE = nullcontext()
+
+
+def profiled_range(name: str) -> AbstractContextManager:
+    """A range named `name` in the running torch profiler; nothing (one C call) when none runs."""
+    return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else _NO_RANGE
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from leapserve.decoding.attention import forward_context
 from leapserve.decoding.config import SpeculativeConfig
 from leapserve.decoding.drafter import DraftTree
 from leapserve.decoding.kv_cache import PagedKVCache
-from leapserve.decoding.observe import ForwardHook
+from leapserve.decoding.observe import MODEL_RANGE, ForwardHook, profiled_range
 from leapserve.decoding.request import Sequence
 from leapserve.decoding.runner import ModelRunner, SeqChunk, compiled, step_metadata
 from leapserve.decoding.sampler import Sampler
@@ -135,9 +135,9 @@ class FSPADDrafter:
         meta, positions, offsets = step_metadata(chunks, self.cache, self.buffers)
         ids = self.buffers.put("input_ids", [t for c in chunks for t in c.token_ids], torch.int64)
         feats = torch.cat([c.extra["features"] for c in chunks]).to(device=self.device, dtype=self.head.weight.dtype)
-        with forward_context(meta):
-            token_half, feature_half = self._forward(feats[None], self.embed(ids)[None], positions[None])
         rows = self.buffers.put(
             "logits_rows", [lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows], torch.int64
         )
-        return self.head(token_half[0, rows]).float(), feature_half[0, rows]
+        with profiled_range(MODEL_RANGE), forward_context(meta):
+            token_half, feature_half = self._forward(feats[None], self.embed(ids)[None], positions[None])
+            return self.head(token_half[0, rows]).float(), feature_half[0, rows]

@@ -322,8 +322,8 @@ def test_bench_offline_on_a_modeled_accelerator(tiny_model_dir, tmp_path, monkey
 
 
 def test_bench_offline_profile_splits_a_step(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    """`--profile`: each engine row gets a step breakdown whose parts took time and add up to the step, found from
-    the profiler's events alone (the product has no profiling switch)."""
+    """`--profile`: each engine row gets a decode step's breakdown whose parts took time and add up to the step,
+    found from the profiler's operators and the engine's named ranges."""
     out = tmp_path / "profile.json"
     _bench_offline(
         monkeypatch,

@@ -188,3 +188,30 @@ def test_the_fspad_drafter_is_compiled_as_its_target_and_drafts_the_same():
     (logits, feats), (want_logits, want_feats) = outs
     assert_logits_close(logits, want_logits)
     assert torch.allclose(feats, want_feats, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_models_pick_their_graphs_by_the_inputs_alone(tiny_model_dir):
+    """Compiled models keep Dynamo's guards on their inputs only (`runner.input_guards`): steps of one token, of
+    several, then of one again each run the graph made for them at start-up, without recompiling, and two models of
+    different shapes compiled in one process each run their own graph; every step gives the eager model's logits."""
+    from torch._dynamo.utils import counters
+
+    models = [
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval(),
+        tiny(LlamaForCausalLM, LlamaConfig, attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
+    ]
+    runners = []
+    for model in models:
+        c = model.config
+        cache = PagedKVCache(c.num_hidden_layers, 16, 16, c.num_key_value_heads, c.head_dim, torch.float32, "cpu")
+        runners.append(ModelRunner(model, cache, torch.device("cpu"), model_impl="leapserve", compile=True))
+    compiled = counters["stats"]["unique_graphs"]
+    steps = [SeqChunk([1], 0, [5, 6, 7, 8, 9], [4]), SeqChunk([1], 5, [10], [0]), SeqChunk([1], 6, [11, 12], [0, 1])]
+    steps.append(SeqChunk([1], 8, [13], [0]))
+    got = [[runner.execute([chunk]) for runner in runners] for chunk in steps]  # the models in turn
+    assert counters["stats"]["unique_graphs"] == compiled
+    for i, runner in enumerate(runners):
+        runner._llama_forward = runner.llama  # the same model, eager, over the same cache
+        want = [runner.execute([chunk]) for chunk in steps]
+        for g, w in zip([g[i] for g in got], want, strict=True):
+            assert_logits_close(g, w)
