@@ -340,6 +340,21 @@ def test_bench_offline_profile_splits_a_step(tiny_model_dir, tmp_path, monkeypat
     assert "| ms/step (profiled) |" in capsys.readouterr().out
 
 
+def test_step_ablation_times_the_parts_without_disturbing_the_request(tiny_model_dir):
+    """The unprofiled split times GEMMs and attention alone beside real steps, in a scratch cache: the request it
+    decodes still equals plain greedy decoding of the same prompt."""
+    from leapserve.benchmarks.step_ablation import PROMPT, split_steps
+    from leapserve.decoding import LLM, SamplingParams
+
+    llm = LLM(str(tiny_model_dir), enforce_eager=True, kv_cache_tokens=512)
+    split, output = split_steps(llm, steps=4, warmup=2)
+    assert all(split[part] > 0 for part in ("step", "forward", "GEMMs", "attention", "bookkeeping"))
+    assert split["forward"] <= split["step"]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    (want,) = llm.generate([PROMPT], params, use_tqdm=False)
+    assert output == want.outputs[0].token_ids
+
+
 def test_bench_serve_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     dataset = tmp_path / "prompts.jsonl"
     dataset.write_text(
