@@ -125,11 +125,14 @@ def step_breakdown(
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         engine_pass(bench_engine, prompts, batch_size, params, continuous)
-    steps = [e for e in prof.events() if e.name == STEP_RANGE]
+    # steps that ran a model (one per step record: a step with nothing scheduled has neither)
+    steps = [e for e in prof.events() if e.name == STEP_RANGE and e.cpu_children]
     records = bench_engine.steps.records
     if len(steps) != len(records):
         raise RuntimeError(f"{len(steps)} profiled steps for {len(records)} step records")
     decode = [e for e, r in zip(steps, records) if r.prompt_tokens == 0]
+    if not decode:
+        raise ValueError("--profile splits decode steps, and this pass had none: give --max-tokens 2 or more")
     parts = [_split(e) for e in decode]
     split = {key: sum(p[key] for p in parts) / 1e3 / len(parts) for key in parts[0]}
     return {
