@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataset",
         default="mixed",
-        help="chat | code | summarization | math | mixed (the 'test' split), or a .jsonl file with "
+        help="chat | code | summarization | math | mixed (the 'test' split), handwritten, or a .jsonl file with "
         "'prompt' or 'messages' per line",
     )
     p.add_argument("--num-prompts", type=int, default=64, help="requests per concurrency level")

@@ -11,7 +11,8 @@ machine see the same prompts (up to the Python version, for the two sets drawn f
 - `math`: grade-school word problems from templates with seeded random numbers.
 
 Each prompt falls in the `train` or the `test` split by a stable hash of its text (one in five is `test`), so
-drafters trained on `train` are measured on prompts they never saw. `load_jsonl` reads a user's own file.
+drafters trained on `train` are measured on prompts they never saw. `handwritten` (`prompts/handwritten.py`) is an
+evaluation set only, written by hand and never in `train`, nor in `mixed`. `load_jsonl` reads a user's own file.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import random
 from pathlib import Path
 
+from .handwritten import HANDWRITTEN
 from .templates import CHAT_TEMPLATES, CHAT_TOPICS, CODE_MODULES, CODE_TASKS, MATH_TEMPLATES
 
 SPLITS = ("train", "test", "all")
@@ -89,7 +91,8 @@ def load_prompts(name: str, split: str = "test", num_prompts: int | None = None,
         return prompts[:num_prompts]
     if name not in PROMPT_SETS:
         raise ValueError(
-            f"unknown prompt set {name!r}; known: {sorted(PROMPT_SETS)} and 'mixed', or pass a .jsonl file"
+            f"unknown prompt set {name!r}; known: {sorted(PROMPT_SETS)}, 'mixed' and 'handwritten', or pass a "
+            ".jsonl file"
         )
     prompts = [p for p in PROMPT_SETS[name]() if split == "all" or split_of(p) == split]
     random.Random(seed).shuffle(prompts)
@@ -114,7 +117,13 @@ def load_jsonl(path: str | Path, num_prompts: int | None = None) -> list[str | l
 
 
 def load(dataset: str, split: str = "test", num_prompts: int | None = None, seed: int = 0) -> list[str | list[dict]]:
-    """A named set (see `PROMPT_SETS`, or `mixed`) or a path to a .jsonl file."""
+    """A named set (see `PROMPT_SETS`, `mixed` or `handwritten`) or a path to a .jsonl file."""
     if dataset.endswith(".jsonl") or Path(dataset).is_file():
         return load_jsonl(dataset, num_prompts)
+    if dataset == "handwritten":  # evaluation only: no train split
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        prompts = [] if split == "train" else list(HANDWRITTEN)
+        random.Random(seed).shuffle(prompts)
+        return prompts[:num_prompts]
     return load_prompts(dataset, split, num_prompts, seed)

@@ -412,3 +412,16 @@ def test_bench_serve_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
         assert spec["num_accepted_tokens"] == spec["num_draft_tokens"] <= 3 * 5
         assert 2.0 < spec["mean_acceptance_length"] <= 3.0
     assert "| concurrency | completed | failed |" in capsys.readouterr().out
+
+
+def test_the_handwritten_set_is_for_evaluation_only():
+    """`--dataset handwritten`: every hand-written request (chats and multi-turn conversations), shuffled by seed;
+    no train split, and none of them in the generated sets a drafter trains on."""
+    from leapserve.prompts import HANDWRITTEN, PROMPT_SETS, load, load_prompts
+
+    prompts = load("handwritten", "test", None, 1)
+    assert sorted(map(str, prompts)) == sorted(map(str, HANDWRITTEN)) and prompts != HANDWRITTEN
+    assert any(isinstance(p, list) for p in prompts)
+    assert load("handwritten", "train") == []
+    generated = {p for name in PROMPT_SETS for p in load_prompts(name, "all")}
+    assert not generated & {p for p in HANDWRITTEN if isinstance(p, str)}

@@ -65,3 +65,21 @@ def test_shipped_drafter_greedy_equals_autoregressive(spec, expected):
     accepted = sum(o.metrics.accepted_tokens for o in outs)
     if spec["method"] == "fspad":  # a trained drafter: well above one token per target forward
         assert (forwards + accepted) / forwards > 1.8
+
+
+def test_shipped_fspad_keeps_its_acceptance_on_handwritten_prompts():
+    """A floor on the shipped FSPAD drafter's mean acceptance length on requests written by hand (never trained
+    on), with `make serve`'s CPU tree: a regression in drafting, verification or training fails here. Measured
+    1.76 on all 36 prompts at 64 tokens, 2.43 on the generated `mixed` test split (2026-12-02); this subset of 12 at
+    48 tokens measured 1.75, the floor sits a little under it."""
+    from leapserve.benchmarks.bench_offline import prompt_token_ids
+    from leapserve.prompts import load
+
+    spec = {"method": "fspad", "model": str(FSPAD), "tree": {"depth": 4, "top_k": 4, "total_tokens": 8}}
+    llm = LLM(DEFAULT_MODEL, speculative_config={**spec, "adaptive": False}, kv_cache_tokens=8192)
+    prompts = prompt_token_ids(llm.tokenizer, load("handwritten", "test", 12, 0), 0)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)
+    accepted = sum(o.metrics.accepted_tokens for o in outs)
+    drafts = sum(o.metrics.num_drafts for o in outs)
+    mean_acceptance_length = 1 + accepted / drafts
+    assert mean_acceptance_length >= 1.65, f"mean acceptance length {mean_acceptance_length:.3f} (measured 1.75)"
