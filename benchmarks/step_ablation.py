@@ -103,7 +103,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60, help="decode steps timed (after 8 of warm-up)")
     parser.add_argument("--enforce-eager", action="store_true", help="leapserve's Llama eagerly, not compiled")
     args = parser.parse_args(argv)
-    split, _ = split_steps(LLM(args.model, enforce_eager=args.enforce_eager), args.steps)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    try:
+        split, _ = split_steps(LLM(args.model, enforce_eager=args.enforce_eager), args.steps)
+    except (ValueError, OSError) as e:  # a model it cannot time, or cannot load
+        parser.error(str(e))
     share = (split["rest of the model"] + split["bookkeeping"]) / split["step"]
     keys = ["step", "GEMMs", "attention", "rest of the model", "bookkeeping"]
     print("| " + " | ".join(f"{k} (ms)" for k in keys) + " | rest + bookkeeping |")
