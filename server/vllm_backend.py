@@ -3,8 +3,9 @@
 leapserve's engine config becomes a `vllm serve` command line: the model alias resolves to its local checkpoint,
 `dtype auto` means what it means natively (float32 on CPU), and the speculative config maps onto vLLM's: `ngram`
 and `draft_model` pass through, `fspad` is exported once into the cache in the EAGLE layout and served as `eagle`
-by leapserve's vLLM plugin. What vLLM cannot do (trees, the padded layout, leapserve's logits processors) is refused
-with a message; adaptive speculation has no vLLM counterpart (vLLM drafts on every step). The child is stopped
+by leapserve's vLLM plugin, with an EAGLE-2 tree (on vLLM's CPU build) through leapserve's tree worker. What vLLM
+cannot do (static trees, trees on GPUs, the padded layout, leapserve's logits processors) is refused with a message;
+adaptive speculation has no vLLM counterpart (vLLM drafts on every step). The child is stopped
 with SIGTERM when this process is, and its exit status becomes ours.
 """
 
@@ -29,6 +30,7 @@ from leapserve.decoding.kv_cache import PagedKVCache
 from leapserve.decoding.model_loader import cache_dir, load_model, resolve_device, resolve_dtype, resolve_model
 from leapserve.drafters.checkpoints import SHARED_WITH_TARGET, load_draft_model
 from leapserve.training.checkpoint import export_checkpoint
+from leapserve.training.export import dynamic_tree, export_eagle
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +64,16 @@ def find_vllm(explicit: str | None = None) -> str:
     )
 
 
+TREE_WORKER = "leapserve.vllm_plugin.tree_runner.TreeCPUWorker"  # vLLM's CPU worker, verifying draft trees
+
+
 def vllm_speculative_config(spec: SpeculativeConfig, target: str) -> dict:
-    """leapserve's speculative config for the target `target` as vLLM's (`--speculative-config`)."""
-    if spec.tree is not None:
+    """leapserve's speculative config for the target `target` as vLLM's (`--speculative-config`); an `fspad` tree
+    goes into the drafter's export (`leapserve_tree`), where leapserve's tree worker reads it."""
+    if spec.tree is not None and not (spec.method == "fspad" and isinstance(spec.tree, dict)):
         raise ValueError(
-            "--backend vllm: vLLM verifies chains only; give num_speculative_tokens instead of a tree, "
-            "or serve trees with --backend native"
+            '--backend vllm: trees in vLLM are EAGLE-2 trees ({"depth", "top_k", "total_tokens"}) of an fspad '
+            "drafter; give num_speculative_tokens for a chain, or serve this tree with --backend native"
         )
     if spec.layout != "packed":
         raise ValueError('--backend vllm: vLLM has no "padded" layout (it never pads drafts); drop "layout"')
@@ -88,22 +94,35 @@ def vllm_speculative_config(spec: SpeculativeConfig, target: str) -> dict:
             "num_speculative_tokens": k,
         }
     if spec.method == "fspad":
-        return {"method": "eagle", "model": str(eagle_export(str(spec.model), target)), "num_speculative_tokens": k}
+        tree = None if spec.tree is None else dynamic_tree(spec.tree)
+        k = k if tree is None else tree["total_tokens"]
+        export = eagle_export(str(spec.model), target, tree)
+        return {"method": "eagle", "model": str(export), "num_speculative_tokens": k}
     raise ValueError(f"--backend vllm: drafter method {spec.method!r} has no vLLM counterpart")
 
 
-def eagle_export(drafter: str, target: str) -> Path:
-    """The FSPAD drafter (for `target`) in the EAGLE layout, exported once into the cache (keyed by the drafter's
-    weights and the target: a reduced vocabulary's head rows come from the target)."""
-    from leapserve.training.export import export_eagle
+def eagle_export(drafter: str, target: str, tree: dict | None = None) -> Path:
+    """The FSPAD drafter (for `target`) in the EAGLE layout with `tree` as its `leapserve_tree`, exported once into
+    the cache (keyed by the drafter's weights, the target, whose rows a reduced vocabulary's head takes, and the
+    tree). An export given as the drafter is used as it is, or copied with the tree changed."""
 
     source = Path(drafter)
     config = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
-    if "leapserve_fspad" in config:  # already an export
+    is_export = "leapserve_fspad" in config
+    if is_export and config.get("leapserve_tree") == tree:
         return source
-    out = _export_dir(source, (source / "model.safetensors").read_bytes() + target.encode())
-    if not (out / "config.json").is_file():
-        export_eagle(source, target, out)
+    key = (source / "model.safetensors").read_bytes() + target.encode() + (json.dumps(tree).encode() if tree else b"")
+    out = _export_dir(source, key)
+    if (out / "config.json").is_file():
+        return out
+    if not is_export:
+        return export_eagle(source, target, out, tree)
+    partial = out.with_name(out.name + ".partial")  # renamed when complete: a crash leaves no half export behind
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    config = {k: v for k, v in config.items() if k != "leapserve_tree"} | ({"leapserve_tree": tree} if tree else {})
+    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    partial.rename(out)
     return out
 
 
@@ -189,8 +208,15 @@ def vllm_command(
     cmd += ["--middleware", "leapserve.vllm_plugin.openai_errors.OpenAIErrorShape"]
     speculative = config.speculative_config if config.decoder != "autoregressive" else None
     if speculative:
-        spec = vllm_speculative_config(SpeculativeConfig.from_dict(speculative), model_dir)
-        cmd += ["--speculative-config", json.dumps(spec)]
+        spec = SpeculativeConfig.from_dict(speculative)
+        if spec.tree is not None and device.type != "cpu":
+            raise ValueError(
+                "--backend vllm: trees in vLLM run on its CPU build (leapserve's tree worker extends its CPU model "
+                "runner); on GPUs serve trees with --backend native"
+            )
+        cmd += ["--speculative-config", json.dumps(vllm_speculative_config(spec, model_dir))]
+        if spec.tree is not None:
+            cmd += ["--worker-cls", TREE_WORKER]
     return cmd
 
 

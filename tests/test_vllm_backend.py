@@ -104,6 +104,34 @@ def test_speculative_configs_map_onto_vllms(tiny_model_dir, tmp_path, monkeypatc
         )
     )
     assert again["model"] == spec["model"]  # the same weights: the same export
+    assert "--worker-cls" not in command(
+        tiny_model_dir, {"method": "fspad", "model": str(fspad), "num_speculative_tokens": 3}
+    )
+
+
+def test_an_fspad_tree_maps_onto_leapserves_tree_worker(tiny_model_dir, tmp_path, monkeypatch):
+    """An EAGLE-2 tree goes into the export's config (leapserve's defaults filled in), vLLM reserves its nodes as
+    speculative tokens, and vLLM runs leapserve's tree worker; an export given as the drafter is copied with the
+    tree changed, not altered."""
+    monkeypatch.setenv("LEAPSERVE_CACHE", str(tmp_path / "cache"))
+    fspad = save_tiny_fspad(tiny_model_dir, tmp_path / "fspad")
+    cmd = command(tiny_model_dir, {"method": "fspad", "model": str(fspad), "tree": {"depth": 4, "top_k": 6}})
+    spec = json.loads(option(cmd, "--speculative-config"))
+    assert option(cmd, "--worker-cls") == "leapserve.vllm_plugin.tree_runner.TreeCPUWorker"
+    assert spec["method"] == "eagle" and spec["num_speculative_tokens"] == 16  # total_tokens' default
+    export = Path(spec["model"])
+    tree = {"depth": 4, "top_k": 6, "total_tokens": 16}
+    assert json.loads((export / "config.json").read_text())["leapserve_tree"] == tree
+    other = {"depth": 5, "top_k": 8, "total_tokens": 24}
+    again = json.loads(option(command(tiny_model_dir, {"method": "fspad", "model": str(export), "tree": other}),
+                              "--speculative-config"))  # fmt: skip
+    assert again["num_speculative_tokens"] == 24 and again["model"] != spec["model"]
+    assert json.loads((Path(again["model"]) / "config.json").read_text())["leapserve_tree"] == other
+    assert json.loads((export / "config.json").read_text())["leapserve_tree"] == tree
+    assert (
+        load_file(str(Path(again["model"]) / "model.safetensors")).keys()
+        == load_file(str(export / "model.safetensors")).keys()
+    )
 
 
 def save_tiny_fspad(target: Path, out: Path) -> Path:
@@ -117,7 +145,8 @@ def save_tiny_fspad(target: Path, out: Path) -> Path:
 @pytest.mark.parametrize(
     ("speculative_config", "message"),
     [
-        ({"method": "fspad", "model": "x", "tree": {"depth": 3}}, "vLLM verifies chains only"),
+        ({"method": "fspad", "model": "x", "tree": [2, 2]}, "trees in vLLM are EAGLE-2 trees"),
+        ({"method": "draft_model", "model": "x", "tree": {"depth": 3}}, "trees in vLLM are EAGLE-2 trees"),
         ({"method": "ngram", "num_speculative_tokens": 2, "layout": "padded"}, 'no "padded" layout'),
     ],
 )
