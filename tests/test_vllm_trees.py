@@ -99,6 +99,19 @@ def test_greedy_trees_equal_vllm_without_speculation(tiny_model_dir, tmp_path):
     assert counters["num_drafts"] > 0 and counters["num_draft_tokens"] == 24 * counters["num_drafts"]
 
 
+def test_chains_on_the_tree_worker_run_as_vllms_own(tiny_model_dir, tmp_path):
+    """A drafter without `leapserve_tree` on the tree worker: the same tokens and the same draft and acceptance
+    counts as on vLLM's own worker."""
+    fspad = save_tiny_fspad(tiny_model_dir, tmp_path / "fspad")
+    spec = {"method": "eagle", "model": str(export_eagle(fspad, str(tiny_model_dir), tmp_path / "chain")),
+            "num_speculative_tokens": 3}  # fmt: skip
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [100, 200, 300]]
+    params = [{"temperature": 0, "max_tokens": 24, "ignore_eos": True}] * 2
+    stock = run_vllm(tiny_model_dir, prompts, params, spec)
+    ours = run_vllm(tiny_model_dir, prompts, params, spec, tree_worker=True)
+    assert ours == stock and stock["counters"]["num_drafts"] > 0
+
+
 @pytest.mark.slow
 def test_the_shipped_drafters_trees_in_vllm_accept_more_than_its_chain(tmp_path):
     """SmolLM2-135M-Instruct with the shipped FSPAD drafter on four hand-written chat prompts: greedy output with a

@@ -117,6 +117,12 @@ class EagleFSPADLlamaForCausalLM(EagleLlamaForCausalLM):
             self.register_buffer("draft_to_target", torch.arange(draft_vocab), persistent=False)
         self.logits_processor = LogitsProcessor(draft_vocab, scale=getattr(config, "logit_scale", 1.0))
 
+    def draft_logits(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits over the drafter's own vocabulary `[T, V_draft]` and the target ids of its columns (None: the
+        target's whole vocabulary): what tree growth ranks, without scattering into the target's vocabulary."""
+        logits = self.logits_processor(self.lm_head, hidden_states)
+        return logits, (self.draft_to_target if self.reduced else None)
+
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits over the target vocabulary `[T, V]`; with a reduced vocabulary, -inf outside the draft's."""
         logits = self.logits_processor(self.lm_head, hidden_states)

@@ -46,7 +46,7 @@ class RequestView:
     row: int  # the request's index in the batch
 
 
-def tree_params(vllm_sampling_params) -> SamplingParams | None:  # noqa: ANN001 (vllm.SamplingParams)
+def tree_params(vllm_sampling_params) -> SamplingParams | None:  # vllm.SamplingParams
     """leapserve's sampling parameters for a vLLM request a tree can serve losslessly, or None: penalties, logit
     bias, allowed or bad words, min_tokens, logprobs and structured outputs change the logits along a path (vLLM
     applies them to drafts as one sequence), so such requests decode without drafts."""
@@ -71,7 +71,7 @@ def tree_params(vllm_sampling_params) -> SamplingParams | None:  # noqa: ANN001 
 class TreeEagleProposer(EagleProposer):
     """`EagleProposer` whose `propose` returns an EAGLE-2 tree's tokens per request (parents in `self.trees`)."""
 
-    def __init__(self, vllm_config, device: torch.device, runner, tree: dict) -> None:  # noqa: ANN001
+    def __init__(self, vllm_config, device: torch.device, runner, tree: dict) -> None:
         super().__init__(vllm_config, device, runner)
         self.runner = runner  # the model runner: its batch, requests and block tables
         spec = SpeculativeConfig(method="fspad", num_speculative_tokens=0, model="-", tree=tree)
@@ -80,21 +80,31 @@ class TreeEagleProposer(EagleProposer):
         self.trees: dict[str, DraftTree] = {}  # request id -> the tree last proposed for it
         self._first_pass: tuple[torch.Tensor, torch.Tensor] | None = None
         self._capturing = False
+        self._roots: tuple[torch.Tensor, CommonAttentionMetadata] | None = None  # the first pass's sample rows
 
-    def load_model(self, target_model) -> None:  # noqa: ANN001
+    def load_model(self, target_model) -> None:
         super().load_model(target_model)
         self.model.register_forward_hook(self._keep_first_pass)
+        self.grower.vocab_size = self.vllm_config.model_config.get_vocab_size()
 
-    def _keep_first_pass(self, module, args, output) -> None:  # noqa: ANN001
+    def _logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The drafter's logits at these rows: over its own columns where it has a reduced vocabulary (the grower
+        maps them to target ids), which skips a scatter into the target's vocabulary and a softmax over it."""
+        if hasattr(self.model, "draft_logits"):
+            logits, self.grower.vocab = self.model.draft_logits(hidden_states)
+            return logits
+        return self.model.compute_logits(hidden_states)
+
+    def _keep_first_pass(self, module, args, output) -> None:
         if self._capturing:  # (token half, feature half), each [rows, d]
             self._first_pass = output if isinstance(output, tuple) else (output, output)
 
-    def set_inputs_first_pass(self, **kwargs):  # noqa: ANN003, ANN201
+    def set_inputs_first_pass(self, **kwargs):
         num_tokens, token_indices_to_sample, cad = super().set_inputs_first_pass(**kwargs)
         self._roots = (token_indices_to_sample, cad)
         return num_tokens, token_indices_to_sample, cad
 
-    def propose(self, num_speculative_tokens: int, **kwargs) -> list[list[int]]:  # noqa: ANN003
+    def propose(self, num_speculative_tokens: int, **kwargs) -> list[list[int]]:
         """Run vLLM's first pass, then grow each eligible request's tree; requests a tree cannot serve (see
         `tree_params`), near the end of their allocated slots or of the model's length get no draft."""
         self._first_pass, self._capturing = None, True
@@ -105,6 +115,7 @@ class TreeEagleProposer(EagleProposer):
         assert self._first_pass is not None, "the drafter's first pass did not run"
         last_hidden, features = self._first_pass
         self._first_pass = None
+        assert self._roots is not None
         indices, cad = self._roots
         roots = self.positions[indices].tolist()
         runner = self.runner
@@ -137,7 +148,7 @@ class TreeEagleProposer(EagleProposer):
             if first:  # the roots: vLLM's first pass already ran them
                 first = False
                 rows = indices[[c.extra["row"] for c in chunks]]
-                return self.model.compute_logits(last_hidden[rows]), features[rows]
+                return self._logits(last_hidden[rows]), features[rows]
             return self._forward(chunks)
 
         trees = self.grower.propose(scheduled, budgets, catch_up, execute)
@@ -194,4 +205,4 @@ class TreeEagleProposer(EagleProposer):
             last_hidden, features = self.model(
                 input_ids=self.input_ids[:t], positions=self.positions[:t], hidden_states=self.hidden_states[:t]
             )
-        return self.model.compute_logits(last_hidden[rows]), features[rows]
+        return self._logits(last_hidden[rows]), features[rows]

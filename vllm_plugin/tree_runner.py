@@ -41,7 +41,7 @@ from .tree_proposer import TREE_CONFIG_KEY, RequestView, TreeEagleProposer, tree
 SUPPORTED_VLLM = ("0.32.",)  # the runner internals overridden here are those of these releases
 
 
-def tree_config(vllm_config) -> dict | None:  # noqa: ANN001 (VllmConfig)
+def tree_config(vllm_config) -> dict | None:  # VllmConfig
     """The drafter's `leapserve_tree` settings, checked against what tree speculation needs; None without one."""
     spec = vllm_config.speculative_config
     if spec is None or spec.draft_model_config is None:
@@ -70,7 +70,7 @@ def tree_config(vllm_config) -> dict | None:  # noqa: ANN001 (VllmConfig)
 
 
 class TreeCPUModelRunner(CPUModelRunner):
-    def __init__(self, vllm_config, device: torch.device) -> None:  # noqa: ANN001
+    def __init__(self, vllm_config, device: torch.device) -> None:
         super().__init__(vllm_config, device)
         self.tree = tree_config(vllm_config)
         self._trees: dict[int, tuple[int, DraftTree]] = {}  # this step: batch row -> (root's token row, tree)
@@ -88,7 +88,7 @@ class TreeCPUModelRunner(CPUModelRunner):
             seed = vllm_config.model_config.seed or 0
             self._tree_sampler = Sampler(None, torch.Generator().manual_seed(seed))  # unseeded requests' draws
 
-    def _calc_spec_decode_metadata(self, num_draft_tokens: np.ndarray, cu_num_scheduled_tokens: np.ndarray):  # noqa: ANN201
+    def _calc_spec_decode_metadata(self, num_draft_tokens: np.ndarray, cu_num_scheduled_tokens: np.ndarray):
         meta = super()._calc_spec_decode_metadata(num_draft_tokens, cu_num_scheduled_tokens)
         self._trees = {}
         if self.tree is None:
@@ -120,20 +120,20 @@ class TreeCPUModelRunner(CPUModelRunner):
         self._tree_mask, self._chain_positions = mask, chain
         return meta
 
-    def _model_forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    def _model_forward(self, *args, **kwargs):
         if self._tree_mask is not None:
             get_forward_context().additional_kwargs[TREE_MASK] = self._tree_mask
             self._tree_mask = None
         return super()._model_forward(*args, **kwargs)
 
-    def sample_tokens(self, grammar_output):  # noqa: ANN001, ANN201
+    def sample_tokens(self, grammar_output):
         self._step_state = self.execute_model_state if self._trees else None
         try:
             return super().sample_tokens(grammar_output)
         finally:
             self._step_state = None
 
-    def _sample(self, logits, spec_decode_metadata):  # noqa: ANN001, ANN201
+    def _sample(self, logits, spec_decode_metadata):
         out = super()._sample(logits, spec_decode_metadata)
         if not self._trees:
             return out
