@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from leapserve.decoding import LLM
 from leapserve.decoding.model_loader import resolve_model
 from leapserve.decoding.sampling_params import SamplingParams
 from leapserve.prompts.handwritten import HANDWRITTEN
@@ -29,19 +30,18 @@ RUNNER = Path(__file__).with_name("vllm_tree_run.py")
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-135m-instruct-fspad"
 
 
+def vllm_job(job: dict) -> subprocess.CompletedProcess:
+    """`vllm_tree_run.py` on `job`, in .venv-vllm, its engine in that one process."""
+    env = {**VLLM_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    return subprocess.run(
+        [VLLM_BIN / "python", RUNNER], input=json.dumps(job), capture_output=True, text=True, env=env, cwd="/",
+        timeout=900,
+    )  # fmt: skip
+
+
 def run_vllm(model: Path, prompts: list[list[int]], params: list[dict], spec: dict | None = None, **job) -> dict:
     """Generate with one offline vLLM engine (tree worker when `spec` has a tree export); its output and counters."""
-    job = {"model": str(model), "speculative_config": spec, "prompts": prompts, "params": params, **job}
-    env = {**VLLM_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    done = subprocess.run(
-        [VLLM_BIN / "python", RUNNER],
-        input=json.dumps(job),
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd="/",
-        timeout=900,
-    )
+    done = vllm_job({"model": str(model), "speculative_config": spec, "prompts": prompts, "params": params, **job})
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -84,7 +84,8 @@ def test_moved_slots_hold_what_vllms_cpu_kernel_wrote():
 def test_greedy_trees_equal_vllm_without_speculation(tiny_model_dir, tmp_path):
     """Seven requests of 3 to 40 prompt tokens and 6 to 40 output tokens, at most three at a time (requests join
     as others finish), one with a repetition penalty (no tree for it: vLLM penalises drafts as one sequence):
-    tree speculation's tokens equal plain decoding's, and the trees were drafted (24 nodes a draft)."""
+    tree speculation's tokens equal vLLM's plain decoding and leapserve's autoregressive engine (held to
+    transformers' generate by the engine tests), and the trees were drafted (24 nodes a draft)."""
     tree = {"depth": 5, "top_k": 8, "total_tokens": 24}
     spec = tree_export(tiny_model_dir, tmp_path / "export", tree)
     g = torch.Generator().manual_seed(0)
@@ -95,6 +96,10 @@ def test_greedy_trees_equal_vllm_without_speculation(tiny_model_dir, tmp_path):
     want = run_vllm(tiny_model_dir, prompts, params, max_num_seqs=3)
     got = run_vllm(tiny_model_dir, prompts, params, spec, tree_worker=True, max_num_seqs=3)
     assert got["tokens"] == want["tokens"]
+    # and leapserve's autoregressive engine, which the engine tests hold to transformers' generate
+    llm = LLM(str(tiny_model_dir), decoder="autoregressive", kv_cache_tokens=2048)
+    native = llm.generate(prompts, [SamplingParams(**p) for p in params], use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in native] == got["tokens"]
     counters = got["counters"]
     assert counters["num_drafts"] > 0 and counters["num_draft_tokens"] == 24 * counters["num_drafts"]
 
@@ -161,15 +166,6 @@ def test_a_tree_vllm_cannot_reserve_is_refused(tiny_model_dir, tmp_path):
     spec = tree_export(tiny_model_dir, tmp_path / "export", {"depth": 3, "top_k": 2, "total_tokens": 6})
     job = {"model": str(tiny_model_dir), "speculative_config": {**spec, "num_speculative_tokens": 3},
            "tree_worker": True, "prompts": [[1, 2]], "params": [{"max_tokens": 2}]}  # fmt: skip
-    env = {**VLLM_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    done = subprocess.run(
-        [VLLM_BIN / "python", RUNNER],
-        input=json.dumps(job),
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd="/",
-        timeout=600,
-    )
+    done = vllm_job(job)
     assert done.returncode != 0
     assert "num_speculative_tokens must equal total_tokens (6)" in done.stderr
