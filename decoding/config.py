@@ -122,6 +122,11 @@ class EngineConfig:
     speculative_config: dict | None = option(
         None, 'JSON object, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\''
     )
+    diffusion_config: dict | None = option(
+        None,
+        'dparallel decoder: JSON object, e.g. \'{"gen_length": 256, "block_length": 32, "rule": "entropy", '
+        '"threshold": 0.5, "cache": "none"}\' (docs/diffusion-models.md)',
+    )
     seed: int = option(0, "seed of the engine's sampling generator")
     default_max_tokens: int = option(
         1024,

@@ -16,6 +16,7 @@ from .config import EngineConfig
 from .decoders import DECODERS
 from .decoders.base import SeqStep
 from .detokenizer import IncrementalDetokenizer
+from .diffusion_lm import diffusion_spec
 from .kv_cache import PagedKVCache
 from .model_loader import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
 from .observe import STEP_RANGE, Clock, Observers, StepObserver, StepRecord, profiled_range
@@ -69,6 +70,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.model_path, mc.trust_remote_code)
         model = load_model(self.model_path, mc, self.device, self.dtype)
         hf = model.config
+        self._check_decoder(diffusion_spec(hf) is not None)
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         bytes_per_token = PagedKVCache.bytes_per_token(
             hf.num_hidden_layers, hf.num_key_value_heads, head_dim, self.dtype
@@ -112,6 +114,18 @@ class LLMEngine:
             num_blocks * config.cache.block_size,
             self.max_model_len,
         )
+
+    def _check_decoder(self, diffusion: bool) -> None:
+        """A masked diffusion LM decodes with dparallel (the default for one), and only diffusion LMs do."""
+        if diffusion and self.config.decoder is None and not self.config.speculative_config:
+            self.decoder_name = "dparallel"
+        elif diffusion and self.decoder_name != "dparallel":
+            raise ValueError(
+                f"{self.config.model.model} is a masked diffusion LM: serve it with --decoder dparallel, "
+                f"not {self.decoder_name}"
+            )
+        elif self.config.diffusion_config is not None and self.decoder_name != "dparallel":
+            raise ValueError("--diffusion-config is for --decoder dparallel (masked diffusion LMs)")
 
     def _max_model_len(self, model_limit: int | None) -> int:
         capacity = self.cache.num_blocks * self.cache.block_size - self.decoder.lookahead
@@ -160,6 +174,7 @@ class LLMEngine:
         self.check_token_ids("prompt", prompt_token_ids)
         self.check_token_ids("stop_token_ids", params.stop_token_ids)
         self.check_token_ids("logit_bias", params.logit_bias)
+        self.decoder.validate(n, params, self.max_model_len)
         if n >= self.max_model_len:
             raise InvalidRequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has {n} tokens",
@@ -226,7 +241,7 @@ class LLMEngine:
             return self._step()
 
     def _step(self) -> list[Request]:
-        scheduled = self.scheduler.schedule(self.decoder.lookahead)
+        scheduled = self.scheduler.schedule(self.decoder.slots_ahead)
         if not scheduled:
             return []
         start, forwards = self.observers.clock(), dict(self.observers.forwards)
@@ -255,6 +270,7 @@ class LLMEngine:
             seq.num_computed += s.num_new + max(0, len(res.samples) - 1)
             if res.masked_slots:
                 seq.add_kv_hole(res.masked_slots)
+            seq.denoising_steps += res.denoising_steps
             if res.forwarded:
                 seq.target_forwards += 1
                 seq.draft_tokens += res.draft_tokens
@@ -265,6 +281,10 @@ class LLMEngine:
                 self._append(seq, sample)
                 if seq.finished:
                     break
+            if res.finished and not seq.finished:
+                seq.text += seq.detokenizer.flush()
+                self._finish(seq, "length")
+                changed[req.request_id] = req
             if res.samples:
                 req.first_token_time = req.first_token_time or now
                 changed[req.request_id] = req

@@ -24,6 +24,7 @@ class LLM:
         *,
         decoder: str | None = None,
         speculative_config: dict | None = None,
+        diffusion_config: dict | None = None,
         dtype: str = ModelConfig.dtype,
         device: str = ModelConfig.device,
         max_model_len: int | None = None,
@@ -55,6 +56,7 @@ class LLM:
                 scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
                 decoder=decoder,
                 speculative_config=speculative_config,
+                diffusion_config=diffusion_config,
                 seed=seed,
             )
         self.engine = LLMEngine(config, clock=clock, observers=observers)

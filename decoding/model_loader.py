@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_MODEL, ModelConfig
+from .diffusion_lm import converted_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def resolve_model(model: str) -> Path | str:
             raise ModelNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
         if not any(path.glob("*.safetensors")):
             raise ModelNotFoundError(f"{path} has no .safetensors weights; leapserve never unpickles .bin checkpoints")
-        return path
+        return converted_checkpoint(path, cache_dir() / "diffusion") or path  # LLaDA, Dream: converted once
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelNotFoundError(
             f"model {model!r} not found: pass a checkpoint directory, a .gguf file, a hub id "

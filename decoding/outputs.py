@@ -34,6 +34,7 @@ class RequestMetrics:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     num_drafts: int = 0  # verifications with at least one draft token
+    denoising_steps: int = 0  # diffusion decoding steps (dparallel); 0 for other decoders
     accepted_per_position: list[int] = field(default_factory=list)  # [i]: verifications that accepted draft i + 1
 
     @property

@@ -48,6 +48,7 @@ class SamplingParams:
     min_tokens: int = 0  # before this many tokens, EOS, stop_token_ids and stop strings do not end the sequence
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
     structured_outputs: StructuredOutputsParams | None = None  # a JSON schema, regex, choice or grammar to follow
+    extra_args: dict | None = None  # decoder-specific arguments (vLLM's name), e.g. {"diffusion_threshold": 0.3}
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

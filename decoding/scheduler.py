@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import SchedulerConfig
@@ -53,8 +54,9 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def schedule(self, lookahead: int = 0) -> list[ScheduledSeq]:
-        """Pick this step's work. `lookahead` extra cache slots per running sequence are reserved (draft tokens)."""
+    def schedule(self, lookahead: Callable[[Sequence], int] = lambda seq: 0) -> list[ScheduledSeq]:
+        """Pick this step's work. `lookahead(seq)` extra cache slots are reserved for each scheduled sequence (draft
+        tokens, a diffusion canvas)."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted = False
@@ -62,7 +64,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_uncomputed, budget)
-            while not self.cache.grow(seq.block_table, seq.num_kv_slots + num_new + lookahead):
+            while not self.cache.grow(seq.block_table, seq.num_kv_slots + num_new + lookahead(seq)):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
@@ -77,10 +79,10 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             seq = self.waiting[0]
             num_new = min(seq.num_uncomputed, budget)
-            needed = self.cache.blocks_needed(seq.block_table, seq.num_kv_slots + num_new + lookahead)
+            needed = self.cache.blocks_needed(seq.block_table, seq.num_kv_slots + num_new + lookahead(seq))
             if needed + len(self.running) > self.cache.num_free_blocks:
                 break
-            self.cache.grow(seq.block_table, seq.num_kv_slots + num_new + lookahead)
+            self.cache.grow(seq.block_table, seq.num_kv_slots + num_new + lookahead(seq))
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

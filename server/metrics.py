@@ -108,6 +108,13 @@ class ServerMetrics:
             ["position"],
             registry=reg,
         )
+        # vLLM's names for its diffusion counters
+        self.diffusion_num_denoising_steps = Counter(
+            PREFIX + "diffusion_num_denoising_steps", "Diffusion decoding steps (model forwards).", registry=reg
+        )
+        self.diffusion_num_committed_tokens = Counter(
+            PREFIX + "diffusion_num_committed_tokens", "Tokens committed by diffusion decoding.", registry=reg
+        )
         reg.register(EngineStatsCollector(engine))
 
     def observer(self) -> RequestObserver:
@@ -153,6 +160,9 @@ class RequestObserver:
             m.time_to_first_token.observe(timing.first_token_time - timing.arrival_time)
         if timing is not None and timing.latency is not None:
             m.e2e_request_latency.observe(timing.latency)
+        if timing is not None and timing.denoising_steps:
+            m.diffusion_num_denoising_steps.inc(timing.denoising_steps)
+            m.diffusion_num_committed_tokens.inc(self.num_tokens)
         if timing is not None and timing.num_drafts:
             m.spec_num_drafts.inc(timing.num_drafts)
             m.spec_num_draft_tokens.inc(timing.draft_tokens)

@@ -146,6 +146,9 @@ class _SamplingRequest(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    vllm_xargs: dict[str, str | int | float | bool | None] | None = (
+        None  # decoder arguments (SamplingParams.extra_args)
+    )
     # structured outputs: OpenAI's response_format, or one of vLLM's
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -216,6 +219,7 @@ class _SamplingRequest(_Request):
             min_p=self.min_p or 0.0,
             min_tokens=self.min_tokens,
             structured_outputs=self._structured_outputs(),
+            extra_args=self.vllm_xargs,
         )
 
 

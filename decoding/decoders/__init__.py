@@ -3,8 +3,9 @@
 
 from .autoregressive import AutoregressiveDecoder
 from .base import Decoder
+from .dparallel import DParallelDecoder
 from .speculative import SpeculativeDecoder
 
-DECODERS: dict[str, type[Decoder]] = {d.name: d for d in (AutoregressiveDecoder, SpeculativeDecoder)}
+DECODERS: dict[str, type[Decoder]] = {d.name: d for d in (AutoregressiveDecoder, SpeculativeDecoder, DParallelDecoder)}
 
-__all__ = ["DECODERS", "Decoder", "AutoregressiveDecoder", "SpeculativeDecoder"]
+__all__ = ["DECODERS", "Decoder", "AutoregressiveDecoder", "SpeculativeDecoder", "DParallelDecoder"]

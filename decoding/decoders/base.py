@@ -20,6 +20,7 @@ from ..outputs import Logprob
 from ..request import Request, Sequence
 from ..runner import ModelRunner, SeqChunk
 from ..sampler import Sample, Sampler, SequenceError
+from ..sampling_params import SamplingParams
 from ..scheduler import ScheduledSeq
 
 
@@ -34,6 +35,8 @@ class SeqStep:
     accepted_tokens: int = 0
     masked_slots: int = 0  # cache slots to leave as a hole after the committed tokens (the padded layout)
     prompt_logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # the request's next prompt tokens'
+    denoising_steps: int = 0  # diffusion steps taken (a step may commit no token)
+    finished: bool = False  # the decoder has nothing more to give (a diffusion canvas fully handed over): "length"
 
 
 class Decoder(ABC):
@@ -45,6 +48,14 @@ class Decoder(ABC):
         self.sampler = sampler
         self.config = config
         self.observers = observers  # the engine's clock, and where drafters report their forwards
+
+    def slots_ahead(self, seq: Sequence) -> int:
+        """Cache slots to reserve for `seq` past its tokens (at most `lookahead`)."""
+        return self.lookahead
+
+    def validate(self, prompt_len: int, params: SamplingParams, max_model_len: int) -> None:
+        """Raise InvalidRequestError if this decoder cannot serve a request with these parameters (all can, here)."""
+        return None
 
     @abstractmethod
     def step(self, scheduled: list[ScheduledSeq]) -> dict[Sequence, SeqStep]:
