@@ -26,6 +26,7 @@ import torch
 
 from leapserve.decoding.args import option
 from leapserve.decoding.config import EngineConfig, ModelConfig, SpeculativeConfig
+from leapserve.decoding.diffusion_lm import diffusion_spec
 from leapserve.decoding.kv_cache import PagedKVCache
 from leapserve.decoding.model_loader import cache_dir, load_model, resolve_device, resolve_dtype, resolve_model
 from leapserve.drafters.checkpoints import SHARED_WITH_TARGET, load_draft_model
@@ -166,6 +167,11 @@ def vllm_command(
     device = resolve_device(mc.device)
     dtype = resolve_dtype(mc.dtype, device)
     model_dir = str(resolve_model(mc.model))
+    if config.decoder == "dparallel" or config.diffusion_config is not None or is_diffusion_lm(model_dir):
+        raise ValueError(
+            "--backend vllm does not serve masked diffusion LMs (--decoder dparallel): serve them with --backend "
+            "native (docs/diffusion-models.md says what vLLM would need)"
+        )
     cmd = [
         executable,
         "serve",
@@ -218,6 +224,11 @@ def vllm_command(
         if spec.tree is not None:
             cmd += ["--worker-cls", TREE_WORKER]
     return cmd
+
+
+def is_diffusion_lm(model_dir: str) -> bool:
+    path = Path(model_dir) / "config.json"
+    return path.is_file() and diffusion_spec(json.loads(path.read_text())) is not None
 
 
 def kv_cache_bytes(model_dir: str, config: EngineConfig, dtype) -> int:

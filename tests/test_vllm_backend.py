@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,16 @@ def save_tiny_fspad(target: Path, out: Path) -> Path:
 def test_what_vllm_cannot_do_is_refused(tiny_model_dir, speculative_config, message):
     with pytest.raises(ValueError, match=message):
         command(tiny_model_dir, speculative_config)
+
+
+def test_diffusion_lms_are_refused(tiny_model_dir, tmp_path):
+    mdm = shutil.copytree(tiny_model_dir, tmp_path / "mdm")
+    config = json.loads((mdm / "config.json").read_text())
+    (mdm / "config.json").write_text(
+        json.dumps({**config, "diffusion_lm": {"mask_token_id": 0, "logits_shift": False}})
+    )
+    with pytest.raises(ValueError, match="does not serve masked diffusion LMs"):
+        command(mdm)
 
 
 @pytest.mark.parametrize(
