@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from leapserve.benchmarks import bench_offline, bench_serve
 from leapserve.decoding.args import DefaultsHelpFormatter
-from leapserve.training import adaspec, data, export, fspad
+from leapserve.training import adaspec, data, dparallel, export, fspad, mdm
 
 from . import serve
 
@@ -28,7 +28,7 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="make training data from the target and train drafters for it")
     commands = p.add_subparsers(dest="train_command", required=True, metavar="TRAIN_COMMAND")
-    for module in (data, fspad, adaspec, export):
+    for module in (data, fspad, adaspec, export, mdm, dparallel):
         module.add_parser(commands)
 
 
