@@ -1,4 +1,4 @@
-"""The `leapserve` command: `serve`, `bench serve|offline` and `train data|fspad|adaspec|export-eagle`."""
+"""The `leapserve` command: `serve`, `bench serve|offline` and `train data|fspad|adaspec|export-eagle|mdm|dparallel`."""
 
 from __future__ import annotations
 

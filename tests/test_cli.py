@@ -128,10 +128,10 @@ def test_every_serve_option_is_an_engine_config_field_and_back():
 
 def test_decoder_choices_are_the_registry(capsys):
     decoder = next(a for a in subparser("serve")._actions if a.dest == "decoder")
-    assert decoder.choices == list(DECODERS) == ["autoregressive", "speculative"]
+    assert decoder.choices == list(DECODERS) == ["autoregressive", "speculative", "dparallel"]
     with pytest.raises(SystemExit):
-        parse("--decoder", "dparallel")
-    assert "--decoder: invalid choice: 'dparallel'" in capsys.readouterr().err
+        parse("--decoder", "silent-thought")
+    assert "--decoder: invalid choice: 'silent-thought'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -141,7 +141,8 @@ def test_decoder_choices_are_the_registry(capsys):
         (
             ["serve"],
             [
-                "{autoregressive,speculative}",
+                "{autoregressive,speculative,dparallel}",
+                "--diffusion-config",
                 "--speculative-config",
                 "model:",
                 "KV cache:",
@@ -149,9 +150,9 @@ def test_decoder_choices_are_the_registry(capsys):
                 "decoding:",
                 "server:",
             ],
-            ["dparallel", "silent-thought"],
+            ["silent-thought"],
         ),
-        (["train"], ["data", "fspad", "adaspec", "export-eagle"], []),
+        (["train"], ["data", "fspad", "adaspec", "export-eagle", "mdm", "dparallel"], []),
         (["train", "fspad"], ["--no-feature-sampling", "training:", "--warmup-steps"], []),
     ],
 )

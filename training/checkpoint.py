@@ -9,6 +9,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,10 +20,16 @@ CARD = "README.md"
 
 
 def export_checkpoint(
-    out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict, card: str, dtype: torch.dtype = torch.float16
+    out_dir: str | Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict,
+    card: str,
+    dtype: torch.dtype = torch.float16,
+    extra_files: Callable[[Path], object] | None = None,
 ) -> Path:
     """Write `tensors` (floating ones cast to `dtype`), `config` and `card` to `out_dir`, replacing an earlier
-    export there; refuses to replace a directory that is not one."""
+    export there; refuses to replace a directory that is not one. `extra_files(dir)` writes more files (say a
+    tokenizer) into the directory before it is renamed into place."""
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "config.json").is_file())):
         raise FileExistsError(f"{out} exists and is not a checkpoint directory; refusing to replace it")
@@ -37,6 +44,8 @@ def export_checkpoint(
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / CARD).write_text(card)
+        if extra_files is not None:
+            extra_files(tmp)
         for path in tmp.iterdir():
             path.chmod(0o644)
         if out.exists():

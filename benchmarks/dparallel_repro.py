@@ -1,0 +1,233 @@
+"""dParallel at small scale, on CPU: a masked diffusion LM trained from scratch by `leapserve train mdm`, then
+certainty-forcing distillation (`leapserve train dparallel`), decoded one token per step, k per step and by entropy
+threshold, with accuracy and steps per answer over seeds.
+
+    python -m leapserve.benchmarks.dparallel_repro run --seed 0 --out runs/dparallel    # one seed (resumable)
+    python -m leapserve.benchmarks.dparallel_repro report --out runs/dparallel          # table + plot of all seeds
+
+The task: add four digits with a running-total scratchpad whose order of additions is random, e.g. `7+7+1+5=` ->
+`7+1=8;8+7=15;15+5=20;#20`, answers EOS-padded to 32 tokens, exact match of the number after `#`. The random order
+keeps a position's prediction uncertain until the positions before it are fixed, the "sequential certainty
+convergence" dParallel's distillation works against. Questions are held out by construction: 300 of the 10,000
+digit quadruples are never trained on.
+
+Per seed: the base model (LLaDA SFT loss); from it, trajectories of its own entropy-threshold decoding on training
+questions, then certainty forcing (beta 2), the trajectory-only control (beta 0), and the base trained as many more
+steps on its original data (more training, no distillation). Each model is decoded with LLaDA's low-confidence
+schedule at one and at k tokens per step and with entropy thresholds. Steps = denoising steps (model forwards) per
+answer, up to the EOS that ends it (decoding stops there); blocks of 8, so at least 4 for a full canvas.
+
+Decision rule, fixed before the runs (issue goal: at least 3x fewer steps than one token per step at accuracy
+within 1 point): over the seeds, the certainty-forced model decoded with entropy threshold 0.5 (dParallel's value,
+chosen in advance) must take at most a third of the mean steps of the base model decoded one token per step, with
+mean accuracy no more than 1 point below it. The other thresholds and both controls are reported, not chosen from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+GEN_LENGTH, BLOCK_LENGTH = 32, 8
+TEST_QUESTIONS = 300
+DECODERS: dict[str, dict] = {
+    "1 token/step": {"rule": "confidence"},
+    "fixed k=2": {"rule": "fixed", "k": 2},
+    "fixed k=4": {"rule": "fixed", "k": 4},
+    **{f"entropy {t}": {"rule": "entropy", "threshold": t} for t in (0.05, 0.2, 0.5, 1.0)},
+}
+MODELS = ("base", "certainty-forcing", "trajectory-only", "more-mdm")
+
+
+def solve(digits: Sequence[int], rng: random.Random) -> tuple[str, str]:
+    """The question and a scratchpad answer adding `digits` in a random order."""
+    order = list(digits)
+    rng.shuffle(order)
+    total, steps = order[0], []
+    for d in order[1:]:
+        steps.append(f"{total}+{d}={total + d}")
+        total += d
+    return "+".join(map(str, digits)) + "=", ";".join(steps) + f";#{total}"
+
+
+def answer(text: str) -> int | None:
+    """The number after the last `#`, or None."""
+    tail = text.rsplit("#", 1)[-1] if "#" in text else ""
+    digits = "".join(c for c in tail[:3] if c.isdigit())
+    return int(digits) if digits else None
+
+
+def split_questions(seed: int = 1234) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """All 10,000 digit quadruples, shuffled once (the same split for every seed): (training, held out)."""
+    quads = [(a, b, c, d) for a in range(10) for b in range(10) for c in range(10) for d in range(10)]
+    random.Random(seed).shuffle(quads)
+    return quads[TEST_QUESTIONS:], quads[:TEST_QUESTIONS]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class Settings:
+    train_examples: int = 40000
+    pretrain_steps: int = 2000
+    distill_steps: int = 400
+    trajectories: int = 2048
+    trajectory_threshold: float = 0.5
+    batch_size: int = 128
+    lr: float = 2e-3
+    distill_lr: float = 5e-4
+
+
+def evaluate(model_dir: Path, questions: list[tuple[int, ...]]) -> dict[str, dict]:
+    """Accuracy and mean steps per answer of every decoder on `questions`, greedy, all questions batched."""
+    from leapserve.decoding import LLM, SamplingParams
+
+    llm = LLM(
+        str(model_dir),
+        diffusion_config={"gen_length": GEN_LENGTH, "block_length": BLOCK_LENGTH},
+        max_num_seqs=len(questions),
+        enforce_eager=True,
+    )
+    prompts = ["+".join(map(str, q)) + "=" for q in questions]
+    results = {}
+    for name, overrides in DECODERS.items():
+        extra = {f"diffusion_{k}": v for k, v in overrides.items()}
+        params = SamplingParams(max_tokens=GEN_LENGTH, temperature=0, extra_args=extra)
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        correct = [answer(o.outputs[0].text) == sum(q) for o, q in zip(outs, questions)]
+        steps = [o.metrics.denoising_steps for o in outs]
+        results[name] = {
+            "accuracy": sum(correct) / len(correct),
+            "steps": statistics.mean(steps),
+            "tokens_per_step": statistics.mean(len(o.outputs[0].token_ids) / s for o, s in zip(outs, steps)),
+            "seconds": seconds,
+        }
+        print(f"  {model_dir.name:>18} {name:>14}: {results[name]}", flush=True)
+    return results
+
+
+def run(seed: int, out: Path, s: Settings) -> dict:
+    from leapserve.training.dparallel import DParallelConfig, DParallelTraining, train_dparallel
+    from leapserve.training.mdm import MDMConfig, MDMTraining, train_mdm
+
+    work = out / f"seed{seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    train_q, test_q = split_questions()
+    rng = random.Random(seed)
+    examples = [dict(zip(("prompt", "response"), solve(rng.choice(train_q), rng))) for _ in range(s.train_examples)]
+    data = write_jsonl(work / "train.jsonl", examples)
+    prompts = write_jsonl(work / "prompts.jsonl", [{"prompt": e["prompt"]} for e in examples[: s.trajectories]])
+    common = dict(batch_size=s.batch_size, seed=seed, checkpoint_every=200, warmup_steps=100)
+    base = work / "base"
+    if not (base / "config.json").is_file():
+        train_mdm(
+            MDMConfig(
+                data=str(data), out=str(base), tokenizer="char", hidden_size=128, num_layers=4, num_heads=4,
+                seq_len=8 + GEN_LENGTH, train=MDMTraining(steps=s.pretrain_steps, lr=s.lr, **common),
+            )
+        )  # fmt: skip
+    models = {"base": base}
+    for name, beta in (("certainty-forcing", 2.0), ("trajectory-only", 0.0)):
+        models[name] = work / name
+        if not (models[name] / "config.json").is_file():
+            train_dparallel(
+                DParallelConfig(
+                    data=str(prompts), out=str(models[name]), model=str(base), beta=beta,
+                    gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH, threshold=s.trajectory_threshold,
+                    train=DParallelTraining(steps=s.distill_steps, lr=s.distill_lr, **common),
+                )
+            )  # fmt: skip
+    models["more-mdm"] = work / "more-mdm"
+    if not (models["more-mdm"] / "config.json").is_file():
+        train_mdm(
+            MDMConfig(
+                data=str(data), out=str(models["more-mdm"]), init_from=str(base), seq_len=8 + GEN_LENGTH,
+                train=MDMTraining(steps=s.distill_steps, lr=s.distill_lr, **common),
+            )
+        )  # fmt: skip
+    results = {"seed": seed, "settings": vars(s), "models": {m: evaluate(models[m], test_q) for m in MODELS}}
+    write_jsonl(work / "results.jsonl", [results])
+    return results
+
+
+def report(out: Path) -> str:
+    """A markdown table (mean and spread over seeds) of every model and decoder, and a plot beside the results."""
+    runs = [json.loads(p.read_text()) for p in sorted(out.glob("seed*/results.jsonl"))]
+    if not runs:
+        raise ValueError(f"no results under {out}: run `run --seed N --out {out}` first")
+    seeds = [r["seed"] for r in runs]
+    lines = [
+        f"Seeds {seeds}; {TEST_QUESTIONS} held-out questions each; accuracy % and steps per answer, mean "
+        "(min-max) over seeds.",
+        "",
+        "| decoder | " + " | ".join(MODELS) + " |",
+        "|---|" + "---|" * len(MODELS),
+    ]
+
+    def cell(model: str, decoder: str) -> str:
+        acc = [100 * r["models"][model][decoder]["accuracy"] for r in runs]
+        steps = [r["models"][model][decoder]["steps"] for r in runs]
+        return (
+            f"{statistics.mean(acc):.1f} ({min(acc):.1f}-{max(acc):.1f}) / {statistics.mean(steps):.1f} "
+            f"({min(steps):.1f}-{max(steps):.1f})"
+        )
+
+    for decoder in DECODERS:
+        lines.append(f"| {decoder} | " + " | ".join(cell(m, decoder) for m in MODELS) + " |")
+    _plot(runs, out / "dparallel-repro.png")
+    return "\n".join(lines)
+
+
+def _plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model, marker in zip(MODELS, "osD^"):
+        xs = [statistics.mean(r["models"][model][d]["steps"] for r in runs) for d in DECODERS]
+        ys = [statistics.mean(100 * r["models"][model][d]["accuracy"] for r in runs) for d in DECODERS]
+        ax.plot(xs, ys, marker, label=model, alpha=0.8)
+    ax.set_xlabel("denoising steps per answer (mean over seeds)")
+    ax.set_ylabel("accuracy % (held out)")
+    ax.set_title("dParallel at small scale: steps against accuracy, every decoder")
+    ax.axvline(GEN_LENGTH / 3, color="grey", lw=0.8, ls="--")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train and evaluate one seed (resumes what is done)")
+    r.add_argument("--seed", type=int, required=True)
+    r.add_argument("--out", type=Path, required=True)
+    for name, default in vars(Settings()).items():
+        r.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    p = sub.add_parser("report", help="the table and plot over the seeds run")
+    p.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        settings = Settings(**{k: getattr(args, k) for k in vars(Settings())})
+        run(args.seed, args.out, settings)
+    else:
+        print(report(args.out))
+
+
+if __name__ == "__main__":
+    main()
