@@ -12,6 +12,9 @@ it shows the price of adaptive speculation's probes where the speedup cannot). `
 `transformers`' `generate` on the same checkpoint: plain (left-padded batches), with `assistant_model` and with
 `prompt_lookup_num_tokens` (both batch size 1 only, as transformers allows). `--roofline` times every pass on a
 modeled accelerator instead of the wall clock (`roofline.py`): what adaptive speculation would do on a GPU, here.
+
+A masked diffusion LM runs on `dparallel` decoders only: then the first decoder is the baseline, and target forwards
+per token are its denoising steps per output token.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from leapserve.decoding.model_loader import load_tokenizer, resolve_model
 from leapserve.prompts import load as load_prompts
 
 from .bench_metrics import Pass, offline_summary, speedup
-from .decoder_specs import BASELINE, NAMED_CONFIGS, Decoder, decoder_list
+from .decoder_specs import BASELINE, DIFFUSION, NAMED_CONFIGS, Decoder, decoder_list
 from .engine_pass import Engine, StepLog, copy_bandwidth_gb_s, engine_pass, step_breakdown, weight_bytes
 from .hf_baselines import HFBaselines
 from .report import add_output_arguments, markdown_table, plot_offline, positive_int_list, run_record, write_outputs
@@ -40,6 +43,7 @@ from .roofline import Roofline, VirtualClock
 
 FILLER = "The quick brown fox jumps over the lazy dog. "  # 9 words
 SPEC_SLACK_TOKENS = 128  # KV room per sequence beyond prompt + output, for draft tokens under verification
+SAME_AS_AR, SAME_AS_BASELINE = "identical_to_autoregressive", "identical_to_baseline"  # a row's output check
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,8 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=decoder_list,
         default=f"{BASELINE},speculative:ngram",
         help="comma-separated: autoregressive | speculative:NAME (" + ", ".join(NAMED_CONFIGS) + ") | "
-        "speculative:{JSON speculative config}, each optionally LABEL=...; autoregressive, the "
-        "baseline of every speedup, is added when missing",
+        "speculative:{JSON speculative config} | dparallel[:{JSON diffusion config}], each optionally LABEL=...; "
+        "autoregressive, the baseline of every speedup, is added when missing; a masked diffusion LM takes "
+        "dparallel decoders only, the first being the baseline",
     )
     p.add_argument(
         "--batch-sizes",
@@ -147,9 +152,12 @@ def prompt_token_ids(tokenizer, prompts: list[str | list[dict]], context_words: 
     return ids
 
 
-def kv_tokens_needed(prompts: list[list[int]], batch_size: int, max_tokens: int, block_size: int = 16) -> int:
-    """KV cache for `batch_size` sequences of the longest prompt, with room for drafts and block rounding."""
-    per_seq = max(map(len, prompts)) + max_tokens + SPEC_SLACK_TOKENS + block_size
+def kv_tokens_needed(
+    prompts: list[list[int]], batch_size: int, max_tokens: int, canvas: int = 0, block_size: int = 16
+) -> int:
+    """KV cache for `batch_size` sequences of the longest prompt, with room for drafts, a diffusion canvas of
+    `canvas` tokens (reserved whole, whatever `max_tokens`) and block rounding."""
+    per_seq = max(map(len, prompts)) + max(max_tokens, canvas) + SPEC_SLACK_TOKENS + block_size
     return batch_size * (per_seq + block_size - 1) // block_size * block_size
 
 
@@ -160,8 +168,9 @@ def build_engine(args: argparse.Namespace, decoder: Decoder, kv_tokens: int) -> 
     config = config_from_args(
         EngineConfig,
         args,
-        decoder="speculative" if decoder.speculative_config else BASELINE,
+        decoder=decoder.kind,
         speculative_config=decoder.speculative_config,
+        diffusion_config=decoder.diffusion_config,
     )
     config.cache.kv_cache_tokens, config.scheduler.max_num_seqs = kv_tokens, max(args.batch_sizes)
     llm = LLM(config=config, **({"clock": clock, "observers": [steps, clock]} if clock else {"observers": [steps]}))
@@ -170,16 +179,19 @@ def build_engine(args: argparse.Namespace, decoder: Decoder, kv_tokens: int) -> 
 
 def bench(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[dict], dict]:
     """Every (batch size, decoder) row, and what the record says about the setup."""
-    kv_tokens = args.kv_cache_tokens or kv_tokens_needed(prompts, max(args.batch_sizes), args.max_tokens)
+    canvas = max((d.diffusion.gen_length for d in args.decoders if d.diffusion), default=0)
+    kv_tokens = args.kv_cache_tokens or kv_tokens_needed(prompts, max(args.batch_sizes), args.max_tokens, canvas)
     engines = {d.label: build_engine(args, d, kv_tokens) for d in args.decoders}
-    baseline = args.decoders[0].label  # autoregressive, see decoder_list
+    baseline = args.decoders[0].label  # autoregressive, or the first dparallel decoder: see decoder_list
+    diffusion = args.decoders[0].kind == DIFFUSION
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
     passes: dict[str, Callable[[list[list[int]], int], Pass | None]] = {
         label: (lambda ps, b, e=e: engine_pass(e, ps, b, params, args.continuous)) for label, e in engines.items()
     }
     base = engines[baseline].llm
     setup: dict = {
-        "decoders": {d.label: d.speculative_config for d in args.decoders},
+        "decoders": {d.label: d.diffusion.as_dict() if d.diffusion else d.speculative_config for d in args.decoders},
+        **({"baseline": baseline} if diffusion else {}),
         "batching": "continuous" if args.continuous else "static",
         "roofline": dataclasses.asdict(args.roofline) if args.roofline else None,
     }
@@ -202,7 +214,7 @@ def bench(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[dict
                 if result is not None:
                     runs[label].append(result)
                 bar.update(1)
-        for row in batch_rows(runs, baseline, batch_size, weights):
+        for row in batch_rows(runs, baseline, batch_size, weights, SAME_AS_BASELINE if diffusion else SAME_AS_AR):
             if args.profile and row["decoder"] in engines:
                 row["step_breakdown"] = step_breakdown(
                     engines[row["decoder"]], prompts, batch_size, params, args.continuous
@@ -212,8 +224,9 @@ def bench(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[dict
     return rows, setup
 
 
-def batch_rows(runs: dict[str, list[Pass]], baseline: str, batch_size: int, weights: int) -> list[dict]:
-    """One row per decoder that ran at this batch size: the summary of its repeats against the baseline's."""
+def batch_rows(runs: dict[str, list[Pass]], baseline: str, batch_size: int, weights: int, same_key: str) -> list[dict]:
+    """One row per decoder that ran at this batch size: the summary of its repeats against the baseline's, whose
+    outputs it matches or not under `same_key`."""
     reference = runs[baseline][-1][1]
     baseline_tps = offline_summary([r for r, _ in runs[baseline]], weights)["tokens_per_s"]
     rows = []
@@ -227,7 +240,7 @@ def batch_rows(runs: dict[str, list[Pass]], baseline: str, batch_size: int, weig
                 "batch_size": batch_size,
                 **summary,
                 "speedup": speedup(summary["tokens_per_s"], baseline_tps),
-                "identical_to_autoregressive": results[-1][1] == reference,
+                same_key: results[-1][1] == reference,
             }
         )
     return rows
@@ -235,16 +248,17 @@ def batch_rows(runs: dict[str, list[Pass]], baseline: str, batch_size: int, weig
 
 def tables(rows: list[dict], setup: dict) -> str:
     """The results table, and the step breakdown table when profiled."""
+    baseline = setup.get("baseline")  # set for dparallel decoders, against the first of them
     headers = [
         "decoder",
         "batch",
         "output tok/s",
         "speedup",
-        "target forwards / token",
+        "steps / token" if baseline else "target forwards / token",
         "mean acceptance length",
         "weight GB/s",
         "drafting cost (same pass)",
-        "same output as AR",
+        f"same output as {baseline}" if baseline else "same output as AR",
     ]
     body = [
         [
@@ -256,10 +270,13 @@ def tables(rows: list[dict], setup: dict) -> str:
             r["mean_acceptance_length"],
             r["weight_GB_s"],
             None if r.get("drafting_cost") is None else f"{100 * r['drafting_cost']:+.1f}%",
-            "yes" if r["identical_to_autoregressive"] else "no",
+            "yes" if r[SAME_AS_BASELINE if baseline else SAME_AS_AR] else "no",
         ]
         for r in rows
     ]
+    if baseline:  # diffusion decoders draft nothing: no acceptance, no drafting cost
+        keep = [i for i, h in enumerate(headers) if h not in ("mean acceptance length", "drafting cost (same pass)")]
+        headers, body = [headers[i] for i in keep], [[row[i] for i in keep] for row in body]
     batching = (
         "continuous batching (batch: requests running at most)"
         if setup["batching"] == "continuous"
@@ -269,6 +286,11 @@ def tables(rows: list[dict], setup: dict) -> str:
         f"weights: {setup['weight_bytes'] / 1e6:.0f} MB; measured copy bandwidth: {setup['copy_GB_s']:.1f} GB/s; "
         f"{batching}\n\n"
     )
+    if baseline:
+        text += (
+            f"masked diffusion LM: steps / token are the denoising steps (model forwards) a request took per output "
+            f"token; speedup and same output are against {baseline}\n\n"
+        )
     if setup.get("roofline"):
         text += (
             f"virtual time on a modeled accelerator (`--roofline`): {Roofline(**setup['roofline']).describe()}; "
@@ -309,6 +331,11 @@ def run(args: argparse.Namespace) -> None:
             "leapserve bench offline: error: --baselines hf cannot run --continuous (transformers' generate "
             "has no continuous batching)"
         )
+    if args.baselines == "hf" and args.decoders[0].kind == DIFFUSION:
+        sys.exit(
+            "leapserve bench offline: error: --baselines hf runs transformers' autoregressive generate, which "
+            "cannot decode a masked diffusion LM: leave it out with dparallel decoders"
+        )
     if args.roofline and (args.baselines == "hf" or args.profile):
         sys.exit(
             "leapserve bench offline: error: --roofline times the engine's forwards only: it cannot time "
@@ -339,11 +366,12 @@ def run(args: argparse.Namespace) -> None:
         plot = Path(args.output_json).with_suffix(".png")
         batching = "continuous batching" if args.continuous else "static groups"
         modeled = "" if args.roofline is None else f"\nvirtual time: {args.roofline.describe()}"
+        against = f"\nspeedup over {setup['baseline']}" if "baseline" in setup else ""
         plot_offline(
             rows,
             plot,
             f"{args.model}, {len(prompts)} prompts from {args.dataset}, "
-            f"{args.max_tokens} tokens max, greedy, {batching}{modeled}",
+            f"{args.max_tokens} tokens max, greedy, {batching}{modeled}{against}",
             "requests running at most" if args.continuous else "batch size",
         )
         print(f"wrote {plot}")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import save_tiny_llama
 from leapserve.benchmarks.bench_metrics import (
     OfflineRun,
     StreamedRequest,
@@ -24,6 +25,7 @@ from leapserve.benchmarks.bench_metrics import (
     speedup,
     summary_ms,
 )
+from leapserve.benchmarks.bench_offline import kv_tokens_needed
 from leapserve.benchmarks.bench_serve import spec_counters
 from leapserve.benchmarks.decoder_specs import NAMED_CONFIGS, Decoder, decoder_list, split_top_level
 from leapserve.cli.main import main
@@ -210,6 +212,62 @@ def test_bad_arguments_are_argparse_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_dparallel_decoder_specs():
+    """dparallel decoders stay in the order given, the first being the baseline; unnamed ones are labelled from the
+    config with its defaults filled in, a bare `dparallel` is the server's default config."""
+    decoders = decoder_list(
+        'one=dparallel:{"rule": "confidence"},dparallel:{"rule": "entropy", "threshold": 0.5},dparallel,'
+        'dparallel:{"rule": "fixed", "k": 4, "gen_length": 64, "block_length": 16, "cache": "dual"},'
+        'dparallel:{"rule": "confidence", "steps": 128}'
+    )
+    assert decoders == [
+        Decoder("one", diffusion_config={"rule": "confidence"}),
+        Decoder("dparallel[entropy 0.5 block 32]", diffusion_config={"rule": "entropy", "threshold": 0.5}),
+        Decoder("dparallel", diffusion_config={}),
+        Decoder(
+            "dparallel[fixed k=4 block 16 gen 64 cache dual]",
+            diffusion_config={"rule": "fixed", "k": 4, "gen_length": 64, "block_length": 16, "cache": "dual"},
+        ),
+        Decoder("dparallel[confidence steps 128 block 32]", diffusion_config={"rule": "confidence", "steps": 128}),
+    ]
+    assert {d.kind for d in decoders} == {"dparallel"}
+    assert decoders[2].diffusion.gen_length == 256 and decoders[3].diffusion.gen_length == 64
+    assert [d.kind for d in decoder_list("speculative:ngram")] == ["autoregressive", "speculative"]
+
+
+def test_kv_cache_sizing_leaves_room_for_the_diffusion_canvas():
+    """Each sequence reserves its whole canvas, however few tokens are asked for."""
+    prompts = [[1] * 10, [1] * 30]
+    assert kv_tokens_needed(prompts, 2, 8, canvas=256) == kv_tokens_needed(prompts, 2, 256) >= 2 * (30 + 256)
+    assert kv_tokens_needed(prompts, 2, 300, canvas=256) == kv_tokens_needed(prompts, 2, 300)
+
+
+@pytest.mark.parametrize(
+    "decoders, message",
+    [
+        ("autoregressive,dparallel", "cannot be compared with autoregressive or speculative ones"),
+        ('dparallel:{"rule": "fixed"},speculative:ngram', "cannot be compared with autoregressive or speculative ones"),
+        ("dparallel:{rule: entropy}", "not valid JSON"),
+        ("dparallel:[1]", "must be a JSON object"),
+        ('dparallel:{"rules": "entropy"}', "unknown keys ['rules']"),
+        ('dparallel:{"gen_length": 10, "block_length": 4}', "must be a multiple of block_length"),
+        ('dparallel:{"rule": "greedy"}', "rule must be one of"),
+        ("dparallel,dparallel", "labels must differ"),
+    ],
+)
+def test_bad_dparallel_specs_are_argparse_errors(decoders, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "offline", "--decoders", decoders])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_offline_dparallel_has_no_hf_baseline():
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "offline", "--decoders", "dparallel", "--baselines", "hf"])
+    assert "cannot decode a masked diffusion LM" in str(exc.value)
+
+
 # ---- real runs on a tiny model ---------------------------------------------------------------------------------
 
 
@@ -267,6 +325,55 @@ def test_bench_offline_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     assert "| decoder | batch | output tok/s |" in printed and "| self-draft | 2 |" in printed
     assert "drafting cost (same pass)" in printed
     assert (tmp_path / "offline.md").read_text().startswith("`leapserve bench offline")
+
+
+@pytest.fixture(scope="module")
+def tiny_mdm_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """The tiny random Llama marked as a masked diffusion LM, its last vocabulary id the mask (as test_dparallel's)."""
+    path = save_tiny_llama(tmp_path_factory.mktemp("tiny-mdm"), smollm2_tokenizer)
+    config = json.loads((path / "config.json").read_text())
+    config["diffusion_lm"] = {"mask_token_id": config["vocab_size"] - 1, "logits_shift": False}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_bench_offline_dparallel(tiny_mdm_dir, tmp_path, monkeypatch, capsys):
+    """Two dparallel decoders on a tiny diffusion LM, the first the baseline: one token per step under LLaDA's
+    schedule (steps = gen_length) is 1.0 steps per token; the entropy rule takes at least a step per block."""
+    out = tmp_path / "dparallel.json"
+    canvas = '"gen_length": 8, "block_length": 4'
+    _bench_offline(
+        monkeypatch,
+        tiny_mdm_dir,
+        f'one=dparallel:{{"rule": "confidence", {canvas}}},dparallel:{{"rule": "entropy", "threshold": 0.5, {canvas}}}',
+        "--batch-sizes 1,2 --num-prompts 2 --max-tokens 8",
+        *("--output-json", str(out), "--output-md", str(tmp_path / "dparallel.md")),
+    )
+    record = _check_outputs(out, "offline")
+    entropy = "dparallel[entropy 0.5 block 4 gen 8]"
+    assert record["baseline"] == "one"
+    assert record["decoders"]["one"] == {
+        "gen_length": 8,
+        "block_length": 4,
+        "rule": "confidence",
+        "threshold": 0.5,
+        "steps": None,
+        "k": 2,
+        "cache": "none",
+    }
+    rows = {(r["decoder"], r["batch_size"]): r for r in record["results"]}
+    assert set(rows) == {(d, b) for d in ("one", entropy) for b in (1, 2)}
+    for row in rows.values():
+        assert row["output_tokens"] == 16 and row["tokens_per_s"] > 0
+        assert "identical_to_autoregressive" not in row and row["drafting_cost"] is None
+    for b in (1, 2):
+        assert rows[("one", b)]["target_forwards_per_token"] == 1.0 and rows[("one", b)]["identical_to_baseline"]
+        assert 2 / 8 <= rows[(entropy, b)]["target_forwards_per_token"] <= 1.0  # 2 blocks of 4 tokens
+    assert rows[("one", 1)]["speedup"] == 1.0
+    printed = capsys.readouterr().out
+    assert "| steps / token |" in printed and "| same output as one |" in printed
+    assert "target forwards / token" not in printed and "mean acceptance length" not in printed
+    assert "denoising steps" in printed and f"| {entropy} | 2 |" in printed
 
 
 def test_bench_offline_continuous_batching(tiny_model_dir, tmp_path, monkeypatch, capsys):
