@@ -4,13 +4,13 @@ Trajectories: the model answers the data's prompts with its own threshold decodi
 greedy), stored in `<work-dir>/trajectories.jsonl` as they come and reused on resume. `--keep correct` keeps only
 answers equal to the data's `response` (a reference); the default keeps all, as dParallel.
 
-Loss (LLaDA variant, `seed-methods.md` §4): a sequence is prompt + trajectory + EOS padding, L = P + gen_length.
-A random block [s, e) of the response (block n ~ U{0, ..., ceil(R / b) - 1}, R = L - P, the last one possibly
-shorter) is the active block: positions before it stay clean, each of its tokens is masked with p = (1 - eps) 0.5 +
-eps independently (mask m), everything after it is masked. View A masks m, view B the complement; both are run
-bidirectionally and L = CE_A + CE_B + beta (Ent_A + Ent_B), where CE_X is the mean cross-entropy over X's masked
-block tokens and Ent_X the mean entropy of softmax(logits / T_H) (T_H 0.5) over those of them the model already
-predicts correctly (argmax == trajectory token). beta 2 is dParallel's LLaDA setting; `--beta 0` is the
+Loss (the LLaDA variant of dParallel's published training code): a sequence is prompt + trajectory + EOS padding, L
+= P + gen_length. A random block [s, e) of the response (block n ~ U{0, ..., ceil(R / b) - 1}, R = L - P, the last
+one possibly shorter) is the active block: positions before it stay clean, each of its tokens is masked with p = (1
+- eps) 0.5 + eps independently (mask m), everything after it is masked. View A masks m, view B the complement; both
+are run bidirectionally and L = CE_A + CE_B + beta (Ent_A + Ent_B), where CE_X is the mean cross-entropy over X's
+masked block tokens and Ent_X the mean entropy of softmax(logits / T_H) (T_H 0.5) over those of them the model
+already predicts correctly (argmax == trajectory token). beta 2 is dParallel's LLaDA setting; `--beta 0` is the
 trajectory-following control. (dParallel draws n up to floor(R / b), an empty block when b divides R; we draw only
 non-empty blocks.)
 
