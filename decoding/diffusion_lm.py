@@ -70,10 +70,14 @@ LLADA_RENAMES = [
 ]
 
 
+SPEC_KEYS = {"mask_token_id", "logits_shift", "decoding"}
+
+
 @dataclass(frozen=True)
 class DiffusionSpec:
     mask_token_id: int
     logits_shift: bool  # True: position j's logits are output row j-1 (Dream); False: row j (LLaDA)
+    decoding: dict | None = None  # the checkpoint's default diffusion config (what --diffusion-config overrides)
 
 
 def diffusion_spec(config: Any) -> DiffusionSpec | None:
@@ -82,15 +86,20 @@ def diffusion_spec(config: Any) -> DiffusionSpec | None:
     entry = get("diffusion_lm")
     if entry is None:
         return None
-    if not isinstance(entry, dict) or set(entry) != {"mask_token_id", "logits_shift"}:
-        raise ValueError(f'diffusion_lm must be {{"mask_token_id": int, "logits_shift": bool}}, got {entry!r}')
+    if not isinstance(entry, dict) or not {"mask_token_id", "logits_shift"} <= set(entry) <= SPEC_KEYS:
+        raise ValueError(
+            f'diffusion_lm must be {{"mask_token_id": int, "logits_shift": bool[, "decoding": {{...}}]}}, got {entry!r}'
+        )
+    decoding = entry.get("decoding")
+    if decoding is not None and not isinstance(decoding, dict):
+        raise ValueError(f"diffusion_lm.decoding must be an object (a diffusion config), got {decoding!r}")
     mask, shift = entry["mask_token_id"], entry["logits_shift"]
     vocab = get("vocab_size")
     if not isinstance(mask, int) or isinstance(mask, bool) or mask < 0 or (vocab is not None and mask >= vocab):
         raise ValueError(f"diffusion_lm.mask_token_id must be a token id below vocab_size {vocab}, got {mask!r}")
     if not isinstance(shift, bool):
         raise ValueError(f"diffusion_lm.logits_shift must be true or false, got {shift!r}")
-    return DiffusionSpec(mask, shift)
+    return DiffusionSpec(mask, shift, decoding)
 
 
 def _weight_files(src: Path) -> tuple[list[str], dict | None]:

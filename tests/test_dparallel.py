@@ -342,3 +342,17 @@ def test_http_api_with_streaming(mdm_dir, tmp_path):
             line for line in metrics.splitlines() if line.startswith("leapserve:diffusion_num_committed_tokens_total")
         ]
         assert float(steps[0].split()[-1]) >= 3 and float(committed[0].split()[-1]) >= 3 * GEN
+
+
+def test_checkpoint_decoding_defaults(tmp_path, smollm2_tokenizer):
+    """A checkpoint's `diffusion_lm.decoding` is the server default; --diffusion-config overrides it key by key."""
+    path = save_tiny_mdm(tmp_path / "mdm", smollm2_tokenizer)
+    config = json.loads((path / "config.json").read_text())
+    config["diffusion_lm"]["decoding"] = {"gen_length": 8, "block_length": 4, "threshold": 0.1}
+    (path / "config.json").write_text(json.dumps(config))
+    llm = LLM(str(path), enforce_eager=True)
+    assert llm.engine.decoder.diffusion == DiffusionConfig(gen_length=8, block_length=4, threshold=0.1)
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 8
+    llm = LLM(str(path), diffusion_config={"block_length": 2}, enforce_eager=True)
+    assert llm.engine.decoder.diffusion == DiffusionConfig(gen_length=8, block_length=2, threshold=0.1)

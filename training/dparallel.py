@@ -348,6 +348,8 @@ def train_dparallel(cfg: DParallelConfig) -> Path:
     stream = batches(sequences, cfg.train.batch_size, width, cfg.train.seed)
     result = train(model, loss_fn, stream, cfg.train, work, desc="dparallel", run=run)
     merge_lora(model)
+    # served by default as its trajectories were decoded (--diffusion-config overrides)
+    model.config.diffusion_lm = {**model.config.diffusion_lm, "decoding": diffusion}
     facts = {
         "base model": cfg.model,
         "beta": cfg.beta,

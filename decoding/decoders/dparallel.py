@@ -59,7 +59,8 @@ class DParallelDecoder(Decoder):
                 'config.json has "diffusion_lm"); this model is autoregressive'
             )
         self.spec: DiffusionSpec = spec
-        self.diffusion = DiffusionConfig.from_dict(config.diffusion_config)
+        # the server's --diffusion-config over the checkpoint's defaults
+        self.diffusion = DiffusionConfig.from_dict({**(spec.decoding or {}), **(config.diffusion_config or {})})
         self.lookahead = self.diffusion.gen_length  # the canvas's cache slots, reserved with the prompt's
         self.canvases: weakref.WeakKeyDictionary[Sequence, Canvas] = weakref.WeakKeyDictionary()
 
