@@ -81,7 +81,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 class Settings:
     train_examples: int = 40000
     pretrain_steps: int = 2000
-    distill_steps: int = 400
+    distill_steps: int = 300
+    distill_batch_size: int = 64
     trajectories: int = 2048
     trajectory_threshold: float = 0.5
     batch_size: int = 128
@@ -131,6 +132,7 @@ def run(seed: int, out: Path, s: Settings) -> dict:
     data = write_jsonl(work / "train.jsonl", examples)
     prompts = write_jsonl(work / "prompts.jsonl", [{"prompt": e["prompt"]} for e in examples[: s.trajectories]])
     common = dict(batch_size=s.batch_size, seed=seed, checkpoint_every=200, warmup_steps=100)
+    distill = {**common, "batch_size": s.distill_batch_size, "warmup_steps": 20}
     base = work / "base"
     if not (base / "config.json").is_file():
         train_mdm(
@@ -147,7 +149,7 @@ def run(seed: int, out: Path, s: Settings) -> dict:
                 DParallelConfig(
                     data=str(prompts), out=str(models[name]), model=str(base), beta=beta,
                     gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH, threshold=s.trajectory_threshold,
-                    train=DParallelTraining(steps=s.distill_steps, lr=s.distill_lr, **common),
+                    train=DParallelTraining(steps=s.distill_steps, lr=s.distill_lr, **distill),
                 )
             )  # fmt: skip
     models["more-mdm"] = work / "more-mdm"
@@ -155,7 +157,7 @@ def run(seed: int, out: Path, s: Settings) -> dict:
         train_mdm(
             MDMConfig(
                 data=str(data), out=str(models["more-mdm"]), init_from=str(base), seq_len=8 + GEN_LENGTH,
-                train=MDMTraining(steps=s.distill_steps, lr=s.distill_lr, **common),
+                train=MDMTraining(steps=s.distill_steps, lr=s.distill_lr, **distill),
             )
         )  # fmt: skip
     results = {"seed": seed, "settings": vars(s), "models": {m: evaluate(models[m], test_q) for m in MODELS}}
