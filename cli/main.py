@@ -1,4 +1,5 @@
-"""The `leapserve` command: `serve`, `bench serve|offline` and `train data|fspad|adaspec|export-eagle|mdm|dparallel`."""
+"""The `leapserve` command: `serve`, `bench serve|offline` and
+`train data|fspad|adaspec|export-eagle|mdm|dparallel|sft|dart`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 
 from leapserve.benchmarks import bench_offline, bench_serve
 from leapserve.decoding.args import DefaultsHelpFormatter
-from leapserve.training import adaspec, data, dparallel, export, fspad, mdm
+from leapserve.training import adaspec, dart, data, dparallel, export, fspad, mdm, sft
 
 from . import serve
 
@@ -28,7 +29,7 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="make training data from the target and train drafters for it")
     commands = p.add_subparsers(dest="train_command", required=True, metavar="TRAIN_COMMAND")
-    for module in (data, fspad, adaspec, export, mdm, dparallel):
+    for module in (data, fspad, adaspec, export, mdm, dparallel, sft, dart):
         module.add_parser(commands)
 
 

@@ -71,6 +71,9 @@ class LLMEngine:
         model = load_model(self.model_path, mc, self.device, self.dtype)
         hf = model.config
         self._check_decoder(diffusion_spec(hf) is not None)
+        model_impl = DECODERS[self.decoder_name].model_impl or mc.model_impl
+        if mc.model_impl not in ("auto", model_impl):
+            raise ValueError(f"--decoder {self.decoder_name} runs on --model-impl {model_impl}, not {mc.model_impl}")
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         bytes_per_token = PagedKVCache.bytes_per_token(
             hf.num_hidden_layers, hf.num_key_value_heads, head_dim, self.dtype
@@ -94,7 +97,7 @@ class LLMEngine:
             self.cache,
             self.device,
             on_forward=self.observers.on_target_forward,
-            model_impl=mc.model_impl,
+            model_impl=model_impl,
             compile=not mc.enforce_eager,
         )
         self.decoder = DECODERS[self.decoder_name](self.runner, self.sampler, config, self.observers)
@@ -164,16 +167,21 @@ class LLMEngine:
 
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError if the prompt cannot be served with these parameters."""
+        self._expanded_prompt(prompt_token_ids, params)
+
+    def _expanded_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt as the decoder runs it (`Decoder.expand_prompt`); InvalidRequestError if it cannot be served."""
         if params.structured_outputs is not None:
             if params.min_tokens:  # the grammar may allow only a stop token where min_tokens forbids it
                 raise InvalidRequestError("min_tokens cannot be combined with structured outputs", "min_tokens")
             self.compile_grammar(params.structured_outputs)
-        n = len(prompt_token_ids)
-        if n == 0:
+        if not prompt_token_ids:
             raise InvalidRequestError("the prompt must contain at least one token", "prompt")
         self.check_token_ids("prompt", prompt_token_ids)
         self.check_token_ids("stop_token_ids", params.stop_token_ids)
         self.check_token_ids("logit_bias", params.logit_bias)
+        prompt_token_ids = self.decoder.expand_prompt(prompt_token_ids, params)
+        n = len(prompt_token_ids)
         self.decoder.validate(n, params, self.max_model_len)
         if n >= self.max_model_len:
             raise InvalidRequestError(
@@ -186,13 +194,14 @@ class LLMEngine:
                 f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the completion)",
                 "max_tokens",
             )
+        return prompt_token_ids
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
     ) -> Request:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
-        self.validate_prompt(prompt_token_ids, params)
+        prompt_token_ids = self._expanded_prompt(prompt_token_ids, params)
         eos = frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)
         stop_ids = frozenset(params.stop_token_ids) | eos
         req = Request(request_id, prompt, list(prompt_token_ids), params, stop_ids)
@@ -271,6 +280,7 @@ class LLMEngine:
             if res.masked_slots:
                 seq.add_kv_hole(res.masked_slots)
             seq.denoising_steps += res.denoising_steps
+            seq.sequential_forwards += res.sequential_forwards
             if res.forwarded:
                 seq.target_forwards += 1
                 seq.draft_tokens += res.draft_tokens

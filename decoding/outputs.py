@@ -35,6 +35,9 @@ class RequestMetrics:
     accepted_tokens: int = 0
     num_drafts: int = 0  # verifications with at least one draft token
     denoising_steps: int = 0  # diffusion decoding steps (dparallel); 0 for other decoders
+    # model forwards the request took part in, prefill chunks and jacobi passes included (silent-thought); 0 for
+    # other decoders
+    sequential_forwards: int = 0
     accepted_per_position: list[int] = field(default_factory=list)  # [i]: verifications that accepted draft i + 1
 
     @property

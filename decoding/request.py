@@ -50,6 +50,7 @@ class Sequence:
     accepted_tokens: int = 0
     num_drafts: int = 0  # verifications with at least one draft token
     denoising_steps: int = 0  # diffusion decoding steps
+    sequential_forwards: int = 0  # model forwards it took part in (decoders that count them: silent-thought)
     accepted_per_position: list[int] = field(default_factory=list)  # [i]: verifications that accepted draft i + 1
 
     def count_accepted(self, num_accepted: int) -> None:
@@ -149,6 +150,7 @@ class Request:
             accepted_tokens=sum(s.accepted_tokens for s in self.seqs),
             num_drafts=sum(s.num_drafts for s in self.seqs),
             denoising_steps=sum(s.denoising_steps for s in self.seqs),
+            sequential_forwards=sum(s.sequential_forwards for s in self.seqs),
             accepted_per_position=[
                 sum(c) for c in itertools.zip_longest(*(s.accepted_per_position for s in self.seqs), fillvalue=0)
             ],

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -19,6 +20,7 @@ from .kv_cache import PagedKVCache
 from .llama import Llama, unsupported
 from .model_loader import cache_dir
 from .observe import MODEL_RANGE, ForwardHook, profiled_range
+from .silent_thought import st_positions
 from .step_buffers import StepBuffers
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ class SeqChunk:
     positions: list[int] | None = None  # rotary positions; default start..start+n-1 (trees use start + depth)
     tree_mask: torch.Tensor | None = None  # bool [n, n] over these tokens; None = causal
     context_holes: list[tuple[int, int]] = field(default_factory=list)  # context slot ranges never attended
+    # "embeds": (rows, [len(rows), d]) input embeddings replacing those rows' token embeddings; "st_rows": rows where
+    # silent-thought REM hooks act (both need transformers' modules)
     extra: dict = field(default_factory=dict)
 
 
@@ -178,7 +182,9 @@ class ModelRunner:
             "logits_rows", [lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows], torch.int64
         )
         with profiled_range(MODEL_RANGE):
-            if self.llama is None:
+            if any(c.extra for c in chunks):
+                hidden = self._run_with_extra(chunks, offsets, input_ids, positions, meta)
+            elif self.llama is None:
                 hidden = self.model.get_decoder()(
                     input_ids=input_ids[None], position_ids=positions[None], use_cache=False, leapserve_meta=meta
                 ).last_hidden_state[0]
@@ -187,6 +193,32 @@ class ModelRunner:
                 with forward_context(meta):
                     hidden = self._llama_forward(input_ids, positions)
             return self.logits(hidden[rows]), hidden
+
+    def _run_with_extra(
+        self,
+        chunks: list[SeqChunk],
+        offsets: list[int],
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """transformers' decoder over token embeddings with the chunks' `extra["embeds"]` rows replaced, REM hooks on
+        at their `extra["st_rows"]`; final-norm hidden states `[T, d]`."""
+        if self.llama is not None:
+            raise RuntimeError("input embeddings and silent-thought rows need transformers' modules (model_impl)")
+        embeds = self.model.get_input_embeddings()(input_ids)  # [T, d]
+        replaced = [(lo, c.extra["embeds"]) for c, lo in zip(chunks, offsets) if "embeds" in c.extra]
+        if replaced:
+            rows = torch.tensor([lo + r for lo, (rs, _) in replaced for r in rs], device=self.device)
+            vectors = torch.cat([v for _, (_, v) in replaced]).to(embeds.dtype)  # [n, d]
+            embeds = embeds.index_copy(0, rows, vectors)
+        st_rows = [lo + r for c, lo in zip(chunks, offsets) for r in c.extra.get("st_rows", ())]
+        mask = torch.zeros(1, len(input_ids), dtype=torch.bool)  # [1, T]
+        mask[0, st_rows] = True
+        with st_positions(mask.to(self.device)) if st_rows else nullcontext():
+            return self.model.get_decoder()(
+                inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False, leapserve_meta=meta
+            ).last_hidden_state[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head over final-norm hidden states `[N, d]`: float32 logits `[N, V]`."""

@@ -37,11 +37,13 @@ class SeqStep:
     prompt_logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # the request's next prompt tokens'
     denoising_steps: int = 0  # diffusion steps taken (a step may commit no token)
     finished: bool = False  # the decoder has nothing more to give (a diffusion canvas fully handed over): "length"
+    sequential_forwards: int = 0  # model forwards the sequence took part in (decoders that count them)
 
 
 class Decoder(ABC):
     name: str
     lookahead: int = 0  # cache slots reserved per sequence beyond this step's tokens
+    model_impl: str | None = None  # the model implementation the decoder needs (ModelConfig.model_impl); None: any
 
     def __init__(self, runner: ModelRunner, sampler: Sampler, config: EngineConfig, observers: Observers):
         self.runner = runner
@@ -52,6 +54,11 @@ class Decoder(ABC):
     def slots_ahead(self, seq: Sequence) -> int:
         """Cache slots to reserve for `seq` past its tokens (at most `lookahead`)."""
         return self.lookahead
+
+    def expand_prompt(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt the request runs with (its `prompt_token_ids` from then on); InvalidRequestError if `params`
+        do not allow one. Decoders that insert nothing return it unchanged."""
+        return prompt_ids
 
     def validate(self, prompt_len: int, params: SamplingParams, max_model_len: int) -> None:
         """Raise InvalidRequestError if this decoder cannot serve a request with these parameters (all can, here)."""
