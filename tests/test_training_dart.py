@@ -5,14 +5,19 @@ tiny model (teacher detached, pause arm without CoT rows), and `leapserve train 
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
+from pathlib import Path
 
+import openai
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from leapserve.cli.main import build_parser, main
+from leapserve.decoding import LLM, SamplingParams
 from leapserve.decoding.args import config_from_args
 from leapserve.decoding.silent_thought import SilentThought, SilentThoughtConfig, load_silent_thought, st_positions
 from leapserve.training import dart, sft
@@ -27,6 +32,7 @@ from leapserve.training.dart import (
 )
 from leapserve.training.loop import STATE_FILE
 from leapserve.training.sft import causal_lm_loss
+from test_server import API_KEY, MODEL, _free_port, served
 
 # ---- layouts by hand ------------------------------------------------------------------------------------------------
 
@@ -472,3 +478,30 @@ def test_dart_repro_task_split_and_verdict():
     assert repro.verdict(runs({**base, "dart-r0": 0.40, "dart-r2": 0.41})).startswith("Reproduced")
     assert "only DART-ST (R=2)" in repro.verdict(runs({**base, "dart-r0": 0.36, "dart-r2": 0.41}))
     assert repro.verdict(runs({**base, "dart-r0": 0.40, "dart-r2": 0.40}, st_tokens=3.0)).startswith("Not reproduced")
+
+
+def test_trained_checkpoint_is_served_over_http(dart_checkpoint, data, tmp_path):
+    """Train, then serve: the checkpoint `train dart` wrote answers through the real server and `openai` client, on
+    every pathway, streamed and not, the same text as the offline engine."""
+    question = json.loads(open(data[1]).readline())["question"]
+    llm = LLM(str(dart_checkpoint), decoder="silent-thought", enforce_eager=True)
+    expected = {
+        r: llm.generate(question, SamplingParams(max_tokens=8, temperature=0, extra_args={"reasoning": r}))[0]
+        for r in ("st", "direct", "cot")
+    }
+    port = _free_port()
+    cmd = [sys.executable, "-m", "leapserve.cli", "serve", "--model", str(dart_checkpoint), "--decoder"]
+    cmd += ["silent-thought", "--served-model-name", MODEL, "--port", str(port), "--api-key", API_KEY]
+    env = dict(os.environ)
+    with served(cmd, port, tmp_path / "server.log", env=env, cwd=Path(__file__).parent, startup_timeout=120):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY)
+        for reasoning, out in expected.items():
+            body = {"vllm_xargs": {"reasoning": reasoning}}
+            whole = client.completions.create(
+                model=MODEL, prompt=question, max_tokens=8, temperature=0, extra_body=body
+            )
+            assert whole.choices[0].text == out.outputs[0].text
+            stream = client.completions.create(
+                model=MODEL, prompt=question, max_tokens=8, temperature=0, extra_body=body, stream=True
+            )
+            assert "".join(c.choices[0].text for c in stream if c.choices) == out.outputs[0].text
