@@ -165,6 +165,29 @@ def run(seed: int, out: Path, s: Settings) -> dict:
     return results
 
 
+def followup(seed: int, out: Path, s: Settings) -> dict:
+    """Added after the first runs (not part of the decision rule): certainty forcing applied to `more-mdm`, the
+    better-trained model, on its own trajectories, against that model itself."""
+    from leapserve.training.dparallel import DParallelConfig, DParallelTraining, train_dparallel
+
+    work = out / f"seed{seed}"
+    source, cf = work / "more-mdm", work / "more-mdm-certainty-forcing"
+    if not (source / "config.json").is_file():
+        raise ValueError(f"{source} is missing: `run --seed {seed}` first")
+    if not (cf / "config.json").is_file():
+        distill = dict(batch_size=s.distill_batch_size, seed=seed, checkpoint_every=200, warmup_steps=20)
+        train_dparallel(
+            DParallelConfig(
+                data=str(work / "prompts.jsonl"), out=str(cf), model=str(source), beta=2.0,
+                gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH, threshold=s.trajectory_threshold,
+                train=DParallelTraining(steps=s.distill_steps, lr=s.distill_lr, **distill),
+            )
+        )  # fmt: skip
+    results = {"seed": seed, "models": {"more-mdm-certainty-forcing": evaluate(cf, split_questions()[1])}}
+    write_jsonl(work / "followup.jsonl", [results])
+    return results
+
+
 def report(out: Path) -> str:
     """A markdown table (mean and spread over seeds) of every model and decoder, and a plot beside the results."""
     runs = [json.loads(p.read_text()) for p in sorted(out.glob("seed*/results.jsonl"))]
@@ -179,16 +202,31 @@ def report(out: Path) -> str:
         "|---|" + "---|" * len(MODELS),
     ]
 
-    def cell(model: str, decoder: str) -> str:
-        acc = [100 * r["models"][model][decoder]["accuracy"] for r in runs]
-        steps = [r["models"][model][decoder]["steps"] for r in runs]
+    def cell(model: str, decoder: str, group: list[dict]) -> str:
+        acc = [100 * r["models"][model][decoder]["accuracy"] for r in group]
+        steps = [r["models"][model][decoder]["steps"] for r in group]
         return (
             f"{statistics.mean(acc):.1f} ({min(acc):.1f}-{max(acc):.1f}) / {statistics.mean(steps):.1f} "
             f"({min(steps):.1f}-{max(steps):.1f})"
         )
 
     for decoder in DECODERS:
-        lines.append(f"| {decoder} | " + " | ".join(cell(m, decoder) for m in MODELS) + " |")
+        lines.append(f"| {decoder} | " + " | ".join(cell(m, decoder, runs) for m in MODELS) + " |")
+    extra = {json.loads(p.read_text())["seed"]: json.loads(p.read_text()) for p in out.glob("seed*/followup.jsonl")}
+    if extra:
+        for r in runs:
+            r["models"].update(extra.get(r["seed"], {}).get("models", {}))
+        both = [r for r in runs if r["seed"] in extra]
+        lines += [
+            "",
+            f"Follow-up (seeds {sorted(extra)}): certainty forcing applied to more-mdm, on its own trajectories.",
+            "",
+            "| decoder | more-mdm | more-mdm + certainty forcing |",
+            "|---|---|---|",
+        ]
+        for decoder in DECODERS:
+            cf = cell("more-mdm-certainty-forcing", decoder, both)
+            lines.append(f"| {decoder} | {cell('more-mdm', decoder, both)} | {cf} |")
     _plot(runs, out / "dparallel-repro.png")
     return "\n".join(lines)
 
@@ -221,12 +259,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--out", type=Path, required=True)
     for name, default in vars(Settings()).items():
         r.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    f = sub.add_parser("followup", help="certainty forcing from more-mdm (after `run`), evaluated")
+    f.add_argument("--seed", type=int, required=True)
+    f.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("report", help="the table and plot over the seeds run")
     p.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.command == "run":
         settings = Settings(**{k: getattr(args, k) for k in vars(Settings())})
         run(args.seed, args.out, settings)
+    elif args.command == "followup":
+        followup(args.seed, args.out, Settings())
     else:
         print(report(args.out))
 
