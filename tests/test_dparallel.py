@@ -285,7 +285,8 @@ def test_configuration_errors(mdm_dir, tiny_model_dir):
     assert llm.engine.decoder_name == "dparallel"  # the default decoder of a diffusion LM
     for params, param in (
         (SamplingParams(logprobs=2), "logprobs"),
-        (SamplingParams(repetition_penalty=1.2), "penalties"),
+        (SamplingParams(repetition_penalty=1.2), "repetition_penalty"),
+        (SamplingParams(top_p=0.5), "top_p"),
         (SamplingParams(extra_args={"diffusion_gen_length": 2 * GEN}), "diffusion_gen_length"),
         (SamplingParams(extra_args={"diffusion_rule": "best"}), "diffusion_rule"),
         (SamplingParams(extra_args={"diffusion_foo": 1}), "diffusion_foo"),

@@ -86,17 +86,24 @@ class DParallelDecoder(Decoder):
             for name, used in (
                 ("logprobs", params.logprobs is not None),
                 ("prompt_logprobs", params.prompt_logprobs is not None),
-                ("structured outputs", params.structured_outputs is not None),
-                ("penalties, logit_bias, min_tokens and logits processors", params.processes_logits),
-                ("top_p, top_k and min_p", params.top_p < 1.0 or params.top_k > 0 or params.min_p > 0.0),
+                ("structured_outputs", params.structured_outputs is not None),
+                ("presence_penalty", params.presence_penalty != 0.0),
+                ("frequency_penalty", params.frequency_penalty != 0.0),
+                ("repetition_penalty", params.repetition_penalty != 1.0),
+                ("logit_bias", bool(params.logit_bias)),
+                ("min_tokens", params.min_tokens > 0),
+                ("logits_processors", bool(params.logits_processors)),
+                ("top_p", params.top_p < 1.0),
+                ("top_k", params.top_k > 0),
+                ("min_p", params.min_p > 0.0),
             )
             if used
         ]
         if unsupported:
             raise InvalidRequestError(
-                f"the dparallel decoder does not support {', '.join(unsupported)} (diffusion decoding commits "
-                "argmax or Gumbel-max tokens out of order)",
-                unsupported[0].split(" ")[0].rstrip(","),
+                f"the dparallel decoder does not support {', '.join(unsupported)} (diffusion decoding commits argmax "
+                "or Gumbel-max tokens out of order)",
+                unsupported[0],
             )
 
     def _canvas(self, seq: Sequence) -> Canvas:
