@@ -188,6 +188,65 @@ def followup(seed: int, out: Path, s: Settings) -> dict:
     return results
 
 
+def ship(seed: int, out: Path, model: str, dest: Path) -> Path:
+    """Copy one trained model of a seed to `dest` (atomically) as a servable checkpoint: its decoding defaults in
+    config.json, a model card with how it was made and what it measured beside its base model's figures."""
+    import shutil
+    import tempfile
+
+    work = out / f"seed{seed}"
+    results: dict[str, dict] = {}
+    for name in ("results.jsonl", "followup.jsonl"):
+        if (work / name).is_file():
+            results.update(json.loads((work / name).read_text())["models"])
+    if model not in results:
+        raise ValueError(f"no results for {model!r} under {work}; have {sorted(results)}")
+    base = "more-mdm" if model.startswith("more-mdm-") else "base"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    try:
+        tmp.chmod(0o755)
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(work / model / name, tmp / name)
+        config = json.loads((tmp / "config.json").read_text())
+        config["_name_or_path"] = dest.name
+        config["diffusion_lm"]["decoding"] = {"gen_length": GEN_LENGTH, "block_length": BLOCK_LENGTH, "threshold": 0.5}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        rows = [
+            f"| {d} | {100 * results[base][d]['accuracy']:.1f}% / {results[base][d]['steps']:.1f} | "
+            f"{100 * results[model][d]['accuracy']:.1f}% / {results[model][d]['steps']:.1f} |"
+            for d in DECODERS
+        ]
+        (tmp / "README.md").write_text(
+            f"# {dest.name}: a masked diffusion LM that adds four digits\n\n"
+            "A 0.86M-parameter Llama run bidirectionally (hidden 128, 4 layers, character tokenizer) that answers "
+            "`7+7+1+5=` with a running-total scratchpad, `7+1=8;8+7=15;15+5=20;#20`, in a 32-token canvas of "
+            f"4 blocks of 8. It is the `{model}` model of seed {seed} of leapserve's dParallel reproduction "
+            "(`leapserve.benchmarks.dparallel_repro`, BENCHMARKS.md): `leapserve train mdm` (LLaDA's SFT loss, 3,000 "
+            f"steps, then 300 more at a lower learning rate for `more-mdm`), then `leapserve train dparallel` "
+            "(certainty forcing, beta 2, on 2,048 of its own answers at entropy threshold 0.5).\n\n"
+            "```bash\n"
+            f"leapserve serve --model {dest}    # decodes with its defaults: entropy threshold 0.5\n"
+            "```\n\n"
+            "## Command\n\n```\n"
+            f"python -m leapserve.benchmarks.dparallel_repro run --seed {seed} --out runs/dparallel\n"
+            + (f"python -m leapserve.benchmarks.dparallel_repro followup --seed {seed} --out runs/dparallel\n"
+               if base == "more-mdm" else "")
+            + f"python -m leapserve.benchmarks.dparallel_repro ship --seed {seed} --model {model} --out runs/dparallel "
+            f"--dest {dest}\n```\n\n"
+            f"## Measured\n\n300 held-out questions (never trained on), greedy; accuracy / mean denoising steps per "
+            f"answer (up to the EOS that ends it), against the model it was distilled from (`{base}`):\n\n"
+            f"| decoder | `{base}` | this model |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+        )  # fmt: skip
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.replace(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
 def report(out: Path) -> str:
     """A markdown table (mean and spread over seeds) of every model and decoder, and a plot beside the results."""
     runs = [json.loads(p.read_text()) for p in sorted(out.glob("seed*/results.jsonl"))]
@@ -262,6 +321,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     f = sub.add_parser("followup", help="certainty forcing from more-mdm (after `run`), evaluated")
     f.add_argument("--seed", type=int, required=True)
     f.add_argument("--out", type=Path, required=True)
+    sh = sub.add_parser("ship", help="copy a trained model of a seed as a servable checkpoint with its model card")
+    sh.add_argument("--seed", type=int, required=True)
+    sh.add_argument("--out", type=Path, required=True)
+    sh.add_argument("--model", required=True)
+    sh.add_argument("--dest", type=Path, required=True)
     p = sub.add_parser("report", help="the table and plot over the seeds run")
     p.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -270,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         run(args.seed, args.out, settings)
     elif args.command == "followup":
         followup(args.seed, args.out, Settings())
+    elif args.command == "ship":
+        print(ship(args.seed, args.out, args.model, args.dest))
     else:
         print(report(args.out))
 
