@@ -305,6 +305,62 @@ def report(out: Path) -> str:
     return "\n".join(lines)
 
 
+def ship(seed: int, out: Path, arm: str, dest: Path) -> Path:
+    """Copy one trained arm of a seed to `dest` (atomically) as a servable checkpoint, with a model card giving how
+    it was made and what every pathway of that seed measured."""
+    import shutil
+    import tempfile
+
+    work = out / f"seed{seed}"
+    results = json.loads((work / "results.jsonl").read_text().splitlines()[0])["pathways"]
+    if arm not in ST_ARMS:
+        raise ValueError(f"ship a silent-thought arm ({', '.join(ST_ARMS)}), not {arm!r}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    try:
+        tmp.chmod(0o755)
+        for path in (work / arm).iterdir():
+            if path.name != "README.md":
+                shutil.copy(path, tmp / path.name)
+        config = json.loads((tmp / "config.json").read_text())
+        config["_name_or_path"] = dest.name
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        rows = [
+            f"| {name} | {100 * r['accuracy']:.1f}% | {r['generated_tokens']:g} | {r['sequential_forwards']:.2f} |"
+            for name, r in results.items()
+        ]
+        (tmp / "README.md").write_text(
+            f"# {dest.name}: silent thought (DART-style) on composed affine maps over Z_5\n\n"
+            "A 0.48M-parameter causal Llama (hidden 96, 4 layers, character tokenizer) with 2 silent-thought "
+            "positions and layer-adapter REM. Asked `3+4*2+1=` (maps applied left to right from the first number), it "
+            "answers the digit after computing the two learned positions in its prompt's prefill, instead of writing "
+            "the chain of thought `2;4;0;` (a request's `reasoning` extra argument, `st`, `cot` or `direct`, picks the "
+            f"pathway). It is the `{arm}` arm of seed {seed} of leapserve's DART reproduction "
+            "(`leapserve.benchmarks.dart_repro`, BENCHMARKS.md): `leapserve train sft` (chain of thought, 700 "
+            "steps), then `leapserve train dart` (1,500 steps: answer CE on the silent-thought pathway, CoT CE, "
+            "hidden-state distillation at the answer prompt over all layers, step alignment of the two positions).\n\n"
+            "```bash\n"
+            f"leapserve serve --model {dest}    # decodes with --decoder silent-thought, its default\n"
+            "```\n\n"
+            "## Command\n\n```\n"
+            f"python -m leapserve.benchmarks.dart_repro run --seed {seed} --out runs/dart\n"
+            f"python -m leapserve.benchmarks.dart_repro ship --seed {seed} --arm {arm} --out runs/dart --dest {dest}\n"
+            "```\n\n"
+            f"## Measured\n\n{json.loads((work / 'results.jsonl').read_text().splitlines()[0])['eval_questions']} "
+            "held-out questions, greedy, every model of the same seed (this one is the `"
+            f"{arm}` row; `dart-r0 (its CoT)` is this model's own chain-of-thought pathway):\n\n"
+            "| model / pathway | accuracy | generated tokens | sequential forwards |\n|---|---|---|---|\n"
+            + "\n".join(rows) + "\n"
+        )  # fmt: skip
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.replace(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -317,6 +373,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--questions", type=int, default=50)
     t.add_argument("--threads", type=int, default=1)
+    sh = sub.add_parser("ship", help="copy a trained silent-thought arm of a seed as a servable checkpoint")
+    sh.add_argument("--seed", type=int, required=True)
+    sh.add_argument("--out", type=Path, required=True)
+    sh.add_argument("--arm", default="dart-r0", choices=ST_ARMS)
+    sh.add_argument("--dest", type=Path, required=True)
     p = sub.add_parser("report", help="the table over the seeds run, and the verdict")
     p.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -324,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         run(args.seed, args.out, Settings(**{k: getattr(args, k) for k in vars(Settings())}))
     elif args.command == "time":
         measure_latency(args.out, args.questions, args.threads)
+    elif args.command == "ship":
+        print(ship(args.seed, args.out, args.arm, args.dest))
     else:
         print(report(args.out))
 

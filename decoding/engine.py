@@ -25,6 +25,7 @@ from .runner import ModelRunner
 from .sampler import Sample, Sampler
 from .sampling_params import InvalidRequestError, SamplingParams
 from .scheduler import ScheduledSeq, Scheduler
+from .silent_thought import CONFIG_KEY as SILENT_THOUGHT_KEY
 
 if TYPE_CHECKING:
     from xgrammar import CompiledGrammar
@@ -70,7 +71,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.model_path, mc.trust_remote_code)
         model = load_model(self.model_path, mc, self.device, self.dtype)
         hf = model.config
-        self._check_decoder(diffusion_spec(hf) is not None)
+        self._check_decoder(diffusion_spec(hf) is not None, getattr(hf, SILENT_THOUGHT_KEY, None) is not None)
         model_impl = DECODERS[self.decoder_name].model_impl or mc.model_impl
         if mc.model_impl not in ("auto", model_impl):
             raise ValueError(f"--decoder {self.decoder_name} runs on --model-impl {model_impl}, not {mc.model_impl}")
@@ -118,9 +119,13 @@ class LLMEngine:
             self.max_model_len,
         )
 
-    def _check_decoder(self, diffusion: bool) -> None:
-        """A masked diffusion LM decodes with dparallel (the default for one), and only diffusion LMs do."""
-        if diffusion and self.config.decoder is None and not self.config.speculative_config:
+    def _check_decoder(self, diffusion: bool, silent_thought: bool) -> None:
+        """A masked diffusion LM decodes with dparallel (the default for one), and only diffusion LMs do; a
+        silent-thought checkpoint decodes with silent-thought unless told otherwise (its plain pathways stay usable)."""
+        unset = self.config.decoder is None and not self.config.speculative_config
+        if silent_thought and unset:
+            self.decoder_name = "silent-thought"
+        elif diffusion and unset:
             self.decoder_name = "dparallel"
         elif diffusion and self.decoder_name != "dparallel":
             raise ValueError(
