@@ -43,6 +43,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .dparallel_repro import write_jsonl
+
 P, K_OPS, NUM_THOUGHTS = 5, 3, 2
 SEPARATOR, ANSWER_PROMPT = ">", "#"
 HELD_OUT, MAX_EVAL = 640, 2000
@@ -81,13 +83,6 @@ def answer(text: str) -> str | None:
     server's), its first character."""
     tail = text.rsplit(ANSWER_PROMPT, 1)[-1]
     return tail[0] if tail[:1].isdigit() else None
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-    return path
 
 
 @dataclass

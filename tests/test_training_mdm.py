@@ -357,7 +357,10 @@ def test_train_dparallel_on_fixed_trajectories(lora, tmp_path, mdm_checkpoint, m
         assert s["response_ids"] == answer + [tok.eos_token_id] * (4 - len(answer))  # cut after EOS, padded
     config = json.loads((out / "config.json").read_text())
     base_config = json.loads((mdm_checkpoint / "config.json").read_text())
+    # the base's marker, plus the trajectories' decoding settings as the checkpoint's defaults
+    decoding = config["diffusion_lm"].pop("decoding")
     assert config["diffusion_lm"] == base_config["diffusion_lm"]
+    assert decoding["gen_length"] == 4 and decoding["rule"] == "entropy"
     card = (out / "README.md").read_text()
     assert "trained on" in card and "| beta | 2 |" in card and str(mdm_checkpoint) in card
     kept = sum(ex["response"] == "0" or i % 2 == 0 for i, ex in enumerate(examples))
