@@ -77,7 +77,9 @@ class _Interrupt(Exception):
     pass
 
 
-def _run(out_dir, steps: int, interrupt_at: int | None = None, run: dict | None = None) -> torch.nn.Module:
+def _run(
+    out_dir, steps: int, interrupt_at: int | None = None, run: dict | None = None, schedule: str = "constant"
+) -> torch.nn.Module:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
     calls = itertools.count(1)
@@ -88,7 +90,9 @@ def _run(out_dir, steps: int, interrupt_at: int | None = None, run: dict | None 
         x = torch.full((16, 4), float(i % 5)) + torch.randn(16, 4)  # uses (and so tests) the restored RNG
         return ((model(x) - i % 3) ** 2).mean()
 
-    cfg = TrainConfig(steps=steps, lr=1e-2, warmup_steps=2, checkpoint_every=2, seed=1, device="cpu")
+    cfg = TrainConfig(
+        steps=steps, lr=1e-2, warmup_steps=2, checkpoint_every=2, seed=1, device="cpu", lr_schedule=schedule
+    )
     train(model, loss_fn, itertools.count(), cfg, out_dir, run=run)
     return model
 
@@ -103,6 +107,29 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="different run"):
         _run(tmp_path / "resumed", 8, run={"batch size": 3})
+
+
+def test_lr_schedules_warm_up_then_hold_or_decay_to_a_tenth():
+    constant = TrainConfig(steps=11, lr=1.0, warmup_steps=2)
+    cosine = TrainConfig(steps=11, lr=1.0, warmup_steps=2, lr_schedule="cosine")
+    assert [constant.lr_factor(s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    factors = [cosine.lr_factor(s) for s in range(11)]
+    assert factors[:3] == [0.5, 1.0, 1.0]  # warmup, then the peak at the first decayed step
+    assert factors[6] == pytest.approx(0.55)  # half way: (1 + 0.1) / 2
+    assert factors[10] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(factors[2:], factors[3:]))
+    with pytest.raises(ValueError, match="lr-schedule"):
+        TrainConfig(lr_schedule="linear").validate()
+
+
+def test_interrupted_cosine_training_resumes_to_the_same_weights(tmp_path):
+    want = _run(tmp_path / "straight", 7, schedule="cosine")
+    with pytest.raises(_Interrupt):
+        _run(tmp_path / "resumed", 7, interrupt_at=6, schedule="cosine")
+    got = _run(tmp_path / "resumed", 7, schedule="cosine")
+    for a, b in zip(want.parameters(), got.parameters()):
+        assert torch.equal(a, b)
+    assert not torch.equal(next(want.parameters()), next(_run(tmp_path / "constant", 7).parameters()))
 
 
 def test_export_is_atomic_and_never_replaces_other_directories(tmp_path):

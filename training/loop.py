@@ -1,5 +1,5 @@
-"""The training loop both trainers share: AdamW over a loss callable, linear warmup then a constant learning rate,
-gradient clipping, a progress bar, and resumable checkpoints.
+"""The training loop every trainer shares: AdamW over a loss callable, linear warmup then a constant or cosine-decayed
+learning rate, gradient clipping, a progress bar, and resumable checkpoints.
 
 The state (`out_dir/train_state.pt`: the trainable parameters, optimizer, scheduler, step and RNG states) is written
 atomically every `checkpoint_every` steps and at the end. When it exists, `train` resumes from it and skips the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import random
 import time
@@ -28,6 +29,8 @@ from leapserve.decoding.config import DEVICES, DTYPES
 from leapserve.decoding.model_loader import resolve_device, resolve_dtype
 
 STATE_FILE = "train_state.pt"
+SCHEDULES = ("constant", "cosine")
+COSINE_FLOOR = 0.1  # the cosine schedule ends at this fraction of the peak learning rate
 
 # A loss callable returns the scalar loss, or the loss and extra numbers to show in the progress bar.
 LossFn = Callable[[Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
@@ -38,10 +41,13 @@ class TrainConfig:
     """The optimizer and run settings of both trainers; each trainer's own defaults are a subclass of this."""
 
     steps: int = option(2000, "optimizer steps")
-    lr: float = option(3e-4, "peak learning rate (constant after the warmup)")
+    lr: float = option(3e-4, "peak learning rate (reached after the warmup)")
     weight_decay: float = option(0.1, "AdamW weight decay, on matrices only (not on norms and biases)")
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW defaults, as the AdaSPEC scripts (HF Trainer) use
-    warmup_steps: int = option(0, "linear warmup steps, then a constant learning rate")
+    warmup_steps: int = option(0, "linear warmup steps, then the --lr-schedule")
+    lr_schedule: str = option(
+        "constant", "after the warmup: constant, or cosine decay to a tenth of --lr at the last step", choices=SCHEDULES
+    )
     grad_clip: float = option(1.0, "max global gradient norm; 0 disables clipping")
     batch_size: int = option(8, "sequences per step")
     max_len: int = option(512, "tokens per sequence; longer ones are cut")
@@ -58,6 +64,18 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("need lr > 0, warmup_steps >= 0, grad_clip >= 0 and weight_decay >= 0")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"--lr-schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based) as a fraction of `lr`."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return 1.0
+        span = max(1, self.steps - 1 - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
 
     @property
     def torch_device(self) -> torch.device:
@@ -177,8 +195,7 @@ def train(
     cfg.validate()
     path = Path(out_dir) / STATE_FILE
     optimizer = _optimizer(model, cfg)
-    warmup = cfg.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.lr_factor(s))
     torch.manual_seed(cfg.seed)
     step, recent = _load_state(path, model, optimizer, scheduler, run) if path.is_file() else (0, [])
     batches = itertools.islice(batches, step, None)  # the batches the finished steps consumed
