@@ -27,7 +27,7 @@ Second run, settings and rule fixed before it (the first runs missed the goal; t
 following the trajectories of a 66%-accurate model at a constant 5e-4):
 
     python -m leapserve.benchmarks.dparallel_repro run --seed N --out runs/dparallel-v2 \
-        --pretrain-steps 5000 --lr-schedule cosine --distill-lr 3e-4                    # N = 0, 1, 2
+        --pretrain-steps 3000 --lr-schedule cosine --distill-lr 3e-4                    # N = 0, 1, 2
 
 The same rule: certainty forcing at entropy threshold 0.5 against the (new) base one token per step, mean over the
 three seeds, at most a third of the steps and at most 1 point less accuracy. No other run is made to choose settings.
