@@ -6,16 +6,11 @@ PORT ?= 8000
 MODEL ?= smollm2-135m-instruct
 # auto: float32 on CPU, bfloat16 on CUDA; DTYPE=bfloat16 pays on CPUs with AMX (see BENCHMARKS.md).
 DTYPE ?= auto
-# The default model is served with its shipped FSPAD drafter and EAGLE-2 trees sized for the device (each drafter
-# forward and verified node costs more on a CPU: docs/speculative-config.md); SPECULATIVE_CONFIG= turns it off.
-ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),gpu)
-DEFAULT_TREE := {"depth": 5, "top_k": 8, "total_tokens": 24}
-else
-DEFAULT_TREE := {"depth": 4, "top_k": 4, "total_tokens": 8}
-endif
-ifeq ($(MODEL),smollm2-135m-instruct)
-SPECULATIVE_CONFIG ?= {"method": "fspad", "model": "checkpoints/smollm2-135m-instruct-fspad", "tree": $(DEFAULT_TREE)}
-endif
+# `leapserve serve` decodes the default model with its shipped FSPAD drafter and an EAGLE-2 tree sized for the device
+# (docs/speculative-config.md), as `LLM(...)` does; SPECULATIVE_CONFIG='{...}' picks another, DECODER=autoregressive
+# turns speculation off.
+SPECULATIVE_CONFIG ?=
+DECODER ?=
 # A CPU build of torch unless a GPU is present; override e.g. TORCH_SPEC="torch==2.13.0 --index-url URL".
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
@@ -70,7 +65,7 @@ $(VLLM_STAMP): pyproject.toml
 
 serve: setup
 	$(BIN)/leapserve serve --model $(MODEL) --dtype $(DTYPE) --host $(HOST) --port $(PORT) \
-		$(if $(SPECULATIVE_CONFIG),--speculative-config '$(SPECULATIVE_CONFIG)')
+		$(if $(SPECULATIVE_CONFIG),--speculative-config '$(SPECULATIVE_CONFIG)') $(if $(DECODER),--decoder $(DECODER))
 
 # The vLLM tests run from .venv-vllm; where it cannot be built they are skipped, and say so.
 test: setup

@@ -72,7 +72,7 @@ def main() -> None:
     print("| decoder | constraint | ms per step | masks per step | ms of masks per step | ms of commits per step |")
     print("|---|---|---|---|---|---|")
     for label, spec in (("plain", None), ("FSPAD, 8-node trees", FSPAD_TREE)):
-        llm = LLM(args.model, speculative_config=spec)
+        llm = LLM(args.model, decoder=None if spec else "autoregressive", speculative_config=spec)
         for name, constraint in CONSTRAINTS.items():
             params = SamplingParams(
                 temperature=0, max_tokens=args.max_tokens, ignore_eos=True, structured_outputs=constraint

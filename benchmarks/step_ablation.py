@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.steps < 1:
         parser.error("--steps must be at least 1")
     try:
-        split, _ = split_steps(LLM(args.model, enforce_eager=args.enforce_eager), args.steps)
+        split, _ = split_steps(LLM(args.model, decoder="autoregressive", enforce_eager=args.enforce_eager), args.steps)
     except (ValueError, OSError) as e:  # a model it cannot time, or cannot load
         parser.error(str(e))
     share = (split["rest of the model"] + split["bookkeeping"]) / split["step"]

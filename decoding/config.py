@@ -12,6 +12,24 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_IMPLS = ("auto", "leapserve", "transformers")
 
+# A model's own drafter, used when neither --decoder nor --speculative-config is given: model alias -> shipped
+# drafter (a checkpoint name, `model_loader.shipped_checkpoints`).
+DEFAULT_DRAFTERS = {DEFAULT_MODEL: "smollm2-135m-instruct-fspad"}
+# Its EAGLE-2 tree per device type: a drafter forward and a verified node cost more on a CPU (BENCHMARKS.md, "Trees
+# sized for the CPU"; docs/speculative-config.md).
+DEFAULT_TREES = {
+    "cpu": {"depth": 4, "top_k": 4, "total_tokens": 8},
+    "cuda": {"depth": 5, "top_k": 8, "total_tokens": 24},
+}
+
+
+def default_speculative_config(model: str, device_type: str) -> dict | None:
+    """The speculative config `model` is served with by default on `device_type`, or None (plain decoding)."""
+    drafter = DEFAULT_DRAFTERS.get(model.lower())
+    if drafter is None:
+        return None
+    return {"method": "fspad", "model": drafter, "tree": dict(DEFAULT_TREES[device_type])}
+
 
 @dataclass
 class ModelConfig:
@@ -118,9 +136,15 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    decoder: str | None = option(None, "default: speculative when --speculative-config is given, else autoregressive")
+    decoder: str | None = option(
+        None,
+        "default: speculative when --speculative-config is given or the model has a shipped drafter (the default "
+        "model has), else the model's own (dparallel, silent-thought) or autoregressive",
+    )
     speculative_config: dict | None = option(
-        None, 'JSON object, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\''
+        None,
+        'JSON object, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'; default: the model\'s shipped '
+        "drafter, if any (docs/speculative-config.md)",
     )
     diffusion_config: dict | None = option(
         None,

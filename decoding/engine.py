@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import threading
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import EngineConfig
+from .config import EngineConfig, default_speculative_config
 from .decoders import DECODERS
 from .decoders.base import SeqStep
 from .detokenizer import IncrementalDetokenizer
@@ -61,11 +63,16 @@ class LLMEngine:
         self.observers = Observers(clock, observers)
         start = clock()
         mc = config.model
-        # as vLLM: a speculative_config alone turns speculative decoding on (the caller's config stays as given)
+        self.device = resolve_device(mc.device)
+        if config.speculative_config is None and config.decoder in (None, "speculative"):
+            default = default_speculative_config(mc.model, self.device.type)
+            if default is not None:  # the model's shipped drafter (the caller's config stays as given)
+                config = self.config = dataclasses.replace(config, speculative_config=default)
+                logger.info("speculative decoding with %s's drafter by default: %s", mc.model, json.dumps(default))
+        # as vLLM: a speculative_config alone turns speculative decoding on
         self.decoder_name = config.decoder or ("speculative" if config.speculative_config else "autoregressive")
         if self.decoder_name not in DECODERS:
             raise ValueError(f"unknown decoder {self.decoder_name!r}; this build has: {', '.join(DECODERS)}")
-        self.device = resolve_device(mc.device)
         self.dtype = resolve_dtype(mc.dtype, self.device)
         self.model_path = resolve_model(mc.model)
         self.tokenizer = load_tokenizer(self.model_path, mc.trust_remote_code)

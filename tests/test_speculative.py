@@ -205,7 +205,7 @@ def test_padded_layout_advances_every_sequence_by_the_longest_accepted_path(tiny
 def smollm2_reference(tmp_path_factory, smollm2_tokenizer):
     """Greedy autoregressive outputs of SmolLM2 for PROMPTS (max_tokens differ per prompt), checked against
     transformers' generate; and a tiny random draft model with SmolLM2's tokenizer."""
-    llm = LLM(SMOLLM2, kv_cache_tokens=8192, max_model_len=512)
+    llm = LLM(SMOLLM2, decoder="autoregressive", kv_cache_tokens=8192, max_model_len=512)
     params = [SamplingParams(temperature=0, max_tokens=12 + 3 * i, ignore_eos=True) for i in range(len(PROMPTS))]
     want = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
     hf = AutoModelForCausalLM.from_pretrained(llm.model_path, dtype=torch.float32).eval()

@@ -55,7 +55,7 @@ def follows(name: str, text: str) -> bool:
 
 @pytest.fixture(scope="module")
 def plain_smollm2():
-    return LLM(DEFAULT_MODEL, enforce_eager=True, kv_cache_tokens=4096)
+    return LLM(DEFAULT_MODEL, decoder="autoregressive", enforce_eager=True, kv_cache_tokens=4096)
 
 
 @pytest.mark.parametrize(
