@@ -304,16 +304,14 @@ def ship(seed: int, out: Path, arm: str, dest: Path) -> Path:
     """Copy one trained arm of a seed to `dest` (atomically) as a servable checkpoint, with a model card giving how
     it was made and what every pathway of that seed measured."""
     import shutil
-    import tempfile
+
+    from leapserve.training.checkpoint import atomic_directory
 
     work = out / f"seed{seed}"
     results = json.loads((work / "results.jsonl").read_text().splitlines()[0])["pathways"]
     if arm not in ST_ARMS:
         raise ValueError(f"ship a silent-thought arm ({', '.join(ST_ARMS)}), not {arm!r}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    try:
-        tmp.chmod(0o755)
+    with atomic_directory(dest) as tmp:
         for path in (work / arm).iterdir():
             if path.name != "README.md":
                 shutil.copy(path, tmp / path.name)
@@ -347,12 +345,6 @@ def ship(seed: int, out: Path, arm: str, dest: Path) -> Path:
             "| model / pathway | accuracy | generated tokens | sequential forwards |\n|---|---|---|---|\n"
             + "\n".join(rows) + "\n"
         )  # fmt: skip
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.replace(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

@@ -203,7 +203,8 @@ def ship(seed: int, out: Path, model: str, dest: Path) -> Path:
     """Copy one trained model of a seed to `dest` (atomically) as a servable checkpoint: its decoding defaults in
     config.json, a model card with how it was made and what it measured beside its base model's figures."""
     import shutil
-    import tempfile
+
+    from leapserve.training.checkpoint import atomic_directory
 
     work = out / f"seed{seed}"
     results: dict[str, dict] = {}
@@ -213,10 +214,7 @@ def ship(seed: int, out: Path, model: str, dest: Path) -> Path:
     if model not in results:
         raise ValueError(f"no results for {model!r} under {work}; have {sorted(results)}")
     base = "more-mdm" if model.startswith("more-mdm-") else "base"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    try:
-        tmp.chmod(0o755)
+    with atomic_directory(dest) as tmp:
         for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
             shutil.copy(work / model / name, tmp / name)
         config = json.loads((tmp / "config.json").read_text())
@@ -249,12 +247,6 @@ def ship(seed: int, out: Path, model: str, dest: Path) -> Path:
             f"answer (up to the EOS that ends it), against the model it was distilled from (`{base}`):\n\n"
             f"| decoder | `{base}` | this model |\n|---|---|---|\n" + "\n".join(rows) + "\n"
         )  # fmt: skip
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.replace(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

@@ -3,13 +3,14 @@ directory atomically (built in a temp directory beside it, then renamed: never a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -17,6 +18,32 @@ from safetensors.torch import save_file
 
 WEIGHTS = "model.safetensors"
 CARD = "README.md"
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
+    """A temporary directory beside `out_dir` to fill, renamed onto `out_dir` when the block ends (replacing an
+    earlier checkpoint there) or removed if it raises; refuses to replace a directory that is not a checkpoint."""
+    out = Path(out_dir)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "config.json").is_file())):
+        raise FileExistsError(f"{out} exists and is not a checkpoint directory; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tmp.chmod(0o755)
+        yield tmp
+        for path in tmp.iterdir():
+            path.chmod(0o644)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def export_checkpoint(
@@ -30,13 +57,7 @@ def export_checkpoint(
     """Write `tensors` (floating ones cast to `dtype`), `config` and `card` to `out_dir`, replacing an earlier
     export there; refuses to replace a directory that is not one. `extra_files(dir)` writes more files (say a
     tokenizer) into the directory before it is renamed into place."""
-    out = Path(out_dir)
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "config.json").is_file())):
-        raise FileExistsError(f"{out} exists and is not a checkpoint directory; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        tmp.chmod(0o755)
+    with atomic_directory(out_dir) as tmp:
         weights = {
             name: (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
             for name, t in tensors.items()
@@ -46,19 +67,7 @@ def export_checkpoint(
         (tmp / CARD).write_text(card)
         if extra_files is not None:
             extra_files(tmp)
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def write_model_card(out_dir: str | Path, card: str) -> None:
