@@ -213,6 +213,11 @@ def ship(seed: int, out: Path, model: str, dest: Path) -> Path:
             results.update(json.loads((work / name).read_text())["models"])
     if model not in results:
         raise ValueError(f"no results for {model!r} under {work}; have {sorted(results)}")
+    s = Settings(**json.loads((work / "results.jsonl").read_text())["settings"])
+    flags = "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in vars(s).items() if v != getattr(Settings(), k)
+    )  # fmt: skip
+    schedule = "constant" if s.lr_schedule == "constant" else "cosine-decayed to a tenth"
     base = "more-mdm" if model.startswith("more-mdm-") else "base"
     with atomic_directory(dest) as tmp:
         for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
@@ -231,20 +236,23 @@ def ship(seed: int, out: Path, model: str, dest: Path) -> Path:
             "A 0.86M-parameter Llama run bidirectionally (hidden 128, 4 layers, character tokenizer) that answers "
             "`7+7+1+5=` with a running-total scratchpad, `7+1=8;8+7=15;15+5=20;#20`, in a 32-token canvas of "
             f"4 blocks of 8. It is the `{model}` model of seed {seed} of leapserve's dParallel reproduction "
-            "(`leapserve.benchmarks.dparallel_repro`, BENCHMARKS.md): `leapserve train mdm` (LLaDA's SFT loss, 3,000 "
-            f"steps, then 300 more at a lower learning rate for `more-mdm`), then `leapserve train dparallel` "
-            "(certainty forcing, beta 2, on 2,048 of its own answers at entropy threshold 0.5).\n\n"
+            f"(`leapserve.benchmarks.dparallel_repro`, BENCHMARKS.md): `leapserve train mdm` (LLaDA's SFT loss, "
+            f"{s.pretrain_steps:,} steps at lr {s.lr:g}, {schedule}"
+            + (f", then {s.distill_steps} more at lr {s.distill_lr:g} for `more-mdm`" if base == "more-mdm" else "")
+            + f"), then `leapserve train dparallel` (certainty forcing, beta 2, {s.distill_steps} steps at lr "
+            f"{s.distill_lr:g}, {schedule}, on {s.trajectories:,} of its own answers at entropy threshold "
+            f"{s.trajectory_threshold:g}).\n\n"
             "```bash\n"
-            f"leapserve serve --model {dest}    # decodes with its defaults: entropy threshold 0.5\n"
+            f"leapserve serve --model {dest.name}    # decodes with its defaults: entropy threshold 0.5\n"
             "```\n\n"
             "## Command\n\n```\n"
-            f"python -m leapserve.benchmarks.dparallel_repro run --seed {seed} --out runs/dparallel\n"
-            + (f"python -m leapserve.benchmarks.dparallel_repro followup --seed {seed} --out runs/dparallel\n"
+            f"python -m leapserve.benchmarks.dparallel_repro run --seed {seed} --out {out}{flags}\n"
+            + (f"python -m leapserve.benchmarks.dparallel_repro followup --seed {seed} --out {out}\n"
                if base == "more-mdm" else "")
-            + f"python -m leapserve.benchmarks.dparallel_repro ship --seed {seed} --model {model} --out runs/dparallel "
+            + f"python -m leapserve.benchmarks.dparallel_repro ship --seed {seed} --model {model} --out {out} "
             f"--dest {dest}\n```\n\n"
-            f"## Measured\n\n300 held-out questions (never trained on), greedy; accuracy / mean denoising steps per "
-            f"answer (up to the EOS that ends it), against the model it was distilled from (`{base}`):\n\n"
+            f"## Measured\n\n{TEST_QUESTIONS} held-out questions (never trained on), greedy; accuracy / mean denoising "
+            f"steps per answer (up to the EOS that ends it), against the model it was distilled from (`{base}`):\n\n"
             f"| decoder | `{base}` | this model |\n|---|---|---|\n" + "\n".join(rows) + "\n"
         )  # fmt: skip
     return dest
