@@ -151,6 +151,7 @@ def run(seed: int, out: Path, s: Settings) -> dict:
     import torch
 
     from leapserve.training.dart import DARTConfig, DARTTraining, train_dart
+    from leapserve.training.mdm import ScratchShape
     from leapserve.training.sft import SFTConfig, SFTTraining, train_sft
 
     torch.set_num_threads(s.threads)
@@ -177,8 +178,8 @@ def run(seed: int, out: Path, s: Settings) -> dict:
             train_fn(cfg)
             seconds[arm] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
 
-    shape = dict(tokenizer="char", hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=4, seq_len=SEQ_LEN)
-    first = SFTConfig(data["cot"], str(models["cot"]), **shape)
+    shape = ScratchShape(hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=4)
+    first = SFTConfig(data["cot"], str(models["cot"]), tokenizer="char", seq_len=SEQ_LEN, shape=shape)
     stage("cot", train_sft, replace(first, train=SFTTraining(steps=s.cot_steps, lr=s.lr, **common)))
     arm_train = dict(steps=s.arm_steps, lr=s.arm_lr, **common)
     no_cot = SFTConfig(data["direct"], str(models["no-cot"]), init_from=str(models["cot"]), seq_len=SEQ_LEN)

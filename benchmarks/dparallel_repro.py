@@ -133,7 +133,7 @@ def evaluate(model_dir: Path, questions: list[tuple[int, ...]]) -> dict[str, dic
 
 def run(seed: int, out: Path, s: Settings) -> dict:
     from leapserve.training.dparallel import DParallelConfig, DParallelTraining, train_dparallel
-    from leapserve.training.mdm import MDMConfig, MDMTraining, train_mdm
+    from leapserve.training.mdm import MDMConfig, MDMTraining, ScratchShape, train_mdm
 
     work = out / f"seed{seed}"
     work.mkdir(parents=True, exist_ok=True)
@@ -148,8 +148,8 @@ def run(seed: int, out: Path, s: Settings) -> dict:
     if not (base / "config.json").is_file():
         train_mdm(
             MDMConfig(
-                data=str(data), out=str(base), tokenizer="char", hidden_size=128, num_layers=4, num_heads=4,
-                seq_len=8 + GEN_LENGTH, train=MDMTraining(steps=s.pretrain_steps, lr=s.lr, **common),
+                data=str(data), out=str(base), tokenizer="char", shape=ScratchShape(hidden_size=128, num_layers=4,
+                num_heads=4), seq_len=8 + GEN_LENGTH, train=MDMTraining(steps=s.pretrain_steps, lr=s.lr, **common),
             )
         )  # fmt: skip
     models = {"base": base}

@@ -141,19 +141,20 @@ def align(logits: torch.Tensor, *per_position: torch.Tensor, shift: bool) -> tup
     return (logits[:, :-1], *(t[:, 1:] for t in per_position))
 
 
-def scratch_model(tokenizer, mask_id: int, cfg: MDMConfig) -> torch.nn.Module:
-    """A randomly initialised Llama shaped by `cfg`, over `tokenizer`'s vocabulary, marked `diffusion_lm`."""
+def scratch_model(tokenizer, mask_id: int, shape: ScratchShape, seq_len: int) -> torch.nn.Module:
+    """A randomly initialised Llama of `shape` and `seq_len` positions over `tokenizer`'s vocabulary, marked
+    `diffusion_lm`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size or 3 * cfg.hidden_size,  # LLaDA-8B's ratio (4096 -> 12288)
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
-        head_dim=cfg.hidden_size // cfg.num_heads,
-        max_position_embeddings=cfg.seq_len,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size or 3 * shape.hidden_size,  # LLaDA-8B's ratio (4096 -> 12288)
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads or shape.num_heads,
+        head_dim=shape.hidden_size // shape.num_heads,
+        max_position_embeddings=seq_len,
         tie_word_embeddings=False,  # as LLaDA
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -206,6 +207,21 @@ def llada_loss(
 
 
 @dataclass
+class ScratchShape:
+    """The shape of a Llama trained from scratch (`train mdm`, `train sft`; unused with --init-from)."""
+
+    hidden_size: int = option(128, "from scratch")
+    num_layers: int = option(4, "from scratch")
+    num_heads: int = option(4, "from scratch")
+    num_kv_heads: int | None = option(None, "from scratch (default: --num-heads)")
+    intermediate_size: int | None = option(None, "from scratch (default: 3 x --hidden-size)")
+
+    def validate(self) -> None:
+        if min(self.hidden_size, self.num_layers, self.num_heads) < 1 or self.hidden_size % self.num_heads:
+            raise ValueError("need positive sizes and --hidden-size divisible by --num-heads")
+
+
+@dataclass
 class MDMTraining(TrainConfig):
     """MDM's optimizer settings, where they differ from `TrainConfig`'s."""
 
@@ -222,21 +238,18 @@ class MDMConfig:
     tokenizer: str | None = option(
         None, "char: a character-level tokenizer of the data; DIR: that tokenizer (default: char, or --init-from's)"
     )
-    hidden_size: int = option(128, "from scratch")
-    num_layers: int = option(4, "from scratch")
-    num_heads: int = option(4, "from scratch")
-    num_kv_heads: int | None = option(None, "from scratch (default: --num-heads)")
-    intermediate_size: int | None = option(None, "from scratch (default: 3 x --hidden-size)")
     seq_len: int = option(64, "tokens per sequence: prompt + response + EOS padding (cut if longer)")
     pretrain: bool = option(False, "mask every token, prompt included (pretraining); default: answers only (SFT)")
     work_dir: str | None = option(None, "training state, resumable (default: <out>.train)")
+    shape: ScratchShape = field(default_factory=ScratchShape)
     train: TrainConfig = field(default_factory=MDMTraining)
 
     def validate(self) -> None:
         if self.init_from and self.tokenizer == "char":
             raise ValueError("--tokenizer char builds a new vocabulary: it needs a model from scratch, not --init-from")
-        if self.seq_len < 2 or self.hidden_size % self.num_heads:
-            raise ValueError("need --seq-len >= 2 and --hidden-size divisible by --num-heads")
+        if self.seq_len < 2:
+            raise ValueError("need --seq-len >= 2")
+        self.shape.validate()
         self.train.validate()
 
 
@@ -255,7 +268,7 @@ def _model_and_tokenizer(cfg: MDMConfig, examples: list[dict], device: torch.dev
             tokenizer = char_tokenizer(ex["prompt"] + ex["response"] for ex in examples)
         else:
             tokenizer = load_tokenizer(cfg.tokenizer)
-        model = scratch_model(tokenizer, mask_token_id(tokenizer), cfg)
+        model = scratch_model(tokenizer, mask_token_id(tokenizer), cfg.shape, cfg.seq_len)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token (needed to end and pad answers)")
     return bidirectional(model).to(device), tokenizer
@@ -346,5 +359,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=DefaultsHelpFormatter,
     )
     add_config_arguments(p, MDMConfig)
+    add_config_arguments(p.add_argument_group("model from scratch"), ScratchShape)
     add_config_arguments(p.add_argument_group("training"), MDMTraining, only=training_options(MDMTraining))
     p.set_defaults(handler=lambda a: train_mdm(config_from_args(MDMConfig, a)))

@@ -30,7 +30,15 @@ from .checkpoint import command_line, model_card
 from .data import TrainSequence, batches
 from .dparallel import add_lora, merge_lora
 from .loop import TrainConfig, train
-from .mdm import char_tokenizer, export_diffusion_lm, mask_token_id, read_examples, scratch_model, training_options
+from .mdm import (
+    ScratchShape,
+    char_tokenizer,
+    export_diffusion_lm,
+    mask_token_id,
+    read_examples,
+    scratch_model,
+    training_options,
+)
 
 # ---- data and loss --------------------------------------------------------------------------------------------------
 
@@ -81,29 +89,25 @@ class SFTConfig:
     tokenizer: str | None = option(
         None, "char: a character-level tokenizer of the data; DIR: that tokenizer (default: char, or --init-from's)"
     )
-    hidden_size: int = option(128, "from scratch")
-    num_layers: int = option(4, "from scratch")
-    num_heads: int = option(4, "from scratch")
-    num_kv_heads: int | None = option(None, "from scratch (default: --num-heads)")
-    intermediate_size: int | None = option(None, "from scratch (default: 3 x --hidden-size)")
     seq_len: int = option(128, "tokens per sequence, cut if longer (from scratch: also the model's position limit)")
     lora_rank: int = option(0, "LoRA rank on q/k/v/o/gate/up/down, merged at export (0: full fine-tuning)")
     lora_alpha: float | None = option(None, "LoRA alpha (default: the rank)")
     work_dir: str | None = option(None, "training state, resumable (default: <out>.train)")
+    shape: ScratchShape = field(default_factory=ScratchShape)
     train: TrainConfig = field(default_factory=SFTTraining)
 
     def validate(self) -> None:
         if self.init_from and self.tokenizer == "char":
             raise ValueError("--tokenizer char builds a new vocabulary: it needs a model from scratch, not --init-from")
-        if self.seq_len < 2 or self.hidden_size % self.num_heads or self.lora_rank < 0:
-            raise ValueError("need --seq-len >= 2, --hidden-size divisible by --num-heads and --lora-rank >= 0")
+        if self.seq_len < 2 or self.lora_rank < 0:
+            raise ValueError("need --seq-len >= 2 and --lora-rank >= 0")
+        self.shape.validate()
         self.train.validate()
 
 
-def causal_scratch_model(tokenizer, cfg) -> torch.nn.Module:
-    """`train mdm`'s from-scratch Llama (shaped by `cfg`'s hidden_size, num_layers, ... and seq_len), without its
-    diffusion marker: a causal LM."""
-    model = scratch_model(tokenizer, mask_token_id(tokenizer), cfg)
+def causal_scratch_model(tokenizer, shape: ScratchShape, seq_len: int) -> torch.nn.Module:
+    """`train mdm`'s from-scratch Llama without its diffusion marker: a causal LM."""
+    model = scratch_model(tokenizer, mask_token_id(tokenizer), shape, seq_len)
     del model.config.diffusion_lm
     return model
 
@@ -120,7 +124,7 @@ def _model_and_tokenizer(cfg: SFTConfig, examples: list[dict], device: torch.dev
             tokenizer = char_tokenizer(ex["prompt"] + ex["response"] for ex in examples)
         else:
             tokenizer = load_tokenizer(cfg.tokenizer)
-        model = causal_scratch_model(tokenizer, cfg)
+        model = causal_scratch_model(tokenizer, cfg.shape, cfg.seq_len)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token (needed to end answers)")
     return model.to(device), tokenizer
@@ -209,5 +213,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=DefaultsHelpFormatter,
     )
     add_config_arguments(p, SFTConfig)
+    add_config_arguments(p.add_argument_group("model from scratch"), ScratchShape)
     add_config_arguments(p.add_argument_group("training"), SFTTraining, only=training_options(SFTTraining))
     p.set_defaults(handler=lambda a: train_sft(config_from_args(SFTConfig, a)))
