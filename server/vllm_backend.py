@@ -28,7 +28,14 @@ from leapserve.decoding.args import option
 from leapserve.decoding.config import EngineConfig, ModelConfig, SpeculativeConfig
 from leapserve.decoding.diffusion_lm import diffusion_spec
 from leapserve.decoding.kv_cache import PagedKVCache
-from leapserve.decoding.model_loader import cache_dir, load_model, resolve_device, resolve_dtype, resolve_model
+from leapserve.decoding.model_loader import (
+    cache_dir,
+    load_model,
+    local_or_shipped,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+)
 from leapserve.drafters.checkpoints import SHARED_WITH_TARGET, load_draft_model
 from leapserve.training.checkpoint import export_checkpoint
 from leapserve.training.export import dynamic_tree, export_eagle
@@ -107,7 +114,7 @@ def eagle_export(drafter: str, target: str, tree: dict | None = None) -> Path:
     the cache (keyed by the drafter's weights, the target, whose rows a reduced vocabulary's head takes, and the
     tree). An export given as the drafter is used as it is, or copied with the tree changed."""
 
-    source = Path(drafter)
+    source = local_or_shipped(drafter)
     config = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
     is_export = "leapserve_fspad" in config
     if is_export and config.get("leapserve_tree") == tree:

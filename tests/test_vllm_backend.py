@@ -133,6 +133,13 @@ def test_an_fspad_tree_maps_onto_leapserves_tree_worker(tiny_model_dir, tmp_path
         load_file(str(Path(again["model"]) / "model.safetensors")).keys()
         == load_file(str(export / "model.safetensors")).keys()
     )
+    # a shipped drafter is named, not given as a path (the shipped directory is the tiny one's here)
+    from leapserve.decoding import model_loader
+
+    monkeypatch.setattr(model_loader, "SHIPPED_DIR", tmp_path)
+    named = json.loads(option(command(tiny_model_dir, {"method": "fspad", "model": "fspad", "tree": tree}),
+                              "--speculative-config"))  # fmt: skip
+    assert json.loads((Path(named["model"]) / "config.json").read_text())["leapserve_tree"] == tree
 
 
 def save_tiny_fspad(target: Path, out: Path) -> Path:

@@ -14,6 +14,7 @@ rerun resumes after the last whole batch, with the instructions kept so far.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import sys
@@ -152,7 +153,10 @@ def write_instructions(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = _read_attempts(path)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop a cut line before appending
+    if path.is_file() and len(path.read_text().splitlines()) != len(rows):  # drop a cut line before appending
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
     keeper = Keeper(filters, evaluation_prompts())
     kept = [r["prompt"] for r in rows if r["kept"] and keeper(r["prompt"])]
     pools = topics()
