@@ -110,7 +110,7 @@ def generate_data(cfg: DataConfig) -> Path:
     prompts = training_prompts(cfg.prompt_sets, cfg.num_prompts, cfg.seed)
     meta_path = out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    for key in ("model", "prompt_sets", "num_prompts", "self_instructions", "seed", "shard_size"):
+    for key in ("model", "prompt_sets", "self_instructions", "seed", "shard_size"):  # --num-prompts may grow
         if meta and key in meta.get("config", {}) and meta["config"][key] != getattr(cfg, key):
             raise ValueError(
                 f"{out} holds data made with --{key.replace('_', '-')} {meta['config'][key]!r}, not "
