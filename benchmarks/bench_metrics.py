@@ -148,6 +148,7 @@ class OfflineRun:
     request_forwards: int  # summed over requests: the forwards each took part in
     accepted_tokens: int | None = None  # None: the decoder does not report acceptance (transformers' generate)
     num_drafts: int | None = None
+    draft_tokens: int | None = None
     drafting_cost: float | None = None  # `drafting_cost` of the pass's steps; None: not a speculative decoder
 
 
@@ -162,6 +163,7 @@ def offline_summary(runs: Sequence[OfflineRun], weight_bytes: int) -> dict:
     forwards = sum(r.request_forwards for r in runs)
     accepted = [r.accepted_tokens for r in runs]
     drafts = [r.num_drafts for r in runs]
+    draft_tokens = [r.draft_tokens for r in runs]
     costs = [r.drafting_cost for r in runs]
     return {
         "tokens_per_s": statistics.median(r.output_tokens / r.elapsed for r in runs),
@@ -170,6 +172,9 @@ def offline_summary(runs: Sequence[OfflineRun], weight_bytes: int) -> dict:
         "target_forwards_per_token": forwards / tokens if tokens else None,
         "mean_acceptance_length": (
             None if None in accepted or None in drafts else mean_acceptance_length(sum(accepted), sum(drafts))
+        ),
+        "nodes_per_draft": (
+            None if None in draft_tokens or None in drafts or not sum(drafts) else sum(draft_tokens) / sum(drafts)
         ),
         "weight_GB_s": statistics.median(weight_bytes * r.target_forwards / r.elapsed for r in runs) / 1e9,
         "drafting_cost": (None if None in costs else statistics.median(costs)),

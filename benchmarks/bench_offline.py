@@ -256,6 +256,7 @@ def tables(rows: list[dict], setup: dict) -> str:
         "speedup",
         "steps / token" if baseline else "target forwards / token",
         "mean acceptance length",
+        "nodes / draft",
         "weight GB/s",
         "drafting cost (same pass)",
         f"same output as {baseline}" if baseline else "same output as AR",
@@ -268,6 +269,7 @@ def tables(rows: list[dict], setup: dict) -> str:
             r["speedup"],
             r["target_forwards_per_token"],
             r["mean_acceptance_length"],
+            r.get("nodes_per_draft"),
             r["weight_GB_s"],
             None if r.get("drafting_cost") is None else f"{100 * r['drafting_cost']:+.1f}%",
             "yes" if r[SAME_AS_BASELINE if baseline else SAME_AS_AR] else "no",
@@ -275,7 +277,11 @@ def tables(rows: list[dict], setup: dict) -> str:
         for r in rows
     ]
     if baseline:  # diffusion decoders draft nothing: no acceptance, no drafting cost
-        keep = [i for i, h in enumerate(headers) if h not in ("mean acceptance length", "drafting cost (same pass)")]
+        keep = [
+            i
+            for i, h in enumerate(headers)
+            if h not in ("mean acceptance length", "nodes / draft", "drafting cost (same pass)")
+        ]
         headers, body = [headers[i] for i in keep], [[row[i] for i in keep] for row in body]
     batching = (
         "continuous batching (batch: requests running at most)"

@@ -108,6 +108,7 @@ def engine_pass(
         request_forwards=sum(o.metrics.target_forwards for o in outs),
         accepted_tokens=sum(o.metrics.accepted_tokens for o in outs),
         num_drafts=sum(o.metrics.num_drafts for o in outs),
+        draft_tokens=sum(o.metrics.draft_tokens for o in outs),
         drafting_cost=drafting_cost(steps) if bench_engine.speculative else None,
     ), tokens
 

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 @dataclass
 class DraftTree:
     """Candidate tokens for one sequence. Index 0 is the root (the last committed token); node i >= 1 is
-    `tokens[i - 1]`, child of `parents[i - 1]` (< i, so parents come first)."""
+    `tokens[i - 1]`, child of `parents[i - 1]` (< i, so parents come first). Nodes come in the drafter's order of
+    confidence: the first n are the tree it would propose with a budget of n."""
 
     tokens: list[int]
     parents: list[int]
@@ -40,7 +41,7 @@ class DraftTree:
         return cls(list(tokens), list(range(len(tokens))), q or [None] * len(tokens))
 
     def truncated(self, n: int) -> DraftTree:
-        """The first n nodes (still a tree: parents precede children)."""
+        """The first n nodes: the drafter's best n (still a tree: parents precede children)."""
         return DraftTree(self.tokens[:n], self.parents[:n], self.q[:n])
 
 

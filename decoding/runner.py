@@ -163,6 +163,26 @@ class ModelRunner:
             self._run([SeqChunk([0], 0, [0] * n, [n - 1])])
         logger.info("compiled in %.1f s", time.perf_counter() - start)
 
+    def time_forward(self, num_tokens: int, clock: Callable[[], float] = time.perf_counter, repeats: int = 3) -> float:
+        """Seconds by `clock` of a forward over `num_tokens` tokens of one sequence with logits at every row (the
+        shape of verifying that many), the fastest of `repeats`, in blocks borrowed from the free pool. Observers
+        are told of it like any forward, so a modeled clock (`bench offline --roofline`) times it too."""
+        table: list[int] = []
+        if not self.cache.grow(table, num_tokens):
+            raise RuntimeError(f"the KV cache has no room to time a forward over {num_tokens} tokens")
+        chunk = SeqChunk(table, 0, [0] * num_tokens, list(range(num_tokens)))
+        best = float("inf")
+        try:
+            for _ in range(repeats):
+                start = clock()
+                self.forward([chunk])
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                best = min(best, clock() - start)
+        finally:
+            self.cache.release(table)
+        return best
+
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Run the target over all chunks at once; return float32 logits `[sum(len(logits_rows)), V]`."""
         return self.forward(chunks)[0]

@@ -226,12 +226,11 @@ class TreeGrower:
         return chunk
 
     def _finish(self, g: _Growing) -> DraftTree:
-        """Keep the best `budget` nodes by cumulative log q (all of a static tree that fits), parents first."""
+        """Keep the best `budget` nodes by cumulative log q (all of a static tree that fits), best first: a
+        parent scores at least its child and comes first on ties, so parents still precede children, and the
+        first n nodes are the tree a budget of n keeps."""
         keep = min(g.budget, self.shape.total_tokens if self.shape.branching is None else len(g.tokens))
-        if keep >= len(g.tokens):
-            return DraftTree(g.tokens, g.parents, g.q)
-        best = sorted(range(1, len(g.tokens) + 1), key=lambda i: (-g.scores[i], i))[:keep]
-        kept = sorted(best)
+        kept = sorted(range(1, len(g.tokens) + 1), key=lambda i: (-g.scores[i], i))[:keep]
         index = {node: i for i, node in enumerate(kept, start=1)}
         return DraftTree(
             [g.tokens[n - 1] for n in kept], [index.get(g.parents[n - 1], 0) for n in kept], [g.q[n - 1] for n in kept]

@@ -242,8 +242,9 @@ def _on_roofline(
         clock=clock,
         observers=[clock],
     )
+    start = clock.now  # after start-up (where the speculative decoder times verification)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), use_tqdm=False)
-    return clock.now, [o.outputs[0].token_ids for o in outs]
+    return clock.now - start, [o.outputs[0].token_ids for o in outs]
 
 
 @pytest.mark.parametrize(

@@ -10,13 +10,13 @@ shortfall left as masked slots (`Sequence.kv_holes`, hidden from attention by th
 
 Adaptive speculation (`adaptive`): per step, `adaptive.ModeSelector` picks drafting or plain decoding (every budget
 0, the same forward as the autoregressive decoder), so that speculation is switched off where it does not pay, e.g.
-at high concurrency on a compute-bound device; while drafting, each sequence's budget follows its own acceptance.
+at high concurrency on a compute-bound device; while drafting, `tree_budget.TreeSizer` sizes the trees for the
+batch from the verification cost timed at start-up and the acceptance each node rank has had.
 """
 
 from __future__ import annotations
 
-import math
-from weakref import WeakKeyDictionary
+import logging
 
 import torch
 
@@ -33,8 +33,9 @@ from ..tree import chunk_layout
 from ..verification import verify
 from .adaptive import ModeSelector
 from .base import Decoder, SeqStep
+from .tree_budget import TreeSizer, VerifyCost
 
-EMA_DECAY = 0.7  # weight of the past in the per-sequence EMA of accepted tokens per step
+logger = logging.getLogger(__name__)
 
 
 class SpeculativeDecoder(Decoder):
@@ -52,39 +53,47 @@ class SpeculativeDecoder(Decoder):
         self.lookahead = self.drafter.lookahead
         self.max_nodes = self.drafter.max_nodes
         self.max_depth = self.drafter.max_depth
-        self._accept_ema: WeakKeyDictionary[Sequence, float] = WeakKeyDictionary()
         self.selector = ModeSelector()
+        self.sizer: TreeSizer | None = None
+        if self.spec.adaptive:
+            most = config.scheduler.max_num_seqs
+            cost = VerifyCost.measure(
+                lambda tokens: runner.time_forward(tokens, observers.clock, repeats=2),
+                most + min(most * self.max_nodes, self.spec.max_batch_draft_tokens),
+            )
+            logger.info("verification cost by tokens: %s", cost.describe())
+            self.sizer = TreeSizer(cost, self.max_nodes, self.max_depth)
         self._step_start = 0.0
         self._step_drafts: bool | None = None  # this step's mode, when the selector chose it
         self._step_timeable = False  # this step carries no prompt tokens: its time measures its mode
 
     def _budgets(self, scheduled: list[ScheduledSeq]) -> list[int]:
         """Draft tokens per sequence: none while prefilling; at most what max_tokens leaves; adaptive: none when
-        the selector picks plain decoding, else sized by the sequence's recent acceptance and shrunk as the batch
-        grows. Starts the step's clock."""
+        the selector picks plain decoding, else at most max_batch_draft_tokens over the batch and sized by the
+        tree sizer. Starts the step's clock."""
         self._step_start = self.observers.clock()
         drafting = [s for s in scheduled if s.completes_prefix]
         self._step_timeable = all(s.num_new == 1 for s in scheduled)
         self._step_drafts = (
             self.selector.choose(len(drafting), self._step_timeable) if self.spec.adaptive and drafting else None
         )
-        cap = self.max_nodes
+        caps = iter([self.max_nodes] * len(drafting))
         if self._step_drafts is False:
-            cap = 0
-        elif self.spec.adaptive and drafting:
-            cap = min(cap, self.spec.max_batch_draft_tokens // len(drafting))
+            caps = iter([0] * len(drafting))
+        elif self.sizer is not None and drafting:
+            caps = iter(
+                self.sizer.budgets(
+                    len(drafting), min(self.max_nodes, self.spec.max_batch_draft_tokens // len(drafting))
+                )
+            )
         budgets = []
         for s in scheduled:
             if not s.completes_prefix:
                 budgets.append(0)
                 continue
-            seq = s.seq
+            seq, cap = s.seq, next(caps)
             left = (seq.params.max_tokens or 1 << 30) - seq.num_output - 1  # the bonus token always comes
-            budget = cap if left >= self.max_depth else min(cap, left)
-            if self.spec.adaptive:
-                ema = self._accept_ema.get(seq, float(self.max_depth))
-                budget = min(budget, math.ceil(self.max_nodes * min(1.0, (ema + 1) / self.max_depth)))
-            budgets.append(max(0, budget))
+            budgets.append(max(0, cap if left >= self.max_depth else min(cap, left)))
         if self.spec.layout == "padded":  # vanilla: one draft length for the whole batch
             width = max(budgets, default=0)
             budgets = [width if s.completes_prefix else 0 for s in scheduled]
@@ -93,6 +102,7 @@ class SpeculativeDecoder(Decoder):
     def step(self, scheduled: list[ScheduledSeq]) -> dict[Sequence, SeqStep]:
         budgets = self._budgets(scheduled)
         trees = self.drafter.propose(scheduled, budgets)
+        draft_seconds = self.observers.clock() - self._step_start
         width = max(budgets, default=0)
         chunks = [
             self._chunk(s, t, width - len(t) if self.spec.layout == "padded" and s.completes_prefix else 0)
@@ -104,7 +114,7 @@ class SpeculativeDecoder(Decoder):
         observed: list[tuple[Sequence, list[int]]] = []  # feature drafters: each sequence's hidden rows to observe
         argmax = row_argmax(logits, [s.seq for s in scheduled if s.completes_prefix])
         row = lo = 0
-        for s, tree, chunk in zip(scheduled, trees, chunks):
+        for s, tree, chunk, budget in zip(scheduled, trees, chunks, budgets):
             lo, chunk_lo = lo + len(chunk.token_ids), lo
             if not s.completes_prefix:
                 if observes:
@@ -123,9 +133,8 @@ class SpeculativeDecoder(Decoder):
             if observes:  # the features of every token this step computed and committed
                 root = chunk_lo + s.num_new - 1
                 observed.append((s.seq, list(range(chunk_lo, root + 1)) + [root + node for node in accepted]))
-            if len(tree):
-                old = self._accept_ema.get(s.seq, float(self.max_depth))
-                self._accept_ema[s.seq] = EMA_DECAY * old + (1 - EMA_DECAY) * len(accepted)
+            if self.sizer is not None and budget:
+                self.sizer.record_tree(budget, accepted)
             results[s.seq] = SeqStep(
                 samples=samples, forwarded=True, draft_tokens=len(tree), accepted_tokens=len(accepted)
             )
@@ -139,6 +148,14 @@ class SpeculativeDecoder(Decoder):
             for (seq, _), features in zip(observed, hidden[rows].split([len(r) for _, r in observed])):
                 self.drafter.observe(seq, seq.num_computed, features)
         self.score_prompts(scheduled, chunks, hidden, results)
+        if self.sizer is not None and self._step_timeable and any(budgets):
+            self.sizer.record_step(
+                sum(s.completes_prefix for s in scheduled),
+                draft_seconds,
+                min(self.max_depth, max(budgets)),
+                self.observers.clock() - self._step_start,
+                sum(len(c.token_ids) for c in chunks),
+            )
         if self._step_drafts is not None:
             self._report(scheduled, results)
         return results

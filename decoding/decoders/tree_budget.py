@@ -1,0 +1,163 @@
+"""Tree budgets sized by cost: while drafting, the draft nodes per sequence that commit the most tokens per second
+at the step's batch size.
+
+A drafter lists a tree's nodes best first (`DraftTree`), so a budget of n keeps its first n nodes, and the n-th
+node is what raising the budget from n - 1 to n buys. For a drafting step over N sequences:
+
+1. Verifying T tokens costs V(T), timed at start-up (`VerifyCost.measure`: a target forward over T tokens for T in
+   powers of two up to the most a step verifies; linear in between, never decreasing). On a GPU or an AMX CPU V
+   is flat and then linear; on an AVX2 CPU it grows from the first token.
+2. Every verified tree tells, for each rank r within its budget, whether its r-th node was accepted: p_r is that
+   share (counts decayed by `decay` per tree, so that p follows the traffic).
+3. A proposal growing l levels costs D_N(l), a line through the median proposal times at the fewest and the
+   most levels seen among the last `draft_window` timed drafting steps in N's bucket (powers of two; through
+   the origin while one level count is seen); the rest of a drafting step (sampling, verification,
+   bookkeeping: its time less the proposal's and V of the tokens it verified) is R_N, their median. A budget
+   of n grows min(n, depth) levels.
+4. The budget is the n in 1..cap maximising (1 + p_1 + ... + p_n) / (R_N + D_N(min(n, depth)) + V(N (1 + n))):
+   tokens committed per sequence per second of a whole drafting step.
+5. Until D_N and every p_r up to cap are measured (`min_trials` trees), the budget is cap; after that, every
+   `explore_every`-th drafting step one sequence (in turn) drafts cap nodes, so that the ranks beyond the chosen
+   budget stay measured.
+
+Whether to draft at all is `adaptive.ModeSelector`'s choice; this sizes the tree when it does. Measurements
+behind the numbers: `docs/adaptive-speculation.md`.
+
+| threshold | value | meaning |
+|---|---|---|
+| `decay` | 0.995 | weight of the past in a rank's counts, per tree whose budget reaches it |
+| `min_trials` | 8 | trees whose budget reaches a rank before its acceptance is used |
+| `draft_window` | 16 | timed drafting steps per bucket that D_N and R_N are measured on |
+| `explore_every` | 4 | every this many drafting steps, one sequence drafts the whole cap |
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import statistics
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The sizer's numbers (the table above)."""
+
+    decay: float = 0.995
+    min_trials: int = 8
+    draft_window: int = 16
+    explore_every: int = 4
+
+
+THRESHOLDS = Thresholds()
+
+
+class VerifyCost:
+    """Seconds of a target forward over T tokens: measured points, linear between them and beyond the last two,
+    made non-decreasing (a point below an earlier one is timing noise)."""
+
+    def __init__(self, points: dict[int, float]):
+        if not points:
+            raise ValueError("VerifyCost needs at least one measured point")
+        self.tokens = sorted(points)
+        self.seconds = list(itertools.accumulate((points[t] for t in self.tokens), max))
+
+    @classmethod
+    def measure(cls, time_forward: Callable[[int], float], max_tokens: int) -> VerifyCost:
+        """`time_forward(T)` at T = 1, 2, 4, ... up to `max_tokens` (and at `max_tokens`)."""
+        counts = sorted({1 << i for i in range(max_tokens.bit_length()) if 1 << i <= max_tokens} | {max_tokens})
+        return cls({t: time_forward(t) for t in counts})
+
+    def __call__(self, tokens: int) -> float:
+        xs, ys = self.tokens, self.seconds
+        if len(xs) == 1:
+            return ys[0]
+        hi = min(max(bisect.bisect_left(xs, tokens), 1), len(xs) - 1)
+        lo = hi - 1
+        return max(ys[0], ys[lo] + (ys[hi] - ys[lo]) * (tokens - xs[lo]) / (xs[hi] - xs[lo]))
+
+    def describe(self) -> str:
+        return ", ".join(f"{t}: {1e3 * s:.1f} ms" for t, s in zip(self.tokens, self.seconds))
+
+
+class TreeSizer:
+    """Per drafting step, each sequence's node budget (the module's docstring); the decoder asks `budgets` before
+    drafting, and reports each verified tree to `record_tree` and each timed drafting step to `record_step`."""
+
+    def __init__(self, verify_cost: VerifyCost, max_nodes: int, depth: int, thresholds: Thresholds = THRESHOLDS):
+        self.verify_cost = verify_cost
+        self.depth = depth
+        self.th = thresholds
+        self.hits = [0.0] * max_nodes  # [r - 1]: decayed count of trees that accepted their r-th node
+        self.trials = [0.0] * max_nodes  # [r - 1]: decayed count of trees whose budget reached rank r
+        # bucket -> (levels, proposal seconds, rest seconds) of its last timed drafting steps
+        self.timed: dict[int, deque[tuple[int, float, float]]] = {}
+        self.steps = 0  # drafting steps asked for
+
+    @staticmethod
+    def _bucket(num_decoding: int) -> int:
+        return 1 << (num_decoding - 1).bit_length()
+
+    def acceptance(self) -> list[float | None]:
+        """p_r for r = 1, 2, ...: None where not yet measured on `min_trials` trees."""
+        return [h / t if t >= self.th.min_trials else None for h, t in zip(self.hits, self.trials)]
+
+    def best_budget(self, num_decoding: int, cap: int) -> int:
+        """The budget of step 4 (cap while D_N or some p_r up to cap is not measured yet)."""
+        window = self.timed.get(self._bucket(num_decoding))
+        p = [x for x in self.acceptance()[:cap] if x is not None]
+        if not window or len(p) < cap:
+            return cap
+        draft = _drafting_cost(window)
+        rest = statistics.median(r for *_, r in window)
+        best, best_rate, tokens = cap, 0.0, 1.0
+        for n, p_n in enumerate(p, start=1):
+            tokens += p_n
+            seconds = rest + draft(min(n, self.depth)) + self.verify_cost(num_decoding * (1 + n))
+            rate = tokens / max(seconds, 1e-9)
+            if rate > best_rate:
+                best, best_rate = n, rate
+        return best
+
+    def budgets(self, num_decoding: int, cap: int) -> list[int]:
+        """Node budgets for the step's `num_decoding` drafting sequences, none above `cap`."""
+        self.steps += 1
+        best = self.best_budget(num_decoding, cap)
+        out = [best] * num_decoding
+        if best < cap and self.steps % self.th.explore_every == 0:
+            out[(self.steps // self.th.explore_every) % num_decoding] = cap
+        return out
+
+    def record_step(
+        self, num_decoding: int, draft_seconds: float, levels: int, step_seconds: float, verified_tokens: int
+    ) -> None:
+        """A timed drafting step over `num_decoding` sequences: its proposal took `draft_seconds` to grow `levels`
+        tree levels, the whole step `step_seconds`, and its target forward verified `verified_tokens` tokens."""
+        if levels < 1:
+            return
+        window = self.timed.setdefault(self._bucket(num_decoding), deque(maxlen=self.th.draft_window))
+        window.append((levels, draft_seconds, step_seconds - draft_seconds - self.verify_cost(verified_tokens)))
+
+    def record_tree(self, budget: int, accepted: list[int]) -> None:
+        """One verified tree: its budget and its accepted nodes (1-based ranks, best first)."""
+        taken = set(accepted)
+        decay = self.th.decay
+        for r in range(min(budget, len(self.trials))):
+            self.trials[r] = decay * self.trials[r] + 1.0
+            self.hits[r] = decay * self.hits[r] + (r + 1 in taken)
+
+
+def _drafting_cost(window: deque[tuple[int, float, float]]) -> Callable[[int], float]:
+    """Seconds of a proposal growing l levels: the line through the median times at the fewest and the most levels
+    in `window`, or through the origin and the median where all grew as many."""
+    by_levels: dict[int, list[float]] = {}
+    for levels, seconds, _ in window:
+        by_levels.setdefault(levels, []).append(seconds)
+    lo, hi = min(by_levels), max(by_levels)
+    at_lo, at_hi = statistics.median(by_levels[lo]), statistics.median(by_levels[hi])
+    if lo == hi:
+        return lambda levels: at_hi * levels / hi
+    slope = max(0.0, (at_hi - at_lo) / (hi - lo))
+    return lambda levels: max(0.0, at_lo + slope * (levels - lo))

@@ -1,0 +1,169 @@
+"""Trees sized by cost: the sizer's rule on synthetic costs and acceptance, the drafters' best-first node order it
+rests on, and the real engine sizing its trees on a modeled accelerator."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from transformers import AutoConfig
+
+from drafter_plugins import tampered_method
+from leapserve.benchmarks.roofline import Roofline, VirtualClock
+from leapserve.decoding import LLM, SamplingParams
+from leapserve.decoding.decoders.tree_budget import Thresholds, TreeSizer, VerifyCost
+
+
+def test_verify_cost_interpolates_extrapolates_and_never_decreases():
+    cost = VerifyCost({1: 0.010, 2: 0.009, 4: 0.012, 8: 0.020})
+    assert cost.seconds == [0.010, 0.010, 0.012, 0.020]  # 2 tokens timed faster than 1: noise
+    assert cost(3) == pytest.approx(0.011)
+    assert cost(6) == pytest.approx(0.016)
+    assert cost(16) == pytest.approx(0.036)  # beyond the last point: the last two points' slope
+    timed = []
+    VerifyCost.measure(lambda tokens: timed.append(tokens) or 0.001 * tokens, 96)
+    assert timed == [1, 2, 4, 8, 16, 32, 64, 96]
+    with pytest.raises(ValueError):
+        VerifyCost({})
+
+
+def measured(
+    sizer: TreeSizer, acceptance: list[float], level_seconds: float, rest: float = 0.0, sizes=(1, 2, 4, 8, 16, 32)
+) -> None:
+    """Feed `sizer` 200 trees whose r-th node is accepted in a share acceptance[r - 1] of them, and at every batch
+    size a drafting step of three levels taking `level_seconds` each, verification as the sizer's cost says, and
+    `rest` seconds of everything else."""
+    for i in range(200):
+        sizer.record_tree(len(acceptance), [r for r, p in enumerate(acceptance, start=1) if i % 100 < 100 * p])
+    for n in sizes:
+        step = 3 * level_seconds + sizer.verify_cost(4 * n) + rest
+        sizer.record_step(n, 3 * level_seconds, 3, step, 4 * n)
+
+
+def test_sizer_weighs_what_a_node_buys_against_what_a_step_costs():
+    """Worked by hand: p = (1, 0.5, 0.1), no drafting cost, verifying T tokens takes T ms. With nothing else in a
+    step, a tree of one node commits 2 tokens in 2 ms (1 per ms), of two 2.5 in 3 ms (0.83): one node. With 10 ms
+    of the rest of a step (sampling, bookkeeping), 2 / 12 = 0.167, 2.5 / 13 = 0.192, 2.6 / 14 = 0.186: two."""
+    linear = VerifyCost({1: 0.001, 64: 0.064})
+    bare = TreeSizer(linear, max_nodes=3, depth=3)
+    measured(bare, [1.0, 0.5, 0.1], 0.0)
+    assert bare.best_budget(1, 3) == 1
+    busy = TreeSizer(linear, max_nodes=3, depth=3)
+    measured(busy, [1.0, 0.5, 0.1], 0.0, rest=0.010)
+    assert busy.best_budget(1, 3) == 2
+    assert busy.best_budget(1, 1) == 1  # never above the cap
+
+
+ACCEPTANCE = [0.7, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.03]  # a drafter's p_r, best first
+
+
+def test_sizer_shrinks_trees_as_the_batch_grows_only_where_verification_costs():
+    """An AVX2 CPU (every token costs 2 ms beyond a 20 ms forward) sizes trees down as requests are added; a GPU
+    (flat up to 256 tokens) keeps the whole tree at every batch size up to 16."""
+    cpu = TreeSizer(VerifyCost({t: 0.020 + 0.002 * t for t in (1, 64, 128)}), max_nodes=8, depth=4)
+    measured(cpu, ACCEPTANCE, 0.0015)
+    budgets = [cpu.best_budget(n, 8) for n in (1, 4, 16)]
+    assert budgets == sorted(budgets, reverse=True) and budgets[0] > budgets[-1] >= 1
+    gpu = TreeSizer(VerifyCost({t: 0.010 * max(1, t / 256) for t in (1, 256, 512)}), max_nodes=8, depth=4)
+    measured(gpu, ACCEPTANCE, 0.0005)
+    assert [gpu.best_budget(n, 8) for n in (1, 4, 16)] == [8, 8, 8]
+
+
+def test_sizer_separates_a_proposals_fixed_cost_from_its_cost_per_level():
+    """A drafter costing 20 ms a proposal plus 1 ms a level, verification flat at 10 ms. Seen at one level only,
+    the 21 ms look like a cost per level, and one node wins; once proposals of four levels (24 ms) are seen too,
+    the fixed part is known and the whole tree of 8 wins."""
+    sizer = TreeSizer(VerifyCost({1: 0.010, 512: 0.010}), max_nodes=8, depth=4)
+    measured(sizer, ACCEPTANCE, 0.0, sizes=())
+    for _ in range(4):
+        sizer.record_step(1, 0.021, 1, 0.031, 2)
+    assert sizer.best_budget(1, 8) == 1
+    for _ in range(4):
+        sizer.record_step(1, 0.024, 4, 0.034, 9)
+    assert sizer.best_budget(1, 8) == 8
+
+
+def test_sizer_drafts_the_cap_until_measured_then_explores_in_turn():
+    sizer = TreeSizer(VerifyCost({t: 0.020 + 0.002 * t for t in (1, 64)}), max_nodes=8, depth=4)
+    assert sizer.budgets(3, 8) == [8, 8, 8]  # nothing measured yet
+    sizer.record_tree(4, [1, 2])
+    assert sizer.acceptance()[4:] == [None] * 4  # ranks beyond a tree's budget learn nothing from it
+    measured(sizer, ACCEPTANCE, 0.0015, sizes=(4,))
+    best = sizer.best_budget(3, 8)
+    assert best < 8
+    rounds = [sizer.budgets(3, 8) for _ in range(12)]
+    explored = [i for i, b in enumerate(rounds) if b != [best] * 3]
+    assert len(explored) == 12 // Thresholds().explore_every
+    assert all(sorted(rounds[i]) == [best, best, 8] for i in explored)
+    assert len({rounds[i].index(8) for i in explored}) == len(explored)  # a different sequence each time
+
+
+def _first_trees(path: str, tree: dict) -> list:
+    """The first proposal the draft model makes on one prompt (a tree of the given shape, drafting every step)."""
+    seen = []
+
+    def keep(scheduled, budgets, trees):
+        seen.append([(t.tokens, t.parents) for t in trees])
+        return trees
+
+    spec = {"method": tampered_method(keep), "model": path, "tree": tree, "adaptive": False}
+    llm = LLM(path, kv_cache_tokens=1024, speculative_config=spec)
+    llm.generate([[100, 200, 300, 400]], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    return next(trees for trees in seen if any(tokens for tokens, _ in trees))
+
+
+def test_a_drafters_tree_lists_its_best_nodes_first(tiny_model_dir):
+    """The nodes a budget of 5 keeps are the first 5 of the 12-node tree grown from the same state, with the same
+    parents: so a budget is a prefix, and the sizer's r-th node is the one a budget of r adds."""
+    path = str(tiny_model_dir)
+    [(tokens, parents)] = _first_trees(path, {"depth": 4, "top_k": 3, "total_tokens": 12})
+    [(small_tokens, small_parents)] = _first_trees(path, {"depth": 4, "top_k": 3, "total_tokens": 5})
+    assert len(tokens) == 12 and (small_tokens, small_parents) == (tokens[:5], parents[:5])
+    assert all(p < i for i, p in enumerate(parents, start=1))
+    assert parents != sorted(parents)  # not level by level: best first reaches down before it fills a level
+
+
+@pytest.mark.parametrize("running, knee", [(1, 64), (16, 32)])
+def test_trees_are_sized_by_the_modeled_cost(tiny_model_dir, running, knee):
+    """On a modeled accelerator (a target forward costs max(10 ms, 10 ms x T / knee)) with each draft token kept
+    with probability 0.6, the engine drafts up to 4-token chains. At one request verification is flat, so deep
+    chains pay; at 16 it costs 5 ms a token per request, so a chain of one does. Outputs stay plain
+    decoding's."""
+    path = str(tiny_model_dir)
+    vocab, keep = AutoConfig.from_pretrained(path).vocab_size, random.Random(1)
+    budgets = []
+
+    def corrupted(scheduled, step_budgets, trees):
+        budgets.extend(b for b in step_budgets if b)
+        for tree in trees:
+            wrong = next((i for i in range(len(tree)) if keep.random() >= 0.6), None)
+            if wrong is not None:
+                tree.tokens[wrong] = (tree.tokens[wrong] + 1) % vocab
+        return trees
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(8, 64))] for _ in range(32)]
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    roofline = Roofline(forward_ms=10, knee_tokens=knee)
+    outputs = {}
+    for name, spec in [
+        ("plain", None),
+        ("sized", {"method": tampered_method(corrupted), "model": path, "num_speculative_tokens": 4}),
+    ]:
+        clock = VirtualClock.of(roofline)
+        llm = LLM(
+            path,
+            kv_cache_tokens=16 * 640,
+            max_num_seqs=running,
+            speculative_config=spec,
+            clock=clock,
+            observers=[clock],
+        )
+        outputs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outputs["sized"] == outputs["plain"]
+    late = budgets[len(budgets) // 2 :]
+    mean = sum(late) / len(late)
+    if running == 1:
+        assert mean >= 2.5
+    else:
+        assert mean <= 1.5
