@@ -167,3 +167,16 @@ def test_trees_are_sized_by_the_modeled_cost(tiny_model_dir, running, knee):
         assert mean >= 2.5
     else:
         assert mean <= 1.5
+
+
+def test_a_kv_cache_smaller_than_a_step_still_starts(tiny_model_dir):
+    """Start-up times verification only up to what the KV cache holds (32 tokens here, below the 96 a step of 32
+    requests could verify), and the engine serves."""
+    llm = LLM(
+        str(tiny_model_dir), kv_cache_tokens=32, speculative_config={"method": "ngram", "num_speculative_tokens": 4}
+    )
+    assert llm.engine.decoder.sizer.verify_cost.tokens[-1] == 32
+    out = llm.generate(
+        [[5, 6, 7, 5, 6, 7, 5, 6]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )
+    assert len(out[0].outputs[0].token_ids) == 8

@@ -57,9 +57,10 @@ class SpeculativeDecoder(Decoder):
         self.sizer: TreeSizer | None = None
         if self.spec.adaptive:
             most = config.scheduler.max_num_seqs
+            verified = most + min(most * self.max_nodes, self.spec.max_batch_draft_tokens)  # at most, in one step
             cost = VerifyCost.measure(
                 lambda tokens: runner.time_forward(tokens, observers.clock, repeats=2),
-                most + min(most * self.max_nodes, self.spec.max_batch_draft_tokens),
+                min(verified, runner.cache.num_blocks * runner.cache.block_size),
             )
             logger.info("verification cost by tokens: %s", cost.describe())
             self.sizer = TreeSizer(cost, self.max_nodes, self.max_depth)
