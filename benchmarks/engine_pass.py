@@ -18,9 +18,12 @@ from leapserve.decoding.observe import ATTENTION_RANGE, MODEL_RANGE, STEP_RANGE,
 
 from .bench_metrics import OfflineRun, Pass, drafting_cost
 
-# the outermost op of a matmul call: transformers' modules'; leapserve's prepacked GEMM, compiled (the custom op, its
+# the outermost op of a matmul call: transformers' modules'; leapserve's prepacked GEMM, compiled (the C++ op, its
 # dispatch included) and eager
-MATMUL_OPS = ("aten::linear", "leapserve::packed_linear", "mkldnn::_linear_pointwise")
+MATMUL_OPS = ("aten::linear", "leapserve_cpu::packed_linear", "mkldnn::_linear_pointwise")
+# an attention layer: the engine's named range (eager, transformers' modules, the Python op), or the C++ op of a
+# compiled CPU model, which runs no Python to mark a range
+ATTENTION_EVENTS = (ATTENTION_RANGE, "leapserve_cpu::paged_attention")
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -156,7 +159,7 @@ def _split(step: FunctionEvent) -> dict[str, float]:
         elif event.name in MATMUL_OPS:
             split["matmul"] += event.cpu_time_total
             continue
-        elif event.name == ATTENTION_RANGE:
+        elif event.name in ATTENTION_EVENTS:
             split["attention"] += event.cpu_time_total
             continue
         stack.extend(event.cpu_children)

@@ -8,7 +8,8 @@ of one greedy request, its parts are timed alone, so that they share the machine
 
 - step: `LLMEngine.step()`; forward: the runner's forward within it (model, LM head, the step's metadata);
 - GEMMs: every `PackedLinear` of leapserve's Llama (the LM head included) called once on one row, eagerly;
-- attention: `attend_layer` for every layer, one token over the step's context length, in a scratch cache.
+- attention: every layer's attention as the model runs it (compiled: the op in its graph; eager: `attend_layer`),
+  one token over the step's context length, in a scratch cache.
 
 The rest of the model is the forward less the GEMMs and attention, bookkeeping the step less the forward; each a
 median over the steps. Eager GEMM calls skip the compiled graph's custom-op dispatch (about 2 us a call), which
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from leapserve.decoding import LLM, SamplingParams
-from leapserve.decoding.attention import attend_layer
+from leapserve.decoding.attention import attend_layer, forward_context, paged_attention_op
 from leapserve.decoding.kv_cache import PagedKVCache
 from leapserve.decoding.runner import SeqChunk, step_metadata
 from leapserve.decoding.step_buffers import StepBuffers
@@ -83,8 +84,13 @@ def split_steps(llm: LLM, steps: int, warmup: int = 8) -> tuple[dict[str, float]
                     [SeqChunk(list(range(context // bs + 1)), context, [0], [0])], scratch, buffers
                 )
                 start = time.perf_counter()
-                for layer in range(len(llama.blocks)):
-                    attend_layer(meta, q, kv, kv, layer, block.scale)
+                if runner.compile:  # the op the compiled graph calls (C++ on CPU), its step pushed as the runner does
+                    with forward_context(meta):
+                        for layer in range(len(llama.blocks)):
+                            paged_attention_op(q, kv, kv, layer, block.scale)
+                else:
+                    for layer in range(len(llama.blocks)):
+                        attend_layer(meta, q, kv, kv, layer, block.scale)
                 attention = time.perf_counter() - start
             if i >= warmup:
                 for key, value in zip(times, (step, forward_seconds[-1], gemms, attention)):

@@ -1,10 +1,14 @@
 """leapserve.decoding: the engine (model loading, paged KV cache, runner, scheduler, sampling, decoders) and the
 offline API."""
 
-from .config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from .llm import LLM
-from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from .sampling_params import SamplingParams
+from .paths import point_inductor_at_cache
+
+point_inductor_at_cache()  # before the imports below, one of which makes inductor fix its cache directory
+
+from .config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from .llm import LLM  # noqa: E402
+from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput  # noqa: E402
+from .sampling_params import SamplingParams  # noqa: E402
 
 __all__ = [
     "LLM",

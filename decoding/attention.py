@@ -1,8 +1,9 @@
 """Routes transformers' attention through leapserve's paged tree-attention kernels.
 
 `AttentionMetadata` is built once per step and handed to the model: to transformers' modules as a keyword argument,
-to leapserve's own Llama (`llama.py`) through `forward_context`, which the `leapserve::paged_attention` custom op
-reads, so that a compiled graph holds one opaque op per layer and no per-step Python object. Every attention layer
+to leapserve's own Llama (`llama.py`) through `forward_context`, which the attention op reads (`paged_attention_op`:
+C++ on CPU, `kernels/cpu_ops.py`), so that a compiled graph holds one opaque op per layer and no per-step Python
+object. Every attention layer
 writes its new K/V into the paged cache by slot and attends through `leapserve.kernels` (an `AttentionStep`, which
 runs the Triton kernels on CUDA and the PyTorch reference on CPU).
 """
@@ -18,7 +19,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from leapserve.kernels import AttentionStep
+from leapserve.kernels import AttentionStep, backend_for, cpu_ops
 
 from .kv_cache import PagedKVCache
 from .observe import ATTENTION_RANGE, profiled_range
@@ -47,18 +48,29 @@ _current: list[AttentionMetadata] = []  # the step being run, for the custom op
 
 @contextmanager
 def forward_context(meta: AttentionMetadata) -> Iterator[None]:
-    """Make `meta` the step that `leapserve::paged_attention` attends with, for the duration of one forward."""
+    """Make `meta` the step that `paged_attention_op` attends with, for the duration of one forward."""
     _current.append(meta)
+    in_cpp = cpu_ops.push_step(meta.cache.k, meta.cache.v, meta.step)
     try:
         yield
     finally:
         _current.pop()
+        if in_cpp:
+            cpu_ops.pop_step()
 
 
 def current_step() -> AttentionMetadata:
     if not _current:
         raise RuntimeError("leapserve attention ran outside a forward_context (run the model through the engine)")
     return _current[-1]
+
+
+def paged_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    """One layer's K/V write and attention as one opaque op, for a compiled graph: the C++ op on CPU once it is built
+    (`kernels/cpu_ops.py`; the step's plan is pushed to it by `forward_context`), the Python op otherwise."""
+    if q.device.type == "cpu" and cpu_ops.loaded() is not None and backend_for(q.device) == "reference":
+        return torch.ops.leapserve_cpu.paged_attention(q, k, v, layer, scale)
+    return torch.ops.leapserve.paged_attention(q, k, v, layer, scale)
 
 
 def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:

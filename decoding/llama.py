@@ -2,7 +2,7 @@
 
 The same arithmetic as transformers' Llama, Mistral and Qwen2 modules (it reuses their rotary embedding), laid out
 for speed: q/k/v and gate/up fused into one GEMM each, every GEMM through `PackedLinear` (oneDNN-prepacked on
-CPU), attention through the `leapserve::paged_attention` op, and a flat `forward(ids [T], positions [T])` over the
+CPU), attention through one opaque op a layer (C++ on CPU), and a flat `forward(ids [T], positions [T])` over the
 packed tokens of a step, so that `torch.compile` sees one static graph per shape class. Fused GEMMs and packed
 weights sum in another order than transformers' modules, so logits differ in the last bits (docs/compile.md).
 """
@@ -17,7 +17,7 @@ from torch import nn
 
 from leapserve.kernels.packed_linear import PackedLinear
 
-from .attention import attend_layer, current_step
+from .attention import attend_layer, current_step, paged_attention_op
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -93,7 +93,7 @@ class Block(nn.Module):
         k = rotate(k.view(t, -1, self.head_dim), cos, sin)  # [T, Hkv, D]
         v = v.view(t, -1, self.head_dim)
         if torch.compiler.is_compiling():
-            o = torch.ops.leapserve.paged_attention(q, k, v, self.index, self.scale)
+            o = paged_attention_op(q, k, v, self.index, self.scale)
         else:  # eager: no custom-op dispatch
             o = attend_layer(current_step(), q, k, v, self.index, self.scale)
         x = x + self.o(o.reshape(t, self.q_size))

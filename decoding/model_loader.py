@@ -15,6 +15,7 @@ import torch
 
 from .config import DEFAULT_MODEL, ModelConfig
 from .diffusion_lm import converted_checkpoint
+from .paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +29,6 @@ SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 
 class ModelNotFoundError(FileNotFoundError):
     pass
-
-
-def cache_dir() -> Path:
-    """Where converted checkpoints live: $LEAPSERVE_CACHE, else ~/.cache/leapserve."""
-    return Path(os.environ.get("LEAPSERVE_CACHE", Path.home() / ".cache" / "leapserve"))
 
 
 def resolve_device(device: str) -> torch.device:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from leapserve.kernels import AttentionStep
+from leapserve.kernels import AttentionStep, cpu_ops
 
 from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, forward_context, register
 from .config import MODEL_IMPLS
@@ -105,11 +104,15 @@ def leapserve_llama(model: PreTrainedModel, model_impl: str) -> Llama | None:
     return Llama(model)  # raises for model_impl "leapserve" where it does not cover the model
 
 
-def compiled(forward: Callable[..., T]) -> Callable[..., T]:
-    """`forward` (a model's, taking tensors) through torch.compile (inductor), one graph for any number of tokens
-    per step; compiled artifacts are cached under $LEAPSERVE_CACHE/inductor (or $TORCHINDUCTOR_CACHE_DIR) and reused
-    by later starts."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+def compiled(forward: Callable[..., T], device: torch.device) -> Callable[..., T]:
+    """`forward` (a model's on `device`, taking tensors) through torch.compile (inductor), one graph for any number
+    of tokens per step; compiled artifacts are cached under $LEAPSERVE_CACHE/inductor (or $TORCHINDUCTOR_CACHE_DIR)
+    and reused by later starts. On CPU the graph's opaque ops are leapserve's C++ ops (built on first use) and
+    inductor writes its wrapper in C++, so a step runs no Python between kernels."""
+    options: dict = {"guard_filter_fn": input_guards}
+    if device.type == "cpu":
+        cpu_ops.load(cache_dir() / "extensions")
+        options["cpp_wrapper"] = True
 
     def run_model(*args: torch.Tensor) -> T:
         return forward(*args)
@@ -117,7 +120,7 @@ def compiled(forward: Callable[..., T]) -> Callable[..., T]:
     # Dynamo keeps graphs, and its limit on recompiling them, per code object: each model gets its own, so a
     # process may hold many engines (a server's drafter beside its target; the test suite)
     run_model.__code__ = run_model.__code__.replace()
-    return torch.compile(run_model, dynamic=True, fullgraph=True, options={"guard_filter_fn": input_guards})
+    return torch.compile(run_model, dynamic=True, fullgraph=True, options=options)
 
 
 def input_guards(guards: list) -> list[bool]:
@@ -151,7 +154,7 @@ class ModelRunner:
         self.llama = leapserve_llama(model, model_impl)
         self._llama_forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = self.llama
         if compile and self.llama is not None:
-            self._llama_forward = compiled(self.llama)
+            self._llama_forward = compiled(self.llama, device)
             self._warm_up()
 
     def _warm_up(self) -> None:

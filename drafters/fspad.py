@@ -80,7 +80,7 @@ class FSPADDrafter:
         self._state: WeakKeyDictionary[Sequence, _FeatureState] = WeakKeyDictionary()
         self._forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] = functools.partial(self.model, paged=True)
         if runner.compile and runner.llama is not None:  # compiled as the target is
-            self._forward = compiled(self._forward)
+            self._forward = compiled(self._forward, runner.device)
             self._warm_up()
 
     def _warm_up(self) -> None:

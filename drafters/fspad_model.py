@@ -14,7 +14,7 @@ they are passed in, never stored. With a reduced draft vocabulary (`draft_to_tar
 tokens) the head is the target's head restricted to those rows.
 
 Attention is causal SDPA over padded batches in training, and leapserve's paged tree attention (the
-`leapserve::paged_attention` op over the drafter's own one-layer cache) when drafting.
+paged attention op over the drafter's own one-layer cache) when drafting.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-import leapserve.decoding.attention  # noqa: F401  (registers the leapserve::paged_attention op)
+from leapserve.decoding.attention import paged_attention_op
 
 
 @dataclass
@@ -112,7 +112,7 @@ class FSPADModel(nn.Module):
         """features, embeddings `[B, L, d]`, positions `[B, L]` -> (token half, feature half), each `[B, L, d]`.
 
         Causal attention within each row, or with `paged` (B == 1) the paged tree attention of the step in
-        `attention.forward_context` (the `leapserve::paged_attention` op over layer 0 of that step's cache).
+        `attention.forward_context` (`paged_attention_op` over layer 0 of that step's cache).
         """
         u = self.fc(torch.cat([embeddings, features], dim=-1))
         if self.config.feature_sampling:
@@ -137,7 +137,7 @@ class FSPADModel(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
         else:
             q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, H, D]
-            out = torch.ops.leapserve.paged_attention(q, k, v, 0, c.head_dim**-0.5)[None]
+            out = paged_attention_op(q, k, v, 0, c.head_dim**-0.5)[None]
         return self.o_proj(out.reshape(b, length, -1))
 
     def draft_head(self, lm_head: torch.Tensor) -> torch.Tensor:

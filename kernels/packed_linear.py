@@ -6,9 +6,10 @@ the machine's copy bandwidth on a 2-core AVX2 CPU; the same weights reordered by
 hint of 32 reach it at every batch size up to 16 (BENCHMARKS.md, "The compiled model path"). Elsewhere (CUDA,
 dtypes oneDNN does not pack) a `PackedLinear` is a plain linear.
 
-Under `torch.compile` the packed call is one custom op (`leapserve::packed_linear`), as the packed tensor is opaque
-to the compiler; the op finds the packed copy by its plain weight's address, the weight being a graph input (an
-integer handle would be baked into the graph as a constant and reused by every model sharing the graph's code).
+Under `torch.compile` the packed call is one custom op (`leapserve_cpu::packed_linear`, C++, `cpu_ops.py`), as the
+packed tensor is opaque to the compiler; the op finds the packed copy by its plain weight's address, the weight being
+a graph input (an integer handle would be baked into the graph as a constant and reused by every model sharing the
+graph's code).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_ops
+
 PACK_BATCH_HINT = 32  # oneDNN picks its weight layout for this many rows; 1 would halve the speed at batch 16
 _packed: dict[int, torch.Tensor] = {}  # plain weight's data_ptr -> its oneDNN-packed copy
 _users: Counter[int] = Counter()  # layers using each packed copy (a weight shared by two models is packed once)
@@ -29,6 +32,14 @@ def _release(key: int) -> None:
     _users[key] -= 1
     if _users[key] == 0:
         del _users[key], _packed[key]
+        ops = cpu_ops.loaded()
+        if ops is not None:
+            ops.release_packed(key)
+
+
+def packed_copies() -> list[tuple[int, torch.Tensor]]:
+    """(plain weight's address, its packed copy) of every packed weight alive."""
+    return list(_packed.items())
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -40,22 +51,6 @@ def packable(weight: torch.Tensor) -> bool:
         and weight.dim() == 2
         and torch.backends.mkldnn.is_available()
     )
-
-
-def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` through the packed copy of `weight`."""
-    return torch.ops.mkldnn._linear_pointwise(x, _packed[weight.data_ptr()], bias, "none", [], "")
-
-
-def _packed_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-# torch.library.Library rather than the custom_op decorator: a call costs ~2 us of dispatch instead of ~7 us
-_lib = torch.library.Library("leapserve", "FRAGMENT")
-_lib.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-_lib.impl("packed_linear", _packed_linear, "CPU")
-torch.library.register_fake("leapserve::packed_linear", _packed_linear_shape, lib=_lib)
 
 
 class PackedLinear(nn.Module):
@@ -71,6 +66,9 @@ class PackedLinear(nn.Module):
             self.handle = self.weight.data_ptr()
             if self.handle not in _packed:
                 _packed[self.handle] = torch.ops.mkldnn._reorder_linear_weight(self.weight, PACK_BATCH_HINT)
+                ops = cpu_ops.loaded()
+                if ops is not None:
+                    ops.register_packed(self.handle, _packed[self.handle])
             _users[self.handle] += 1
             weakref.finalize(self, _release, self.handle)
 
@@ -78,7 +76,7 @@ class PackedLinear(nn.Module):
         if self.handle is None:
             return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():
-            return torch.ops.leapserve.packed_linear(x, self.weight, self.bias)
+            return torch.ops.leapserve_cpu.packed_linear(x, self.weight, self.bias)
         # eager: the op directly, without the custom op's dispatch (~15 us a call, 2 ms a step at 121 calls)
         return torch.ops.mkldnn._linear_pointwise(x, _packed[self.handle], self.bias, "none", [], "")
 

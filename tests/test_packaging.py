@@ -1,4 +1,5 @@
-"""What a plain `pip install` of leapserve carries: the shipped checkpoints as package data, found by name."""
+"""What a plain `pip install` of leapserve carries: the shipped checkpoints as package data, found by name, and the
+C++ source of the CPU ops."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def test_a_wheel_carries_the_shipped_checkpoints_and_finds_them_by_name(tmp_path
     (wheel,) = tmp_path.glob("leapserve-*.whl")
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
+    cpp = REPO / "kernels" / "cpu_ops.cpp"  # the C++ ops a compiled CPU model builds on first use
+    assert (site / "leapserve" / "kernels" / cpp.name).read_bytes() == cpp.read_bytes()
     for name in SHIPPED:
         for f in (REPO / "checkpoints" / name).iterdir():
             assert (site / "leapserve" / "checkpoints" / name / f.name).read_bytes() == f.read_bytes()

@@ -1,0 +1,109 @@
+"""A compiled CPU model's two opaque ops in C++ (`cpu_ops.cpp`), so that inductor's C++ wrapper runs a step with no
+Python between its kernels.
+
+    leapserve_cpu::packed_linear(x, weight, bias)         F.linear through weight's oneDNN-packed copy
+    leapserve_cpu::paged_attention(q, k, v, layer, scale) one layer's K/V write and attention over the paged cache
+
+The extension is built once per source version with the C++ compiler inductor itself needs (about 35 s on a 2-core
+machine) and cached under the directory `load` is given. What the ops read beyond their tensor arguments is mirrored
+into C++ from Python: the packed weights (`packed_linear.py` registers and releases them) and the step being run
+(`push_step` / `pop_step` around each forward: the caches, slot mapping and `reference.AttentionPlan`, which Python
+still plans once per step). The C++ attention runs the same ATen calls as `reference.attend`, in the same order, so
+it returns the same values; tests/test_cpu_ops.py sweeps it against the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from .attention_step import AttentionStep
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+_module: ModuleType | None = None
+_lock = threading.Lock()
+
+
+def load(build_root: Path) -> ModuleType:
+    """The built extension (its ops registered with torch), building it under `build_root` on first use."""
+    global _module
+    with _lock:
+        if _module is None:
+            from torch.utils.cpp_extension import load as build
+
+            digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+            name = f"leapserve_cpu_ops_{digest}"
+            directory = build_root / name
+            directory.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            if not any(directory.glob(f"{name}*.so")):
+                logger.info("building leapserve's C++ CPU ops (once; cached in %s) ...", directory)
+            try:
+                module = build(name, [str(SOURCE)], extra_cflags=["-O2"], build_directory=str(directory))
+            except (RuntimeError, OSError) as e:
+                raise RuntimeError(
+                    f"building leapserve's C++ CPU ops failed ({e}); a compiled CPU model needs a C++ compiler "
+                    "(as torch.compile's inductor does): install one, or run eagerly with --enforce-eager"
+                ) from e
+            logger.debug("leapserve's C++ CPU ops loaded in %.1f s", time.perf_counter() - start)
+            torch.library.register_fake("leapserve_cpu::packed_linear", _packed_linear_shape)
+            torch.library.register_fake("leapserve_cpu::paged_attention", _paged_attention_shape)
+            _module = module  # from here on, weights packed register themselves; those packed before, now
+            from . import packed_linear
+
+            for key, weight in packed_linear.packed_copies():
+                module.register_packed(key, weight)
+    return _module
+
+
+def loaded() -> ModuleType | None:
+    """The extension if `load` has run in this process, else None."""
+    return _module
+
+
+def push_step(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], step: AttentionStep) -> bool:
+    """Make `step` over these per-layer caches the one `leapserve_cpu::paged_attention` runs (until `pop_step`);
+    False, pushing nothing, when the extension is not loaded or the step does not run on the CPU reference."""
+    if _module is None or step.plan is None:
+        return False
+    plan, batched = step.plan, step.plan.batched
+    seqs = plan.seqs
+    ranges = [(s.keys.start, s.keys.stop - s.keys.start) if isinstance(s.keys, slice) else (-1, -1) for s in seqs]
+    _module.push_step(
+        k_caches,
+        v_caches,
+        step.slot_mapping,
+        None if batched is None else batched.slots,
+        None if batched is None else batched.mask,
+        None if batched is None else batched.rows,
+        1 if batched is None else batched.max_q,
+        [s.start for s in seqs],
+        [s.end for s in seqs],
+        [r[0] for r in ranges],
+        [r[1] for r in ranges],
+        [None if isinstance(s.keys, slice) else s.keys for s in seqs],
+        [s.mask for s in seqs],
+        [s.causal for s in seqs],
+    )
+    return True
+
+
+def pop_step() -> None:
+    assert _module is not None
+    _module.pop_step()
+
+
+def _packed_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _paged_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    return torch.empty_like(q)

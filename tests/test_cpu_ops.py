@@ -1,0 +1,138 @@
+"""The C++ CPU ops of a compiled model (kernels/cpu_ops.cpp) against what they replace: the paged attention op
+against `AttentionStep` on the reference path (the same values, bit for bit, and the same cache writes) over a
+sweep of steps, the packed GEMM op against oneDNN's call and `F.linear`."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_kernels import MASK_KINDS, make_case
+
+from leapserve.decoding.model_loader import cache_dir
+from leapserve.kernels import AttentionStep, cpu_ops, packed_linear
+from leapserve.kernels.packed_linear import PackedLinear, packable
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ops():
+    return cpu_ops.load(cache_dir() / "extensions")
+
+
+def new_tokens(case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(slot mapping [T], new keys, new values [T, Hkv, D]) of a case's new tokens, as the engine writes them."""
+    block_size = case.k_cache.shape[1]
+    ctx = case.context_lens.tolist()
+    slots, new_k, new_v = [], [], []
+    for b, (k, v) in enumerate(zip(case.keys, case.values)):
+        for pos in range(ctx[b], len(k)):
+            slots.append(int(case.block_tables[b, pos // block_size]) * block_size + pos % block_size)
+        new_k.append(k[ctx[b] :])
+        new_v.append(v[ctx[b] :])
+    return torch.tensor(slots), torch.cat(new_k), torch.cat(new_v)
+
+
+def run_both(case, layers: int = 2) -> None:
+    """Each layer's write and attention through the C++ op and through `AttentionStep`: equal outputs and caches."""
+    slots, k, v = new_tokens(case)
+    step = AttentionStep(
+        slots,
+        case.block_tables,
+        case.context_lens,
+        case.cu_seqlens_q,
+        case.tree_mask,
+        case.k_cache.shape[1],
+        case.context_mask,
+    )
+    ours = ([case.k_cache.clone() for _ in range(layers)], [case.v_cache.clone() for _ in range(layers)])
+    theirs = ([case.k_cache.clone() for _ in range(layers)], [case.v_cache.clone() for _ in range(layers)])
+    scale = case.scale if case.scale is not None else case.q.shape[-1] ** -0.5
+    assert cpu_ops.push_step(*ours, step)
+    try:
+        for layer in range(layers):
+            q = case.q * (layer + 1)
+            out = torch.ops.leapserve_cpu.paged_attention(q, k * (layer + 1), v, layer, scale)
+            step.write_kv(k * (layer + 1), v, theirs[0][layer], theirs[1][layer])
+            expected = step.attend(q, theirs[0][layer], theirs[1][layer], scale)
+            assert out.shape == expected.shape and out.dtype == expected.dtype
+            assert torch.equal(out, expected)
+            for mine, reference in zip(ours, theirs):
+                assert torch.equal(mine[layer].nan_to_num(7.0), reference[layer].nan_to_num(7.0))
+    finally:
+        cpu_ops.pop_step()
+
+
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("max_new", [1, 9, 40])  # decoding (one padded call), verifying trees, prefill (per sequence)
+@pytest.mark.parametrize("consecutive", [False, True])
+def test_paged_attention_equals_the_reference(mask_kind: str, max_new: int, consecutive: bool) -> None:
+    for seed in range(4):
+        case = make_case(
+            1000 + seed,
+            group=3,
+            mask_kind=mask_kind,
+            max_new=max_new,
+            max_context=80,
+            consecutive_blocks=consecutive,
+            masked_context=seed % 2 == 1,
+        )
+        run_both(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_paged_attention_in_half_precision_computes_as_the_reference(dtype: torch.dtype) -> None:
+    for seed, max_new in ((0, 1), (1, 9), (2, 40)):
+        run_both(make_case(2000 + seed, group=2, mask_kind="tree", max_new=max_new, max_context=50, dtype=dtype))
+
+
+def test_one_sequence_decoding_and_a_lone_prefill() -> None:
+    for seed in range(6):
+        case = make_case(3000 + seed, group=3, mask_kind="causal", max_seqs=1, max_new=1 + 20 * (seed % 2))
+        run_both(case, layers=3)
+
+
+def test_steps_nest_and_an_op_outside_a_step_is_refused() -> None:
+    """A drafter's forward runs inside its target's step: the innermost step is the one attended; outside any step
+    the op raises instead of reading stale state."""
+    outer, inner = make_case(4000, group=1, mask_kind="causal", max_new=1), make_case(4001, group=1, mask_kind="tree")
+    with pytest.raises(RuntimeError, match="outside a forward_context"):
+        torch.ops.leapserve_cpu.paged_attention(outer.q, outer.q, outer.q, 0, 1.0)
+    slots, k, v = new_tokens(outer)
+    step = AttentionStep(slots, outer.block_tables, outer.context_lens, outer.cu_seqlens_q, None, 16)
+    assert cpu_ops.push_step([outer.k_cache.clone()], [outer.v_cache.clone()], step)
+    try:
+        run_both(inner, layers=1)
+        with pytest.raises(RuntimeError, match="no layer 1"):
+            torch.ops.leapserve_cpu.paged_attention(outer.q, k, v, 1, 1.0)
+        torch.ops.leapserve_cpu.paged_attention(outer.q, k, v, 0, 1.0)  # the outer step again
+    finally:
+        cpu_ops.pop_step()
+
+
+@pytest.mark.skipif(not packable(torch.zeros(2, 2)), reason="oneDNN cannot pack weights here")
+@pytest.mark.parametrize("rows", [1, 5, 33])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_op_equals_onednn_and_linear(rows: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    weight, b = torch.randn(48, 40, generator=gen), torch.randn(48, generator=gen) if bias else None
+    lin = PackedLinear(weight, b)
+    x = torch.randn(rows, 40, generator=gen)
+    out = torch.ops.leapserve_cpu.packed_linear(x, lin.weight, lin.bias)
+    assert torch.equal(out, lin(x))  # the eager path's direct oneDNN call
+    torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not packable(torch.zeros(2, 2)), reason="oneDNN cannot pack weights here")
+def test_a_released_weight_is_forgotten_by_the_op() -> None:
+    """The C++ map mirrors the packed copies: once the last layer using a weight is gone, so is its entry (a later
+    weight at the same address must not find a stale copy)."""
+    lin = PackedLinear(torch.randn(8, 4))
+    weight, key = lin.weight, lin.handle
+    torch.ops.leapserve_cpu.packed_linear(torch.ones(1, 4), weight, None)
+    del lin
+    gc.collect()
+    assert key not in packed_linear._packed
+    with pytest.raises(RuntimeError, match="no packed copy"):
+        torch.ops.leapserve_cpu.packed_linear(torch.ones(1, 4), weight, None)
