@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -43,7 +42,6 @@ def load(build_root: Path) -> ModuleType:
             name = f"leapserve_cpu_ops_{digest}"
             directory = build_root / name
             directory.mkdir(parents=True, exist_ok=True)
-            start = time.perf_counter()
             if not any(directory.glob(f"{name}*.so")):
                 logger.info("building leapserve's C++ CPU ops (once; cached in %s) ...", directory)
             try:
@@ -53,7 +51,6 @@ def load(build_root: Path) -> ModuleType:
                     f"building leapserve's C++ CPU ops failed ({e}); a compiled CPU model needs a C++ compiler "
                     "(as torch.compile's inductor does): install one, or run eagerly with --enforce-eager"
                 ) from e
-            logger.debug("leapserve's C++ CPU ops loaded in %.1f s", time.perf_counter() - start)
             torch.library.register_fake("leapserve_cpu::packed_linear", _packed_linear_shape)
             torch.library.register_fake("leapserve_cpu::paged_attention", _paged_attention_shape)
             _module = module  # from here on, weights packed register themselves; those packed before, now
