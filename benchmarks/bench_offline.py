@@ -314,18 +314,9 @@ def tables(rows: list[dict], setup: dict) -> str:
             "rest of the model",
             "bookkeeping",
             "rest + bookkeeping",
-            "ms/step (unprofiled)",
-            "rest + bookkeeping (unprofiled step)",
         ]
         body = [
-            [
-                r["decoder"],
-                r["batch_size"],
-                *(split[key] for key in STEP_PARTS),
-                f"{100 * overhead_share(split):.1f}%",
-                split.get("ms_per_step_unprofiled"),
-                None if "ms_per_step_unprofiled" not in split else f"{100 * unprofiled_overhead_share(split):.1f}%",
-            ]
+            [r["decoder"], r["batch_size"], *split.values(), f"{100 * overhead_share(split):.1f}%"]
             for r in profiled
             for split in [r["step_breakdown"]]
         ]
@@ -333,18 +324,9 @@ def tables(rows: list[dict], setup: dict) -> str:
     return text
 
 
-STEP_PARTS = ("ms_per_step", "matmul_ms", "attention_ms", "rest_of_model_ms", "bookkeeping_ms")
-
-
 def overhead_share(split: dict[str, float]) -> float:
-    """The rest of the model and bookkeeping together, as a share of a profiled step (`step_breakdown`)."""
+    """The rest of the model and bookkeeping together, as a share of a step (`step_breakdown`)."""
     return (split["rest_of_model_ms"] + split["bookkeeping_ms"]) / split["ms_per_step"]
-
-
-def unprofiled_overhead_share(split: dict[str, float]) -> float:
-    """The same share of an unprofiled step: what the profiled matmuls and attention leave of it."""
-    step = split["ms_per_step_unprofiled"]
-    return (step - split["matmul_ms"] - split["attention_ms"]) / step
 
 
 def run(args: argparse.Namespace) -> None:

@@ -124,15 +124,9 @@ def step_breakdown(
     attention layers (K/V writes included), the rest of the models (norms, rotary, activations, residuals, the
     compiled graph's own calls: what is left of every model forward, target and drafters), and leapserve's own
     bookkeeping (the rest of the step: scheduling, metadata, sampling, drafting logic, outputs). Milliseconds per
-    step, averaged over the decode steps.
-
-    The profiler's cost per recorded operator (about a microsecond) falls mostly on the rest of the model, made of
-    many small ones; so a decode step of the last unprofiled pass (`bench_engine.steps`, the same prompts and batch
-    size, when given) is also averaged, and the rest plus bookkeeping estimated against it as what the profiled
-    matmuls and attention leave of that step (a little low: those carry the profiler's cost too, on few ops)."""
+    step, averaged over the decode steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    unprofiled = [r.seconds for r in bench_engine.steps.records if r.prompt_tokens == 0]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         engine_pass(bench_engine, prompts, batch_size, params, continuous)
     # steps that ran a model (one per step record: a step with nothing scheduled has neither)
@@ -145,16 +139,13 @@ def step_breakdown(
         raise ValueError("--profile splits decode steps, and this pass had none: give --max-tokens 2 or more")
     parts = [_split(e) for e in decode]
     split = {key: sum(p[key] for p in parts) / 1e3 / len(parts) for key in parts[0]}
-    breakdown = {
+    return {
         "ms_per_step": split["step"],
         "matmul_ms": split["matmul"],
         "attention_ms": split["attention"],
         "rest_of_model_ms": split["model"] - split["matmul"] - split["attention"],
         "bookkeeping_ms": split["step"] - split["model"],
     }
-    if unprofiled:
-        breakdown["ms_per_step_unprofiled"] = 1e3 * sum(unprofiled) / len(unprofiled)
-    return breakdown
 
 
 def _split(step: FunctionEvent) -> dict[str, float]:

@@ -262,10 +262,10 @@ class LLMEngine:
             return self._step()
 
     def _step(self) -> list[Request]:
-        start, forwards = self.observers.clock(), dict(self.observers.forwards)  # the record times the whole step
         scheduled = self.scheduler.schedule(self.decoder.slots_ahead)
         if not scheduled:
             return []
+        start, forwards = self.observers.clock(), dict(self.observers.forwards)
         try:
             results = self.decoder.step(scheduled)
         except Exception as e:  # cannot tell which request caused it: fail this step's requests, keep serving
