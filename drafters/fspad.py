@@ -36,17 +36,43 @@ from leapserve.kernels.packed_linear import PackedLinear, pack_linears
 from .checkpoints import load_fspad
 from .tree_growth import TreeGrower
 
+# A proposal's catch-up runs at most CATCH_UP_PAIRS pairs over the batch, and at least CATCH_UP_WINDOW per sequence:
+# older pairs not yet in the draft cache stay out of it, a hole its attention skips. Plain decoding leaves a backlog
+# of every token since the last proposal (whole prompts, for a probe of drafting after a stretch of plain steps),
+# and one drafter layer reads mostly its nearest context (docs/adaptive-speculation.md, "Catch-up window").
+CATCH_UP_PAIRS = 512
+CATCH_UP_WINDOW = 32
+
 
 @dataclass
 class _FeatureState:
-    computed: int = 0  # draft-cache positions holding (f_i, token i+1) pairs: i < computed
+    computed: int = 0  # draft-cache positions holding (f_i, token i+1) pairs, or hidden in holes: i < computed
     pending: list[torch.Tensor] = field(default_factory=list)  # target features of positions computed, computed+1..
-    num_features: int = 0  # computed + the rows of pending (kept, not summed: pending grows while plain decoding)
+    num_features: int = 0  # computed + the rows of pending (kept, not summed each time)
+    holes: list[tuple[int, int]] = field(default_factory=list)  # draft-cache ranges never written (window skips)
 
-    def restart(self, computed: int = 0) -> None:
-        """Nothing pending; the draft cache holds the first `computed` pairs."""
-        self.computed = self.num_features = computed
-        self.pending = []
+    def restart(self) -> None:
+        """Nothing pending, nothing in the draft cache."""
+        self.computed = self.num_features = 0
+        self.pending, self.holes = [], []
+
+    def keep_last(self, n: int) -> None:
+        """Hide all but the last `n` pending pairs: their draft-cache positions become a hole."""
+        start = self.num_features - n
+        if start <= self.computed:
+            return
+        if self.holes and self.holes[-1][1] == self.computed:
+            self.holes[-1] = (self.holes[-1][0], start)
+        else:
+            self.holes.append((self.computed, start))
+        drop, self.computed = start - self.computed, start
+        while drop:
+            first = self.pending[0]
+            if len(first) <= drop:
+                self.pending.pop(0)
+                drop -= len(first)
+            else:
+                self.pending[0], drop = first[drop:], 0
 
 
 class FSPADDrafter:
@@ -78,6 +104,7 @@ class FSPADDrafter:
         shape = self.grower.shape
         self.max_nodes, self.max_depth, self.lookahead = shape.max_nodes, shape.num_levels, shape.lookahead
         self._state: WeakKeyDictionary[Sequence, _FeatureState] = WeakKeyDictionary()
+        self._window = CATCH_UP_PAIRS  # this proposal's catch-up pairs per sequence, at most
         self._forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] = functools.partial(self.model, paged=True)
         if runner.compile and runner.llama is not None:  # compiled as the target is
             self._forward = compiled(self._forward, runner.device)
@@ -90,6 +117,7 @@ class FSPADDrafter:
             self._run([SeqChunk([0], 0, [0] * n, [n - 1], extra={"features": torch.zeros(n, d)})])
 
     def propose(self, scheduled: list[ScheduledSeq], budgets: list[int]) -> list[DraftTree]:
+        self._window = max(CATCH_UP_WINDOW, CATCH_UP_PAIRS // max(1, sum(b > 0 for b in budgets)))
         return self.grower.propose(scheduled, budgets, self._catch_up, self.execute)
 
     def observe(self, seq: Sequence, start: int, features: torch.Tensor) -> None:
@@ -101,6 +129,8 @@ class FSPADDrafter:
                 return
         state.pending.append(features)
         state.num_features += len(features)
+        if state.num_features - state.computed > 2 * CATCH_UP_PAIRS:  # bounded while decoding plainly
+            state.keep_last(CATCH_UP_PAIRS)
 
     def _catch_up(self, s: ScheduledSeq, budget: int) -> SeqChunk | None:
         """The (feature, next token) pairs not yet in the draft cache; the last one is the root's row. None while
@@ -111,15 +141,17 @@ class FSPADDrafter:
         tokens = s.seq.token_ids
         if budget == 0 or state.num_features != len(tokens) - 1 or len(tokens) < 2:
             return None
-        start = state.computed
+        state.keep_last(self._window)
+        start, end = state.computed, state.num_features
         chunk = SeqChunk(
             s.seq.block_table,
             start,
             tokens[start + 1 :],
-            logits_rows=[len(tokens) - 2 - start],
+            logits_rows=[end - 1 - start],
+            context_holes=list(state.holes),
             extra={"features": torch.cat(state.pending)},
         )
-        state.restart(len(tokens) - 1)
+        state.computed, state.pending = end, []
         return chunk
 
     @torch.inference_mode()

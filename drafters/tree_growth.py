@@ -1,7 +1,8 @@
 """EAGLE-2 tree growth for the model drafters (`draft_model`, `fspad`), which own a `TreeGrower` each.
 
 The drafter supplies two things: a catch-up chunk per sequence (bringing its cache up to the sequence, whose logits
-row is the root's) and its one model forward (`execute`). Trees then grow level by level: each frontier node's
+row is the root's; its context holes, cache ranges the drafter never wrote, hold for the whole tree) and its one
+model forward (`execute`). Trees then grow level by level: each frontier node's
 children are its top-b tokens under the draft distribution q, scored by cumulative log q. A static tree keeps
 every node; a dynamic one keeps `top_k` frontier nodes per level and the best `total_tokens` nodes overall. A chain
 (branching 1) under sampling draws each token from q (and records q for lossless verification) instead of taking
@@ -85,6 +86,7 @@ class _Growing:
     seq: Sequence
     budget: int
     root_pos: int
+    holes: list[tuple[int, int]]  # the drafter's cache ranges its attention skips (the catch-up chunk's)
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
     q: list[torch.Tensor | None] = field(default_factory=list)
@@ -127,7 +129,7 @@ class TreeGrower:
                 trees.append(DraftTree.chain([]))
                 continue
             chunks.append(chunk)
-            growing.append(_Growing(s.seq, budget, chunk.start + chunk.logits_rows[0]))
+            growing.append(_Growing(s.seq, budget, chunk.start + chunk.logits_rows[0], chunk.context_holes))
             trees.append(growing[-1])
         if growing:
             self._grow(growing, *execute(chunks), execute)
@@ -207,7 +209,9 @@ class TreeGrower:
         if self.shape.is_chain:
             (node,) = g.frontier
             nodes = [node]
-            chunk = SeqChunk(seq.block_table, g.root_pos + node, [g.tokens[node - 1]], logits_rows=[0])
+            chunk = SeqChunk(
+                seq.block_table, g.root_pos + node, [g.tokens[node - 1]], logits_rows=[0], context_holes=g.holes
+            )
         else:
             g.expanded += g.frontier
             nodes = g.expanded
@@ -220,6 +224,7 @@ class TreeGrower:
                 logits_rows=[index[n] - 1 for n in g.frontier],
                 positions=[g.root_pos + d for d in offsets[1:]],
                 tree_mask=mask[1:, 1:],
+                context_holes=g.holes,
             )
         if g.states:  # a recurrent drafter: each node continues from its parent's state
             chunk.extra["features"] = torch.stack([g.states[g.parents[n - 1]] for n in nodes])

@@ -99,3 +99,59 @@ def test_shipped_fspad_keeps_its_acceptance_on_handwritten_prompts():
     drafts = sum(o.metrics.num_drafts for o in outs)
     mean_acceptance_length = 1 + accepted / drafts
     assert mean_acceptance_length >= 1.65, f"mean acceptance length {mean_acceptance_length:.3f} (measured 1.75)"
+
+
+def test_fspad_catch_up_window_hides_old_pairs_and_stays_lossless(expected, monkeypatch):
+    """With catch-ups of at most 16 pairs over the batch (4 per sequence here), and drafting on every third step
+    only (plain steps between leave a backlog), no drafter forward runs more than that, the pairs skipped stay
+    hidden from every later drafter forward (several holes per sequence), and greedy output still equals plain
+    decoding."""
+    from leapserve.decoding.observe import StepObserver
+    from leapserve.drafters import fspad
+
+    class DraftForwards(StepObserver):
+        def __init__(self) -> None:
+            self.sizes: list[int] = []
+
+        def on_forward(self, model: str, num_tokens: int) -> None:
+            if model == "draft":
+                self.sizes.append(num_tokens)
+
+    monkeypatch.setattr(fspad, "CATCH_UP_PAIRS", 16)
+    monkeypatch.setattr(fspad, "CATCH_UP_WINDOW", 2)
+    forwards = DraftForwards()
+    spec = {"method": "fspad", "model": str(FSPAD), "tree": {"depth": 4, "top_k": 4, "total_tokens": 8}}
+    llm = LLM(DEFAULT_MODEL, speculative_config=spec, kv_cache_tokens=8192, observers=[forwards])
+    decoder = llm.engine.decoder
+    steps = iter(range(1 << 30))
+    monkeypatch.setattr(decoder.selector, "choose", lambda n, timeable=True: next(steps) % 3 == 2)
+    monkeypatch.setattr(decoder.selector, "record", lambda *args: None)
+    outs = llm.chat(
+        [[{"role": "user", "content": p}] for p in PROMPTS],
+        SamplingParams(temperature=0, max_tokens=40),
+        use_tqdm=False,
+    )
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert sum(o.metrics.num_drafts for o in outs) >= 10
+    # a catch-up forward carries at most 4 pairs per sequence; tree levels carry at most top_k * (depth - 1) nodes
+    assert forwards.sizes and max(forwards.sizes) <= len(PROMPTS) * 12
+    states = list(decoder.drafter._state.values())
+    assert max(len(s.holes) for s in states) >= 2
+
+
+def test_fspad_feature_state_keeps_the_last_pairs_and_merges_adjacent_holes():
+    import torch
+
+    from leapserve.drafters.fspad import _FeatureState
+
+    state = _FeatureState()
+    for n in (5, 3, 2):  # a prompt chunk, then two steps' features
+        state.pending.append(torch.arange(state.num_features, state.num_features + n).float()[:, None])
+        state.num_features += n
+    state.keep_last(4)
+    assert (state.computed, state.holes) == (6, [(0, 6)])
+    assert torch.cat(state.pending)[:, 0].tolist() == [6, 7, 8, 9]
+    state.keep_last(2)  # contiguous with the last hole: one hole
+    assert (state.computed, state.holes) == (8, [(0, 8)])
+    state.keep_last(5)  # fewer pending than that: nothing to hide
+    assert (state.computed, state.holes, state.num_features) == (8, [(0, 8)], 10)
