@@ -83,7 +83,7 @@ def test_sizer_separates_a_proposals_fixed_cost_from_its_cost_per_level():
     assert sizer.best_budget(1, 8) == 8
 
 
-def test_sizer_drafts_the_cap_until_measured_then_explores_in_turn():
+def test_sizer_drafts_the_cap_until_measured_then_explores_one_rank_beyond_in_turn():
     sizer = TreeSizer(VerifyCost({t: 0.020 + 0.002 * t for t in (1, 64)}), max_nodes=8, depth=4)
     assert sizer.budgets(3, 8) == [8, 8, 8]  # nothing measured yet
     sizer.record_tree(4, [1, 2])
@@ -94,8 +94,28 @@ def test_sizer_drafts_the_cap_until_measured_then_explores_in_turn():
     rounds = [sizer.budgets(3, 8) for _ in range(12)]
     explored = [i for i, b in enumerate(rounds) if b != [best] * 3]
     assert len(explored) == 12 // Thresholds().explore_every
-    assert all(sorted(rounds[i]) == [best, best, 8] for i in explored)
-    assert len({rounds[i].index(8) for i in explored}) == len(explored)  # a different sequence each time
+    assert all(sorted(rounds[i]) == [best, best, best + 1] for i in explored)
+    assert len({rounds[i].index(best + 1) for i in explored}) == len(explored)  # a different sequence each time
+
+
+def test_sizer_climbs_to_a_larger_budget_through_its_explored_rank():
+    """The drafter of the fixed-cost test (20 ms a proposal plus 1 ms a level, verification flat at 10 ms), seen
+    at one level only: one node wins. Exploring one rank beyond shows two-level proposals, the fixed part becomes
+    known and the budget grows to the whole tree, without any step drafting more than one node beyond the budget
+    of the step before."""
+    sizer = TreeSizer(VerifyCost({1: 0.010, 512: 0.010}), max_nodes=8, depth=4)
+    measured(sizer, ACCEPTANCE, 0.0, sizes=())
+    for _ in range(4):
+        sizer.record_step(1, 0.021, 1, 0.031, 2)
+    budgets = [sizer.best_budget(1, 8)]
+    for i in range(64):
+        (b,) = sizer.budgets(1, 8)
+        assert b <= budgets[-1] + 1
+        levels = min(b, 4)
+        sizer.record_tree(b, [r for r, p in enumerate(ACCEPTANCE[:b], start=1) if i % 100 < 100 * p])
+        sizer.record_step(1, 0.020 + 0.001 * levels, levels, 0.030 + 0.001 * levels, 1 + b)
+        budgets.append(sizer.best_budget(1, 8))
+    assert budgets[0] == 1 and budgets[-1] == 8
 
 
 def _first_trees(path: str, tree: dict) -> list:

@@ -17,8 +17,9 @@ node is what raising the budget from n - 1 to n buys. For a drafting step over N
 4. The budget is the n in 1..cap maximising (1 + p_1 + ... + p_n) / (R_N + D_N(min(n, depth)) + V(N (1 + n))):
    tokens committed per sequence per second of a whole drafting step.
 5. Until D_N and every p_r up to cap are measured (`min_trials` trees), the budget is cap; after that, every
-   `explore_every`-th drafting step one sequence (in turn) drafts cap nodes, so that the ranks beyond the chosen
-   budget stay measured.
+   `explore_every`-th drafting step one sequence (in turn) drafts one node more than the budget, so that the next
+   rank and the cost of one more level stay measured: the budget moves a rank at a time, never paying for the
+   whole tree again.
 
 Whether to draft at all is `adaptive.ModeSelector`'s choice; this sizes the tree when it does. Measurements
 behind the numbers: `docs/adaptive-speculation.md`.
@@ -28,7 +29,7 @@ behind the numbers: `docs/adaptive-speculation.md`.
 | `decay` | 0.995 | weight of the past in a rank's counts, per tree whose budget reaches it |
 | `min_trials` | 8 | trees whose budget reaches a rank before its acceptance is used |
 | `draft_window` | 16 | timed drafting steps per bucket that D_N and R_N are measured on |
-| `explore_every` | 4 | every this many drafting steps, one sequence drafts the whole cap |
+| `explore_every` | 4 | every this many drafting steps, one sequence drafts one node beyond the budget |
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class TreeSizer:
         best = self.best_budget(num_decoding, cap)
         out = [best] * num_decoding
         if best < cap and self.steps % self.th.explore_every == 0:
-            out[(self.steps // self.th.explore_every) % num_decoding] = cap
+            out[(self.steps // self.th.explore_every) % num_decoding] = best + 1
         return out
 
     def record_step(
