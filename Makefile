@@ -70,7 +70,7 @@ serve: setup
 # The vLLM tests run from .venv-vllm; where it cannot be built they are skipped, and say so.
 test: setup
 	$(MAKE) setup-vllm || echo "make setup-vllm failed: the vLLM tests will be skipped"
-	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs --durations=25 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

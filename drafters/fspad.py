@@ -104,7 +104,6 @@ class FSPADDrafter:
         shape = self.grower.shape
         self.max_nodes, self.max_depth, self.lookahead = shape.max_nodes, shape.num_levels, shape.lookahead
         self._state: WeakKeyDictionary[Sequence, _FeatureState] = WeakKeyDictionary()
-        self._window = CATCH_UP_PAIRS  # this proposal's catch-up pairs per sequence, at most
         self._forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] = functools.partial(self.model, paged=True)
         if runner.compile and runner.llama is not None:  # compiled as the target is
             self._forward = compiled(self._forward, runner.device)
@@ -117,8 +116,8 @@ class FSPADDrafter:
             self._run([SeqChunk([0], 0, [0] * n, [n - 1], extra={"features": torch.zeros(n, d)})])
 
     def propose(self, scheduled: list[ScheduledSeq], budgets: list[int]) -> list[DraftTree]:
-        self._window = max(CATCH_UP_WINDOW, CATCH_UP_PAIRS // max(1, sum(b > 0 for b in budgets)))
-        return self.grower.propose(scheduled, budgets, self._catch_up, self.execute)
+        window = max(CATCH_UP_WINDOW, CATCH_UP_PAIRS // max(1, sum(b > 0 for b in budgets)))  # pairs per sequence
+        return self.grower.propose(scheduled, budgets, functools.partial(self._catch_up, window=window), self.execute)
 
     def observe(self, seq: Sequence, start: int, features: torch.Tensor) -> None:
         """The target's features `[n, d]` of positions `start, start + 1, ...` (committed tokens), in order."""
@@ -132,16 +131,16 @@ class FSPADDrafter:
         if state.num_features - state.computed > 2 * CATCH_UP_PAIRS:  # bounded while decoding plainly
             state.keep_last(CATCH_UP_PAIRS)
 
-    def _catch_up(self, s: ScheduledSeq, budget: int) -> SeqChunk | None:
-        """The (feature, next token) pairs not yet in the draft cache; the last one is the root's row. None while
-        the features of the sequence's last prompt chunk are still to come."""
+    def _catch_up(self, s: ScheduledSeq, budget: int, window: int) -> SeqChunk | None:
+        """The (feature, next token) pairs not yet in the draft cache, at most the last `window`; the last one is the
+        root's row. None while the features of the sequence's last prompt chunk are still to come."""
         state = self._state.setdefault(s.seq, _FeatureState())
         if s.seq.num_computed < state.computed:  # preempted: its blocks (and our K/V) are gone
             state.restart()
         tokens = s.seq.token_ids
         if budget == 0 or state.num_features != len(tokens) - 1 or len(tokens) < 2:
             return None
-        state.keep_last(self._window)
+        state.keep_last(window)
         start, end = state.computed, state.num_features
         chunk = SeqChunk(
             s.seq.block_table,
