@@ -195,8 +195,11 @@ def test_the_fspad_drafter_is_compiled_as_its_target_and_drafts_the_same():
 def test_compiled_models_pick_their_graphs_by_the_inputs_alone(tiny_model_dir):
     """Compiled models keep Dynamo's guards on their inputs only (`runner.input_guards`): steps of one token, of
     several, then of one again each run the graph made for them at start-up, without recompiling, and two models of
-    different shapes compiled in one process each run their own graph; every step gives the eager model's logits."""
+    different shapes compiled in one process each run their own graph; every step gives the eager model's logits.
+    The graphs read the models' floats (RMSNorm eps) as constants: a compiled call builds no tensor before it runs
+    the graph (`runner.floats_as_constants`)."""
     from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
 
     models = [
         AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval(),
@@ -210,8 +213,12 @@ def test_compiled_models_pick_their_graphs_by_the_inputs_alone(tiny_model_dir):
     compiled = counters["stats"]["unique_graphs"]
     steps = [SeqChunk([1], 0, [5, 6, 7, 8, 9], [4]), SeqChunk([1], 5, [10], [0]), SeqChunk([1], 6, [11, 12], [0, 1])]
     steps.append(SeqChunk([1], 8, [13], [0]))
-    got = [[runner.execute([chunk]) for runner in runners] for chunk in steps]  # the models in turn
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = [[runner.execute([chunk]) for runner in runners] for chunk in steps]  # the models in turn
     assert counters["stats"]["unique_graphs"] == compiled
+    pregraph = [e for e in prof.events() if e.name == "Pregraph bytecode"]
+    assert len(pregraph) == len(steps) * len(runners)
+    assert not [c.name for e in pregraph for c in e.cpu_children if c.name == "aten::lift_fresh"]
     for i, runner in enumerate(runners):
         runner._llama_forward = runner.llama  # the same model, eager, over the same cache
         want = [runner.execute([chunk]) for chunk in steps]
