@@ -172,6 +172,29 @@ def test_mode_selector_switches_to_drafting_only_on_enough_steps():
     assert selector.buckets[4].best is False
 
 
+def test_mode_selector_skips_probes_the_cost_model_finds_useless():
+    """Drafting runs at 0.9x plain decoding. Where the tree sizer's model also expects it below the margin (here
+    0.95x), a probe could not switch the bucket: none runs, except one every `probe_cost_max` steps so that a stale
+    model is corrected. Without a model, probes back off from 16 steps to 256. Once acceptance rises and the model
+    expects 1.2x, probes are run again at the back-off's spacing."""
+    slower = {True: 90.0, False: 100.0}
+    assert [m for m, _ in run(ModeSelector(), 16, 3000, slower)].count("D") > 10
+    expected = [95.0]
+    selector = ModeSelector(predict=lambda n: expected[0])
+    assert run(selector, 16, 3000, slower) == [("D", 3), ("p", 2051), ("D", 3), ("p", 943)]
+    expected[0] = 120.0
+    assert run(selector, 16, 600, slower) == [
+        ("D", 3),
+        ("p", 61),
+        ("D", 3),
+        ("p", 125),
+        ("D", 3),
+        ("p", 253),
+        ("D", 3),
+        ("p", 149),
+    ]
+
+
 @pytest.mark.parametrize("accepted", [False, True])
 def test_adaptive_drafts_only_where_drafting_pays(tiny_model_dir, accepted):
     """A self-drafting target accepts everything; shifting every drafted token by one makes it accept nothing.

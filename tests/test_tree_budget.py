@@ -48,10 +48,16 @@ def test_sizer_weighs_what_a_node_buys_against_what_a_step_costs():
     bare = TreeSizer(linear, max_nodes=3, depth=3)
     measured(bare, [1.0, 0.5, 0.1], 0.0)
     assert bare.best_budget(1, 3) == 1
+    assert bare.predicted_rate(1, 3) == pytest.approx(1000.0)  # tokens per sequence per second
     busy = TreeSizer(linear, max_nodes=3, depth=3)
+    assert busy.predicted_rate(1, 3) is None  # nothing measured yet
     measured(busy, [1.0, 0.5, 0.1], 0.0, rest=0.010)
     assert busy.best_budget(1, 3) == 2
+    p = busy.acceptance()  # about (1, 0.5, 0.1): decayed counts weigh the last trees more
+    assert busy.predicted_rate(1, 3) == pytest.approx((1 + p[0] + p[1]) / 0.013)
     assert busy.best_budget(1, 1) == 1  # never above the cap
+    assert busy.predicted_rate(1, 1) == pytest.approx((1 + p[0]) / 0.012)
+    assert busy.predicted_rate(64, 3) is None  # no drafting step timed in this bucket
 
 
 ACCEPTANCE = [0.7, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.03]  # a drafter's p_r, best first

@@ -7,7 +7,9 @@ The rule, per batch-size bucket (decoding sequences rounded up to a power of two
 2. Run the faster one; drafting only if `draft_margin` times faster and measured on `confirm` times the usual
    number of timed steps (near parity, plain decoding is the safe side).
 3. Now and then probe the other mode; each probe that changes nothing doubles the gap to the next, and a dear
-   probe is spaced so that probing costs at most `probe_cost` of throughput.
+   probe is spaced so that probing costs at most `probe_cost` of throughput. A probe of drafting that could not
+   switch the bucket, because the tree sizer's model (`predict`) expects drafting below `draft_margin` times plain
+   decoding's rate, is skipped, up to `probe_cost_max` steps after the last one.
 4. A new bucket above one that chose plain decoding (below one that chose drafting) starts with that choice.
 
 Each threshold, its value and the measurements behind it: `docs/adaptive-speculation.md`.
@@ -18,7 +20,7 @@ Each threshold, its value and the measurements behind it: `docs/adaptive-specula
 | `step_window` | 9 | seconds per step: the median of this many last timed steps (noise only adds time) |
 | `samples`, `min_samples` | 3, 2 | timed steps a decision rests on: ceil(samples / n) for n sequences, at least 2 |
 | `probe_min`, `probe_max` | 16, 256 | steps between probes: from 16, doubled by each probe that changes nothing |
-| `probe_cost`, `probe_cost_max` | 0.01, 2048 | ... or far enough apart that probing costs this share, up to 2048 |
+| `probe_cost`, `probe_cost_max` | 0.01, 2048 | ... or far enough apart that probing costs this share; at most 2048 |
 | `probe_patience` | 4 | a probe whose steps carry prompt tokens (untimed) ends after this many times its length |
 | `draft_margin` | 1.1 | drafting runs only when measured this much faster |
 | `confirm` | 3 | ... on at least this many times a decision's timed steps |
@@ -29,6 +31,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -102,8 +105,11 @@ class ModeSelector:
     """Drafting or plain decoding, per batch-size bucket: the rule is the module's docstring, its numbers are
     `Thresholds`. The decoder asks `choose` before a step and reports the step to `record` after it."""
 
-    def __init__(self, thresholds: Thresholds = THRESHOLDS) -> None:
+    def __init__(
+        self, thresholds: Thresholds = THRESHOLDS, predict: Callable[[int], float | None] | None = None
+    ) -> None:
         self.th = thresholds
+        self.predict = predict  # n sequences -> drafting's expected rate (tokens per sequence per second), or None
         self.buckets: dict[int, _Bucket] = {}
         self.last: bool | None = None  # the previous step's mode
         self.run: _Run | None = None  # the current run of a mode in a bucket
@@ -152,6 +158,9 @@ class ModeSelector:
         if not timeable or b.since_probe < self._probe_gap(size, best) - 1 - self._samples(size):
             b.since_probe += 1
             return best
+        if not best and b.since_probe < self.th.probe_cost_max and self._predicted_slower(num_decoding, b):
+            b.since_probe += 1
+            return best
         b.probing, b.probe_steps, b.since_probe = self._samples(size), 1, 0
         b.interval = min(2 * b.interval, self.th.probe_max)
         return not best
@@ -163,6 +172,11 @@ class ModeSelector:
         by_distance = sorted(self.buckets, key=lambda s: (abs(s.bit_length() - size.bit_length()), s))
         loss = next((x for x in (self.buckets[s].probe_loss(best) for s in by_distance) if x is not None), 0.0)
         return max(self.buckets[size].interval, min(self.th.probe_cost_max, math.ceil(loss / self.th.probe_cost)))
+
+    def _predicted_slower(self, num_decoding: int, b: _Bucket) -> bool:
+        """Whether drafting's expected rate here is below `draft_margin` times plain decoding's measured one."""
+        predicted = None if self.predict is None or not b.timed[False] else self.predict(num_decoding)
+        return predicted is not None and predicted < self.th.draft_margin * b.rate(False)
 
     def _implied(self, size: int) -> bool | None:
         """Plain decoding if a smaller bucket found it faster, drafting if a larger one found drafting faster."""

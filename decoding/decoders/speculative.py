@@ -53,7 +53,6 @@ class SpeculativeDecoder(Decoder):
         self.lookahead = self.drafter.lookahead
         self.max_nodes = self.drafter.max_nodes
         self.max_depth = self.drafter.max_depth
-        self.selector = ModeSelector()
         self.sizer: TreeSizer | None = None
         if self.spec.adaptive:
             most = config.scheduler.max_num_seqs
@@ -64,6 +63,7 @@ class SpeculativeDecoder(Decoder):
             )
             logger.info("verification cost by tokens: %s", cost.describe())
             self.sizer = TreeSizer(cost, self.max_nodes, self.max_depth)
+        self.selector = ModeSelector(predict=self._predicted_rate if self.sizer is not None else None)
         self._step_start = 0.0
         self._step_drafts: bool | None = None  # this step's mode, when the selector chose it
         self._step_timeable = False  # this step carries no prompt tokens: its time measures its mode
@@ -82,11 +82,7 @@ class SpeculativeDecoder(Decoder):
         if self._step_drafts is False:
             caps = iter([0] * len(drafting))
         elif self.sizer is not None and drafting:
-            caps = iter(
-                self.sizer.budgets(
-                    len(drafting), min(self.max_nodes, self.spec.max_batch_draft_tokens // len(drafting))
-                )
-            )
+            caps = iter(self.sizer.budgets(len(drafting), self._cap(len(drafting))))
         budgets = []
         for s in scheduled:
             if not s.completes_prefix:
@@ -99,6 +95,14 @@ class SpeculativeDecoder(Decoder):
             width = max(budgets, default=0)
             budgets = [width if s.completes_prefix else 0 for s in scheduled]
         return budgets
+
+    def _cap(self, num_decoding: int) -> int:
+        """Most draft nodes per sequence at this batch size."""
+        return min(self.max_nodes, self.spec.max_batch_draft_tokens // num_decoding)
+
+    def _predicted_rate(self, num_decoding: int) -> float | None:
+        assert self.sizer is not None
+        return self.sizer.predicted_rate(num_decoding, self._cap(num_decoding))
 
     def step(self, scheduled: list[ScheduledSeq]) -> dict[Sequence, SeqStep]:
         budgets = self._budgets(scheduled)

@@ -107,10 +107,21 @@ class TreeSizer:
 
     def best_budget(self, num_decoding: int, cap: int) -> int:
         """The budget of step 4 (cap while D_N or some p_r up to cap is not measured yet)."""
+        best = self._best(num_decoding, cap)
+        return cap if best is None else best[0]
+
+    def predicted_rate(self, num_decoding: int, cap: int) -> float | None:
+        """Tokens per sequence per second that drafting at the best budget is expected to commit here (step 4's
+        maximum), or None while D_N or some p_r up to cap is not measured yet."""
+        best = self._best(num_decoding, cap)
+        return None if best is None else best[1]
+
+    def _best(self, num_decoding: int, cap: int) -> tuple[int, float] | None:
+        """Step 4's (budget, rate), or None while it cannot be computed."""
         window = self.timed.get(self._bucket(num_decoding))
         p = [x for x in self.acceptance()[:cap] if x is not None]
-        if not window or len(p) < cap:
-            return cap
+        if not window or not p or len(p) < cap:
+            return None
         draft = _drafting_cost(window)
         rest = statistics.median(r for *_, r in window)
         best, best_rate, tokens = cap, 0.0, 1.0
@@ -120,7 +131,7 @@ class TreeSizer:
             rate = tokens / max(seconds, 1e-9)
             if rate > best_rate:
                 best, best_rate = n, rate
-        return best
+        return best, best_rate
 
     def budgets(self, num_decoding: int, cap: int) -> list[int]:
         """Node budgets for the step's `num_decoding` drafting sequences, none above `cap`."""
