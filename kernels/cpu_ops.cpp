@@ -2,7 +2,8 @@
 //
 // leapserve_cpu::packed_linear   y = x @ W.T + b through W's oneDNN-packed copy (kernels/packed_linear.py)
 // leapserve_cpu::paged_attention one layer's K/V write and attention, executing the step's plan
-//                                (kernels/reference.py plans it once per step; this file runs what `attend` runs)
+//                                (kernels/reference.py plans it once per step): fp32 sequences with few queries
+//                                through short_attention, the rest through what `attend` runs
 //
 // Both find what is not a graph tensor in state set from Python: the packed copies by their plain weight's address,
 // and the step (caches, slots, plan) on a stack pushed around each forward (cpu_ops.py).
@@ -11,6 +12,12 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
 #include <optional>
 #include <unordered_map>
 #include <vector>
@@ -37,6 +44,7 @@ struct Step {
 };
 
 std::vector<Step> steps;  // the steps being run, innermost last (a drafter's forward inside a target's)
+bool native_attention = true;  // fp32 sequences with few queries go to short_attention (else all to SDPA)
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
@@ -58,7 +66,163 @@ at::Tensor heads_view(const at::Tensor& cache, int64_t start, int64_t len) {
   return cache.as_strided({1, heads, len, dim}, {0, dim, heads * dim, 1}, cache.storage_offset() + start * heads * dim);
 }
 
+// Queries per sequence up to which fp32 attention runs `short_attention` (decoding, verifying draft trees); longer
+// ones (prefill) go to SDPA, whose blocked GEMMs are faster there. reference.BATCHED_MAX_QUERIES, the same bound.
+constexpr int64_t kShortQueries = 16;
+
+// fp32 attention of sequences with few queries, read straight from the paged cache (no gather into a padded batch).
+// A task takes one sequence, and all its KV heads where there are sequences enough to keep every thread busy (each
+// key row is then read whole, once): it scores every query head of the group against each key as the key is read,
+// then weighs each value row as it is read. A query row's result depends only on its own visible keys, in slot
+// order: a token attended in a decode step or as a draft tree's root gets the same bits.
+typedef float vec8 __attribute__((vector_size(32)));  // 8 lanes: AVX2, or half an AVX-512 register
+typedef int32_t ivec8 __attribute__((vector_size(32)));
+
+inline vec8 load8(const float* x) {
+  vec8 v;
+  std::memcpy(&v, x, sizeof v);
+  return v;
+}
+
+// e^x for x <= 0 (scores less their row's maximum; -inf, a masked key, gives 0): Cephes' single-precision
+// polynomial, relative error ~1e-7 (std::exp does not vectorize without -ffast-math).
+inline vec8 exp_nonpositive(vec8 x) {
+  const ivec8 zero = x < -87.0f;  // e^x < 2^-125: 0, as for a masked key
+  x = zero ? vec8{} - 87.0f : x;
+  const vec8 t = x * 1.44269504088896341f + 0.5f;
+  vec8 k = __builtin_convertvector(__builtin_convertvector(t, ivec8), vec8);  // rounded toward 0 ...
+  k = k > t ? k - 1.0f : k;                                                   // ... then down
+  const vec8 r = x - k * 0.693359375f + k * 2.12194440e-4f;
+  vec8 p = vec8{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const ivec8 bits = (__builtin_convertvector(k, ivec8) + 127) << 23;
+  vec8 two_k;
+  std::memcpy(&two_k, &bits, sizeof two_k);
+  return zero ? vec8{} : p * two_k;
+}
+
+inline float lane_sum(vec8 s) { return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])); }
+
+// Lane k of the result: a[k]'s lanes summed (in a fixed tree: pairs, then quads, then halves).
+inline vec8 lane_sums(const vec8* a) {
+  vec8 b[4], c[2];
+  for (int i = 0; i < 4; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  for (int i = 0; i < 2; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(c[0], c[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+void short_attention(const at::Tensor& q, const at::Tensor& flat_k, const at::Tensor& flat_v,
+                     const std::vector<const SeqPlan*>& seqs, double scale, at::Tensor& out) {
+  const int64_t q_heads = q.size(1), kv_heads = flat_k.size(1), dim = flat_k.size(2), group = q_heads / kv_heads;
+  const int64_t num_seqs = static_cast<int64_t>(seqs.size());
+  const int64_t heads_per_task = num_seqs >= 2 * at::get_num_threads() ? kv_heads : 1;
+  const float* qp = q.data_ptr<float>();
+  const float* kp = flat_k.data_ptr<float>();
+  const float* vp = flat_v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale), neg_inf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, num_seqs * (kv_heads / heads_per_task), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, total, zero_row(dim, 0.0f);
+    const float* zeros = zero_row.data();
+    for (int64_t task = begin; task < end; ++task) {
+      const SeqPlan& p = *seqs[task / (kv_heads / heads_per_task)];
+      const int64_t n = p.end - p.start, rows = n * group;
+      const int64_t num_keys = p.keys.has_value() ? p.keys->size(0) : p.key_len, ctx = num_keys - n;
+      const int64_t stride = (num_keys + 7) / 8 * 8;
+      const int64_t* slots = p.keys.has_value() ? p.keys->data_ptr<int64_t>() : nullptr;
+      const bool* mask = p.mask.has_value() ? p.mask->data_ptr<bool>() : nullptr;
+      auto slot = [&](int64_t j) { return slots ? slots[j] : p.key_start + j; };
+      const int64_t h0 = task % (kv_heads / heads_per_task) * heads_per_task;
+      for (int64_t h = h0; h < h0 + heads_per_task; ++h) {
+        // row r = i * group + g: query token i, query head h * group + g
+        auto row_offset = [&](int64_t r) { return ((p.start + r / group) * q_heads + h * group + r % group) * dim; };
+        scores.assign(rows * stride, neg_inf);  // [rows, keys rounded up to 8]
+        for (int64_t j0 = 0; j0 < num_keys; j0 += 8) {  // 8 keys at a time (the last group padded with zeros)
+          const float* keys[8];
+          for (int64_t k = 0; k < 8; ++k) keys[k] = j0 + k < num_keys ? kp + (slot(j0 + k) * kv_heads + h) * dim : zeros;
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* query = qp + row_offset(r);
+            vec8 acc8[8] = {};
+            for (int64_t d = 0; d < dim; d += 8) {
+              const vec8 x = load8(query + d);
+              for (int k = 0; k < 8; ++k) acc8[k] += x * load8(keys[k] + d);
+            }
+            const vec8 dots = lane_sums(acc8) * sc;
+            const int64_t i = r / group;
+            for (int64_t k = 0; k < 8 && j0 + k < num_keys; ++k) {
+              const int64_t j = j0 + k;
+              const bool visible = mask ? mask[i * num_keys + j] : (!p.causal || j <= ctx + i);
+              scores[r * stride + j] = visible ? dots[k] : neg_inf;
+            }
+          }
+        }
+        total.assign(rows, 0.0f);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* row = scores.data() + r * stride;
+          float top = neg_inf;
+          for (int64_t j = 0; j < num_keys; ++j) top = std::max(top, row[j]);
+          if (top == neg_inf) continue;  // no visible key: the row stays 0 (SDPA would give NaN)
+          // Lane l sums keys j = l mod 8 (the padding adds zeros): the same sum however many keys follow the row's
+          // last visible one.
+          vec8 sum = {};
+          for (int64_t j = 0; j < stride; j += 8) {
+            const vec8 e = exp_nonpositive(load8(row + j) - top);
+            std::memcpy(row + j, &e, sizeof e);
+            sum += e;
+          }
+          total[r] = lane_sum(sum);
+        }
+        for (int64_t r = 0; r < rows; ++r) {  // each row's weighted values, 64 dims at a time held in registers
+          const float* w = scores.data() + r * stride;
+          float* o = op + row_offset(r);
+          const float inv = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
+          for (int64_t d0 = 0; d0 < dim; d0 += 64) {
+            const int64_t chunks = std::min<int64_t>(8, (dim - d0) / 8);
+            vec8 acc8[8] = {};
+            for (int64_t j = 0; j < num_keys; ++j) {
+              if (w[j] == 0.0f) continue;  // masked (a stale slot may hold NaN) or negligible
+              const float* value = vp + (slot(j) * kv_heads + h) * dim + d0;
+              for (int64_t c = 0; c < chunks; ++c) acc8[c] += w[j] * load8(value + 8 * c);
+            }
+            for (int64_t c = 0; c < chunks; ++c) {
+              const vec8 y = acc8[c] * inv;
+              std::memcpy(o + d0 + 8 * c, &y, sizeof y);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
 at::Tensor compute(const at::Tensor& x) { return x.scalar_type() == at::kFloat ? x : x.to(at::kFloat); }
+
+// One sequence's attention through SDPA, as reference.attend runs it: [n, Hq, D] in fp32.
+at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& flat_k,
+                      const at::Tensor& flat_v, const SeqPlan& p, double scale) {
+  at::Tensor keys, values;
+  if (p.keys.has_value()) {
+    keys = flat_k.index_select(0, *p.keys).unsqueeze(0).transpose(1, 2);
+    values = flat_v.index_select(0, *p.keys).unsqueeze(0).transpose(1, 2);
+  } else {
+    keys = heads_view(k_cache, p.key_start, p.key_len);
+    values = heads_view(v_cache, p.key_start, p.key_len);
+  }
+  auto queries = q.slice(0, p.start, p.end).transpose(0, 1).unsqueeze(0);
+  return at::scaled_dot_product_attention(compute(queries), compute(keys), compute(values), p.mask, 0.0, p.causal,
+                                          scale, true)[0]
+      .transpose(0, 1);
+}
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t layer,
                            double scale) {
@@ -74,6 +238,19 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   flat_k.index_copy_(0, s.slot_mapping, k);
   flat_v.index_copy_(0, s.slot_mapping, v);
 
+  if (native_attention && q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat && dim % 8 == 0) {
+    std::vector<const SeqPlan*> few;
+    for (const SeqPlan& p : s.seqs)
+      if (p.end - p.start <= kShortQueries) few.push_back(&p);
+    if (!few.empty()) {
+      const at::Tensor queries = q.contiguous();
+      at::Tensor out = at::empty_like(queries);
+      short_attention(queries, flat_k, flat_v, few, scale, out);
+      for (const SeqPlan& p : s.seqs)
+        if (p.end - p.start > kShortQueries) out.slice(0, p.start, p.end).copy_(attend_one(q, k_cache, v_cache, flat_k, flat_v, p, scale));
+      return out;
+    }
+  }
   if (s.batched) {  // [B, H, max_q, max_keys], padded queries and keys masked
     const int64_t num_seqs = s.mask.size(0);
     at::Tensor queries =
@@ -89,18 +266,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   at::Tensor out;
   if (s.seqs.size() != 1) out = at::empty_like(q);
   for (const SeqPlan& p : s.seqs) {
-    at::Tensor keys, values;
-    if (p.keys.has_value()) {
-      keys = flat_k.index_select(0, *p.keys).unsqueeze(0).transpose(1, 2);
-      values = flat_v.index_select(0, *p.keys).unsqueeze(0).transpose(1, 2);
-    } else {
-      keys = heads_view(k_cache, p.key_start, p.key_len);
-      values = heads_view(v_cache, p.key_start, p.key_len);
-    }
-    auto queries = q.slice(0, p.start, p.end).transpose(0, 1).unsqueeze(0);
-    auto o = at::scaled_dot_product_attention(compute(queries), compute(keys), compute(values), p.mask, 0.0,
-                                              p.causal, scale, true)[0]
-                 .transpose(0, 1);
+    auto o = attend_one(q, k_cache, v_cache, flat_k, flat_v, p, scale);
     if (s.seqs.size() == 1) return o.to(q.scalar_type());
     out.slice(0, p.start, p.end).copy_(o);
   }
@@ -110,6 +276,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
 void register_packed(int64_t key, const at::Tensor& packed_weight) { packed[key] = packed_weight; }
 
 void release_packed(int64_t key) { packed.erase(key); }
+
+void set_native_attention(bool enabled) { native_attention = enabled; }
 
 void push_step(std::vector<at::Tensor> k, std::vector<at::Tensor> v, const at::Tensor& slot_mapping,
                const std::optional<at::Tensor>& slots, const std::optional<at::Tensor>& mask,
@@ -131,7 +299,10 @@ void push_step(std::vector<at::Tensor> k, std::vector<at::Tensor> v, const at::T
     s.max_q = max_q;
   }
   for (size_t i = 0; i < starts.size(); ++i)
-    s.seqs.push_back({starts[i], ends[i], key_starts[i], key_lens[i], keys[i], masks[i], causal[i]});
+    s.seqs.push_back({starts[i], ends[i], key_starts[i], key_lens[i],
+                      keys[i].has_value() ? std::optional<at::Tensor>(keys[i]->contiguous()) : std::nullopt,
+                      masks[i].has_value() ? std::optional<at::Tensor>(masks[i]->contiguous()) : std::nullopt,
+                      causal[i]});
   steps.push_back(std::move(s));
 }
 
@@ -157,4 +328,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("release_packed", &release_packed);
   m.def("push_step", &push_step);
   m.def("pop_step", &pop_step);
+  m.def("set_native_attention", &set_native_attention);
 }

@@ -8,14 +8,22 @@ The extension is built once per source version with the C++ compiler inductor it
 machine) and cached under the directory `load` is given. What the ops read beyond their tensor arguments is mirrored
 into C++ from Python: the packed weights (`packed_linear.py` registers and releases them) and the step being run
 (`push_step` / `pop_step` around each forward: the caches, slot mapping and `reference.AttentionPlan`, which Python
-still plans once per step). The C++ attention runs the same ATen calls as `reference.attend`, in the same order, so
-it returns the same values; tests/test_cpu_ops.py sweeps it against the reference.
+still plans once per step).
+
+The C++ attention runs fp32 sequences with at most `reference.BATCHED_MAX_QUERIES` queries (decoding, verifying
+draft trees) through its own loops, which read K/V straight from the paged cache (SDPA needs them gathered into a
+padded batch first, three times the memory traffic) and give each query row the same bits in any step; longer ones
+(prefill) and fp16/bf16 run the same ATen calls as `reference.attend`, in the same order, with the same values.
+`LEAPSERVE_CPU_ATTENTION=sdpa` sends everything the reference's way. tests/test_cpu_ops.py sweeps both against the
+reference and the float64 oracle.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import platform
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -27,7 +35,10 @@ from .attention_step import AttentionStep
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+# Built for this CPU (its vector units; the build is cached per CPU), loops vectorized where `omp simd` says so.
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _module: ModuleType | None = None
+_native = True  # what the extension was last told by `use_native_attention` (or the environment, at load)
 _lock = threading.Lock()
 
 
@@ -38,14 +49,18 @@ def load(build_root: Path) -> ModuleType:
         if _module is None:
             from torch.utils.cpp_extension import load as build
 
-            digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+            digest = hashlib.sha256(
+                SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode() + _cpu_features()
+            ).hexdigest()[:12]
             name = f"leapserve_cpu_ops_{digest}"
             directory = build_root / name
             directory.mkdir(parents=True, exist_ok=True)
             if not any(directory.glob(f"{name}*.so")):
                 logger.info("building leapserve's C++ CPU ops (once; cached in %s) ...", directory)
             try:
-                module = build(name, [str(SOURCE)], extra_cflags=["-O2"], build_directory=str(directory))
+                module = build(
+                    name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory)
+                )
             except (RuntimeError, OSError) as e:
                 raise RuntimeError(
                     f"building leapserve's C++ CPU ops failed ({e}); a compiled CPU model needs a C++ compiler "
@@ -53,12 +68,45 @@ def load(build_root: Path) -> ModuleType:
                 ) from e
             torch.library.register_fake("leapserve_cpu::packed_linear", _packed_linear_shape)
             torch.library.register_fake("leapserve_cpu::paged_attention", _paged_attention_shape)
+            global _native
+            _native = _native_attention_from_env()
+            module.set_native_attention(_native)
             _module = module  # from here on, weights packed register themselves; those packed before, now
             from . import packed_linear
 
             for key, weight in packed_linear.packed_copies():
                 module.register_packed(key, weight)
     return _module
+
+
+def _native_attention_from_env() -> bool:
+    choice = os.environ.get("LEAPSERVE_CPU_ATTENTION", "native").strip().lower() or "native"
+    if choice not in ("native", "sdpa"):
+        raise ValueError(f"LEAPSERVE_CPU_ATTENTION must be native or sdpa, got {choice!r}")
+    return choice == "native"
+
+
+def use_native_attention(enabled: bool) -> None:
+    """Whether fp32 sequences with at most `reference.BATCHED_MAX_QUERIES` queries run the extension's own
+    attention (the default; `LEAPSERVE_CPU_ATTENTION=sdpa` turns it off at load) or SDPA, as the reference does."""
+    global _native
+    assert _module is not None, "cpu_ops.load first"
+    _module.set_native_attention(enabled)
+    _native = enabled
+
+
+def native_attention() -> bool:
+    """The current choice of `use_native_attention`."""
+    return _native
+
+
+def _cpu_features() -> bytes:
+    """The CPU's feature flags (Linux), so that a cache shared between machines builds for each CPU."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine().encode()
+    return next((line for line in info.splitlines() if line.startswith("flags")), platform.machine()).encode()
 
 
 def loaded() -> ModuleType | None:

@@ -1,15 +1,18 @@
 """The C++ CPU ops of a compiled model (kernels/cpu_ops.cpp) against what they replace: the paged attention op
-against `AttentionStep` on the reference path (the same values, bit for bit, and the same cache writes) over a
-sweep of steps, the packed GEMM op against oneDNN's call and `F.linear`."""
+against `AttentionStep` on the reference path over a sweep of steps (the same cache writes; through SDPA the same
+values bit for bit, through the op's own fp32 attention of short sequences values within fp32 rounding of the
+reference and of the float64 oracle, and each query row's bits independent of the rest of the step), the packed
+GEMM op against oneDNN's call and `F.linear`."""
 
 from __future__ import annotations
 
 import gc
+import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_kernels import MASK_KINDS, make_case
+from test_kernels import MASK_KINDS, assert_close, make_case, naive_attention
 
 from leapserve.decoding.model_loader import cache_dir
 from leapserve.kernels import AttentionStep, cpu_ops, packed_linear
@@ -19,6 +22,14 @@ from leapserve.kernels.packed_linear import PackedLinear, packable
 @pytest.fixture(scope="module", autouse=True)
 def ops():
     return cpu_ops.load(cache_dir() / "extensions")
+
+
+@pytest.fixture(params=["sdpa", "native"])
+def attention(request):
+    """Each test runs with the op's own fp32 attention of short sequences off (all SDPA) and on (the default)."""
+    cpu_ops.use_native_attention(request.param == "native")
+    yield request.param
+    cpu_ops.use_native_attention(True)
 
 
 def new_tokens(case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -34,8 +45,15 @@ def new_tokens(case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.tensor(slots), torch.cat(new_k), torch.cat(new_v)
 
 
+def runs_native(case) -> bool:
+    """Whether the op's own attention computes (some of) this case: fp32, a sequence with at most 16 queries."""
+    new = case.cu_seqlens_q.diff()
+    return cpu_ops.native_attention() and case.q.dtype == torch.float32 and bool((new <= 16).any())
+
+
 def run_both(case, layers: int = 2) -> None:
-    """Each layer's write and attention through the C++ op and through `AttentionStep`: equal outputs and caches."""
+    """Each layer's write and attention through the C++ op and through `AttentionStep`: equal caches; outputs equal
+    through SDPA, within fp32 rounding of the reference and the oracle through the op's own attention."""
     slots, k, v = new_tokens(case)
     step = AttentionStep(
         slots,
@@ -57,7 +75,12 @@ def run_both(case, layers: int = 2) -> None:
             step.write_kv(k * (layer + 1), v, theirs[0][layer], theirs[1][layer])
             expected = step.attend(q, theirs[0][layer], theirs[1][layer], scale)
             assert out.shape == expected.shape and out.dtype == expected.dtype
-            assert torch.equal(out, expected)
+            if runs_native(case):
+                torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+                if layer == 0:  # the case's own q and K/V: the float64 oracle applies
+                    assert_close(out, case, naive_attention(case))
+            else:
+                assert torch.equal(out, expected)
             for mine, reference in zip(ours, theirs):
                 assert torch.equal(mine[layer].nan_to_num(7.0), reference[layer].nan_to_num(7.0))
     finally:
@@ -67,7 +90,7 @@ def run_both(case, layers: int = 2) -> None:
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 @pytest.mark.parametrize("max_new", [1, 9, 40])  # decoding (one padded call), verifying trees, prefill (per sequence)
 @pytest.mark.parametrize("consecutive", [False, True])
-def test_paged_attention_equals_the_reference(mask_kind: str, max_new: int, consecutive: bool) -> None:
+def test_paged_attention_equals_the_reference(mask_kind: str, max_new: int, consecutive: bool, attention) -> None:
     for seed in range(4):
         case = make_case(
             1000 + seed,
@@ -87,10 +110,67 @@ def test_paged_attention_in_half_precision_computes_as_the_reference(dtype: torc
         run_both(make_case(2000 + seed, group=2, mask_kind="tree", max_new=max_new, max_context=50, dtype=dtype))
 
 
-def test_one_sequence_decoding_and_a_lone_prefill() -> None:
+def test_one_sequence_decoding_and_a_lone_prefill(attention) -> None:
     for seed in range(6):
         case = make_case(3000 + seed, group=3, mask_kind="causal", max_seqs=1, max_new=1 + 20 * (seed % 2))
         run_both(case, layers=3)
+
+
+def attend_rows(k_cache, v_cache, q, context_lens, new, tree_mask=None) -> torch.Tensor:
+    """The op's output for sequences s at cache blocks [16 s, 16 s + 16): `new[s]` queries after `context_lens[s]`
+    keys (their own K/V already in the cache), causal unless `tree_mask` says otherwise."""
+    num_seqs = len(new)
+    tables = torch.arange(16 * num_seqs, dtype=torch.int32).view(num_seqs, 16)
+    cu = torch.tensor([0, *itertools.accumulate(new)], dtype=torch.int32)
+    slots = torch.cat([16 * 16 * s + torch.arange(c, c + n) for s, (c, n) in enumerate(zip(context_lens, new))])
+    step = AttentionStep(slots, tables, torch.tensor(context_lens, dtype=torch.int32), cu, tree_mask, 16)
+    assert cpu_ops.push_step([k_cache], [v_cache], step)
+    try:
+        k, v = k_cache.view(-1, *k_cache.shape[2:])[slots], v_cache.view(-1, *v_cache.shape[2:])[slots]
+        return torch.ops.leapserve_cpu.paged_attention(q, k, v, 0, 0.125)
+    finally:
+        cpu_ops.pop_step()
+
+
+def test_native_attention_gives_a_row_the_same_bits_in_any_step() -> None:
+    """Lossless speculation compares a token decoded alone with the same token verified as a tree's root beside
+    other sequences: the op's own attention computes each row from its visible keys alone, so both are bit-equal
+    (whatever the number of keys that follow, rows, sequences, or the split of work over threads)."""
+    cpu_ops.use_native_attention(True)
+    gen = torch.Generator().manual_seed(7)
+    k_cache = torch.randn(16 * 9, 16, 2, 64, generator=gen)
+    v_cache = torch.randn(16 * 9, 16, 2, 64, generator=gen)
+    q = torch.randn(9 * 6, 6, 64, generator=gen)
+    alone = attend_rows(k_cache, v_cache, q[:1], [200], [1])  # sequence 0 decodes its token 200
+    tree = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 0, 1, 0, 0, 0],
+            [1, 1, 0, 1, 0, 0],
+            [1, 0, 1, 0, 1, 0],
+            [1, 1, 0, 1, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
+    tree_step = attend_rows(k_cache, v_cache, q[:6], [200], [6], tree)  # token 200 as the root of a 6-node tree
+    crowd = attend_rows(k_cache, v_cache, q, [200] + [25 * s for s in range(1, 9)], [6] * 9, tree.repeat(9, 1))
+    assert torch.equal(tree_step[:1], alone) and torch.equal(crowd[:1], alone)
+    assert torch.equal(crowd[:6], tree_step)
+    cpu_ops.use_native_attention(False)
+    sdpa = attend_rows(k_cache, v_cache, q[:1], [200], [1])
+    cpu_ops.use_native_attention(True)
+    torch.testing.assert_close(alone, sdpa, rtol=1e-5, atol=1e-6)
+
+
+def test_native_attention_is_chosen_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEAPSERVE_CPU_ATTENTION", "sdpa")
+    assert not cpu_ops._native_attention_from_env()
+    monkeypatch.setenv("LEAPSERVE_CPU_ATTENTION", "Native")
+    assert cpu_ops._native_attention_from_env()
+    monkeypatch.setenv("LEAPSERVE_CPU_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="native or sdpa"):
+        cpu_ops._native_attention_from_env()
 
 
 def test_steps_nest_and_an_op_outside_a_step_is_refused() -> None:
