@@ -70,11 +70,6 @@ at::Tensor heads_view(const at::Tensor& cache, int64_t start, int64_t len) {
 // ones (prefill) go to SDPA, whose blocked GEMMs are faster there. reference.BATCHED_MAX_QUERIES, the same bound.
 constexpr int64_t kShortQueries = 16;
 
-// fp32 attention of sequences with few queries, read straight from the paged cache (no gather into a padded batch).
-// A task takes one sequence, and all its KV heads where there are sequences enough to keep every thread busy (each
-// key row is then read whole, once): it scores every query head of the group against each key as the key is read,
-// then weighs each value row as it is read. A query row's result depends only on its own visible keys, in slot
-// order: a token attended in a decode step or as a draft tree's root gets the same bits.
 typedef float vec8 __attribute__((vector_size(32)));  // 8 lanes: AVX2, or half an AVX-512 register
 typedef int32_t ivec8 __attribute__((vector_size(32)));
 
@@ -121,6 +116,11 @@ inline vec8 lane_sums(const vec8* a) {
          __builtin_shufflevector(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
+// fp32 attention of sequences with few queries, read straight from the paged cache (no gather into a padded batch).
+// A task takes one sequence, and all its KV heads where there are sequences enough to keep every thread busy (each
+// key row is then read whole, once): it scores every query head of the group against eight keys at a time as they are read,
+// then weighs each value row as it is read. A query row's result depends only on its own visible keys, in slot
+// order: a token attended in a decode step or as a draft tree's root gets the same bits.
 void short_attention(const at::Tensor& q, const at::Tensor& flat_k, const at::Tensor& flat_v,
                      const std::vector<const SeqPlan*>& seqs, double scale, at::Tensor& out) {
   const int64_t q_heads = q.size(1), kv_heads = flat_k.size(1), dim = flat_k.size(2), group = q_heads / kv_heads;
