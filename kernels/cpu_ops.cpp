@@ -118,8 +118,8 @@ inline vec8 lane_sums(const vec8* a) {
 
 // fp32 attention of sequences with few queries, read straight from the paged cache (no gather into a padded batch).
 // A task takes one sequence, and all its KV heads where there are sequences enough to keep every thread busy (each
-// key row is then read whole, once): it scores every query head of the group against eight keys at a time as they are read,
-// then weighs each value row as it is read. A query row's result depends only on its own visible keys, in slot
+// key row is then read whole, once): it scores every query head of the group against eight keys at a time as they
+// are read, then weighs each value row as it is read. A query row's result depends only on its own visible keys, in slot
 // order: a token attended in a decode step or as a draft tree's root gets the same bits.
 void short_attention(const at::Tensor& q, const at::Tensor& flat_k, const at::Tensor& flat_v,
                      const std::vector<const SeqPlan*>& seqs, double scale, at::Tensor& out) {
@@ -246,8 +246,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
       const at::Tensor queries = q.contiguous();
       at::Tensor out = at::empty_like(queries);
       short_attention(queries, flat_k, flat_v, few, scale, out);
-      for (const SeqPlan& p : s.seqs)
-        if (p.end - p.start > kShortQueries) out.slice(0, p.start, p.end).copy_(attend_one(q, k_cache, v_cache, flat_k, flat_v, p, scale));
+      for (const SeqPlan& p : s.seqs)  // prefill
+        if (p.end - p.start > kShortQueries)
+          out.slice(0, p.start, p.end).copy_(attend_one(q, k_cache, v_cache, flat_k, flat_v, p, scale));
       return out;
     }
   }
@@ -278,6 +279,8 @@ void register_packed(int64_t key, const at::Tensor& packed_weight) { packed[key]
 void release_packed(int64_t key) { packed.erase(key); }
 
 void set_native_attention(bool enabled) { native_attention = enabled; }
+
+bool get_native_attention() { return native_attention; }
 
 void push_step(std::vector<at::Tensor> k, std::vector<at::Tensor> v, const at::Tensor& slot_mapping,
                const std::optional<at::Tensor>& slots, const std::optional<at::Tensor>& mask,
@@ -329,4 +332,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("push_step", &push_step);
   m.def("pop_step", &pop_step);
   m.def("set_native_attention", &set_native_attention);
+  m.def("native_attention", &get_native_attention);
 }

@@ -35,10 +35,10 @@ from .attention_step import AttentionStep
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
-# Built for this CPU (its vector units; the build is cached per CPU), loops vectorized where `omp simd` says so.
+# Built for this CPU (its vector units; the build is cached per CPU), with OpenMP for `at::parallel_for`, which
+# runs on torch's own OpenMP runtime (the one libgomp already loaded).
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _module: ModuleType | None = None
-_native = True  # what the extension was last told by `use_native_attention` (or the environment, at load)
 _lock = threading.Lock()
 
 
@@ -68,9 +68,7 @@ def load(build_root: Path) -> ModuleType:
                 ) from e
             torch.library.register_fake("leapserve_cpu::packed_linear", _packed_linear_shape)
             torch.library.register_fake("leapserve_cpu::paged_attention", _paged_attention_shape)
-            global _native
-            _native = _native_attention_from_env()
-            module.set_native_attention(_native)
+            module.set_native_attention(_native_attention_from_env())
             _module = module  # from here on, weights packed register themselves; those packed before, now
             from . import packed_linear
 
@@ -89,15 +87,8 @@ def _native_attention_from_env() -> bool:
 def use_native_attention(enabled: bool) -> None:
     """Whether fp32 sequences with at most `reference.BATCHED_MAX_QUERIES` queries run the extension's own
     attention (the default; `LEAPSERVE_CPU_ATTENTION=sdpa` turns it off at load) or SDPA, as the reference does."""
-    global _native
     assert _module is not None, "cpu_ops.load first"
     _module.set_native_attention(enabled)
-    _native = enabled
-
-
-def native_attention() -> bool:
-    """The current choice of `use_native_attention`."""
-    return _native
 
 
 def _cpu_features() -> bytes:
@@ -119,7 +110,10 @@ def push_step(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], step: 
     False, pushing nothing, when the extension is not loaded or the step does not run on the CPU reference."""
     if _module is None or step.plan is None:
         return False
-    plan, batched = step.plan, step.plan.batched
+    plan = step.plan
+    # The padded call's plan only where the op may run it: not where its own attention takes every short sequence.
+    native = _module.native_attention() and k_caches[0].dtype == torch.float32 and k_caches[0].shape[-1] % 8 == 0
+    batched = None if native else plan.batched
     seqs = plan.seqs
     ranges = [(s.keys.start, s.keys.stop - s.keys.start) if isinstance(s.keys, slice) else (-1, -1) for s in seqs]
     _module.push_step(

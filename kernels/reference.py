@@ -11,6 +11,7 @@ in fp32 on CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,13 @@ class AttentionPlan:
     """Everything `tree_attention` derives from a step's metadata, computed once and reused by every layer."""
 
     seqs: list[SeqPlan]
-    batched: BatchedPlan | None = None  # set when all sequences run as one padded call
+    # (context lengths, tree mask, context mask, max_q, device) when all sequences can run as one padded call
+    batch_inputs: tuple | None = None
+
+    @cached_property
+    def batched(self) -> BatchedPlan | None:
+        """The one padded call, built on first use: the compiled CPU path's own attention never needs it."""
+        return None if self.batch_inputs is None else _batched_plan(self.seqs, *self.batch_inputs)
 
 
 def plan_tree_attention(
@@ -110,11 +117,10 @@ def plan_tree_attention(
             device,
         )
         seqs.append(SeqPlan(start, end, keys, mask, causal))
-    plan = AttentionPlan(seqs)
     max_q = max((s.end - s.start for s in seqs), default=0)
     if len(seqs) > 1 and len(seqs) == len(ctx_lens) and max_q <= BATCHED_MAX_QUERIES:
-        plan.batched = _batched_plan(seqs, ctx_lens, tree_mask, context_mask, max_q, device)
-    return plan
+        return AttentionPlan(seqs, (ctx_lens, tree_mask, context_mask, max_q, device))
+    return AttentionPlan(seqs)
 
 
 def _batched_plan(

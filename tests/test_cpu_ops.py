@@ -48,7 +48,7 @@ def new_tokens(case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def runs_native(case) -> bool:
     """Whether the op's own attention computes (some of) this case: fp32, a sequence with at most 16 queries."""
     new = case.cu_seqlens_q.diff()
-    return cpu_ops.native_attention() and case.q.dtype == torch.float32 and bool((new <= 16).any())
+    return cpu_ops.loaded().native_attention() and case.q.dtype == torch.float32 and bool((new <= 16).any())
 
 
 def run_both(case, layers: int = 2) -> None:
