@@ -213,6 +213,7 @@ def bench(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[dict
                 result = run_pass(prompts, batch_size)
                 if result is not None:
                     runs[label].append(result)
+                    bar.write(pass_line(label, batch_size, result, runs[baseline][-1][1] if runs[baseline] else None))
                 bar.update(1)
         for row in batch_rows(runs, baseline, batch_size, weights, SAME_AS_BASELINE if diffusion else SAME_AS_AR):
             if args.profile and row["decoder"] in engines:
@@ -222,6 +223,15 @@ def bench(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[dict
             rows.append(row)
     bar.close()
     return rows, setup
+
+
+def pass_line(label: str, batch_size: int, result: Pass, reference: list[list[int]] | None) -> str:
+    """A pass's figures as it ends, so that a run cut short still tells what it measured."""
+    run, outputs = result
+    same = (
+        "" if reference is None else f", same output as the baseline's pass: {'yes' if outputs == reference else 'no'}"
+    )
+    return f"{label} at batch {batch_size}: {run.output_tokens / run.elapsed:.2f} tok/s{same}"
 
 
 def batch_rows(runs: dict[str, list[Pass]], baseline: str, batch_size: int, weights: int, same_key: str) -> list[dict]:

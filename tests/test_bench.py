@@ -324,6 +324,8 @@ def test_bench_offline_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "| decoder | batch | output tok/s |" in printed and "| self-draft | 2 |" in printed
     assert "drafting cost (same pass)" in printed
+    # each pass is reported as it ends, so that a run cut short still tells what it measured
+    assert "self-draft at batch 2: " in printed and "same output as the baseline's pass: yes" in printed
     assert (tmp_path / "offline.md").read_text().startswith("`leapserve bench offline")
 
 
@@ -460,6 +462,33 @@ def test_step_ablation_times_the_parts_without_disturbing_the_request(tiny_model
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     (want,) = llm.generate([PROMPT], params, use_tqdm=False)
     assert output == want.outputs[0].token_ids
+
+
+def test_random_checkpoint_keeps_the_shape_and_tokenizer_and_forward_cost_times_it(tiny_model_dir, tmp_path, capsys):
+    """What a GPU lease times without the real weights: the same architecture and tokenizer, new values; and the
+    forward-cost curve printed and written for it."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from leapserve.benchmarks import forward_cost, random_checkpoint
+
+    out = tmp_path / "random"
+    random_checkpoint.main([str(tiny_model_dir), str(out), "--seed", "3"])
+    config = {k: v for k, v in AutoConfig.from_pretrained(out).to_dict().items() if k != "_name_or_path"}
+    assert config == {
+        k: v for k, v in AutoConfig.from_pretrained(tiny_model_dir).to_dict().items() if k != "_name_or_path"
+    }
+    assert (out / "tokenizer.json").read_bytes() == (tiny_model_dir / "tokenizer.json").read_bytes()
+    old, new = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert old.keys() == new.keys() and all(old[k].shape == new[k].shape for k in old)
+    assert not all(old[k].equal(new[k]) for k in old)
+
+    points = tmp_path / "forward.json"
+    argv = ["--model", str(out), "--device", "cpu", "--enforce-eager", "--tokens", "1,8", "--json", str(points)]
+    forward_cost.main(argv)
+    record = json.loads(points.read_text())
+    assert record["path"] == "eager" and list(record["ms"]) == ["1", "8"] and all(v > 0 for v in record["ms"].values())
+    assert "cpu, eager: 1: " in capsys.readouterr().out
 
 
 def test_bench_serve_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
