@@ -1,6 +1,7 @@
 // leapserve's two opaque ops of a compiled CPU model, in C++ so that a step runs no Python between its kernels.
 //
-// leapserve_cpu::packed_linear   y = x @ W.T + b through W's oneDNN-packed copy (kernels/packed_linear.py)
+// leapserve_cpu::packed_linear   y = x @ W.T + b through W's oneDNN-packed copy (kernels/packed_linear.py); one
+//                                fp32 row through one_row_linear, which streams W itself
 // leapserve_cpu::paged_attention one layer's K/V write and attention, executing the step's plan
 //                                (kernels/reference.py plans it once per step): fp32 sequences with few queries
 //                                through short_attention, the rest through what `attend` runs
@@ -45,20 +46,7 @@ struct Step {
 
 std::vector<Step> steps;  // the steps being run, innermost last (a drafter's forward inside a target's)
 bool native_attention = true;  // fp32 sequences with few queries go to short_attention (else all to SDPA)
-
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  auto it = packed.find(reinterpret_cast<int64_t>(weight.data_ptr()));
-  TORCH_CHECK(it != packed.end(), "leapserve_cpu::packed_linear: this weight has no packed copy");
-  torch::jit::Stack stack{x,
-                          it->second,
-                          bias,
-                          std::string("none"),
-                          c10::List<std::optional<at::Scalar>>(),
-                          std::optional<std::string>(std::string())};
-  op.callBoxed(&stack);
-  return stack[0].toTensor();
-}
+bool native_gemv = true;  // one fp32 row goes to one_row_linear (else to oneDNN)
 
 // Flat slots [start, start + len) of a contiguous [num_blocks, block_size, H, D] cache as a [1, H, len, D] view.
 at::Tensor heads_view(const at::Tensor& cache, int64_t start, int64_t len) {
@@ -114,6 +102,46 @@ inline vec8 lane_sums(const vec8* a) {
            __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
   return __builtin_shufflevector(c[0], c[1], 0, 1, 2, 3, 8, 9, 10, 11) +
          __builtin_shufflevector(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// y[n] = w[n] . x over one fp32 row: each of W's rows streamed once, 16 lanes summed in order, then a fixed lane
+// tree; the next rows prefetched. oneDNN's packed GEMM reads W at about half the copy bandwidth for one row.
+void one_row_linear(const float* x, const float* w, float* y, int64_t n0, int64_t n1, int64_t k_dim) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* row = w + n * k_dim;
+    vec8 a{}, b{};
+    for (int64_t k = 0; k < k_dim; k += 16) {
+      __builtin_prefetch(row + k + 8 * k_dim, 0, 0);
+      a += load8(row + k) * load8(x + k);
+      b += load8(row + k + 8) * load8(x + k + 8);
+    }
+    y[n] = lane_sum(a + b);
+  }
+}
+
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const int64_t k_dim = weight.size(1), n_dim = weight.size(0);
+  if (native_gemv && x.dim() == 2 && x.size(0) == 1 && x.scalar_type() == at::kFloat &&
+      weight.scalar_type() == at::kFloat && k_dim % 16 == 0 && weight.is_contiguous()) {
+    const at::Tensor row = x.contiguous();
+    at::Tensor y = at::empty({1, n_dim}, x.options());
+    const float *xp = row.data_ptr<float>(), *wp = weight.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, n_dim, 256, [&](int64_t n0, int64_t n1) { one_row_linear(xp, wp, yp, n0, n1, k_dim); });
+    if (bias.has_value()) y.add_(*bias);
+    return y;
+  }
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  auto it = packed.find(reinterpret_cast<int64_t>(weight.data_ptr()));
+  TORCH_CHECK(it != packed.end(), "leapserve_cpu::packed_linear: this weight has no packed copy");
+  torch::jit::Stack stack{x,
+                          it->second,
+                          bias,
+                          std::string("none"),
+                          c10::List<std::optional<at::Scalar>>(),
+                          std::optional<std::string>(std::string())};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
 }
 
 // fp32 attention of sequences with few queries, read straight from the paged cache (no gather into a padded batch).
@@ -280,6 +308,10 @@ void release_packed(int64_t key) { packed.erase(key); }
 
 void set_native_attention(bool enabled) { native_attention = enabled; }
 
+void set_native_gemv(bool enabled) { native_gemv = enabled; }
+
+bool get_native_gemv() { return native_gemv; }
+
 bool get_native_attention() { return native_attention; }
 
 void push_step(std::vector<at::Tensor> k, std::vector<at::Tensor> v, const at::Tensor& slot_mapping,
@@ -333,4 +365,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pop_step", &pop_step);
   m.def("set_native_attention", &set_native_attention);
   m.def("native_attention", &get_native_attention);
+  m.def("set_native_gemv", &set_native_gemv);
+  m.def("native_gemv", &get_native_gemv);
 }

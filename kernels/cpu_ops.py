@@ -1,7 +1,8 @@
 """A compiled CPU model's two opaque ops in C++ (`cpu_ops.cpp`), so that inductor's C++ wrapper runs a step with no
 Python between its kernels.
 
-    leapserve_cpu::packed_linear(x, weight, bias)         F.linear through weight's oneDNN-packed copy
+    leapserve_cpu::packed_linear(x, weight, bias)         F.linear through weight's oneDNN-packed copy (one fp32 row:
+                                                          its own loop over the plain weight)
     leapserve_cpu::paged_attention(q, k, v, layer, scale) one layer's K/V write and attention over the paged cache
 
 The extension is built once per source version with the C++ compiler inductor itself needs (about 35 s on a 2-core
@@ -16,6 +17,10 @@ padded batch first, three times the memory traffic) and give each query row the 
 (prefill) and fp16/bf16 run the same ATen calls as `reference.attend`, in the same order, with the same values.
 `LEAPSERVE_CPU_ATTENTION=sdpa` sends everything the reference's way. tests/test_cpu_ops.py sweeps both against the
 reference and the float64 oracle.
+
+The C++ linear runs a single fp32 row (decoding one sequence) through its own loop, which streams the plain
+row-major weight at about the copy bandwidth where oneDNN's packed GEMM reads it at about half of it; more rows, and
+other dtypes, go to oneDNN. `LEAPSERVE_CPU_GEMV=onednn` sends every row there.
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ def load(build_root: Path) -> ModuleType:
                 ) from e
             torch.library.register_fake("leapserve_cpu::packed_linear", _packed_linear_shape)
             torch.library.register_fake("leapserve_cpu::paged_attention", _paged_attention_shape)
-            module.set_native_attention(_native_attention_from_env())
+            module.set_native_attention(_choice_from_env("LEAPSERVE_CPU_ATTENTION", "native", "sdpa"))
+            module.set_native_gemv(_choice_from_env("LEAPSERVE_CPU_GEMV", "native", "onednn"))
             _module = module  # from here on, weights packed register themselves; those packed before, now
             from . import packed_linear
 
@@ -77,11 +83,12 @@ def load(build_root: Path) -> ModuleType:
     return _module
 
 
-def _native_attention_from_env() -> bool:
-    choice = os.environ.get("LEAPSERVE_CPU_ATTENTION", "native").strip().lower() or "native"
-    if choice not in ("native", "sdpa"):
-        raise ValueError(f"LEAPSERVE_CPU_ATTENTION must be native or sdpa, got {choice!r}")
-    return choice == "native"
+def _choice_from_env(variable: str, native: str, other: str) -> bool:
+    """Whether `variable` (unset or empty: `native`) picks the extension's own code over `other`."""
+    choice = os.environ.get(variable, native).strip().lower() or native
+    if choice not in (native, other):
+        raise ValueError(f"{variable} must be {native} or {other}, got {choice!r}")
+    return choice == native
 
 
 def use_native_attention(enabled: bool) -> None:
@@ -89,6 +96,13 @@ def use_native_attention(enabled: bool) -> None:
     attention (the default; `LEAPSERVE_CPU_ATTENTION=sdpa` turns it off at load) or SDPA, as the reference does."""
     assert _module is not None, "cpu_ops.load first"
     _module.set_native_attention(enabled)
+
+
+def use_native_gemv(enabled: bool) -> None:
+    """Whether a single fp32 row runs the extension's own linear loop (the default; `LEAPSERVE_CPU_GEMV=onednn` turns
+    it off at load) or oneDNN's packed GEMM, as more rows do."""
+    assert _module is not None, "cpu_ops.load first"
+    _module.set_native_gemv(enabled)
 
 
 def _cpu_features() -> bytes:

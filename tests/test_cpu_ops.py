@@ -2,7 +2,7 @@
 against `AttentionStep` on the reference path over a sweep of steps (the same cache writes; through SDPA the same
 values bit for bit, through the op's own fp32 attention of short sequences values within fp32 rounding of the
 reference and of the float64 oracle, and each query row's bits independent of the rest of the step), the packed
-GEMM op against oneDNN's call and `F.linear`."""
+GEMM op against oneDNN's call and `F.linear` (its own loop for one row against both and float64)."""
 
 from __future__ import annotations
 
@@ -163,14 +163,20 @@ def test_native_attention_gives_a_row_the_same_bits_in_any_step() -> None:
     torch.testing.assert_close(alone, sdpa, rtol=1e-5, atol=1e-6)
 
 
-def test_native_attention_is_chosen_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LEAPSERVE_CPU_ATTENTION", "sdpa")
-    assert not cpu_ops._native_attention_from_env()
-    monkeypatch.setenv("LEAPSERVE_CPU_ATTENTION", "Native")
-    assert cpu_ops._native_attention_from_env()
-    monkeypatch.setenv("LEAPSERVE_CPU_ATTENTION", "fast")
-    with pytest.raises(ValueError, match="native or sdpa"):
-        cpu_ops._native_attention_from_env()
+@pytest.mark.parametrize(
+    ("variable", "native", "other"),
+    [("LEAPSERVE_CPU_ATTENTION", "native", "sdpa"), ("LEAPSERVE_CPU_GEMV", "native", "onednn")],
+)
+def test_the_own_code_is_chosen_by_the_environment(monkeypatch: pytest.MonkeyPatch, variable, native, other) -> None:
+    monkeypatch.setenv(variable, other)
+    assert not cpu_ops._choice_from_env(variable, native, other)
+    monkeypatch.setenv(variable, "Native")
+    assert cpu_ops._choice_from_env(variable, native, other)
+    monkeypatch.delenv(variable)
+    assert cpu_ops._choice_from_env(variable, native, other)
+    monkeypatch.setenv(variable, "fast")
+    with pytest.raises(ValueError, match=f"{variable} must be native or {other}"):
+        cpu_ops._choice_from_env(variable, native, other)
 
 
 def test_steps_nest_and_an_op_outside_a_step_is_refused() -> None:
@@ -194,14 +200,37 @@ def test_steps_nest_and_an_op_outside_a_step_is_refused() -> None:
 @pytest.mark.skipif(not packable(torch.zeros(2, 2)), reason="oneDNN cannot pack weights here")
 @pytest.mark.parametrize("rows", [1, 5, 33])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_op_equals_onednn_and_linear(rows: int, bias: bool) -> None:
+@pytest.mark.parametrize("in_features", [40, 64])
+def test_packed_linear_op_equals_onednn_and_linear(rows: int, bias: bool, in_features: int) -> None:
+    """Through oneDNN (more rows, or a width the own loop does not take) the op is the eager path's call, bit for
+    bit; one fp32 row of a width divisible by 16 runs the op's own loop, within fp32 rounding of both."""
     gen = torch.Generator().manual_seed(rows)
-    weight, b = torch.randn(48, 40, generator=gen), torch.randn(48, generator=gen) if bias else None
+    weight, b = torch.randn(48, in_features, generator=gen), torch.randn(48, generator=gen) if bias else None
     lin = PackedLinear(weight, b)
-    x = torch.randn(rows, 40, generator=gen)
+    x = torch.randn(rows, in_features, generator=gen)
     out = torch.ops.leapserve_cpu.packed_linear(x, lin.weight, lin.bias)
-    assert torch.equal(out, lin(x))  # the eager path's direct oneDNN call
     torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+    if rows == 1 and in_features % 16 == 0:
+        torch.testing.assert_close(out, lin(x), rtol=1e-5, atol=1e-5)
+        cpu_ops.use_native_gemv(False)
+        try:
+            assert torch.equal(torch.ops.leapserve_cpu.packed_linear(x, lin.weight, lin.bias), lin(x))
+        finally:
+            cpu_ops.use_native_gemv(True)
+    else:
+        assert torch.equal(out, lin(x))  # the eager path's direct oneDNN call
+
+
+def test_one_row_linear_streams_a_large_weight_in_order() -> None:
+    """The own loop over a weight larger than the caches, rows split between threads: each output is its row's dot
+    product within fp32 rounding of float64, and the same bits on every call."""
+    gen = torch.Generator().manual_seed(7)
+    lin = PackedLinear(torch.randn(20_000, 576, generator=gen))
+    x = torch.randn(1, 576, generator=gen)
+    out = torch.ops.leapserve_cpu.packed_linear(x, lin.weight, None)
+    exact = (x.double() @ lin.weight.double().T).float()
+    torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-4)
+    assert torch.equal(torch.ops.leapserve_cpu.packed_linear(x, lin.weight, None), out)
 
 
 @pytest.mark.skipif(not packable(torch.zeros(2, 2)), reason="oneDNN cannot pack weights here")
