@@ -9,8 +9,8 @@
 #   kernel-tests  tests/test_kernels.py with Triton compiled for the GPU (about 300 s: ~0.4 s of compiling a test)
 #   kernel-bench  python -m leapserve.benchmarks.kernel_bench, bf16 (50 s)
 #   forward       forward_cost, eager and compiled (25 s and 55 s)
-#   offline       bench offline, plain / n-gram / FSPAD adaptive / FSPAD fixed trees, eager and compiled (the
-#                 compiled engines take about 100 s to build on a cold cache; passes are 5-25 s each)
+#   offline       bench offline, plain / n-gram / FSPAD adaptive / FSPAD fixed trees, eager and compiled (the four
+#                 compiled engines took 70-120 s to build on a cold cache; passes 5-25 s each)
 # The checkout runs as the package without being installed (the folders linked as pyproject.toml maps them).
 set -u
 OUT=$(realpath "$1"); CONFIG=$(realpath "$2"); shift 2
