@@ -30,6 +30,7 @@ import logging
 import os
 import platform
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -60,6 +61,7 @@ def load(build_root: Path) -> ModuleType:
             name = f"leapserve_cpu_ops_{digest}"
             directory = build_root / name
             directory.mkdir(parents=True, exist_ok=True)
+            clear_stale_lock(directory)
             if not any(directory.glob(f"{name}*.so")):
                 logger.info("building leapserve's C++ CPU ops (once; cached in %s) ...", directory)
             try:
@@ -81,6 +83,24 @@ def load(build_root: Path) -> ModuleType:
             for key, weight in packed_linear.packed_copies():
                 module.register_packed(key, weight)
     return _module
+
+
+STALE_LOCK_S = 600.0  # a build takes about a minute here: a lock this old was left by a killed one
+
+
+def clear_stale_lock(directory: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove `directory`'s build lock when it is older than `max_age_s` (torch's builder waits on a lock forever,
+    and a build killed midway leaves one behind). Returns whether it removed one."""
+    lock = directory / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age_s:
+        return False
+    logger.warning("removing %s, left %.0f s ago by a build that did not finish", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def _choice_from_env(variable: str, native: str, other: str) -> bool:

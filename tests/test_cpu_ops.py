@@ -7,6 +7,8 @@ GEMM op against oneDNN's call and `F.linear` (its own loop for one row against b
 from __future__ import annotations
 
 import gc
+import os
+import time
 import itertools
 
 import pytest
@@ -245,3 +247,15 @@ def test_a_released_weight_is_forgotten_by_the_op() -> None:
     assert key not in packed_linear._packed
     with pytest.raises(RuntimeError, match="no packed copy"):
         torch.ops.leapserve_cpu.packed_linear(torch.ones(1, 4), weight, None)
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path, caplog) -> None:
+    lock = tmp_path / "lock"
+    assert not cpu_ops.clear_stale_lock(tmp_path)  # no lock
+    lock.touch()
+    assert not cpu_ops.clear_stale_lock(tmp_path) and lock.exists()  # a build running now
+    old = time.time() - cpu_ops.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING"):
+        assert cpu_ops.clear_stale_lock(tmp_path)
+    assert not lock.exists() and "did not finish" in caplog.text

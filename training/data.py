@@ -116,7 +116,8 @@ def generate_data(cfg: DataConfig) -> Path:
                 f"{out} holds data made with --{key.replace('_', '-')} {meta['config'][key]!r}, not "
                 f"{getattr(cfg, key)!r}: pick another --out to start over"
             )
-    llm = LLM(cfg.model, device=cfg.device, seed=cfg.seed)
+    # plain decoding: the batches here are past where drafting pays, and its probes would only cost
+    llm = LLM(cfg.model, decoder="autoregressive", device=cfg.device, seed=cfg.seed)
     if cfg.self_instructions:
         own = write_instructions(llm, out / "self-instructions.jsonl", cfg.self_instructions, cfg.seed)
         prompts = [p for pair in itertools.zip_longest(prompts, own) for p in pair if p is not None]

@@ -144,7 +144,7 @@ def write_instructions(
     path: str | Path,
     num_instructions: int,
     seed: int = 0,
-    batch_size: int = 32,
+    batch_size: int = 128,  # attempts a call: 4x the engine's 32 running, so finished ones are replaced
     max_tokens: int = 128,
     filters: Filters = Filters(),
     max_attempts_per_instruction: int = 8,
