@@ -7,9 +7,9 @@ GEMM op against oneDNN's call and `F.linear` (its own loop for one row against b
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import time
-import itertools
 
 import pytest
 import torch
