@@ -2,7 +2,7 @@
 against `AttentionStep` on the reference path over a sweep of steps (the same cache writes; through SDPA the same
 values bit for bit, through the op's own fp32 attention of short sequences values within fp32 rounding of the
 reference and of the float64 oracle, and each query row's bits independent of the rest of the step), the packed
-GEMM op against oneDNN's call and `F.linear` (its own loop for one row against both and float64)."""
+GEMM op against oneDNN's call and `F.linear` (its own loop for up to three rows against both and float64)."""
 
 from __future__ import annotations
 
@@ -200,19 +200,19 @@ def test_steps_nest_and_an_op_outside_a_step_is_refused() -> None:
 
 
 @pytest.mark.skipif(not packable(torch.zeros(2, 2)), reason="oneDNN cannot pack weights here")
-@pytest.mark.parametrize("rows", [1, 5, 33])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 33])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("in_features", [40, 64])
 def test_packed_linear_op_equals_onednn_and_linear(rows: int, bias: bool, in_features: int) -> None:
     """Through oneDNN (more rows, or a width the own loop does not take) the op is the eager path's call, bit for
-    bit; one fp32 row of a width divisible by 16 runs the op's own loop, within fp32 rounding of both."""
+    bit; up to three fp32 rows of a width divisible by 16 run the op's own loop, within fp32 rounding of both."""
     gen = torch.Generator().manual_seed(rows)
     weight, b = torch.randn(48, in_features, generator=gen), torch.randn(48, generator=gen) if bias else None
     lin = PackedLinear(weight, b)
     x = torch.randn(rows, in_features, generator=gen)
     out = torch.ops.leapserve_cpu.packed_linear(x, lin.weight, lin.bias)
     torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
-    if rows == 1 and in_features % 16 == 0:
+    if rows <= 3 and in_features % 16 == 0:
         torch.testing.assert_close(out, lin(x), rtol=1e-5, atol=1e-5)
         cpu_ops.use_native_gemv(False)
         try:
@@ -223,16 +223,29 @@ def test_packed_linear_op_equals_onednn_and_linear(rows: int, bias: bool, in_fea
         assert torch.equal(out, lin(x))  # the eager path's direct oneDNN call
 
 
-def test_one_row_linear_streams_a_large_weight_in_order() -> None:
-    """The own loop over a weight larger than the caches, rows split between threads: each output is its row's dot
+@pytest.mark.parametrize("rows", [1, 3])
+def test_few_rows_linear_streams_a_large_weight_in_order(rows: int) -> None:
+    """The own loop over a weight larger than the caches, its rows split between threads: each output is its dot
     product within fp32 rounding of float64, and the same bits on every call."""
     gen = torch.Generator().manual_seed(7)
     lin = PackedLinear(torch.randn(20_000, 576, generator=gen))
-    x = torch.randn(1, 576, generator=gen)
+    x = torch.randn(rows, 576, generator=gen)
     out = torch.ops.leapserve_cpu.packed_linear(x, lin.weight, None)
     exact = (x.double() @ lin.weight.double().T).float()
     torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-4)
     assert torch.equal(torch.ops.leapserve_cpu.packed_linear(x, lin.weight, None), out)
+
+
+def test_few_rows_linear_gives_a_row_the_same_bits_beside_others() -> None:
+    """A row's output does not depend on the rows beside it, up to the own loop's three: a token verified with one or
+    two draft tokens gets the bits plain decoding gives it."""
+    gen = torch.Generator().manual_seed(11)
+    lin = PackedLinear(torch.randn(1000, 1536, generator=gen))
+    x = torch.randn(3, 1536, generator=gen)
+    alone = [torch.ops.leapserve_cpu.packed_linear(x[i : i + 1], lin.weight, None) for i in range(3)]
+    for rows in (2, 3):
+        together = torch.ops.leapserve_cpu.packed_linear(x[:rows], lin.weight, None)
+        assert torch.equal(together, torch.cat(alone[:rows]))
 
 
 @pytest.mark.skipif(not packable(torch.zeros(2, 2)), reason="oneDNN cannot pack weights here")
