@@ -58,7 +58,7 @@ class SpeculativeDecoder(Decoder):
             most = config.scheduler.max_num_seqs
             verified = most + min(most * self.max_nodes, self.spec.max_batch_draft_tokens)  # at most, in one step
             cost = VerifyCost.measure(
-                lambda tokens: runner.time_forward(tokens, observers.clock, repeats=2),
+                lambda tokens: runner.time_forward(tokens, observers.clock, repeats=1),
                 min(verified, runner.cache.num_blocks * runner.cache.block_size),
             )
             logger.info("verification cost by tokens: %s", cost.describe())

@@ -4,9 +4,9 @@ at the step's batch size.
 A drafter lists a tree's nodes best first (`DraftTree`), so a budget of n keeps its first n nodes, and the n-th
 node is what raising the budget from n - 1 to n buys. For a drafting step over N sequences:
 
-1. Verifying T tokens costs V(T), timed at start-up (`VerifyCost.measure`: a target forward over T tokens for T in
-   powers of two up to the most a step verifies; linear in between, never decreasing). On a GPU or an AMX CPU V
-   is flat and then linear; on an AVX2 CPU it grows from the first token.
+1. Verifying T tokens costs V(T), timed at start-up (`VerifyCost.measure`: the fastest of three target forwards
+   over T tokens for T in powers of two up to the most a step verifies, taken in turn; linear in between, never
+   decreasing). On a GPU or an AMX CPU V is flat and then linear; on an AVX2 CPU it grows from the first token.
 2. Every verified tree tells, for each rank r within its budget, whether its r-th node was accepted: p_r is that
    share (counts decayed by `decay` per tree, so that p follows the traffic).
 3. A proposal growing l levels costs D_N(l), a line through the median proposal times at the fewest and the
@@ -66,10 +66,16 @@ class VerifyCost:
         self.seconds = list(itertools.accumulate((points[t] for t in self.tokens), max))
 
     @classmethod
-    def measure(cls, time_forward: Callable[[int], float], max_tokens: int) -> VerifyCost:
-        """`time_forward(T)` at T = 1, 2, 4, ... up to `max_tokens` (and at `max_tokens`)."""
+    def measure(cls, time_forward: Callable[[int], float], max_tokens: int, rounds: int = 3) -> VerifyCost:
+        """The fastest of `rounds` calls of `time_forward(T)` at T = 1, 2, 4, ... up to `max_tokens` (and at
+        `max_tokens`), the sizes taken in turn each round: a size timed only right after compilation, or only
+        after another, can read slow, and one slow point skews every budget it prices."""
         counts = sorted({1 << i for i in range(max_tokens.bit_length()) if 1 << i <= max_tokens} | {max_tokens})
-        return cls({t: time_forward(t) for t in counts})
+        best = dict.fromkeys(counts, float("inf"))
+        for _ in range(rounds):
+            for t in counts:
+                best[t] = min(best[t], time_forward(t))
+        return cls(best)
 
     def __call__(self, tokens: int) -> float:
         xs, ys = self.tokens, self.seconds
