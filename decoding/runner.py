@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from leapserve.kernels import AttentionStep, cpu_ops
+from leapserve.kernels.packed_linear import run_through_op
 
 from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, forward_context, register
 from .config import MODEL_IMPLS
@@ -163,6 +164,7 @@ class ModelRunner:
         self._llama_forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = self.llama
         if compile and self.llama is not None:
             self._llama_forward = compiled(self.llama, device)
+            run_through_op(self.llama.head)
             self._warm_up()
 
     def _warm_up(self) -> None:

@@ -31,7 +31,7 @@ from leapserve.decoding.runner import ModelRunner, SeqChunk, compiled, floats_as
 from leapserve.decoding.sampler import Sampler
 from leapserve.decoding.scheduler import ScheduledSeq
 from leapserve.decoding.step_buffers import StepBuffers
-from leapserve.kernels.packed_linear import PackedLinear, pack_linears
+from leapserve.kernels.packed_linear import PackedLinear, pack_linears, run_through_op
 
 from .checkpoints import load_fspad
 from .tree_growth import TreeGrower
@@ -107,6 +107,7 @@ class FSPADDrafter:
         self._forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] = functools.partial(self.model, paged=True)
         if runner.compile and runner.llama is not None:  # compiled as the target is
             self._forward = compiled(self._forward, runner.device)
+            run_through_op(self.head)
             self._warm_up()
 
     def _warm_up(self) -> None:

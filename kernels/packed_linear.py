@@ -62,6 +62,7 @@ class PackedLinear(nn.Module):
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.handle: int | None = None  # the key of the packed copy in `_packed`
+        self.through_op = False  # called eagerly, still through the compiled graphs' op (`run_through_op`)
         if packable(weight):
             self.handle = self.weight.data_ptr()
             if self.handle not in _packed:
@@ -75,10 +76,19 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.handle is None:
             return F.linear(x, self.weight, self.bias)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or self.through_op:
             return torch.ops.leapserve_cpu.packed_linear(x, self.weight, self.bias)
         # eager: the op directly, without the custom op's dispatch (~15 us a call, 2 ms a step at 121 calls)
         return torch.ops.mkldnn._linear_pointwise(x, _packed[self.handle], self.bias, "none", [], "")
+
+
+def run_through_op(layer: PackedLinear) -> None:
+    """Beside a model compiled on CPU, `layer` (an LM head applied to the logits rows outside the graph) called
+    eagerly still runs the graphs' op (`cpu_ops.cpp`): a few rows then stream the weight at about the copy bandwidth,
+    as inside the graph, and get the bits they get there. The op's ~15 us of dispatch a call is why a whole eager
+    model does not."""
+    if layer.handle is not None and cpu_ops.loaded() is not None:
+        layer.through_op = True
 
 
 def pack_linears(module: nn.Module) -> nn.Module:

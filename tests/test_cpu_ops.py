@@ -18,7 +18,7 @@ from test_kernels import MASK_KINDS, assert_close, make_case, naive_attention
 
 from leapserve.decoding.model_loader import cache_dir
 from leapserve.kernels import AttentionStep, cpu_ops, packed_linear
-from leapserve.kernels.packed_linear import PackedLinear, packable
+from leapserve.kernels.packed_linear import PackedLinear, packable, run_through_op
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -272,3 +272,15 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp
     with caplog.at_level("WARNING"):
         assert cpu_ops.clear_stale_lock(tmp_path)
     assert not lock.exists() and "did not finish" in caplog.text
+
+
+@pytest.mark.skipif(not packable(torch.zeros(2, 2)), reason="oneDNN cannot pack weights here")
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_a_head_run_through_the_op_gets_the_graph_bits_eagerly(rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    head, x = PackedLinear(torch.randn(300, 64, generator=gen)), torch.randn(rows, 64, generator=gen)
+    plain = head(x)  # oneDNN's call, as any eager linear
+    run_through_op(head)
+    got = head(x)
+    assert torch.equal(got, torch.ops.leapserve_cpu.packed_linear(x, head.weight, None))
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)

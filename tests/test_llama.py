@@ -174,13 +174,17 @@ def test_the_fspad_drafter_is_compiled_as_its_target_and_drafts_the_same():
     from test_shipped_drafters import FSPAD
 
     spec = {"method": "fspad", "model": str(FSPAD), "tree": {"depth": 2, "top_k": 2, "total_tokens": 4}}
-    drafters = [
-        LLM(SMOLLM2, enforce_eager=eager, kv_cache_tokens=512, speculative_config=spec).engine.decoder.drafter
+    engines = [
+        LLM(SMOLLM2, enforce_eager=eager, kv_cache_tokens=512, speculative_config=spec).engine
         for eager in (False, True)
     ]
+    drafters = [engine.decoder.drafter for engine in engines]
     assert not isinstance(drafters[0]._forward, functools.partial) and isinstance(
         drafters[1]._forward, functools.partial
     )
+    # the LM heads, applied outside the graph, run the graph's op where the model is compiled
+    assert drafters[0].head.through_op and engines[0].runner.llama.head.through_op
+    assert not drafters[1].head.through_op and not engines[1].runner.llama.head.through_op
     torch.manual_seed(0)
     features = torch.randn(7, 576)
     outs = []
