@@ -99,9 +99,13 @@ def test_sizer_drafts_the_cap_until_measured_then_explores_one_rank_beyond_in_tu
     measured(sizer, ACCEPTANCE, 0.0015, sizes=(4,))
     best = sizer.best_budget(3, 8)
     assert best < 8
-    rounds = [sizer.budgets(3, 8) for _ in range(12)]
+    # one more node and level cost ~10% of a step here (2 ms a token beyond 20 ms, 1.5 ms a level): explorations
+    # are spaced to cost 2% of drafting's time, not every `explore_every` steps
+    gap = sizer._explore_gap(3, best)
+    assert gap > Thresholds().explore_every
+    rounds = [sizer.budgets(3, 8) for _ in range(3 * gap)]
     explored = [i for i, b in enumerate(rounds) if b != [best] * 3]
-    assert len(explored) == 12 // Thresholds().explore_every
+    assert explored == [gap - 1, 2 * gap - 1, 3 * gap - 1]
     assert all(sorted(rounds[i]) == [best, best, best + 1] for i in explored)
     assert len({rounds[i].index(best + 1) for i in explored}) == len(explored)  # a different sequence each time
 

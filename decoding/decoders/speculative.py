@@ -11,7 +11,9 @@ shortfall left as masked slots (`Sequence.kv_holes`, hidden from attention by th
 Adaptive speculation (`adaptive`): per step, `adaptive.ModeSelector` picks drafting or plain decoding (every budget
 0, the same forward as the autoregressive decoder), so that speculation is switched off where it does not pay, e.g.
 at high concurrency on a compute-bound device; while drafting, `tree_budget.TreeSizer` sizes the trees for the
-batch from the verification cost timed at start-up and the acceptance each node rank has had.
+batch from the verification cost timed at start-up and the acceptance each node rank has had. The sizer's first
+trees take the whole cap, to measure every rank; the selector does not time those steps (at most `SIZING_STEPS`), so
+that drafting is judged at the budgets it will run.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from .base import Decoder, SeqStep
 from .tree_budget import TreeSizer, VerifyCost
 
 logger = logging.getLogger(__name__)
+
+SIZING_STEPS = 16  # drafting steps at most, per decoder, that the mode selector does not time while the sizer measures
 
 
 class SpeculativeDecoder(Decoder):
@@ -67,6 +71,8 @@ class SpeculativeDecoder(Decoder):
         self._step_start = 0.0
         self._step_drafts: bool | None = None  # this step's mode, when the selector chose it
         self._step_timeable = False  # this step carries no prompt tokens: its time measures its mode
+        self._step_sizing = False  # a drafting step at the cap while the sizer measures: not timed for the selector
+        self._sizing_steps = 0  # such steps so far (at most SIZING_STEPS: a budget below the cap never measures it)
 
     def _budgets(self, scheduled: list[ScheduledSeq]) -> list[int]:
         """Draft tokens per sequence: none while prefilling; at most what max_tokens leaves; adaptive: none when
@@ -75,6 +81,7 @@ class SpeculativeDecoder(Decoder):
         self._step_start = self.observers.clock()
         drafting = [s for s in scheduled if s.completes_prefix]
         self._step_timeable = all(s.num_new == 1 for s in scheduled)
+        self._step_sizing = False
         self._step_drafts = (
             self.selector.choose(len(drafting), self._step_timeable) if self.spec.adaptive and drafting else None
         )
@@ -82,7 +89,14 @@ class SpeculativeDecoder(Decoder):
         if self._step_drafts is False:
             caps = iter([0] * len(drafting))
         elif self.sizer is not None and drafting:
-            caps = iter(self.sizer.budgets(len(drafting), self._cap(len(drafting))))
+            cap = self._cap(len(drafting))
+            self._step_sizing = (
+                self._step_drafts is True
+                and self._sizing_steps < SIZING_STEPS
+                and self.sizer.predicted_rate(len(drafting), cap) is None
+            )
+            self._sizing_steps += self._step_sizing
+            caps = iter(self.sizer.budgets(len(drafting), cap))
         budgets = []
         for s in scheduled:
             if not s.completes_prefix:
@@ -174,7 +188,7 @@ class SpeculativeDecoder(Decoder):
             bool(self._step_drafts),
             tokens,
             self.observers.clock() - self._step_start,
-            self._step_timeable,
+            self._step_timeable and not self._step_sizing,
         )
 
     @staticmethod

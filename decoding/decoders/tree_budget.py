@@ -19,7 +19,8 @@ node is what raising the budget from n - 1 to n buys. For a drafting step over N
 5. Until D_N and every p_r up to cap are measured (`min_trials` trees), the budget is cap; after that, every
    `explore_every`-th drafting step one sequence (in turn) drafts one node more than the budget, so that the next
    rank and the cost of one more level stay measured: the budget moves a rank at a time, never paying for the
-   whole tree again.
+   whole tree again. Where one more node and level cost much of a step (one request on a CPU: a fifth), the
+   explorations are spaced so that they cost at most `explore_cost` of drafting's time.
 
 Whether to draft at all is `adaptive.ModeSelector`'s choice; this sizes the tree when it does. Measurements
 behind the numbers: `docs/adaptive-speculation.md`.
@@ -29,13 +30,15 @@ behind the numbers: `docs/adaptive-speculation.md`.
 | `decay` | 0.995 | weight of the past in a rank's counts, per tree whose budget reaches it |
 | `min_trials` | 8 | trees whose budget reaches a rank before its acceptance is used |
 | `draft_window` | 16 | timed drafting steps per bucket that D_N and R_N are measured on |
-| `explore_every` | 4 | every this many drafting steps, one sequence drafts one node beyond the budget |
+| `explore_every` | 4 | every this many drafting steps, one sequence drafts one node beyond the budget ... |
+| `explore_cost`, `explore_max` | 0.02, 64 | ... or far enough apart that exploring costs this share; at most 64 |
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import statistics
 from collections import deque
 from collections.abc import Callable
@@ -50,6 +53,8 @@ class Thresholds:
     min_trials: int = 8
     draft_window: int = 16
     explore_every: int = 4
+    explore_cost: float = 0.02
+    explore_max: int = 64
 
 
 THRESHOLDS = Thresholds()
@@ -102,6 +107,7 @@ class TreeSizer:
         # bucket -> (levels, proposal seconds, rest seconds) of its last timed drafting steps
         self.timed: dict[int, deque[tuple[int, float, float]]] = {}
         self.steps = 0  # drafting steps asked for
+        self.explored, self.since_explored = 0, 0  # steps that explored one rank beyond; steps since the last
 
     @staticmethod
     def _bucket(num_decoding: int) -> int:
@@ -124,28 +130,48 @@ class TreeSizer:
 
     def _best(self, num_decoding: int, cap: int) -> tuple[int, float] | None:
         """Step 4's (budget, rate), or None while it cannot be computed."""
-        window = self.timed.get(self._bucket(num_decoding))
         p = [x for x in self.acceptance()[:cap] if x is not None]
-        if not window or not p or len(p) < cap:
+        seconds = self._step_seconds(num_decoding)
+        if seconds is None or not p or len(p) < cap:
             return None
-        draft = _drafting_cost(window)
-        rest = statistics.median(r for *_, r in window)
         best, best_rate, tokens = cap, 0.0, 1.0
         for n, p_n in enumerate(p, start=1):
             tokens += p_n
-            seconds = rest + draft(min(n, self.depth)) + self.verify_cost(num_decoding * (1 + n))
-            rate = tokens / max(seconds, 1e-9)
+            rate = tokens / max(seconds(n, num_decoding * (1 + n)), 1e-9)
             if rate > best_rate:
                 best, best_rate = n, rate
         return best, best_rate
+
+    def _step_seconds(self, num_decoding: int) -> Callable[[int, int], float] | None:
+        """Seconds of a drafting step here as a function of (budget, tokens verified), or None before one is timed."""
+        window = self.timed.get(self._bucket(num_decoding))
+        if not window:
+            return None
+        draft = _drafting_cost(window)
+        rest = statistics.median(r for *_, r in window)
+        return lambda budget, tokens: rest + draft(min(budget, self.depth)) + self.verify_cost(tokens)
+
+    def _explore_gap(self, num_decoding: int, budget: int) -> int:
+        """Drafting steps between explorations: `explore_every`, or more where one more node (and level) costs so
+        much of a step that exploring as often would cost over `explore_cost` of drafting's time."""
+        seconds = self._step_seconds(num_decoding)
+        if seconds is None:
+            return self.th.explore_every
+        base = seconds(budget, num_decoding * (1 + budget))
+        extra = seconds(budget + 1, num_decoding * (1 + budget) + 1) - base
+        gap = math.ceil(extra / max(self.th.explore_cost * base, 1e-12))
+        return min(max(gap, self.th.explore_every), self.th.explore_max)
 
     def budgets(self, num_decoding: int, cap: int) -> list[int]:
         """Node budgets for the step's `num_decoding` drafting sequences, none above `cap`."""
         self.steps += 1
         best = self.best_budget(num_decoding, cap)
         out = [best] * num_decoding
-        if best < cap and self.steps % self.th.explore_every == 0:
-            out[(self.steps // self.th.explore_every) % num_decoding] = best + 1
+        if best < cap:
+            self.since_explored += 1
+            if self.since_explored >= self._explore_gap(num_decoding, best):
+                self.explored, self.since_explored = self.explored + 1, 0
+                out[self.explored % num_decoding] = best + 1
         return out
 
     def record_step(
