@@ -78,9 +78,9 @@ def test_mode_selector_below_a_drafting_bucket_drafts_at_once():
 
 
 def test_mode_selector_backs_off_near_parity():
-    """Near parity (drafting 1.05x, below the 1.1x margin) a probe costs nothing: the back-off alone spaces them,
+    """Near parity (drafting 1.03x, below the 1.05x margin) a probe costs nothing: the back-off alone spaces them,
     16 steps at first and twice as far after each probe that changes nothing, up to 256."""
-    assert run(ModeSelector(), 2, 700, {True: 105.0, False: 100.0}) == [
+    assert run(ModeSelector(), 2, 700, {True: 103.0, False: 100.0}) == [
         ("D", 3),
         ("p", 16),
         ("D", 3),

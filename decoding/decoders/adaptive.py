@@ -22,7 +22,7 @@ Each threshold, its value and the measurements behind it: `docs/adaptive-specula
 | `probe_min`, `probe_max` | 16, 256 | steps between probes: from 16, doubled by each probe that changes nothing |
 | `probe_cost`, `probe_cost_max` | 0.01, 2048 | ... or far enough apart that probing costs this share; at most 2048 |
 | `probe_patience` | 4 | a probe whose steps carry prompt tokens (untimed) ends after this many times its length |
-| `draft_margin` | 1.1 | drafting runs only when measured this much faster |
+| `draft_margin` | 1.05 | drafting runs only when measured this much faster |
 | `confirm` | 3 | ... on at least this many times a decision's timed steps |
 """
 
@@ -48,7 +48,7 @@ class Thresholds:
     probe_cost: float = 0.01
     probe_cost_max: int = 2048
     probe_patience: int = 4
-    draft_margin: float = 1.1
+    draft_margin: float = 1.05
     confirm: int = 3
 
 
