@@ -89,14 +89,9 @@ class SpeculativeDecoder(Decoder):
         if self._step_drafts is False:
             caps = iter([0] * len(drafting))
         elif self.sizer is not None and drafting:
-            cap = self._cap(len(drafting))
-            self._step_sizing = (
-                self._step_drafts is True
-                and self._sizing_steps < SIZING_STEPS
-                and self.sizer.predicted_rate(len(drafting), cap) is None
-            )
+            caps = iter(self.sizer.budgets(len(drafting), self._cap(len(drafting))))
+            self._step_sizing = self._step_drafts is True and self.sizer.measuring and self._sizing_steps < SIZING_STEPS
             self._sizing_steps += self._step_sizing
-            caps = iter(self.sizer.budgets(len(drafting), cap))
         budgets = []
         for s in scheduled:
             if not s.completes_prefix:

@@ -108,6 +108,7 @@ class TreeSizer:
         self.timed: dict[int, deque[tuple[int, float, float]]] = {}
         self.steps = 0  # drafting steps asked for
         self.explored, self.since_explored = 0, 0  # steps that explored one rank beyond; steps since the last
+        self.measuring = True  # whether the last `budgets` drafted the cap because p or D_N was not measured yet
 
     @staticmethod
     def _bucket(num_decoding: int) -> int:
@@ -165,7 +166,9 @@ class TreeSizer:
     def budgets(self, num_decoding: int, cap: int) -> list[int]:
         """Node budgets for the step's `num_decoding` drafting sequences, none above `cap`."""
         self.steps += 1
-        best = self.best_budget(num_decoding, cap)
+        found = self._best(num_decoding, cap)
+        self.measuring = found is None  # this step's trees take the whole cap to measure every rank
+        best = cap if found is None else found[0]
         out = [best] * num_decoding
         if best < cap:
             self.since_explored += 1
