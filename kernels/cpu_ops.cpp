@@ -138,11 +138,13 @@ void few_rows_linear(const float* x, const float* w, float* y, int64_t n0, int64
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const int64_t k_dim = weight.size(1), n_dim = weight.size(0);
-  const int64_t rows = x.dim() == 2 ? x.size(0) : 0;
+  const int64_t rows = x.dim() >= 2 && x.size(-1) == k_dim ? x.numel() / k_dim : 0;  // [..., K]: leading dims are rows
   if (native_gemv && rows >= 1 && rows <= kFewRows && x.scalar_type() == at::kFloat &&
       weight.scalar_type() == at::kFloat && k_dim % 16 == 0 && weight.is_contiguous()) {
     const at::Tensor input = x.contiguous();
-    at::Tensor y = at::empty({rows, n_dim}, x.options());
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = n_dim;
+    at::Tensor y = at::empty(shape, x.options());
     const float *xp = input.data_ptr<float>(), *wp = weight.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, n_dim, 256, [&](int64_t n0, int64_t n1) {

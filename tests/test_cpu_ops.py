@@ -248,6 +248,18 @@ def test_few_rows_linear_gives_a_row_the_same_bits_beside_others() -> None:
         assert torch.equal(together, torch.cat(alone[:rows]))
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (3, 1), (1, 4)])
+def test_packed_linear_takes_leading_dims_as_rows(shape: tuple[int, int]) -> None:
+    """A drafter's `[B, L, d]` input: its B * L rows take the own loop as a `[rows, d]` input does (up to three), and
+    come back `[B, L, out]` with the same bits."""
+    gen = torch.Generator().manual_seed(5)
+    lin = PackedLinear(torch.randn(96, 64, generator=gen))
+    x = torch.randn(*shape, 64, generator=gen)
+    out = torch.ops.leapserve_cpu.packed_linear(x, lin.weight, None)
+    assert out.shape == (*shape, 96)
+    assert torch.equal(out, torch.ops.leapserve_cpu.packed_linear(x.reshape(-1, 64), lin.weight, None).view_as(out))
+
+
 @pytest.mark.skipif(not packable(torch.zeros(2, 2)), reason="oneDNN cannot pack weights here")
 def test_a_released_weight_is_forgotten_by_the_op() -> None:
     """The C++ map mirrors the packed copies: once the last layer using a weight is gone, so is its entry (a later
