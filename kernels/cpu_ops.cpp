@@ -104,8 +104,8 @@ inline vec8 lane_sums(const vec8* a) {
          __builtin_shufflevector(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-// Rows up to which fp32 inputs go to few_rows_linear; more go to oneDNN. Measured over SmolLM2-135M's weights on a
-// 2-core AVX-512 machine: 1.6-1.8x oneDNN's bandwidth at one row, 1.3x at two, 1.1x at three, none at four.
+// Rows up to which fp32 inputs go to few_rows_linear; more go to oneDNN. Whole fp32 forwards of SmolLM2-135M on a
+// 2-core AVX-512 machine: one row 15-16 ms, two 18-19 (oneDNN 26-28), three 22-23 (oneDNN 21-22), four via oneDNN 21.
 constexpr int64_t kFewRows = 3;
 
 typedef float vec16 __attribute__((vector_size(64)));
@@ -116,7 +116,7 @@ inline vec16 load16(const float* x) {
   return v;
 }
 
-// y[m, n] = w[n] . x[m] for M fp32 rows: each of W's rows streamed once, in order, against all M inputs, the next
+// y[m, n] = w[n] . x[m] for M fp32 rows, x interleaved [K / 16, M, 16]: each of W's rows streamed once, in order, against all M inputs, the next
 // rows prefetched (oneDNN reads W at about half the copy bandwidth here). Every output sums 16 lanes in k order, then
 // a fixed lane tree, whatever M is: a row gets the same bits alone as beside others.
 template <int M>
@@ -128,7 +128,7 @@ void few_rows_linear(const float* x, const float* w, float* y, int64_t n0, int64
     for (int64_t k = 0; k < k_dim; k += 16) {
       __builtin_prefetch(row + k + 8 * k_dim, 0, 0);
       const vec16 wk = load16(row + k);
-      for (int m = 0; m < M; ++m) acc[m] += wk * load16(x + m * k_dim + k);
+      for (int m = 0; m < M; ++m) acc[m] += wk * load16(x + k * M + m * 16);
     }
     for (int m = 0; m < M; ++m)
       y[m * n_dim + n] = lane_sum(__builtin_shufflevector(acc[m], acc[m], 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -145,7 +145,10 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const st
     std::vector<int64_t> shape = x.sizes().vec();
     shape.back() = n_dim;
     at::Tensor y = at::empty(shape, x.options());
-    const float *xp = input.data_ptr<float>(), *wp = weight.data_ptr<float>();
+    // x interleaved [K / 16, rows, 16], so that each step of the loop reads its rows' lanes from one place (rows
+    // k_dim apart ran three rows 10% slower than oneDNN)
+    const at::Tensor packed_x = rows == 1 ? input : input.view({rows, k_dim / 16, 16}).transpose(0, 1).contiguous();
+    const float *xp = packed_x.data_ptr<float>(), *wp = weight.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, n_dim, 256, [&](int64_t n0, int64_t n1) {
       if (rows == 1) few_rows_linear<1>(xp, wp, yp, n0, n1, k_dim, n_dim);

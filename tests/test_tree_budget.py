@@ -23,7 +23,7 @@ def test_verify_cost_interpolates_extrapolates_and_never_decreases():
     timed = []
     slow_first = {1: 0.030}  # the first forward after compiling reads slow
     cost = VerifyCost.measure(lambda tokens: timed.append(tokens) or slow_first.pop(tokens, 0.001 * tokens), 96)
-    assert timed == [1, 2, 4, 8, 16, 32, 64, 96] * 3  # in turn, three rounds
+    assert timed == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64, 96] * 3  # in turn, three rounds
     assert cost(1) == pytest.approx(0.001) and cost(96) == pytest.approx(0.096)
     with pytest.raises(ValueError):
         VerifyCost({})

@@ -5,8 +5,8 @@ A drafter lists a tree's nodes best first (`DraftTree`), so a budget of n keeps 
 node is what raising the budget from n - 1 to n buys. For a drafting step over N sequences:
 
 1. Verifying T tokens costs V(T), timed at start-up (`VerifyCost.measure`: the fastest of three target forwards
-   over T tokens for T in powers of two up to the most a step verifies, taken in turn; linear in between, never
-   decreasing). On a GPU or an AMX CPU V is flat and then linear; on an AVX2 CPU it grows from the first token.
+   over T tokens for every T up to 8 and powers of two beyond, up to the most a step verifies, taken in turn;
+   linear in between, never decreasing). On a GPU or an AMX CPU V is flat and then linear; on an AVX2 CPU it grows from the first token.
 2. Every verified tree tells, for each rank r within its budget, whether its r-th node was accepted: p_r is that
    share (counts decayed by `decay` per tree, so that p follows the traffic).
 3. A proposal growing l levels costs D_N(l), a line through the median proposal times at the fewest and the
@@ -59,6 +59,10 @@ class Thresholds:
 
 THRESHOLDS = Thresholds()
 
+# Verification is timed at every token count up to this one: few rows do not cost a smooth curve (on cpu-2c-avx512,
+# fp32, three rows through the compiled path's own GEMM loop cost more than four through oneDNN; docs/compile.md).
+EVERY_SIZE_UP_TO = 8
+
 
 class VerifyCost:
     """Seconds of a target forward over T tokens: measured points, linear between them and beyond the last two,
@@ -72,10 +76,11 @@ class VerifyCost:
 
     @classmethod
     def measure(cls, time_forward: Callable[[int], float], max_tokens: int, rounds: int = 3) -> VerifyCost:
-        """The fastest of `rounds` calls of `time_forward(T)` at T = 1, 2, 4, ... up to `max_tokens` (and at
-        `max_tokens`), the sizes taken in turn each round: a size timed only right after compilation, or only
-        after another, can read slow, and one slow point skews every budget it prices."""
-        counts = sorted({1 << i for i in range(max_tokens.bit_length()) if 1 << i <= max_tokens} | {max_tokens})
+        """The fastest of `rounds` calls of `time_forward(T)` at every T up to `EVERY_SIZE_UP_TO`, then at powers of
+        two up to `max_tokens` (and at `max_tokens`), the sizes taken in turn each round: a size timed only right
+        after compilation, or only after another, can read slow, and one slow point skews every budget it prices."""
+        counts = {1 << i for i in range(max_tokens.bit_length()) if 1 << i <= max_tokens} | {max_tokens}
+        counts = sorted(counts | set(range(1, min(EVERY_SIZE_UP_TO, max_tokens) + 1)))
         best = dict.fromkeys(counts, float("inf"))
         for _ in range(rounds):
             for t in counts:
