@@ -6,7 +6,8 @@ node is what raising the budget from n - 1 to n buys. For a drafting step over N
 
 1. Verifying T tokens costs V(T), timed at start-up (`VerifyCost.measure`: the fastest of three target forwards
    over T tokens for every T up to 8 and powers of two beyond, up to the most a step verifies, taken in turn;
-   linear in between, never decreasing). On a GPU or an AMX CPU V is flat and then linear; on an AVX2 CPU it grows from the first token.
+   linear in between, never decreasing). On a GPU or an AMX CPU V is flat and then linear; on an AVX2 CPU it
+   grows from the first token.
 2. Every verified tree tells, for each rank r within its budget, whether its r-th node was accepted: p_r is that
    share (counts decayed by `decay` per tree, so that p follows the traffic).
 3. A proposal growing l levels costs D_N(l), a line through the median proposal times at the fewest and the
