@@ -80,8 +80,8 @@ class VerifyCost:
         """The fastest of `rounds` calls of `time_forward(T)` at every T up to `EVERY_SIZE_UP_TO`, then at powers of
         two up to `max_tokens` (and at `max_tokens`), the sizes taken in turn each round: a size timed only right
         after compilation, or only after another, can read slow, and one slow point skews every budget it prices."""
-        counts = {1 << i for i in range(max_tokens.bit_length()) if 1 << i <= max_tokens} | {max_tokens}
-        counts = sorted(counts | set(range(1, min(EVERY_SIZE_UP_TO, max_tokens) + 1)))
+        powers = {1 << i for i in range(max_tokens.bit_length()) if 1 << i <= max_tokens} | {max_tokens}
+        counts = sorted(powers | set(range(1, min(EVERY_SIZE_UP_TO, max_tokens) + 1)))
         best = dict.fromkeys(counts, float("inf"))
         for _ in range(rounds):
             for t in counts:
