@@ -105,7 +105,7 @@ inline vec8 lane_sums(const vec8* a) {
 }
 
 // Rows up to which fp32 inputs go to few_rows_linear; more go to oneDNN. Whole fp32 forwards of SmolLM2-135M on a
-// 2-core AVX-512 machine: one row 15-16 ms, two 18-19 (oneDNN 26-28), three 22-23 (oneDNN 21-22), four via oneDNN 21.
+// 2-core AVX-512 machine: one row 15-18 ms (oneDNN 23-25), two 18-20 (27-28), three 21-23 (21-23), four by oneDNN 20-23.
 constexpr int64_t kFewRows = 3;
 
 typedef float vec16 __attribute__((vector_size(64)));
