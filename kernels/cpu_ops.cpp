@@ -105,7 +105,8 @@ inline vec8 lane_sums(const vec8* a) {
 }
 
 // Rows up to which fp32 inputs go to few_rows_linear; more go to oneDNN. Whole fp32 forwards of SmolLM2-135M on a
-// 2-core AVX-512 machine: one row 15-18 ms (oneDNN 23-25), two 18-20 (27-28), three 21-23 (21-23), four by oneDNN 20-23.
+// 2-core AVX-512 machine: one row 15-18 ms (oneDNN 23-25), two 18-20 (27-28), three 21-23 (21-23); four, by
+// oneDNN, 20-23. Three stay here for their bits (below).
 constexpr int64_t kFewRows = 3;
 
 typedef float vec16 __attribute__((vector_size(64)));
@@ -116,9 +117,9 @@ inline vec16 load16(const float* x) {
   return v;
 }
 
-// y[m, n] = w[n] . x[m] for M fp32 rows, x interleaved [K / 16, M, 16]: each of W's rows streamed once, in order, against all M inputs, the next
-// rows prefetched (oneDNN reads W at about half the copy bandwidth here). Every output sums 16 lanes in k order, then
-// a fixed lane tree, whatever M is: a row gets the same bits alone as beside others.
+// y[m, n] = w[n] . x[m] for M fp32 rows, x interleaved [K / 16, M, 16]: each of W's rows streamed once, in order,
+// against all M inputs, the next rows prefetched (oneDNN reads W at about half the copy bandwidth here). Every output
+// sums 16 lanes in k order, then a fixed lane tree, whatever M is: a row gets the same bits alone as beside others.
 template <int M>
 void few_rows_linear(const float* x, const float* w, float* y, int64_t n0, int64_t n1, int64_t k_dim,
                      int64_t n_dim) {
