@@ -11,6 +11,7 @@ import pytest
 from leapserve.decoding import LLM
 from leapserve.decoding.config import DEFAULT_MODEL
 from leapserve.prompts import HANDWRITTEN
+from leapserve.training.checkpoint import describe_data
 from leapserve.training.data import DataConfig, generate_data, read_sequences
 from leapserve.training.self_instruct import (
     SENTINEL,
@@ -93,6 +94,9 @@ def test_self_instructions_are_answered_into_the_training_data(tiny_model_dir, t
             [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
         )
         assert seq.input_ids[~seq.loss_mask].tolist() == tok.encode(chat, add_special_tokens=False)
+    card_data = describe_data(tmp_path)  # what a model card says of its data
+    assert "5 sequences" in card_data and "3 prompts of the `train` split" in card_data
+    assert f"2 instructions the model wrote itself (kept from {len(rows)} attempts)" in card_data
     with pytest.raises(ValueError, match="--self-instructions 2, not 3"):
         generate_data(DataConfig(**{**vars(cfg), "self_instructions": 3}))
 
