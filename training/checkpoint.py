@@ -98,7 +98,7 @@ def describe_data(data_dir: str | Path) -> str:
         f"({meta.get('num_response_tokens', '?')} response tokens)"
     ]
     if cfg:
-        sources = f"{cfg.get('num_prompts', '?')} prompts of the `train` split of the prompt sets `{cfg.get('prompt_sets')}`"
+        sources = f"{cfg.get('num_prompts', '?')} prompts of the `train` split of `{cfg.get('prompt_sets')}`"
         instructions = Path(data_dir) / "self-instructions.jsonl"
         if cfg.get("self_instructions") and instructions.is_file():
             sources += (
