@@ -96,7 +96,7 @@ def test_self_instructions_are_answered_into_the_training_data(tiny_model_dir, t
         assert seq.input_ids[~seq.loss_mask].tolist() == tok.encode(chat, add_special_tokens=False)
     card_data = describe_data(tmp_path)  # what a model card says of its data
     assert "5 sequences" in card_data and "3 prompts of the `train` split of" in card_data
-    assert f"2 instructions the model wrote itself (kept from {len(rows)} attempts)" in card_data
+    assert f"2 instructions the model wrote itself (from {len(rows)} attempts)" in card_data
     with pytest.raises(ValueError, match="--self-instructions 2, not 3"):
         generate_data(DataConfig(**{**vars(cfg), "self_instructions": 3}))
 
