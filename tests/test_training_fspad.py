@@ -103,14 +103,18 @@ def test_trained_tiny_drafter_is_lossless_in_the_speculative_decoder(variant, ti
         feature_sampling="no-fs" not in variant,
         partial_alignment="no-pad" not in variant,
         draft_vocab_size=0 if variant == "fspad" else 2000,
-        eval_prompts=0,
+        eval_prompts=2 if variant == "fspad" else 0,  # the model card's acceptance on both evaluation sets
+        eval_max_tokens=6,
         train=TrainConfig(steps=30, lr=3e-3, batch_size=4, max_len=64, checkpoint_every=10, device="cpu"),
     )
     train_fspad(cfg)
     config = json.loads((out / "config.json").read_text())
     assert config["leapserve_drafter"] == "fspad" and config["partial_alignment"] == ("no-pad" not in variant)
     assert "embed" not in " ".join(load_file(str(out / "model.safetensors")))  # the target's, not stored
-    assert "## Command" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "## Command" in card
+    for name in ("mixed", "handwritten"):
+        assert (f"| `{name}` num_prompts | 2 |" in card) == (variant == "fspad")
     prompts = [[{"role": "user", "content": p}] for p in ("What is 2 + 2?", "Name a colour.", "Say hi")]
     params = SamplingParams(temperature=0, max_tokens=20)
     plain = LLM(str(tiny_model_dir), decoder="autoregressive", kv_cache_tokens=2048)

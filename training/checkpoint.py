@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .self_instruct import INSTRUCTIONS_FILE
+
 WEIGHTS = "model.safetensors"
 CARD = "README.md"
 
@@ -99,7 +101,7 @@ def describe_data(data_dir: str | Path) -> str:
     ]
     if cfg:
         sources = f"{cfg.get('num_prompts', '?')} prompts of the `train` split of `{cfg.get('prompt_sets')}`"
-        instructions = Path(data_dir) / "self-instructions.jsonl"
+        instructions = Path(data_dir) / INSTRUCTIONS_FILE
         if cfg.get("self_instructions") and instructions.is_file():
             sources += (
                 f" and, interleaved with them, {cfg['self_instructions']} instructions the model wrote itself "

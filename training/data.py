@@ -36,7 +36,7 @@ from leapserve.decoding.model_loader import load_model, resolve_device, resolve_
 from leapserve.decoding.sampling_params import SamplingParams
 from leapserve.prompts import PROMPT_SETS, load_prompts
 
-from .self_instruct import write_instructions
+from .self_instruct import INSTRUCTIONS_FILE, write_instructions
 
 SHARD = "shard-{:05d}.safetensors"
 
@@ -119,7 +119,7 @@ def generate_data(cfg: DataConfig) -> Path:
     # plain decoding: the batches here are past where drafting pays, and its probes would only cost
     llm = LLM(cfg.model, decoder="autoregressive", device=cfg.device, seed=cfg.seed)
     if cfg.self_instructions:
-        own = write_instructions(llm, out / "self-instructions.jsonl", cfg.self_instructions, cfg.seed)
+        own = write_instructions(llm, out / INSTRUCTIONS_FILE, cfg.self_instructions, cfg.seed)
         prompts = [p for pair in itertools.zip_longest(prompts, own) for p in pair if p is not None]
     shards = [prompts[i : i + cfg.shard_size] for i in range(0, len(prompts), cfg.shard_size)]
     done = [i for i in range(len(shards)) if (out / SHARD.format(i)).is_file()]

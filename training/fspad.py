@@ -161,7 +161,9 @@ class FSPADTrainConfig:
     draft_vocab_size: int = option(8192, "0: the target's whole vocabulary")
     intermediate_size: int | None = option(None, "default: the target's")
     eval_prompts: int = option(32, "held-out prompts (0: skip)")
-    eval_set: str = option("mixed", "prompt set (or .jsonl) of the evaluation")
+    eval_sets: str = option(
+        "mixed,handwritten", "prompt sets (or .jsonl files) of the evaluation, comma-separated: the test split of each"
+    )
     eval_max_tokens: int = option(128, "output tokens per evaluation prompt at most")
     tree: dict = option(DEFAULT_TREE, "the EAGLE-2 tree of the evaluation (JSON)")
     train: TrainConfig = field(default_factory=FSPADTraining)
@@ -211,22 +213,27 @@ def train_fspad(cfg: FSPADTrainConfig) -> Path:
     out = export_checkpoint(cfg.out, dict(model.state_dict()), export, _card(cfg, facts, None))
     if cfg.eval_prompts:
         spec = {"method": "fspad", "model": str(out), "tree": cfg.tree, "adaptive": False}
-        acceptance = evaluate_acceptance(
-            cfg.model,
-            spec,
-            prompts=cfg.eval_set,
-            num_prompts=cfg.eval_prompts,
-            max_tokens=cfg.eval_max_tokens,
-            seed=cfg.train.seed,
-            device=cfg.train.device,
-        )
-        metrics = {
-            f"held-out {k}": v
-            for k, v in acceptance.as_dict().items()
-            if k in ("mean_acceptance_length", "acceptance_rate", "num_prompts", "output_tokens")
-        }
+        metrics: dict[str, object] = {}
+        measured = {}
+        for name in cfg.eval_sets.split(","):
+            acceptance = evaluate_acceptance(
+                cfg.model,
+                spec,
+                prompts=name,
+                num_prompts=cfg.eval_prompts,
+                max_tokens=cfg.eval_max_tokens,
+                seed=cfg.train.seed,
+                device=cfg.train.device,
+            ).as_dict()
+            measured[name] = acceptance
+            metrics.update(
+                {
+                    f"`{name}` {k}": acceptance[k]
+                    for k in ("mean_acceptance_length", "acceptance_rate", "num_prompts", "output_tokens")
+                }
+            )
         write_model_card(out, _card(cfg, facts, {**metrics, "tree": json.dumps(cfg.tree)}))
-        print(json.dumps({"out": str(out), **facts, **acceptance.as_dict()}))
+        print(json.dumps({"out": str(out), **facts, "acceptance": measured}))
     return out
 
 

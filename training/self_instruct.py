@@ -43,6 +43,7 @@ KINDS = [
     ("request to write a small program", "python"),
 ]
 SYSTEM = "You are a helpful AI assistant. The user will send you a {kind} about {topic}."
+INSTRUCTIONS_FILE = "self-instructions.jsonl"  # in a `leapserve train data` directory
 SENTINEL = "\u2063LEAPSERVE-USER-MESSAGE\u2063"  # marks where the user's text would begin in the rendered template
 
 
