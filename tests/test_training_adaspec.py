@@ -78,7 +78,12 @@ class _Interrupt(Exception):
 
 
 def _run(
-    out_dir, steps: int, interrupt_at: int | None = None, run: dict | None = None, schedule: str = "constant"
+    out_dir,
+    steps: int,
+    interrupt_at: int | None = None,
+    run: dict | None = None,
+    schedule: str = "constant",
+    decay_steps: int | None = None,
 ) -> torch.nn.Module:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
@@ -91,7 +96,14 @@ def _run(
         return ((model(x) - i % 3) ** 2).mean()
 
     cfg = TrainConfig(
-        steps=steps, lr=1e-2, warmup_steps=2, checkpoint_every=2, seed=1, device="cpu", lr_schedule=schedule
+        steps=steps,
+        lr=1e-2,
+        warmup_steps=2,
+        checkpoint_every=2,
+        seed=1,
+        device="cpu",
+        lr_schedule=schedule,
+        decay_steps=decay_steps,
     )
     train(model, loss_fn, itertools.count(), cfg, out_dir, run=run)
     return model
@@ -118,8 +130,15 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_a_tenth():
     assert factors[6] == pytest.approx(0.55)  # half way: (1 + 0.1) / 2
     assert factors[10] == pytest.approx(0.1)
     assert all(a > b for a, b in zip(factors[2:], factors[3:]))
+    # warmup, stable, decay: the peak held until the last 5 steps, which decay as a 5-step cosine would
+    held = TrainConfig(steps=11, lr=1.0, warmup_steps=2, lr_schedule="cosine", decay_steps=5)
+    short = TrainConfig(steps=5, lr=1.0, lr_schedule="cosine")
+    assert [held.lr_factor(s) for s in range(6)] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert [held.lr_factor(s) for s in range(6, 11)] == pytest.approx([short.lr_factor(s) for s in range(5)])
     with pytest.raises(ValueError, match="lr-schedule"):
         TrainConfig(lr_schedule="linear").validate()
+    with pytest.raises(ValueError, match="decay-steps"):
+        TrainConfig(steps=4, decay_steps=5).validate()
 
 
 def test_interrupted_cosine_training_resumes_to_the_same_weights(tmp_path):
@@ -127,6 +146,16 @@ def test_interrupted_cosine_training_resumes_to_the_same_weights(tmp_path):
     with pytest.raises(_Interrupt):
         _run(tmp_path / "resumed", 7, interrupt_at=6, schedule="cosine")
     got = _run(tmp_path / "resumed", 7, schedule="cosine")
+    for a, b in zip(want.parameters(), got.parameters()):
+        assert torch.equal(a, b)
+    assert not torch.equal(next(want.parameters()), next(_run(tmp_path / "constant", 7).parameters()))
+
+
+def test_a_finished_constant_run_resumes_into_its_decay(tmp_path):
+    """Warmup-stable-decay in two runs: 4 constant steps, then 3 more decaying, equal 7 steps run straight."""
+    want = _run(tmp_path / "straight", 7, schedule="cosine", decay_steps=3)
+    _run(tmp_path / "resumed", 4)
+    got = _run(tmp_path / "resumed", 7, schedule="cosine", decay_steps=3)
     for a, b in zip(want.parameters(), got.parameters()):
         assert torch.equal(a, b)
     assert not torch.equal(next(want.parameters()), next(_run(tmp_path / "constant", 7).parameters()))

@@ -48,6 +48,9 @@ class TrainConfig:
     lr_schedule: str = option(
         "constant", "after the warmup: constant, or cosine decay to a tenth of --lr at the last step", choices=SCHEDULES
     )
+    decay_steps: int | None = option(
+        None, "cosine: decay over the last N steps only, the peak held before them (default: every step after the warmup)"
+    )
     grad_clip: float = option(1.0, "max global gradient norm; 0 disables clipping")
     batch_size: int = option(8, "sequences per step")
     max_len: int = option(512, "tokens per sequence; longer ones are cut")
@@ -66,6 +69,8 @@ class TrainConfig:
             raise ValueError("need lr > 0, warmup_steps >= 0, grad_clip >= 0 and weight_decay >= 0")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"--lr-schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        if self.decay_steps is not None and not 1 <= self.decay_steps <= self.steps:
+            raise ValueError(f"--decay-steps must be in [1, --steps], got {self.decay_steps}")
 
     def lr_factor(self, step: int) -> float:
         """The learning rate of optimizer step `step` (0-based) as a fraction of `lr`."""
@@ -73,8 +78,9 @@ class TrainConfig:
             return (step + 1) / self.warmup_steps
         if self.lr_schedule == "constant":
             return 1.0
-        span = max(1, self.steps - 1 - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
+        start = self.warmup_steps if self.decay_steps is None else max(self.warmup_steps, self.steps - self.decay_steps)
+        span = max(1, self.steps - 1 - start)
+        progress = min(1.0, max(0, step - start) / span)
         return COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
 
     @property
