@@ -49,7 +49,7 @@ class TrainConfig:
         "constant", "after the warmup: constant, or cosine decay to a tenth of --lr at the last step", choices=SCHEDULES
     )
     decay_steps: int | None = option(
-        None, "cosine: decay over the last N steps only, the peak held before them (default: every step after the warmup)"
+        None, "cosine: decay over the last N steps only, the peak held before them (default: all after the warmup)"
     )
     grad_clip: float = option(1.0, "max global gradient norm; 0 disables clipping")
     batch_size: int = option(8, "sequences per step")
