@@ -4,11 +4,15 @@ prefix, resumption, and the data they end up in."""
 from __future__ import annotations
 
 import json
+import shlex
+from dataclasses import asdict
 from functools import partial
 
 import pytest
 
+from leapserve.cli.main import build_parser
 from leapserve.decoding import LLM
+from leapserve.decoding.args import config_from_args
 from leapserve.decoding.config import DEFAULT_MODEL
 from leapserve.prompts import HANDWRITTEN
 from leapserve.training.checkpoint import describe_data
@@ -97,6 +101,10 @@ def test_self_instructions_are_answered_into_the_training_data(tiny_model_dir, t
     card_data = describe_data(tmp_path)  # what a model card says of its data
     assert "5 sequences" in card_data and "3 prompts of the `train` split of" in card_data
     assert f"2 instructions the model wrote itself (from {len(rows)} attempts)" in card_data
+    recipe = card_data.split("```")[1].strip()  # the command that makes this data again
+    args = build_parser().parse_args(shlex.split(recipe)[1:])
+    made = json.loads((tmp_path / "meta.json").read_text())["config"]
+    assert asdict(config_from_args(DataConfig, args)) == {**made, "device": "auto"}  # where it ran is not named
     with pytest.raises(ValueError, match="--self-instructions 2, not 3"):
         generate_data(DataConfig(**{**vars(cfg), "self_instructions": 3}))
 
