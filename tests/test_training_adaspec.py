@@ -137,8 +137,10 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_a_tenth():
     assert [held.lr_factor(s) for s in range(6, 11)] == pytest.approx([short.lr_factor(s) for s in range(5)])
     with pytest.raises(ValueError, match="lr-schedule"):
         TrainConfig(lr_schedule="linear").validate()
-    with pytest.raises(ValueError, match="decay-steps"):
-        TrainConfig(steps=4, decay_steps=5).validate()
+    with pytest.raises(ValueError, match="decay-steps must be in"):
+        TrainConfig(steps=4, lr_schedule="cosine", decay_steps=5).validate()
+    with pytest.raises(ValueError, match="needs --lr-schedule cosine"):
+        TrainConfig(steps=4, decay_steps=2).validate()
 
 
 def test_interrupted_cosine_training_resumes_to_the_same_weights(tmp_path):

@@ -69,6 +69,8 @@ class TrainConfig:
             raise ValueError("need lr > 0, warmup_steps >= 0, grad_clip >= 0 and weight_decay >= 0")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"--lr-schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        if self.decay_steps is not None and self.lr_schedule != "cosine":
+            raise ValueError("--decay-steps needs --lr-schedule cosine: a constant rate has no decay to shorten")
         if self.decay_steps is not None and not 1 <= self.decay_steps <= self.steps:
             raise ValueError(f"--decay-steps must be in [1, --steps], got {self.decay_steps}")
 
