@@ -1,7 +1,7 @@
 // leapserve's two opaque ops of a compiled CPU model, in C++ so that a step runs no Python between its kernels.
 //
 // leapserve_cpu::packed_linear   y = x @ W.T + b through W's oneDNN-packed copy (kernels/packed_linear.py); up to
-//                                three fp32 rows through few_rows_linear, which streams W itself
+//                                eight fp32 rows (three without AVX-512) through few_rows_linear, which streams W itself
 // leapserve_cpu::paged_attention one layer's K/V write and attention, executing the step's plan
 //                                (kernels/reference.py plans it once per step): fp32 sequences with few queries
 //                                through short_attention, the rest through what `attend` runs
@@ -104,10 +104,15 @@ inline vec8 lane_sums(const vec8* a) {
          __builtin_shufflevector(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-// Rows up to which fp32 inputs go to few_rows_linear; more go to oneDNN. Whole fp32 forwards of SmolLM2-135M on a
-// 2-core AVX-512 machine: one row 15-18 ms (oneDNN 23-25), two 18-20 (27-28), three 21-23 (21-23); four, by
-// oneDNN, 20-23. Three stay here for their bits (below).
+// Rows up to which fp32 inputs go to few_rows_linear; more go to oneDNN. With AVX-512 (32 vector registers), eight:
+// on a 2-core Xeon with AMX one SmolLM2-135M layer's GEMMs stream 1.1-1.4x faster here than through oneDNN at every
+// count from 1 to 8 rows (docs/compile.md). On AVX2 a row's accumulator takes two of its 16 registers: three rows,
+// as measured there.
+#ifdef __AVX512F__
+constexpr int64_t kFewRows = 8;
+#else
 constexpr int64_t kFewRows = 3;
+#endif
 
 typedef float vec16 __attribute__((vector_size(64)));
 
@@ -127,7 +132,7 @@ void few_rows_linear(const float* x, const float* w, float* y, int64_t n0, int64
     const float* row = w + n * k_dim;
     vec16 acc[M] = {};
     for (int64_t k = 0; k < k_dim; k += 16) {
-      __builtin_prefetch(row + k + 8 * k_dim, 0, 0);
+      __builtin_prefetch(row + k + 8 * k_dim, 0, 3);  // into L1 and L2: a non-temporal hint read 9 GB/s on a Xeon
       const vec16 wk = load16(row + k);
       for (int m = 0; m < M; ++m) acc[m] += wk * load16(x + k * M + m * 16);
     }
@@ -152,9 +157,19 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const st
     const float *xp = packed_x.data_ptr<float>(), *wp = weight.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, n_dim, 256, [&](int64_t n0, int64_t n1) {
-      if (rows == 1) few_rows_linear<1>(xp, wp, yp, n0, n1, k_dim, n_dim);
-      else if (rows == 2) few_rows_linear<2>(xp, wp, yp, n0, n1, k_dim, n_dim);
-      else few_rows_linear<3>(xp, wp, yp, n0, n1, k_dim, n_dim);
+      switch (rows) {
+        case 1: few_rows_linear<1>(xp, wp, yp, n0, n1, k_dim, n_dim); break;
+        case 2: few_rows_linear<2>(xp, wp, yp, n0, n1, k_dim, n_dim); break;
+        case 3: few_rows_linear<3>(xp, wp, yp, n0, n1, k_dim, n_dim); break;
+#ifdef __AVX512F__
+        case 4: few_rows_linear<4>(xp, wp, yp, n0, n1, k_dim, n_dim); break;
+        case 5: few_rows_linear<5>(xp, wp, yp, n0, n1, k_dim, n_dim); break;
+        case 6: few_rows_linear<6>(xp, wp, yp, n0, n1, k_dim, n_dim); break;
+        case 7: few_rows_linear<7>(xp, wp, yp, n0, n1, k_dim, n_dim); break;
+        case 8: few_rows_linear<8>(xp, wp, yp, n0, n1, k_dim, n_dim); break;
+#endif
+        default: TORCH_CHECK(false, "few_rows_linear: ", rows, " rows");
+      }
     });
     if (bias.has_value()) y.add_(*bias);
     return y;
@@ -395,4 +410,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("native_attention", &get_native_attention);
   m.def("set_native_gemv", &set_native_gemv);
   m.def("native_gemv", &get_native_gemv);
+  m.def("few_rows", [] { return kFewRows; });
 }

@@ -18,9 +18,10 @@ padded batch first, three times the memory traffic) and give each query row the 
 `LEAPSERVE_CPU_ATTENTION=sdpa` sends everything the reference's way. tests/test_cpu_ops.py sweeps both against the
 reference and the float64 oracle.
 
-The C++ linear runs up to three fp32 rows (decoding one sequence, verifying one or two draft tokens) through its
-own loop, which streams the plain row-major weight at about the copy bandwidth where oneDNN's packed GEMM reads it
-at about half of it, and sums each row alike in any step; more rows, and other dtypes, go to oneDNN.
+The C++ linear runs up to `few_rows()` fp32 rows (8 with AVX-512, else 3: decoding a few sequences, verifying small
+draft trees) through its own loop, which streams the plain row-major weight at about the copy bandwidth where
+oneDNN's packed GEMM reads it at about half of it, and sums each row alike in any step; more rows, and other dtypes,
+go to oneDNN.
 `LEAPSERVE_CPU_GEMV=onednn` sends every row there.
 """
 
@@ -120,10 +121,16 @@ def use_native_attention(enabled: bool) -> None:
 
 
 def use_native_gemv(enabled: bool) -> None:
-    """Whether up to three fp32 rows run the extension's own linear loop (the default; `LEAPSERVE_CPU_GEMV=onednn`
-    turns it off at load) or oneDNN's packed GEMM, as more rows do."""
+    """Whether up to `few_rows()` fp32 rows run the extension's own linear loop (the default;
+    `LEAPSERVE_CPU_GEMV=onednn` turns it off at load) or oneDNN's packed GEMM, as more rows do."""
     assert _module is not None, "cpu_ops.load first"
     _module.set_native_gemv(enabled)
+
+
+def few_rows() -> int:
+    """The most fp32 rows the extension's own linear loop takes: 8 where it is built with AVX-512, else 3."""
+    assert _module is not None, "cpu_ops.load first"
+    return int(_module.few_rows())
 
 
 def _cpu_features() -> bytes:

@@ -200,19 +200,20 @@ def test_steps_nest_and_an_op_outside_a_step_is_refused() -> None:
 
 
 @pytest.mark.skipif(not packable(torch.zeros(2, 2)), reason="oneDNN cannot pack weights here")
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 33])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 9, 33])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("in_features", [40, 64])
 def test_packed_linear_op_equals_onednn_and_linear(rows: int, bias: bool, in_features: int) -> None:
     """Through oneDNN (more rows, or a width the own loop does not take) the op is the eager path's call, bit for
-    bit; up to three fp32 rows of a width divisible by 16 run the op's own loop, within fp32 rounding of both."""
+    bit; up to `few_rows()` fp32 rows (8 with AVX-512, else 3) of a width divisible by 16 run the op's own loop,
+    within fp32 rounding of both."""
     gen = torch.Generator().manual_seed(rows)
     weight, b = torch.randn(48, in_features, generator=gen), torch.randn(48, generator=gen) if bias else None
     lin = PackedLinear(weight, b)
     x = torch.randn(rows, in_features, generator=gen)
     out = torch.ops.leapserve_cpu.packed_linear(x, lin.weight, lin.bias)
     torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
-    if rows <= 3 and in_features % 16 == 0:
+    if rows <= cpu_ops.few_rows() and in_features % 16 == 0:
         torch.testing.assert_close(out, lin(x), rtol=1e-5, atol=1e-5)
         cpu_ops.use_native_gemv(False)
         try:
@@ -223,7 +224,7 @@ def test_packed_linear_op_equals_onednn_and_linear(rows: int, bias: bool, in_fea
         assert torch.equal(out, lin(x))  # the eager path's direct oneDNN call
 
 
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 8])
 def test_few_rows_linear_streams_a_large_weight_in_order(rows: int) -> None:
     """The own loop over a weight larger than the caches, its rows split between threads: each output is its dot
     product within fp32 rounding of float64, and the same bits on every call."""
@@ -237,21 +238,22 @@ def test_few_rows_linear_streams_a_large_weight_in_order(rows: int) -> None:
 
 
 def test_few_rows_linear_gives_a_row_the_same_bits_beside_others() -> None:
-    """A row's output does not depend on the rows beside it, up to the own loop's three: a token verified with one or
-    two draft tokens gets the bits plain decoding gives it."""
+    """A row's output does not depend on the rows beside it, up to the own loop's `few_rows()`: a token verified with
+    draft tokens gets the bits plain decoding gives it."""
     gen = torch.Generator().manual_seed(11)
     lin = PackedLinear(torch.randn(1000, 1536, generator=gen))
-    x = torch.randn(3, 1536, generator=gen)
-    alone = [torch.ops.leapserve_cpu.packed_linear(x[i : i + 1], lin.weight, None) for i in range(3)]
-    for rows in (2, 3):
+    most = cpu_ops.few_rows()
+    x = torch.randn(most, 1536, generator=gen)
+    alone = [torch.ops.leapserve_cpu.packed_linear(x[i : i + 1], lin.weight, None) for i in range(most)]
+    for rows in range(2, most + 1):
         together = torch.ops.leapserve_cpu.packed_linear(x[:rows], lin.weight, None)
         assert torch.equal(together, torch.cat(alone[:rows]))
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (3, 1), (1, 4)])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (3, 1), (1, 4), (2, 4), (3, 3)])
 def test_packed_linear_takes_leading_dims_as_rows(shape: tuple[int, int]) -> None:
-    """A drafter's `[B, L, d]` input: its B * L rows take the own loop as a `[rows, d]` input does (up to three), and
-    come back `[B, L, out]` with the same bits."""
+    """A drafter's `[B, L, d]` input: its B * L rows take the own loop as a `[rows, d]` input does (up to
+    `few_rows()`), and come back `[B, L, out]` with the same bits."""
     gen = torch.Generator().manual_seed(5)
     lin = PackedLinear(torch.randn(96, 64, generator=gen))
     x = torch.randn(*shape, 64, generator=gen)

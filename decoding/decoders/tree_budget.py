@@ -61,7 +61,7 @@ class Thresholds:
 THRESHOLDS = Thresholds()
 
 # Verification is timed at every token count up to this one: few rows do not cost a smooth curve (on cpu-2c-avx512,
-# fp32, three rows through the compiled path's own GEMM loop cost more than four through oneDNN; docs/compile.md).
+# fp32, while the compiled path's own GEMM loop took three rows, three cost more than four through oneDNN).
 EVERY_SIZE_UP_TO = 8
 
 
