@@ -1,10 +1,10 @@
 // leapserve's two opaque ops of a compiled CPU model, in C++ so that a step runs no Python between its kernels.
 //
 // leapserve_cpu::packed_linear   y = x @ W.T + b through W's oneDNN-packed copy (kernels/packed_linear.py); up to
-//                                eight fp32 rows (three without AVX-512) through few_rows_linear, which streams W itself
+//                                eight fp32 rows (three without AVX-512) through few_rows_linear, which streams W
 // leapserve_cpu::paged_attention one layer's K/V write and attention, executing the step's plan
-//                                (kernels/reference.py plans it once per step): fp32 sequences with few queries
-//                                through short_attention, the rest through what `attend` runs
+//                                (kernels/reference.py plans it once per step): fp32 and bf16 sequences with few
+//                                queries through short_attention, the rest through what `attend` runs
 //
 // Both find what is not a graph tensor in state set from Python: the packed copies by their plain weight's address,
 // and the step (caches, slots, plan) on a stack pushed around each forward (cpu_ops.py).
@@ -54,8 +54,9 @@ at::Tensor heads_view(const at::Tensor& cache, int64_t start, int64_t len) {
   return cache.as_strided({1, heads, len, dim}, {0, dim, heads * dim, 1}, cache.storage_offset() + start * heads * dim);
 }
 
-// Queries per sequence up to which fp32 attention runs `short_attention` (decoding, verifying draft trees); longer
-// ones (prefill) go to SDPA, whose blocked GEMMs are faster there. reference.BATCHED_MAX_QUERIES, the same bound.
+// Queries per sequence up to which fp32 and bf16 attention runs `short_attention` (decoding, verifying draft trees);
+// longer ones (prefill) go to SDPA, whose blocked GEMMs are faster there. reference.BATCHED_MAX_QUERIES, the same
+// bound.
 constexpr int64_t kShortQueries = 16;
 
 typedef float vec8 __attribute__((vector_size(32)));  // 8 lanes: AVX2, or half an AVX-512 register
@@ -64,6 +65,18 @@ typedef int32_t ivec8 __attribute__((vector_size(32)));
 inline vec8 load8(const float* x) {
   vec8 v;
   std::memcpy(&v, x, sizeof v);
+  return v;
+}
+
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t uvec8 __attribute__((vector_size(32)));
+
+inline vec8 load8(const at::BFloat16* x) {  // bf16 is fp32's upper half: exact
+  u16x8 h;
+  std::memcpy(&h, x, sizeof h);
+  const uvec8 bits = __builtin_convertvector(h, uvec8) << 16;
+  vec8 v;
+  std::memcpy(&v, &bits, sizeof v);
   return v;
 }
 
@@ -187,24 +200,27 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const st
   return stack[0].toTensor();
 }
 
-// fp32 attention of sequences with few queries, read straight from the paged cache (no gather into a padded batch).
+// Attention of sequences with few queries, read straight from the paged cache (no gather into a padded batch), in
+// fp32 from an fp32 or bf16 cache (T), as SDPA computes a bf16 one (reference.attend).
 // A task takes one sequence, and all its KV heads where there are sequences enough to keep every thread busy (each
 // key row is then read whole, once): it scores every query head of the group against eight keys at a time as they
 // are read, then weighs each value row as it is read. A query row's result depends only on its own visible keys, in slot
 // order: a token attended in a decode step or as a draft tree's root gets the same bits.
+template <typename T>
 void short_attention(const at::Tensor& q, const at::Tensor& flat_k, const at::Tensor& flat_v,
                      const std::vector<const SeqPlan*>& seqs, double scale, at::Tensor& out) {
   const int64_t q_heads = q.size(1), kv_heads = flat_k.size(1), dim = flat_k.size(2), group = q_heads / kv_heads;
   const int64_t num_seqs = static_cast<int64_t>(seqs.size());
   const int64_t heads_per_task = num_seqs >= 2 * at::get_num_threads() ? kv_heads : 1;
   const float* qp = q.data_ptr<float>();
-  const float* kp = flat_k.data_ptr<float>();
-  const float* vp = flat_v.data_ptr<float>();
+  const T* kp = flat_k.data_ptr<T>();
+  const T* vp = flat_v.data_ptr<T>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale), neg_inf = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, num_seqs * (kv_heads / heads_per_task), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, total, zero_row(dim, 0.0f);
-    const float* zeros = zero_row.data();
+    std::vector<float> scores, total;
+    std::vector<T> zero_row(dim, T(0.0f));
+    const T* zeros = zero_row.data();
     for (int64_t task = begin; task < end; ++task) {
       const SeqPlan& p = *seqs[task / (kv_heads / heads_per_task)];
       const int64_t n = p.end - p.start, rows = n * group;
@@ -219,7 +235,7 @@ void short_attention(const at::Tensor& q, const at::Tensor& flat_k, const at::Te
         auto row_offset = [&](int64_t r) { return ((p.start + r / group) * q_heads + h * group + r % group) * dim; };
         scores.assign(rows * stride, neg_inf);  // [rows, keys rounded up to 8]
         for (int64_t j0 = 0; j0 < num_keys; j0 += 8) {  // 8 keys at a time (the last group padded with zeros)
-          const float* keys[8];
+          const T* keys[8];
           for (int64_t k = 0; k < 8; ++k) keys[k] = j0 + k < num_keys ? kp + (slot(j0 + k) * kv_heads + h) * dim : zeros;
           for (int64_t r = 0; r < rows; ++r) {
             const float* query = qp + row_offset(r);
@@ -262,7 +278,7 @@ void short_attention(const at::Tensor& q, const at::Tensor& flat_k, const at::Te
             vec8 acc8[8] = {};
             for (int64_t j = 0; j < num_keys; ++j) {
               if (w[j] == 0.0f) continue;  // masked (a stale slot may hold NaN) or negligible
-              const float* value = vp + (slot(j) * kv_heads + h) * dim + d0;
+              const T* value = vp + (slot(j) * kv_heads + h) * dim + d0;
               for (int64_t c = 0; c < chunks; ++c) acc8[c] += w[j] * load8(value + 8 * c);
             }
             for (int64_t c = 0; c < chunks; ++c) {
@@ -309,18 +325,20 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   flat_k.index_copy_(0, s.slot_mapping, k);
   flat_v.index_copy_(0, s.slot_mapping, v);
 
-  if (native_attention && q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat && dim % 8 == 0) {
+  const auto dtype = k_cache.scalar_type();
+  if (native_attention && q.scalar_type() == dtype && (dtype == at::kFloat || dtype == at::kBFloat16) && dim % 8 == 0) {
     std::vector<const SeqPlan*> few;
     for (const SeqPlan& p : s.seqs)
       if (p.end - p.start <= kShortQueries) few.push_back(&p);
     if (!few.empty()) {
-      const at::Tensor queries = q.contiguous();
+      const at::Tensor queries = compute(q).contiguous();  // [T, Hq, D] fp32
       at::Tensor out = at::empty_like(queries);
-      short_attention(queries, flat_k, flat_v, few, scale, out);
+      if (dtype == at::kFloat) short_attention<float>(queries, flat_k, flat_v, few, scale, out);
+      else short_attention<at::BFloat16>(queries, flat_k, flat_v, few, scale, out);
       for (const SeqPlan& p : s.seqs)  // prefill
         if (p.end - p.start > kShortQueries)
           out.slice(0, p.start, p.end).copy_(attend_one(q, k_cache, v_cache, flat_k, flat_v, p, scale));
-      return out;
+      return out.to(q.scalar_type());
     }
   }
   if (s.batched) {  // [B, H, max_q, max_keys], padded queries and keys masked

@@ -11,10 +11,11 @@ into C++ from Python: the packed weights (`packed_linear.py` registers and relea
 (`push_step` / `pop_step` around each forward: the caches, slot mapping and `reference.AttentionPlan`, which Python
 still plans once per step).
 
-The C++ attention runs fp32 sequences with at most `reference.BATCHED_MAX_QUERIES` queries (decoding, verifying
-draft trees) through its own loops, which read K/V straight from the paged cache (SDPA needs them gathered into a
-padded batch first, three times the memory traffic) and give each query row the same bits in any step; longer ones
-(prefill) and fp16/bf16 run the same ATen calls as `reference.attend`, in the same order, with the same values.
+The C++ attention runs fp32 and bf16 sequences with at most `reference.BATCHED_MAX_QUERIES` queries (decoding,
+verifying draft trees) through its own loops, in fp32 as SDPA computes bf16, which read K/V straight from the paged
+cache (SDPA needs them gathered into a padded batch first, three times the memory traffic) and give each query row
+the same bits in any step; longer ones (prefill) and fp16 run the same ATen calls as `reference.attend`, in the same
+order, with the same values.
 `LEAPSERVE_CPU_ATTENTION=sdpa` sends everything the reference's way. tests/test_cpu_ops.py sweeps both against the
 reference and the float64 oracle.
 
@@ -46,6 +47,7 @@ SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 # Built for this CPU (its vector units; the build is cached per CPU), with OpenMP for `at::parallel_for`, which
 # runs on torch's own OpenMP runtime (the one libgomp already loaded).
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+NATIVE_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)  # caches whose short sequences the own attention takes
 _module: ModuleType | None = None
 _lock = threading.Lock()
 
@@ -154,7 +156,8 @@ def push_step(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], step: 
         return False
     plan = step.plan
     # The padded call's plan only where the op may run it: not where its own attention takes every short sequence.
-    native = _module.native_attention() and k_caches[0].dtype == torch.float32 and k_caches[0].shape[-1] % 8 == 0
+    cache = k_caches[0]
+    native = _module.native_attention() and cache.dtype in NATIVE_ATTENTION_DTYPES and cache.shape[-1] % 8 == 0
     batched = None if native else plan.batched
     seqs = plan.seqs
     ranges = [(s.keys.start, s.keys.stop - s.keys.start) if isinstance(s.keys, slice) else (-1, -1) for s in seqs]
