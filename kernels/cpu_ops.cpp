@@ -118,7 +118,7 @@ inline vec8 lane_sums(const vec8* a) {
 }
 
 // Rows up to which fp32 inputs go to few_rows_linear; more go to oneDNN. With AVX-512 (32 vector registers), eight:
-// on a 2-core Xeon with AMX one SmolLM2-135M layer's GEMMs stream 1.1-1.4x faster here than through oneDNN at every
+// on a 2-core Xeon with AMX SmolLM2-135M's GEMMs stream as fast as through oneDNN or up to 1.4x faster at every
 // count from 1 to 8 rows (docs/compile.md). On AVX2 a row's accumulator takes two of its 16 registers: three rows,
 // as measured there.
 #ifdef __AVX512F__
