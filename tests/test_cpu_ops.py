@@ -51,7 +51,7 @@ def runs_native(case) -> bool:
     """Whether the op's own attention computes (some of) this case: fp32 or bf16, a sequence with at most 16
     queries."""
     new = case.cu_seqlens_q.diff()
-    native_dtype = case.q.dtype in (torch.float32, torch.bfloat16)
+    native_dtype = case.q.dtype in cpu_ops.NATIVE_ATTENTION_DTYPES
     return cpu_ops.loaded().native_attention() and native_dtype and bool((new <= 16).any())
 
 
