@@ -1,7 +1,8 @@
 // leapserve's two opaque ops of a compiled CPU model, in C++ so that a step runs no Python between its kernels.
 //
 // leapserve_cpu::packed_linear   y = x @ W.T + b through W's oneDNN-packed copy (kernels/packed_linear.py); up to
-//                                eight fp32 rows (three without AVX-512) through few_rows_linear, which streams W
+//                                eight fp32 rows or four bf16 ones (three without AVX-512) through few_rows_linear,
+//                                which streams W
 // leapserve_cpu::paged_attention one layer's K/V write and attention, executing the step's plan
 //                                (kernels/reference.py plans it once per step): fp32 and bf16 sequences with few
 //                                queries through short_attention, the rest through what `attend` runs
@@ -46,7 +47,7 @@ struct Step {
 
 std::vector<Step> steps;  // the steps being run, innermost last (a drafter's forward inside a target's)
 bool native_attention = true;  // fp32 sequences with few queries go to short_attention (else all to SDPA)
-bool native_gemv = true;  // up to kFewRows fp32 rows go to few_rows_linear (else to oneDNN)
+bool native_gemv = true;  // up to kFewRows fp32 (kFewBf16Rows bf16) rows go to few_rows_linear, else oneDNN
 
 // Flat slots [start, start + len) of a contiguous [num_blocks, block_size, H, D] cache as a [1, H, len, D] view.
 at::Tensor heads_view(const at::Tensor& cache, int64_t start, int64_t len) {
@@ -58,6 +59,9 @@ at::Tensor heads_view(const at::Tensor& cache, int64_t start, int64_t len) {
 // longer ones (prefill) go to SDPA, whose blocked GEMMs are faster there. reference.BATCHED_MAX_QUERIES, the same
 // bound.
 constexpr int64_t kShortQueries = 16;
+
+// what the ops compute in: fp32, also for bf16 tensors (as SDPA and oneDNN do)
+at::Tensor compute(const at::Tensor& x) { return x.scalar_type() == at::kFloat ? x : x.to(at::kFloat); }
 
 typedef float vec8 __attribute__((vector_size(32)));  // 8 lanes: AVX2, or half an AVX-512 register
 typedef int32_t ivec8 __attribute__((vector_size(32)));
@@ -126,6 +130,9 @@ constexpr int64_t kFewRows = 8;
 #else
 constexpr int64_t kFewRows = 3;
 #endif
+// bf16 rows: a bf16 weight streams in half the time, its rows' products cost as many instructions as fp32 ones and
+// oneDNN computes more rows with AMX: four, measured on that Xeon (docs/compile.md)
+constexpr int64_t kFewBf16Rows = kFewRows < 4 ? kFewRows : 4;
 
 typedef float vec16 __attribute__((vector_size(64)));
 
@@ -135,56 +142,90 @@ inline vec16 load16(const float* x) {
   return v;
 }
 
-// y[m, n] = w[n] . x[m] for M fp32 rows, x interleaved [K / 16, M, 16]: each of W's rows streamed once, in order,
-// against all M inputs, the next rows prefetched (oneDNN reads W at about half the copy bandwidth here). Every output
-// sums 16 lanes in k order, then a fixed lane tree, whatever M is: a row gets the same bits alone as beside others.
-template <int M>
-void few_rows_linear(const float* x, const float* w, float* y, int64_t n0, int64_t n1, int64_t k_dim,
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t uvec16 __attribute__((vector_size(64)));
+
+inline vec16 load16(const at::BFloat16* x) {  // exact, as load8
+  u16x16 h;
+  std::memcpy(&h, x, sizeof h);
+  const uvec16 bits = __builtin_convertvector(h, uvec16) << 16;
+  vec16 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// y[m, n] = w[n] . x[m] + b[n] for M rows, x fp32 interleaved [K / 16, M, 16], W and y fp32 or bf16 (a bf16 weight
+// widened exactly, products and sums in fp32 and y rounded once, as oneDNN computes bf16): each of W's rows streamed
+// once, in order, against all M inputs, the next rows prefetched (oneDNN reads an fp32 W at about half the copy
+// bandwidth here). Every output sums 16 lanes in k order, then a fixed lane tree, whatever M is: a row gets the same
+// bits alone as beside others.
+template <int M, typename W>
+void few_rows_linear(const float* x, const W* w, const float* b, W* y, int64_t n0, int64_t n1, int64_t k_dim,
                      int64_t n_dim) {
   for (int64_t n = n0; n < n1; ++n) {
-    const float* row = w + n * k_dim;
+    const W* row = w + n * k_dim;
     vec16 acc[M] = {};
     for (int64_t k = 0; k < k_dim; k += 16) {
-      __builtin_prefetch(row + k + 8 * k_dim, 0, 3);  // into L1 and L2: a non-temporal hint read 9 GB/s on a Xeon
+      // 8 fp32 or 16 bf16 rows ahead, into L1 and L2 (a non-temporal hint read 9 GB/s on a Xeon)
+      __builtin_prefetch(row + k + 8 * sizeof(float) / sizeof(W) * k_dim, 0, 3);
       const vec16 wk = load16(row + k);
       for (int m = 0; m < M; ++m) acc[m] += wk * load16(x + k * M + m * 16);
     }
-    for (int m = 0; m < M; ++m)
-      y[m * n_dim + n] = lane_sum(__builtin_shufflevector(acc[m], acc[m], 0, 1, 2, 3, 4, 5, 6, 7) +
-                                  __builtin_shufflevector(acc[m], acc[m], 8, 9, 10, 11, 12, 13, 14, 15));
+    for (int m = 0; m < M; ++m) {
+      const float sum = lane_sum(__builtin_shufflevector(acc[m], acc[m], 0, 1, 2, 3, 4, 5, 6, 7) +
+                                 __builtin_shufflevector(acc[m], acc[m], 8, 9, 10, 11, 12, 13, 14, 15));
+      y[m * n_dim + n] = static_cast<W>(b == nullptr ? sum : sum + b[n]);
+    }
   }
+}
+
+template <typename W>
+void few_rows_linear(int64_t rows, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                     at::Tensor& y) {
+  const int64_t k_dim = w.size(1), n_dim = w.size(0);
+  // x in fp32, interleaved [K / 16, rows, 16] so that each step of the loop reads its rows' lanes from one place
+  // (rows k_dim apart ran three rows 10% slower than oneDNN)
+  at::Tensor packed_x = at::empty({k_dim * rows}, x.options().dtype(at::kFloat));
+  const W* xs = x.data_ptr<W>();
+  float* xp = packed_x.data_ptr<float>();
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t k = 0; k < k_dim; ++k) xp[(k / 16 * rows + m) * 16 + k % 16] = static_cast<float>(xs[m * k_dim + k]);
+  const at::Tensor b = bias.has_value() ? compute(*bias).contiguous() : at::Tensor();
+  const float* bp = bias.has_value() ? b.data_ptr<float>() : nullptr;
+  const W* wp = w.data_ptr<W>();
+  W* yp = y.data_ptr<W>();
+  at::parallel_for(0, n_dim, 256, [&](int64_t n0, int64_t n1) {
+    switch (rows) {
+      case 1: few_rows_linear<1>(xp, wp, bp, yp, n0, n1, k_dim, n_dim); break;
+      case 2: few_rows_linear<2>(xp, wp, bp, yp, n0, n1, k_dim, n_dim); break;
+      case 3: few_rows_linear<3>(xp, wp, bp, yp, n0, n1, k_dim, n_dim); break;
+#ifdef __AVX512F__
+      case 4: few_rows_linear<4>(xp, wp, bp, yp, n0, n1, k_dim, n_dim); break;
+      case 5: few_rows_linear<5>(xp, wp, bp, yp, n0, n1, k_dim, n_dim); break;
+      case 6: few_rows_linear<6>(xp, wp, bp, yp, n0, n1, k_dim, n_dim); break;
+      case 7: few_rows_linear<7>(xp, wp, bp, yp, n0, n1, k_dim, n_dim); break;
+      case 8: few_rows_linear<8>(xp, wp, bp, yp, n0, n1, k_dim, n_dim); break;
+#endif
+      default: TORCH_CHECK(false, "few_rows_linear: ", rows, " rows");
+    }
+  });
 }
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const int64_t k_dim = weight.size(1), n_dim = weight.size(0);
   const int64_t rows = x.dim() >= 2 && x.size(-1) == k_dim ? x.numel() / k_dim : 0;  // [..., K]: leading dims are rows
-  if (native_gemv && rows >= 1 && rows <= kFewRows && x.scalar_type() == at::kFloat &&
-      weight.scalar_type() == at::kFloat && k_dim % 16 == 0 && weight.is_contiguous()) {
+  const auto dtype = weight.scalar_type();
+  const int64_t few = dtype == at::kFloat ? kFewRows : dtype == at::kBFloat16 ? kFewBf16Rows : 0;
+  if (native_gemv && rows >= 1 && rows <= few && x.scalar_type() == dtype && k_dim % 16 == 0 &&
+      weight.is_contiguous()) {
     const at::Tensor input = x.contiguous();
     std::vector<int64_t> shape = x.sizes().vec();
     shape.back() = n_dim;
     at::Tensor y = at::empty(shape, x.options());
-    // x interleaved [K / 16, rows, 16], so that each step of the loop reads its rows' lanes from one place (rows
-    // k_dim apart ran three rows 10% slower than oneDNN)
-    const at::Tensor packed_x = rows == 1 ? input : input.view({rows, k_dim / 16, 16}).transpose(0, 1).contiguous();
-    const float *xp = packed_x.data_ptr<float>(), *wp = weight.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, n_dim, 256, [&](int64_t n0, int64_t n1) {
-      switch (rows) {
-        case 1: few_rows_linear<1>(xp, wp, yp, n0, n1, k_dim, n_dim); break;
-        case 2: few_rows_linear<2>(xp, wp, yp, n0, n1, k_dim, n_dim); break;
-        case 3: few_rows_linear<3>(xp, wp, yp, n0, n1, k_dim, n_dim); break;
-#ifdef __AVX512F__
-        case 4: few_rows_linear<4>(xp, wp, yp, n0, n1, k_dim, n_dim); break;
-        case 5: few_rows_linear<5>(xp, wp, yp, n0, n1, k_dim, n_dim); break;
-        case 6: few_rows_linear<6>(xp, wp, yp, n0, n1, k_dim, n_dim); break;
-        case 7: few_rows_linear<7>(xp, wp, yp, n0, n1, k_dim, n_dim); break;
-        case 8: few_rows_linear<8>(xp, wp, yp, n0, n1, k_dim, n_dim); break;
-#endif
-        default: TORCH_CHECK(false, "few_rows_linear: ", rows, " rows");
-      }
-    });
-    if (bias.has_value()) y.add_(*bias);
+    if (dtype == at::kFloat)
+      few_rows_linear<float>(rows, input, weight, bias, y);
+    else
+      few_rows_linear<at::BFloat16>(rows, input, weight, bias, y);
     return y;
   }
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
@@ -291,8 +332,6 @@ void short_attention(const at::Tensor& q, const at::Tensor& flat_k, const at::Te
     }
   });
 }
-
-at::Tensor compute(const at::Tensor& x) { return x.scalar_type() == at::kFloat ? x : x.to(at::kFloat); }
 
 // One sequence's attention through SDPA, as reference.attend runs it: [n, Hq, D] in fp32.
 at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& flat_k,
@@ -428,5 +467,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("native_attention", &get_native_attention);
   m.def("set_native_gemv", &set_native_gemv);
   m.def("native_gemv", &get_native_gemv);
-  m.def("few_rows", [] { return kFewRows; });
+  m.def("few_rows", [](bool bf16) { return bf16 ? kFewBf16Rows : kFewRows; });
 }

@@ -1,7 +1,7 @@
 """A compiled CPU model's two opaque ops in C++ (`cpu_ops.cpp`), so that inductor's C++ wrapper runs a step with no
 Python between its kernels.
 
-    leapserve_cpu::packed_linear(x, weight, bias)         F.linear through weight's oneDNN-packed copy (one fp32 row:
+    leapserve_cpu::packed_linear(x, weight, bias)         F.linear through weight's oneDNN-packed copy (a few rows:
                                                           its own loop over the plain weight)
     leapserve_cpu::paged_attention(q, k, v, layer, scale) one layer's K/V write and attention over the paged cache
 
@@ -19,10 +19,10 @@ order, with the same values.
 `LEAPSERVE_CPU_ATTENTION=sdpa` sends everything the reference's way. tests/test_cpu_ops.py sweeps both against the
 reference and the float64 oracle.
 
-The C++ linear runs up to `few_rows()` fp32 rows (8 with AVX-512, else 3: decoding a few sequences, verifying small
-draft trees) through its own loop, which streams the plain row-major weight at about the copy bandwidth where
-oneDNN's packed GEMM reads it at about half of it, and sums each row alike in any step; more rows, and other dtypes,
-go to oneDNN.
+The C++ linear runs up to `few_rows(dtype)` fp32 or bf16 rows (8 fp32 or 4 bf16 ones with AVX-512, else 3: decoding
+a few sequences, verifying small draft trees) through its own loop, which streams the plain row-major weight at about
+the copy bandwidth where oneDNN's packed GEMM reads it at about half of it, and sums each row alike in any step (bf16
+in fp32, rounded once); more rows, and other dtypes, go to oneDNN.
 `LEAPSERVE_CPU_GEMV=onednn` sends every row there.
 """
 
@@ -116,23 +116,26 @@ def _choice_from_env(variable: str, native: str, other: str) -> bool:
 
 
 def use_native_attention(enabled: bool) -> None:
-    """Whether fp32 sequences with at most `reference.BATCHED_MAX_QUERIES` queries run the extension's own
+    """Whether fp32 and bf16 sequences with at most `reference.BATCHED_MAX_QUERIES` queries run the extension's own
     attention (the default; `LEAPSERVE_CPU_ATTENTION=sdpa` turns it off at load) or SDPA, as the reference does."""
     assert _module is not None, "cpu_ops.load first"
     _module.set_native_attention(enabled)
 
 
 def use_native_gemv(enabled: bool) -> None:
-    """Whether up to `few_rows()` fp32 rows run the extension's own linear loop (the default;
+    """Whether up to `few_rows(dtype)` rows run the extension's own linear loop (the default;
     `LEAPSERVE_CPU_GEMV=onednn` turns it off at load) or oneDNN's packed GEMM, as more rows do."""
     assert _module is not None, "cpu_ops.load first"
     _module.set_native_gemv(enabled)
 
 
-def few_rows() -> int:
-    """The most fp32 rows the extension's own linear loop takes: 8 where it is built with AVX-512, else 3."""
+def few_rows(dtype: torch.dtype = torch.float32) -> int:
+    """The most rows of `dtype` the extension's own linear loop takes: with AVX-512 8 fp32 or 4 bf16 rows, else 3 of
+    either; 0 of other dtypes."""
     assert _module is not None, "cpu_ops.load first"
-    return int(_module.few_rows())
+    if dtype not in (torch.float32, torch.bfloat16):
+        return 0
+    return int(_module.few_rows(dtype == torch.bfloat16))
 
 
 def _cpu_features() -> bytes:

@@ -2,7 +2,7 @@
 against `AttentionStep` on the reference path over a sweep of steps (the same cache writes; through SDPA the same
 values bit for bit, through the op's own fp32 attention of short sequences values within fp32 rounding of the
 reference and of the float64 oracle, and each query row's bits independent of the rest of the step), the packed
-GEMM op against oneDNN's call and `F.linear` (its own loop for up to three rows against both and float64)."""
+GEMM op against oneDNN's call and float64 (its own loop for a few fp32 or bf16 rows against both)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 from test_kernels import MASK_KINDS, assert_close, make_case, naive_attention
 
 from leapserve.decoding.model_loader import cache_dir
@@ -205,64 +204,90 @@ def test_steps_nest_and_an_op_outside_a_step_is_refused() -> None:
         cpu_ops.pop_step()
 
 
+DTYPES = [
+    torch.float32,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(not packable(torch.zeros(2, 2, dtype=torch.bfloat16)), reason="no oneDNN bf16 here"),
+    ),
+]
+
+
+def assert_rounded_from(out: torch.Tensor, exact: torch.Tensor) -> None:
+    """`out` is `exact` (fp32 or float64) rounded to `out`'s dtype, give or take fp32 summation: within fp32 rounding
+    for fp32, within half a bf16 unit in the last place (at most 2^-8 of the value) for bf16."""
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, exact.float(), rtol=1e-5, atol=1e-4)
+    else:
+        torch.testing.assert_close(out.double(), exact.double(), rtol=2**-8, atol=1e-4)
+
+
 @pytest.mark.skipif(not packable(torch.zeros(2, 2)), reason="oneDNN cannot pack weights here")
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 9, 33])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 33])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("in_features", [40, 64])
-def test_packed_linear_op_equals_onednn_and_linear(rows: int, bias: bool, in_features: int) -> None:
+def test_packed_linear_op_equals_onednn_and_linear(dtype: torch.dtype, rows: int, bias: bool, in_features: int) -> None:
     """Through oneDNN (more rows, or a width the own loop does not take) the op is the eager path's call, bit for
-    bit; up to `few_rows()` fp32 rows (8 with AVX-512, else 3) of a width divisible by 16 run the op's own loop,
-    within fp32 rounding of both."""
+    bit; up to `few_rows(dtype)` rows (8 fp32 or 4 bf16 with AVX-512, else 3) of a width divisible by 16 run the op's
+    own loop: the exact result rounded once (bf16: products and sums in fp32), within rounding of oneDNN's."""
     gen = torch.Generator().manual_seed(rows)
-    weight, b = torch.randn(48, in_features, generator=gen), torch.randn(48, generator=gen) if bias else None
+    weight = torch.randn(48, in_features, generator=gen).to(dtype)
+    b = torch.randn(48, generator=gen).to(dtype) if bias else None
     lin = PackedLinear(weight, b)
-    x = torch.randn(rows, in_features, generator=gen)
+    x = torch.randn(rows, in_features, generator=gen).to(dtype)
     out = torch.ops.leapserve_cpu.packed_linear(x, lin.weight, lin.bias)
-    torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
-    if rows <= cpu_ops.few_rows() and in_features % 16 == 0:
-        torch.testing.assert_close(out, lin(x), rtol=1e-5, atol=1e-5)
+    assert out.dtype == dtype
+    if rows <= cpu_ops.few_rows(dtype) and in_features % 16 == 0:
+        exact = x.double() @ weight.double().T + (0 if b is None else b.double())
+        assert_rounded_from(out, exact)
         cpu_ops.use_native_gemv(False)
         try:
-            assert torch.equal(torch.ops.leapserve_cpu.packed_linear(x, lin.weight, lin.bias), lin(x))
+            onednn = torch.ops.leapserve_cpu.packed_linear(x, lin.weight, lin.bias)
         finally:
             cpu_ops.use_native_gemv(True)
+        assert torch.equal(onednn, lin(x))
+        assert_rounded_from(onednn, exact)
     else:
         assert torch.equal(out, lin(x))  # the eager path's direct oneDNN call
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_few_rows_linear_streams_a_large_weight_in_order(rows: int) -> None:
+def test_few_rows_linear_streams_a_large_weight_in_order(dtype: torch.dtype, rows: int) -> None:
     """The own loop over a weight larger than the caches, its rows split between threads: each output is its dot
-    product within fp32 rounding of float64, and the same bits on every call."""
+    product rounded once (within fp32 summation of float64), and the same bits on every call."""
+    rows = min(rows, cpu_ops.few_rows(dtype))
     gen = torch.Generator().manual_seed(7)
-    lin = PackedLinear(torch.randn(20_000, 576, generator=gen))
-    x = torch.randn(rows, 576, generator=gen)
+    lin = PackedLinear(torch.randn(20_000, 576, generator=gen).to(dtype))
+    x = torch.randn(rows, 576, generator=gen).to(dtype)
     out = torch.ops.leapserve_cpu.packed_linear(x, lin.weight, None)
-    exact = (x.double() @ lin.weight.double().T).float()
-    torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-4)
+    assert_rounded_from(out, x.double() @ lin.weight.double().T)
     assert torch.equal(torch.ops.leapserve_cpu.packed_linear(x, lin.weight, None), out)
 
 
-def test_few_rows_linear_gives_a_row_the_same_bits_beside_others() -> None:
-    """A row's output does not depend on the rows beside it, up to the own loop's `few_rows()`: a token verified with
-    draft tokens gets the bits plain decoding gives it."""
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_few_rows_linear_gives_a_row_the_same_bits_beside_others(dtype: torch.dtype) -> None:
+    """A row's output does not depend on the rows beside it, up to the own loop's `few_rows(dtype)`: a token verified
+    with draft tokens gets the bits plain decoding gives it."""
     gen = torch.Generator().manual_seed(11)
-    lin = PackedLinear(torch.randn(1000, 1536, generator=gen))
-    most = cpu_ops.few_rows()
-    x = torch.randn(most, 1536, generator=gen)
+    lin = PackedLinear(torch.randn(1000, 1536, generator=gen).to(dtype))
+    most = cpu_ops.few_rows(dtype)
+    x = torch.randn(most, 1536, generator=gen).to(dtype)
     alone = [torch.ops.leapserve_cpu.packed_linear(x[i : i + 1], lin.weight, None) for i in range(most)]
     for rows in range(2, most + 1):
         together = torch.ops.leapserve_cpu.packed_linear(x[:rows], lin.weight, None)
         assert torch.equal(together, torch.cat(alone[:rows]))
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (3, 1), (1, 4), (2, 4), (3, 3)])
-def test_packed_linear_takes_leading_dims_as_rows(shape: tuple[int, int]) -> None:
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (3, 1), (1, 4), (2, 2), (2, 4), (3, 3)])
+def test_packed_linear_takes_leading_dims_as_rows(dtype: torch.dtype, shape: tuple[int, int]) -> None:
     """A drafter's `[B, L, d]` input: its B * L rows take the own loop as a `[rows, d]` input does (up to
-    `few_rows()`), and come back `[B, L, out]` with the same bits."""
+    `few_rows(dtype)`), and come back `[B, L, out]` with the same bits."""
     gen = torch.Generator().manual_seed(5)
-    lin = PackedLinear(torch.randn(96, 64, generator=gen))
-    x = torch.randn(*shape, 64, generator=gen)
+    lin = PackedLinear(torch.randn(96, 64, generator=gen).to(dtype))
+    x = torch.randn(*shape, 64, generator=gen).to(dtype)
     out = torch.ops.leapserve_cpu.packed_linear(x, lin.weight, None)
     assert out.shape == (*shape, 96)
     assert torch.equal(out, torch.ops.leapserve_cpu.packed_linear(x.reshape(-1, 64), lin.weight, None).view_as(out))

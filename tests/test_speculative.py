@@ -19,7 +19,7 @@ from conftest import save_tiny_llama
 from drafter_plugins import tampered_method
 from leapserve.decoding import LLM, SamplingParams
 from leapserve.decoding.config import DEFAULT_MODEL, SpeculativeConfig
-from leapserve.decoding.sampler import target_probs
+from leapserve.decoding.sampler import row_argmax, target_probs
 from leapserve.decoding.tree import chunk_layout, tree_children, tree_depths
 from leapserve.drafters.ngram import lookup
 from test_server import API_KEY, MODEL, metric, running_server, scrape
@@ -98,6 +98,21 @@ def test_speculative_config_selects_decoder_and_reserves_lookahead(tiny_model_di
     assert engine.max_model_len == 1024 - 10
     with pytest.raises(ValueError, match="needs a speculative_config"):
         LLM(str(tiny_model_dir), kv_cache_tokens=1024, decoder="speculative")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_argmax_is_each_rows_first_maximum(dtype: torch.dtype) -> None:
+    """The step's greedy tokens: each row's argmax, the first of tied maxima (logits of few distinct values tie
+    often), in fp32 and bf16; None where no row's request is plain greedy."""
+    greedy = SimpleNamespace(params=SimpleNamespace(greedy=True, processes_logits=False))
+    penalised = SimpleNamespace(params=SimpleNamespace(greedy=True, processes_logits=True))
+    gen = torch.Generator().manual_seed(0)
+    for logits in [torch.randn(9, 49152, generator=gen), torch.randint(0, 4, (9, 1000), generator=gen).float()]:
+        logits = logits.to(dtype)
+        got = row_argmax(logits, [greedy, penalised])
+        assert got == [int(torch.argmax(row)) for row in logits]
+        assert all(logits[i, : got[i]].max() < logits[i, got[i]] for i in range(9) if got[i] > 0)
+    assert row_argmax(logits, [penalised]) is None
 
 
 def test_plain_and_penalised_greedy_requests_verified_in_one_batch(tiny_model_dir):
