@@ -93,6 +93,26 @@ def test_shards_hold_the_targets_features_and_resume(tiny_data, tiny_model_dir, 
     assert not list(partial.glob("*.tmp"))
 
 
+def test_data_from_a_bf16_target_holds_its_features_and_keeps_its_dtype(tiny_model_dir, tmp_path):
+    """`--dtype bfloat16`: the answers and features come from the target in bf16 (an AMX CPU computes it several
+    times faster), stored as float16 as ever; resuming the directory in another dtype is refused."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = DataConfig(
+        model=str(tiny_model_dir), out=str(tmp_path / "d"), num_prompts=4, shard_size=4, max_tokens=12, dtype="bfloat16"
+    )
+    generate_data(cfg)
+    assert json.loads((tmp_path / "d" / "meta.json").read_text())["config"]["dtype"] == "bfloat16"
+    target = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    for s in read_sequences(tmp_path / "d"):
+        assert s.features is not None and s.features.dtype == torch.float16
+        with torch.no_grad():
+            hidden = target.model(input_ids=s.input_ids[None]).last_hidden_state[0]
+        torch.testing.assert_close(s.features.float(), hidden.float(), atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="--dtype 'bfloat16'"):
+        generate_data(DataConfig(**{**vars(cfg), "num_prompts": 8, "dtype": "float32"}))
+
+
 @pytest.mark.parametrize("variant", ["fspad", "no-fs", "no-pad", "no-fs-no-pad"])
 def test_trained_tiny_drafter_is_lossless_in_the_speculative_decoder(variant, tiny_data, tiny_model_dir, tmp_path):
     out = tmp_path / "drafter"

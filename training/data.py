@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from leapserve.decoding.args import DefaultsHelpFormatter, add_config_arguments, config_from_args, option
-from leapserve.decoding.config import DEFAULT_MODEL, DEVICES, ModelConfig
+from leapserve.decoding.config import DEFAULT_MODEL, DEVICES, DTYPES, ModelConfig
 from leapserve.decoding.llm import LLM
 from leapserve.decoding.model_loader import load_model, resolve_device, resolve_dtype, resolve_model
 from leapserve.decoding.sampling_params import SamplingParams
@@ -56,6 +56,12 @@ class DataConfig:
     features: bool = option(True, "store the target's features too (--no-features: token ids only, enough for AdaSPEC)")
     seed: int = option(0, "prompt order and sampling")
     device: str = option("auto", "where the target runs", choices=DEVICES)
+    dtype: str = option(
+        "auto",
+        "the target's dtype for answers and features (auto: float32 on CPU, bfloat16 on CUDA; features are stored "
+        "as float16 either way)",
+        choices=DTYPES,
+    )
 
 
 @dataclass
@@ -110,14 +116,22 @@ def generate_data(cfg: DataConfig) -> Path:
     prompts = training_prompts(cfg.prompt_sets, cfg.num_prompts, cfg.seed)
     meta_path = out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    for key in ("model", "prompt_sets", "self_instructions", "seed", "shard_size"):  # --num-prompts may grow
+    for key in ("model", "prompt_sets", "self_instructions", "seed", "shard_size", "dtype"):  # --num-prompts may grow
         if meta and key in meta.get("config", {}) and meta["config"][key] != getattr(cfg, key):
             raise ValueError(
                 f"{out} holds data made with --{key.replace('_', '-')} {meta['config'][key]!r}, not "
                 f"{getattr(cfg, key)!r}: pick another --out to start over"
             )
-    # plain decoding: the batches here are past where drafting pays, and its probes would only cost
-    llm = LLM(cfg.model, decoder="autoregressive", device=cfg.device, seed=cfg.seed)
+    # plain decoding: the batches here are past where drafting pays, and its probes would only cost; a whole shard
+    # decoded at once (128 sequences answer 1.6x faster than 32 in bf16 on a 2-core AMX CPU)
+    llm = LLM(
+        cfg.model,
+        decoder="autoregressive",
+        device=cfg.device,
+        dtype=cfg.dtype,
+        seed=cfg.seed,
+        max_num_seqs=cfg.shard_size,
+    )
     if cfg.self_instructions:
         own = write_instructions(llm, out / INSTRUCTIONS_FILE, cfg.self_instructions, cfg.seed)
         prompts = [p for pair in itertools.zip_longest(prompts, own) for p in pair if p is not None]
@@ -127,7 +141,7 @@ def generate_data(cfg: DataConfig) -> Path:
     feature_model = None
     if cfg.features:
         source = resolve_model(cfg.model)
-        feature_model = load_model(source, ModelConfig(model=cfg.model), device, resolve_dtype("auto", device))
+        feature_model = load_model(source, ModelConfig(model=cfg.model), device, resolve_dtype(cfg.dtype, device))
     params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed)
     bar = tqdm(total=len(prompts), desc="target answers", unit="prompt", initial=sum(len(shards[i]) for i in done))
     for index, shard_prompts in enumerate(shards):
