@@ -46,7 +46,7 @@ struct Step {
 };
 
 std::vector<Step> steps;  // the steps being run, innermost last (a drafter's forward inside a target's)
-bool native_attention = true;  // fp32 sequences with few queries go to short_attention (else all to SDPA)
+bool native_attention = true;  // fp32 and bf16 sequences with few queries go to short_attention (else all to SDPA)
 bool native_gemv = true;  // up to kFewRows fp32 (kFewBf16Rows bf16) rows go to few_rows_linear, else oneDNN
 
 // Flat slots [start, start + len) of a contiguous [num_blocks, block_size, H, D] cache as a [1, H, len, D] view.

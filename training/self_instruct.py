@@ -145,7 +145,7 @@ def write_instructions(
     path: str | Path,
     num_instructions: int,
     seed: int = 0,
-    batch_size: int = 128,  # attempts a call: 4x the engine's 32 running, so finished ones are replaced
+    batch_size: int = 128,  # attempts a call (`train data` decodes a shard's worth at once, 128 by default)
     max_tokens: int = 128,
     filters: Filters = Filters(),
     max_attempts_per_instruction: int = 8,
