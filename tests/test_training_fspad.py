@@ -94,8 +94,8 @@ def test_shards_hold_the_targets_features_and_resume(tiny_data, tiny_model_dir, 
 
 
 def test_data_from_a_bf16_target_holds_its_features_and_keeps_its_dtype(tiny_model_dir, tmp_path):
-    """`--dtype bfloat16`: the answers and features come from the target in bf16 (an AMX CPU computes it several
-    times faster), stored as float16 as ever; resuming the directory in another dtype is refused."""
+    """`--dtype bfloat16`: the answers and features come from the target in bf16 (about twice as fast on an AMX
+    CPU), stored as float16 as ever; resuming the directory in another dtype is refused."""
     from transformers import AutoModelForCausalLM
 
     cfg = DataConfig(
