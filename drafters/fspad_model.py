@@ -114,18 +114,56 @@ class FSPADModel(nn.Module):
         Causal attention within each row, or with `paged` (B == 1) the paged tree attention of the step in
         `attention.forward_context` (`paged_attention_op` over layer 0 of that step's cache).
         """
+        u = self._fuse(features, embeddings)
+        q, k, v = self._qkv(u, positions)
+        if not paged:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, H, D]
+            out = paged_attention_op(q, k, v, 0, self.config.head_dim**-0.5)[None].transpose(1, 2)
+        return self._out(u, out)
+
+    def unrolled(
+        self, features: torch.Tensor, embeddings: torch.Tensor, positions: torch.Tensor, steps: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Training-time test: `forward` (step 1), then `steps - 1` more drafting steps over the same positions, each
+        as deep in a draft chain as at inference. Step s at position i reads the feature step s-1 predicted at i-1
+        (held fixed: no gradient flows through it) with embedding i, and attends to step 1's keys at positions up to
+        i-s+1 (the context, from the target's features) and to step t's key at i-s+t for t = 2..s (the chain
+        drafted on top of it; its own key is the last). Positions i < s-1 have no such chain and are not to be
+        trained. Returns each step's (token half, feature half), `[B, L, d]`."""
+        length = features.shape[1]
+        i = torch.arange(length, device=features.device)
+        keys, values, outs = [], [], []
+        inputs = features
+        for s in range(1, steps + 1):
+            u = self._fuse(inputs, embeddings)
+            q, k, v = self._qkv(u, positions)
+            keys.append(k)
+            values.append(v)
+            # [L, s * L]: block 1 the context up to i-s+1, block t the chain's key at i-s+t
+            mask = torch.cat(
+                [i[None, :] <= i[:, None] - s + 1] + [i[None, :] == i[:, None] - s + t for t in range(2, s + 1)], dim=1
+            )
+            if s == 1:  # plain causal attention, as `forward`
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q, torch.cat(keys, dim=2), torch.cat(values, dim=2), attn_mask=mask, enable_gqa=True
+                )
+            outs.append(self._out(u, out))
+            # the next step reads this step's predicted feature at the position before
+            inputs = torch.cat([features[:, :1], outs[-1][1][:, :-1].detach()], dim=1)
+        return outs
+
+    def _fuse(self, features: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         u = self.fc(torch.cat([embeddings, features], dim=-1))
         if self.config.feature_sampling:
             u = u + self.fs_down(F.silu(self.fs_gate(embeddings)) * self.fs_up(self.fs_norm(u)))
-        h = u + self._attention(u, positions, paged)
-        z = self.down_proj(F.silu(self.gate_proj(n := self.post_attention_layernorm(h))) * self.up_proj(n))
-        if not self.config.partial_alignment:
-            out = h + z
-            return out, out
-        d = self.config.hidden_size
-        return h + z[..., :d], h + z[..., d:]
+        return u
 
-    def _attention(self, x: torch.Tensor, positions: torch.Tensor, paged: bool) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries and keys, values: `[B, H, L, D]` each."""
         c = self.config
         b, length, _ = x.shape
         q = self.q_proj(x).view(b, length, c.num_attention_heads, c.head_dim).transpose(1, 2)
@@ -133,12 +171,18 @@ class FSPADModel(nn.Module):
         v = self.v_proj(x).view(b, length, c.num_key_value_heads, c.head_dim).transpose(1, 2)
         cos, sin = self.rotary(v, positions)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if not paged:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
-        else:
-            q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, H, D]
-            out = paged_attention_op(q, k, v, 0, c.head_dim**-0.5)[None]
-        return self.o_proj(out.reshape(b, length, -1))
+        return q, k, v
+
+    def _out(self, u: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token half, feature half) from the fused input `u` and the heads' attention `[B, H, L, D]`."""
+        b, length, _ = u.shape
+        h = u + self.o_proj(attention.transpose(1, 2).reshape(b, length, -1))
+        z = self.down_proj(F.silu(self.gate_proj(n := self.post_attention_layernorm(h))) * self.up_proj(n))
+        if not self.config.partial_alignment:
+            out = h + z
+            return out, out
+        d = self.config.hidden_size
+        return h + z[..., :d], h + z[..., d:]
 
     def draft_head(self, lm_head: torch.Tensor) -> torch.Tensor:
         """The target's (frozen) LM head weight `[V, d]` restricted to the draft vocabulary `[V_draft, d]`."""

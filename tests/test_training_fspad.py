@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from leapserve.decoding import LLM, SamplingParams
+from leapserve.drafters.fspad_model import FSPADConfig, FSPADModel
 from leapserve.training.data import DataConfig, generate_data, read_sequences
 from leapserve.training.export import export_eagle
 from leapserve.training.fspad import FSPADTrainConfig, feature_loss, frequent_tokens, soft_cross_entropy, train_fspad
@@ -172,3 +173,85 @@ def test_trained_tiny_drafter_is_lossless_in_the_speculative_decoder(variant, ti
     outs = llm.chat(prompts, penalized, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in want]
     assert sum(o.metrics.draft_tokens for o in outs) > 0
+
+
+def test_unrolled_steps_equal_the_drafting_chain():
+    """Step s of the training-time test at position i computes what drafting computes s levels deep: the drafter
+    run causally over the context's target features up to i-s+1, then its own predicted features."""
+    torch.manual_seed(0)
+    config = FSPADConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        max_position_embeddings=64,
+        target_vocab_size=50,
+        draft_vocab_size=50,
+    )
+    model = FSPADModel(config).double().eval()
+    length = 9
+    features, embeddings = (torch.randn(2, length, 32, dtype=torch.float64) for _ in range(2))
+    positions = torch.arange(length).expand(2, -1)
+    with torch.no_grad():
+        steps = model.unrolled(features, embeddings, positions, 3)
+        plain = model(features, embeddings, positions)
+        for a, b in zip(steps[0], plain):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for s in (2, 3):
+            for i in range(s - 1, length):
+                inputs = features[:, : i - s + 2]  # the context, its last position the chain's root
+                while inputs.shape[1] <= i:  # one level deeper: the feature predicted at the last position
+                    n = inputs.shape[1]
+                    predicted = model(inputs, embeddings[:, :n], positions[:, :n])[1][:, -1:]
+                    inputs = torch.cat([inputs, predicted], dim=1)
+                want = model(inputs, embeddings[:, : i + 1], positions[:, : i + 1])
+                for got, expected in zip(steps[s - 1], want):
+                    torch.testing.assert_close(got[:, i], expected[:, i])
+        assert not torch.allclose(steps[1][1][:, 3], plain[1][:, 3])  # a drafted input differs from the target's
+
+
+def test_training_resumes_a_drafter_and_unrolls(tiny_data, tiny_model_dir, tmp_path):
+    """`init` starts from a drafter's weights (refused where its configuration differs from the flags); `unroll`
+    trains deeper steps, reported per step and on the model card."""
+    base = TrainConfig(steps=10, lr=3e-3, batch_size=4, max_len=64, checkpoint_every=10, device="cpu")
+    first = train_fspad(
+        FSPADTrainConfig(
+            model=str(tiny_model_dir), data=str(tiny_data), out=str(tmp_path / "a"), eval_prompts=0, train=base
+        )
+    )
+    still = TrainConfig(steps=1, lr=1e-12, batch_size=4, max_len=64, checkpoint_every=10, device="cpu")
+    second = train_fspad(
+        FSPADTrainConfig(
+            model=str(tiny_model_dir),
+            data=str(tiny_data),
+            out=str(tmp_path / "b"),
+            init=str(first),
+            unroll=3,
+            eval_prompts=0,
+            train=still,
+        )
+    )
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name].float(), a[name].float(), rtol=0, atol=1e-6)
+    card = (second / "README.md").read_text()
+    assert "| drafting steps per position | 3 |" in card and f"| started from | {first} |" in card
+    assert "val_top1_s2" in card and "val_top1_s3" in card
+    with pytest.raises(ValueError, match="--init"):
+        train_fspad(
+            FSPADTrainConfig(
+                model=str(tiny_model_dir),
+                data=str(tiny_data),
+                out=str(tmp_path / "c"),
+                init=str(first),
+                feature_sampling=False,
+                eval_prompts=0,
+                train=still,
+            )
+        )
+    with pytest.raises(ValueError, match="--unroll"):
+        train_fspad(FSPADTrainConfig(model=str(tiny_model_dir), data=str(tiny_data), out=str(tmp_path / "d"), unroll=0))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from leapserve.decoding.args import DefaultsHelpFormatter, add_config_arguments, config_from_args, option
 from leapserve.decoding.config import DEFAULT_MODEL, ModelConfig
 from leapserve.decoding.model_loader import load_model, resolve_model
-from leapserve.drafters.checkpoints import DRAFTER_TYPE
+from leapserve.drafters.checkpoints import DRAFTER_TYPE, load_fspad
 from leapserve.drafters.fspad_model import FSPADConfig, FSPADModel
 
 from .checkpoint import command_line, describe_data, export_checkpoint, model_card, write_model_card
@@ -94,31 +94,41 @@ class FSPADObjective:
         noise: bool,
         all_positions: bool,
         device: torch.device,
+        unroll: int = 1,
     ):
         self.model, self.embed, self.head, self.noise, self.device = model, embed, head, noise, device
-        self.all_positions = all_positions
+        self.all_positions, self.unroll = all_positions, unroll
 
     def losses(self, batch: Batch, noise: bool) -> dict[str, torch.Tensor]:
+        """The loss averaged over the unrolled steps; feature, token and top-1 of step 1 (teacher-forced, as EAGLE
+        reports them) and top-1 of each deeper step (`top1_s2`, ...)."""
         f = batch.features
         inputs = f[:, :-1] + (uniform_noise(f[:, :-1]) if noise else 0)
         positions = torch.arange(f.shape[1] - 1, device=f.device).expand(f.shape[0], -1)
-        token_half, feature_half = self.model(inputs, self.embed[batch.input_ids[:, 1:]], positions)
-        draft_logits = token_half @ self.head.T
+        steps = self.model.unrolled(inputs, self.embed[batch.input_ids[:, 1:]], positions, self.unroll)
         target_logits = f[:, 1:] @ self.head.T
-        mask = batch.mask.float()
-        feat = feature_loss(feature_half, f[:, 1:], mask)
-        tok = soft_cross_entropy(draft_logits, target_logits, mask)
-        agree = (draft_logits.argmax(-1) == target_logits.argmax(-1)).float()
-        return {
-            "loss": FEATURE_WEIGHT * feat + TOKEN_WEIGHT * tok,
-            "feature": feat,
-            "token": tok,
-            "top1": (agree * mask).sum() / mask.sum().clamp(min=1),
-        }
+        target_top = target_logits.argmax(-1)
+        out: dict[str, torch.Tensor] = {}
+        loss = torch.zeros((), device=f.device)
+        for s, (token_half, feature_half) in enumerate(steps, start=1):
+            mask = batch.mask.float()
+            mask[:, : s - 1] = 0  # no chain of s-1 drafted features before these positions
+            draft_logits = token_half @ self.head.T
+            feat = feature_loss(feature_half, f[:, 1:], mask)
+            tok = soft_cross_entropy(draft_logits, target_logits, mask)
+            loss = loss + (FEATURE_WEIGHT * feat + TOKEN_WEIGHT * tok) / len(steps)
+            top1 = ((draft_logits.argmax(-1) == target_top).float() * mask).sum() / mask.sum().clamp(min=1)
+            if s == 1:
+                out.update(feature=feat, token=tok, top1=top1)
+            else:
+                out[f"top1_s{s}"] = top1
+        return {"loss": loss, **out}
 
     def __call__(self, sequences: list[TrainSequence]):
         out = self.losses(collate(sequences, self.device, self.all_positions), self.noise)
-        return out["loss"], {"feat": out["feature"].item(), "tok": out["token"].item(), "top1": out["top1"].item()}
+        shown = {"feat": out["feature"], "tok": out["token"], "top1": out["top1"]}
+        shown.update({k: v for k, v in out.items() if k.startswith("top1_s")})
+        return out["loss"], {k: v.item() for k, v in shown.items()}
 
     @torch.no_grad()
     def validate(self, sequences: list[TrainSequence], batch_size: int, max_len: int) -> dict[str, float]:
@@ -158,6 +168,12 @@ class FSPADTrainConfig:
     all_positions: bool = option(
         False, "train on prompt positions too (more signal from the same data), not only on answers"
     )
+    unroll: int = option(
+        1,
+        "drafting steps trained per position (training-time test): steps after the first read the drafter's own "
+        "predicted features and attend as in a draft chain",
+    )
+    init: str | None = option(None, "start from this FSPAD drafter's weights (its configuration and vocabulary)")
     draft_vocab_size: int = option(8192, "0: the target's whole vocabulary")
     intermediate_size: int | None = option(None, "default: the target's")
     eval_prompts: int = option(32, "held-out prompts (0: skip)")
@@ -170,6 +186,8 @@ class FSPADTrainConfig:
 
 
 def train_fspad(cfg: FSPADTrainConfig) -> Path:
+    if cfg.unroll < 1:
+        raise ValueError(f"--unroll must be at least 1, got {cfg.unroll}")
     device = cfg.train.torch_device
     source = resolve_model(cfg.model)
     target = load_model(source, ModelConfig(model=cfg.model), device, torch.float32)
@@ -188,18 +206,28 @@ def train_fspad(cfg: FSPADTrainConfig) -> Path:
         always = eos if isinstance(eos, list) else [eos] if eos is not None else []
         vocab = frequent_tokens(train_seqs, cfg.draft_vocab_size, always)
         overrides["draft_vocab_size"] = len(vocab)
-    config = FSPADConfig.from_target(target_config, **overrides)
-    torch.manual_seed(cfg.train.seed)
-    model = FSPADModel(config).to(device)
-    if vocab is not None:
-        model.draft_to_target.copy_(vocab)
-    objective = FSPADObjective(model, embed, model.draft_head(lm_head), cfg.noise, cfg.all_positions, device)
+    if cfg.init:
+        model = load_fspad(cfg.init, device, torch.float32).train()
+        config = model.config
+        given = {k: v for k, v in overrides.items() if k != "draft_vocab_size"}
+        if any(getattr(config, k) != v for k, v in given.items()):
+            raise ValueError(f"--init {cfg.init} is a drafter with {config}, not {given}")
+    else:
+        config = FSPADConfig.from_target(target_config, **overrides)
+        torch.manual_seed(cfg.train.seed)
+        model = FSPADModel(config).to(device)
+        if vocab is not None:
+            model.draft_to_target.copy_(vocab)
+    objective = FSPADObjective(
+        model, embed, model.draft_head(lm_head), cfg.noise, cfg.all_positions, device, unroll=cfg.unroll
+    )
     work = Path(cfg.work_dir or f"{cfg.out}.train")
     run = {
         "data": str(Path(cfg.data).resolve()),
         **config.to_dict(),
         "noise": cfg.noise,
         "all_positions": cfg.all_positions,
+        "unroll": cfg.unroll,
     }
     stream = batches(train_seqs, cfg.train.batch_size, cfg.train.max_len, cfg.train.seed)
     result = train(model, objective, stream, cfg.train, work, desc="fspad", run=run)
@@ -255,6 +283,8 @@ def _card(cfg: FSPADTrainConfig, facts: dict, metrics: dict | None) -> str:
         "draft vocabulary": cfg.draft_vocab_size or "full",
         "input noise": cfg.noise,
         "trained positions": "all" if cfg.all_positions else "answers",
+        "drafting steps per position": cfg.unroll,
+        "started from": cfg.init or "random initialisation",
         **facts,
     }
     return model_card(
