@@ -3,7 +3,7 @@
 // leapserve_cpu::packed_linear   y = x @ W.T + b through W's oneDNN-packed copy (kernels/packed_linear.py); up to
 //                                eight fp32 rows or four bf16 ones (three without AVX-512) through few_rows_linear,
 //                                which streams W
-// leapserve_cpu::paged_attention one layer's K/V write and attention, executing the step's plan
+// leapserve_cpu::paged_attention one layer's K/V write (row copies) and attention, executing the step's plan
 //                                (kernels/reference.py plans it once per step): fp32 and bf16 sequences with few
 //                                queries through short_attention, the rest through what `attend` runs
 //
@@ -185,9 +185,10 @@ void few_rows_linear(int64_t rows, const at::Tensor& x, const at::Tensor& w, con
   const int64_t k_dim = w.size(1), n_dim = w.size(0);
   // x in fp32, interleaved [K / 16, rows, 16] so that each step of the loop reads its rows' lanes from one place
   // (rows k_dim apart ran three rows 10% slower than oneDNN)
-  at::Tensor packed_x = at::empty({k_dim * rows}, x.options().dtype(at::kFloat));
+  thread_local std::vector<float> packed_x;  // reused: no allocation a call; 64-byte aligned below (a vector's
+  packed_x.resize(k_dim * rows + 16);         // loads split across cache lines otherwise)
+  float* xp = packed_x.data() + (16 - reinterpret_cast<uintptr_t>(packed_x.data()) / sizeof(float) % 16) % 16;
   const W* xs = x.data_ptr<W>();
-  float* xp = packed_x.data_ptr<float>();
   for (int64_t m = 0; m < rows; ++m)
     for (int64_t k = 0; k < k_dim; ++k) xp[(k / 16 * rows + m) * 16 + k % 16] = static_cast<float>(xs[m * k_dim + k]);
   const at::Tensor b = bias.has_value() ? compute(*bias).contiguous() : at::Tensor();
@@ -248,14 +249,14 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const st
 // are read, then weighs each value row as it is read. A query row's result depends only on its own visible keys, in slot
 // order: a token attended in a decode step or as a draft tree's root gets the same bits.
 template <typename T>
-void short_attention(const at::Tensor& q, const at::Tensor& flat_k, const at::Tensor& flat_v,
+void short_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const std::vector<const SeqPlan*>& seqs, double scale, at::Tensor& out) {
-  const int64_t q_heads = q.size(1), kv_heads = flat_k.size(1), dim = flat_k.size(2), group = q_heads / kv_heads;
+  const int64_t q_heads = q.size(1), kv_heads = k_cache.size(2), dim = k_cache.size(3), group = q_heads / kv_heads;
   const int64_t num_seqs = static_cast<int64_t>(seqs.size());
   const int64_t heads_per_task = num_seqs >= 2 * at::get_num_threads() ? kv_heads : 1;
   const float* qp = q.data_ptr<float>();
-  const T* kp = flat_k.data_ptr<T>();
-  const T* vp = flat_v.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();  // [slots, Hkv, D]: contiguous (checked when pushed)
+  const T* vp = v_cache.data_ptr<T>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale), neg_inf = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, num_seqs * (kv_heads / heads_per_task), 1, [&](int64_t begin, int64_t end) {
@@ -333,13 +334,16 @@ void short_attention(const at::Tensor& q, const at::Tensor& flat_k, const at::Te
   });
 }
 
+// A contiguous [num_blocks, block_size, H, D] cache as [slots, H, D].
+at::Tensor flat(const at::Tensor& cache) { return cache.view({-1, cache.size(2), cache.size(3)}); }
+
 // One sequence's attention through SDPA, as reference.attend runs it: [n, Hq, D] in fp32.
-at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& flat_k,
-                      const at::Tensor& flat_v, const SeqPlan& p, double scale) {
+at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const SeqPlan& p,
+                      double scale) {
   at::Tensor keys, values;
   if (p.keys.has_value()) {
-    keys = flat_k.index_select(0, *p.keys).unsqueeze(0).transpose(1, 2);
-    values = flat_v.index_select(0, *p.keys).unsqueeze(0).transpose(1, 2);
+    keys = flat(k_cache).index_select(0, *p.keys).unsqueeze(0).transpose(1, 2);
+    values = flat(v_cache).index_select(0, *p.keys).unsqueeze(0).transpose(1, 2);
   } else {
     keys = heads_view(k_cache, p.key_start, p.key_len);
     values = heads_view(v_cache, p.key_start, p.key_len);
@@ -348,6 +352,29 @@ at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k_cache, const at::
   return at::scaled_dot_product_attention(compute(queries), compute(keys), compute(values), p.mask, 0.0, p.causal,
                                           scale, true)[0]
       .transpose(0, 1);
+}
+
+// cache[slots[t]] = rows[t] for a contiguous [num_blocks, block_size, H, D] cache and rows [T, H, D] (a row's heads
+// at any stride, its dims consecutive: v is a view into the fused qkv output): row copies, no dispatched op.
+void write_rows(const at::Tensor& cache, const at::Tensor& slots, const at::Tensor& rows) {
+  const int64_t heads = cache.size(2), dim = cache.size(3), num_slots = cache.size(0) * cache.size(1);
+  if (rows.scalar_type() != cache.scalar_type() || rows.dim() != 3 || rows.size(1) != heads || rows.size(2) != dim ||
+      rows.stride(2) != 1 || slots.scalar_type() != at::kLong || !slots.is_contiguous()) {
+    flat(cache).index_copy_(0, slots, rows);
+    return;
+  }
+  const int64_t n = slots.numel(), bytes = dim * static_cast<int64_t>(cache.element_size());
+  TORCH_CHECK(rows.size(0) == n, "leapserve_cpu::paged_attention: ", rows.size(0), " new K/V rows for ", n, " slots");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const char* src = static_cast<const char*>(rows.data_ptr());
+  char* dst = static_cast<char*>(cache.data_ptr());
+  const int64_t row_stride = rows.stride(0) * rows.element_size(), head_stride = rows.stride(1) * rows.element_size();
+  for (int64_t t = 0; t < n; ++t) {
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "leapserve_cpu::paged_attention: slot ", slot[t],
+                " outside the cache's ", num_slots);
+    for (int64_t h = 0; h < heads; ++h)
+      std::memcpy(dst + (slot[t] * heads + h) * bytes, src + t * row_stride + h * head_stride, bytes);
+  }
 }
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t layer,
@@ -359,10 +386,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   const at::Tensor& k_cache = s.k[layer];
   const at::Tensor& v_cache = s.v[layer];
   const int64_t kv_heads = k_cache.size(2), dim = k_cache.size(3), q_heads = q.size(1);
-  auto flat_k = k_cache.view({-1, kv_heads, dim});  // the caches are contiguous (checked when pushed)
-  auto flat_v = v_cache.view({-1, kv_heads, dim});
-  flat_k.index_copy_(0, s.slot_mapping, k);
-  flat_v.index_copy_(0, s.slot_mapping, v);
+  write_rows(k_cache, s.slot_mapping, k);
+  write_rows(v_cache, s.slot_mapping, v);
 
   const auto dtype = k_cache.scalar_type();
   if (native_attention && q.scalar_type() == dtype && (dtype == at::kFloat || dtype == at::kBFloat16) && dim % 8 == 0) {
@@ -372,11 +397,11 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     if (!few.empty()) {
       const at::Tensor queries = compute(q).contiguous();  // [T, Hq, D] fp32
       at::Tensor out = at::empty_like(queries);
-      if (dtype == at::kFloat) short_attention<float>(queries, flat_k, flat_v, few, scale, out);
-      else short_attention<at::BFloat16>(queries, flat_k, flat_v, few, scale, out);
+      if (dtype == at::kFloat) short_attention<float>(queries, k_cache, v_cache, few, scale, out);
+      else short_attention<at::BFloat16>(queries, k_cache, v_cache, few, scale, out);
       for (const SeqPlan& p : s.seqs)  // prefill
         if (p.end - p.start > kShortQueries)
-          out.slice(0, p.start, p.end).copy_(attend_one(q, k_cache, v_cache, flat_k, flat_v, p, scale));
+          out.slice(0, p.start, p.end).copy_(attend_one(q, k_cache, v_cache, p, scale));
       return out.to(q.scalar_type());
     }
   }
@@ -385,8 +410,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     at::Tensor queries =
         s.max_q == 1 ? q.unsqueeze(1) : q.new_zeros({num_seqs * s.max_q, q_heads, dim}).index_copy_(0, s.rows, q);
     queries = queries.view({num_seqs, s.max_q, q_heads, dim}).transpose(1, 2);
-    auto keys = flat_k.index_select(0, s.slots).view({num_seqs, -1, kv_heads, dim}).transpose(1, 2);
-    auto values = flat_v.index_select(0, s.slots).view({num_seqs, -1, kv_heads, dim}).transpose(1, 2);
+    auto keys = flat(k_cache).index_select(0, s.slots).view({num_seqs, -1, kv_heads, dim}).transpose(1, 2);
+    auto values = flat(v_cache).index_select(0, s.slots).view({num_seqs, -1, kv_heads, dim}).transpose(1, 2);
     auto o = at::scaled_dot_product_attention(compute(queries), compute(keys), compute(values), s.mask, 0.0, false,
                                               scale, true);
     o = o.transpose(1, 2).reshape({num_seqs * s.max_q, q_heads, dim});
@@ -395,7 +420,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   at::Tensor out;
   if (s.seqs.size() != 1) out = at::empty_like(q);
   for (const SeqPlan& p : s.seqs) {
-    auto o = attend_one(q, k_cache, v_cache, flat_k, flat_v, p, scale);
+    auto o = attend_one(q, k_cache, v_cache, p, scale);
     if (s.seqs.size() == 1) return o.to(q.scalar_type());
     out.slice(0, p.start, p.end).copy_(o);
   }

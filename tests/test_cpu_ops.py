@@ -74,7 +74,8 @@ def run_both(case, layers: int = 2) -> None:
     try:
         for layer in range(layers):
             q = case.q * (layer + 1)
-            out = torch.ops.leapserve_cpu.paged_attention(q, k * (layer + 1), v, layer, scale)
+            v_in_row = torch.cat([k, v], dim=1)[:, k.shape[1] :]  # a view into wider rows, as the fused qkv output's
+            out = torch.ops.leapserve_cpu.paged_attention(q, k * (layer + 1), v_in_row, layer, scale)
             step.write_kv(k * (layer + 1), v, theirs[0][layer], theirs[1][layer])
             expected = step.attend(q, theirs[0][layer], theirs[1][layer], scale)
             assert out.shape == expected.shape and out.dtype == expected.dtype
