@@ -141,13 +141,14 @@ class FSPADModel(nn.Module):
             q, k, v = self._qkv(u, positions)
             keys.append(k)
             values.append(v)
-            # [L, s * L]: block 1 the context up to i-s+1, block t the chain's key at i-s+t
-            mask = torch.cat(
-                [i[None, :] <= i[:, None] - s + 1] + [i[None, :] == i[:, None] - s + t for t in range(2, s + 1)], dim=1
-            )
             if s == 1:  # plain causal attention, as `forward`
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             else:
+                # [L, s * L]: block 1 the context up to i-s+1, block t the chain's key at i-s+t
+                mask = torch.cat(
+                    [i[None, :] <= i[:, None] - s + 1] + [i[None, :] == i[:, None] - s + t for t in range(2, s + 1)],
+                    dim=1,
+                )
                 out = F.scaled_dot_product_attention(
                     q, torch.cat(keys, dim=2), torch.cat(values, dim=2), attn_mask=mask, enable_gqa=True
                 )

@@ -369,9 +369,10 @@ void write_rows(const at::Tensor& cache, const at::Tensor& slots, const at::Tens
   const char* src = static_cast<const char*>(rows.data_ptr());
   char* dst = static_cast<char*>(cache.data_ptr());
   const int64_t row_stride = rows.stride(0) * rows.element_size(), head_stride = rows.stride(1) * rows.element_size();
-  for (int64_t t = 0; t < n; ++t) {
+  for (int64_t t = 0; t < n; ++t)  // all checked before any is written: a refused step leaves the cache as it was
     TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "leapserve_cpu::paged_attention: slot ", slot[t],
                 " outside the cache's ", num_slots);
+  for (int64_t t = 0; t < n; ++t) {
     for (int64_t h = 0; h < heads; ++h)
       std::memcpy(dst + (slot[t] * heads + h) * bytes, src + t * row_stride + h * head_stride, bytes);
   }

@@ -200,19 +200,18 @@ def train_fspad(cfg: FSPADTrainConfig) -> Path:
     overrides = {"feature_sampling": cfg.feature_sampling, "partial_alignment": cfg.partial_alignment}
     if cfg.intermediate_size:
         overrides["intermediate_size"] = cfg.intermediate_size
-    vocab = None
-    if cfg.draft_vocab_size and cfg.draft_vocab_size < target_config.vocab_size:
-        eos = target_config.eos_token_id
-        always = eos if isinstance(eos, list) else [eos] if eos is not None else []
-        vocab = frequent_tokens(train_seqs, cfg.draft_vocab_size, always)
-        overrides["draft_vocab_size"] = len(vocab)
-    if cfg.init:
+    if cfg.init:  # its configuration and vocabulary are the drafter's
         model = load_fspad(cfg.init, device, torch.float32).train()
         config = model.config
-        given = {k: v for k, v in overrides.items() if k != "draft_vocab_size"}
-        if any(getattr(config, k) != v for k, v in given.items()):
-            raise ValueError(f"--init {cfg.init} is a drafter with {config}, not {given}")
+        if any(getattr(config, k) != v for k, v in overrides.items()):
+            raise ValueError(f"--init {cfg.init} is a drafter with {config}, not {overrides}")
     else:
+        vocab = None
+        if cfg.draft_vocab_size and cfg.draft_vocab_size < target_config.vocab_size:
+            eos = target_config.eos_token_id
+            always = eos if isinstance(eos, list) else [eos] if eos is not None else []
+            vocab = frequent_tokens(train_seqs, cfg.draft_vocab_size, always)
+            overrides["draft_vocab_size"] = len(vocab)
         config = FSPADConfig.from_target(target_config, **overrides)
         torch.manual_seed(cfg.train.seed)
         model = FSPADModel(config).to(device)
