@@ -108,12 +108,16 @@ def leapserve_llama(model: PreTrainedModel, model_impl: str) -> Llama | None:
 def compiled(forward: Callable[..., T], device: torch.device) -> Callable[..., T]:
     """`forward` (a model's on `device`, taking tensors) through torch.compile (inductor), one graph for any number
     of tokens per step; compiled artifacts are cached under $LEAPSERVE_CACHE/inductor (or $TORCHINDUCTOR_CACHE_DIR)
-    and reused by later starts. On CPU the graph's opaque ops are leapserve's C++ ops (built on first use) and
-    inductor writes its wrapper in C++, so a step runs no Python between kernels."""
+    and reused by later starts. On CPU the graph's opaque ops are leapserve's C++ ops (built on first use), which
+    inductor's C++ wrapper calls as C functions, so a step runs no Python and no dispatcher between kernels."""
     options: dict = {"guard_filter_fn": input_guards}
     if device.type == "cpu":
         cpu_ops.load(cache_dir() / "extensions")
         options["cpp_wrapper"] = True
+        options["aot_inductor.custom_ops_to_c_shims"] = cpu_ops.c_shims()
+        # one allocation a call for the graph's intermediates, and no shape checks on what the ops return (their
+        # fake shapes are tested against them): ~0.5 ms of a 28 ms batch-1 step (docs/compile.md)
+        options.update(memory_planning=True, size_asserts=False, scalar_asserts=False, alignment_asserts=False)
 
     def run_model(*args: torch.Tensor) -> T:
         return forward(*args)
@@ -124,12 +128,14 @@ def compiled(forward: Callable[..., T], device: torch.device) -> Callable[..., T
     return torch.compile(run_model, dynamic=True, fullgraph=True, options=options)
 
 
-def floats_as_constants() -> AbstractContextManager:
-    """Around a warm-up that compiles: Dynamo traces the floats a model reads (an RMSNorm's eps) as constants. A
+def capture_settings() -> AbstractContextManager:
+    """Around a warm-up that compiles. Dynamo traces the floats a model reads (an RMSNorm's eps) as constants: a
     dynamic-shape graph otherwise takes each as a tensor input, built from the float at every call (32 for SmolLM2:
-    0.2 ms of a batch-1 step under the profiler). Later calls reuse the graphs, whose guards are on their inputs
-    only (docs/compile.md)."""
-    return torch._dynamo.config.patch(specialize_float=True)
+    0.2 ms of a batch-1 step under the profiler). And it installs the model's parameters in its graphs instead of
+    gathering them from the modules at every call (SmolLM2's 216: 0.13 ms a call under the profiler), so a
+    parameter replaced after compiling is not seen (one changed in place is). Later calls reuse the graphs, whose
+    guards are on their inputs only (docs/compile.md)."""
+    return torch._dynamo.config.patch(specialize_float=True, install_free_tensors=True)
 
 
 def input_guards(guards: list) -> list[bool]:
@@ -172,7 +178,7 @@ class ModelRunner:
         graphs torch.compile makes for a dynamic length); the step writes into block 0, which no sequence holds yet."""
         start = time.perf_counter()
         logger.info("compiling the model (torch.compile, inductor): 1 token per step, then 2 or more ...")
-        with floats_as_constants():
+        with capture_settings():
             for n in (1, 2, 3):
                 self._run([SeqChunk([0], 0, [0] * n, [n - 1])])
         logger.info("compiled in %.1f s", time.perf_counter() - start)
@@ -212,9 +218,11 @@ class ModelRunner:
     def _run(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor]:
         meta, positions, offsets = step_metadata(chunks, self.cache, self.buffers)
         input_ids = self.buffers.put("input_ids", [t for c in chunks for t in c.token_ids], torch.int64)
-        rows = self.buffers.put(
-            "logits_rows", [lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows], torch.int64
-        )
+        rows = None  # every token's, in order (decoding, verifying): no gather
+        if any(c.logits_rows != list(range(len(c.token_ids))) for c in chunks):
+            rows = self.buffers.put(
+                "logits_rows", [lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows], torch.int64
+            )
         with profiled_range(MODEL_RANGE):
             if any(c.extra for c in chunks):
                 hidden = self._run_with_extra(chunks, offsets, input_ids, positions, meta)
@@ -226,7 +234,7 @@ class ModelRunner:
                 assert self._llama_forward is not None
                 with forward_context(meta):
                     hidden = self._llama_forward(input_ids, positions)
-            return self.logits(hidden[rows]), hidden
+            return self.logits(hidden if rows is None else hidden[rows]), hidden
 
     def _run_with_extra(
         self,

@@ -27,7 +27,7 @@ from leapserve.decoding.drafter import DraftTree
 from leapserve.decoding.kv_cache import PagedKVCache
 from leapserve.decoding.observe import MODEL_RANGE, ForwardHook, profiled_range
 from leapserve.decoding.request import Sequence
-from leapserve.decoding.runner import ModelRunner, SeqChunk, compiled, floats_as_constants, step_metadata
+from leapserve.decoding.runner import ModelRunner, SeqChunk, capture_settings, compiled, step_metadata
 from leapserve.decoding.sampler import Sampler
 from leapserve.decoding.scheduler import ScheduledSeq
 from leapserve.decoding.step_buffers import StepBuffers
@@ -113,7 +113,7 @@ class FSPADDrafter:
     def _warm_up(self) -> None:
         """Compile now, as the target's runner does (1 token, then 2 or more), writing into block 0."""
         d = self.model.config.hidden_size
-        with floats_as_constants():
+        with capture_settings():
             for n in (1, 2, 3):
                 self._run([SeqChunk([0], 0, [0] * n, [n - 1], extra={"features": torch.zeros(n, d)})])
 

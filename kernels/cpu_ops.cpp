@@ -12,8 +12,11 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
+#include <ATen/record_function.h>
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -61,7 +64,10 @@ at::Tensor heads_view(const at::Tensor& cache, int64_t start, int64_t len) {
 constexpr int64_t kShortQueries = 16;
 
 // what the ops compute in: fp32, also for bf16 tensors (as SDPA and oneDNN do)
-at::Tensor compute(const at::Tensor& x) { return x.scalar_type() == at::kFloat ? x : x.to(at::kFloat); }
+// x in `dtype`: x itself where it already is (no dispatch)
+at::Tensor as_dtype(const at::Tensor& x, at::ScalarType dtype) { return x.scalar_type() == dtype ? x : x.to(dtype); }
+
+at::Tensor compute(const at::Tensor& x) { return as_dtype(x, at::kFloat); }
 
 typedef float vec8 __attribute__((vector_size(32)));  // 8 lanes: AVX2, or half an AVX-512 register
 typedef int32_t ivec8 __attribute__((vector_size(32)));
@@ -222,7 +228,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const st
     const at::Tensor input = x.contiguous();
     std::vector<int64_t> shape = x.sizes().vec();
     shape.back() = n_dim;
-    at::Tensor y = at::empty(shape, x.options());
+    at::Tensor y = at::detail::empty_cpu(shape, x.scalar_type());  // not through the dispatcher
     if (dtype == at::kFloat)
       few_rows_linear<float>(rows, input, weight, bias, y);
     else
@@ -397,13 +403,13 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
       if (p.end - p.start <= kShortQueries) few.push_back(&p);
     if (!few.empty()) {
       const at::Tensor queries = compute(q).contiguous();  // [T, Hq, D] fp32
-      at::Tensor out = at::empty_like(queries);
+      at::Tensor out = at::detail::empty_cpu(queries.sizes(), at::kFloat);
       if (dtype == at::kFloat) short_attention<float>(queries, k_cache, v_cache, few, scale, out);
       else short_attention<at::BFloat16>(queries, k_cache, v_cache, few, scale, out);
       for (const SeqPlan& p : s.seqs)  // prefill
         if (p.end - p.start > kShortQueries)
           out.slice(0, p.start, p.end).copy_(attend_one(q, k_cache, v_cache, p, scale));
-      return out.to(q.scalar_type());
+      return as_dtype(out, q.scalar_type());
     }
   }
   if (s.batched) {  // [B, H, max_q, max_keys], padded queries and keys masked
@@ -416,13 +422,13 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     auto o = at::scaled_dot_product_attention(compute(queries), compute(keys), compute(values), s.mask, 0.0, false,
                                               scale, true);
     o = o.transpose(1, 2).reshape({num_seqs * s.max_q, q_heads, dim});
-    return (s.max_q == 1 ? o : o.index_select(0, s.rows)).to(q.scalar_type());
+    return as_dtype(s.max_q == 1 ? o : o.index_select(0, s.rows), q.scalar_type());
   }
   at::Tensor out;
   if (s.seqs.size() != 1) out = at::empty_like(q);
   for (const SeqPlan& p : s.seqs) {
     auto o = attend_one(q, k_cache, v_cache, p, scale);
-    if (s.seqs.size() == 1) return o.to(q.scalar_type());
+    if (s.seqs.size() == 1) return as_dtype(o, q.scalar_type());
     out.slice(0, p.start, p.end).copy_(o);
   }
   return out;
@@ -483,6 +489,35 @@ TORCH_LIBRARY_IMPL(leapserve_cpu, CPU, m) {
   m.impl("packed_linear", packed_linear);
   m.impl("paged_attention", paged_attention);
 }
+
+// The same ops as C functions with inductor's C-shim ABI (declared to it in cpu_ops.py): its C++ wrapper calls these
+// directly instead of through the dispatcher's boxed path (a schema lookup and a stack of IValues per call, ~150
+// calls a step). The profiler still sees each call under the op's name.
+extern "C" {
+
+AOTITorchError aoti_torch_cpu_packed_linear(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle* bias,
+                                            AtenTensorHandle* ret0) {
+  using namespace torch::aot_inductor;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    RECORD_FUNCTION("leapserve_cpu::packed_linear", std::vector<c10::IValue>());
+    const std::optional<at::Tensor> b =
+        bias == nullptr ? std::nullopt : std::optional<at::Tensor>(*tensor_handle_to_tensor_pointer(*bias));
+    *ret0 = new_tensor_handle(
+        packed_linear(*tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(weight), b));
+  });
+}
+
+AOTITorchError aoti_torch_cpu_paged_attention(AtenTensorHandle q, AtenTensorHandle k, AtenTensorHandle v,
+                                              int64_t layer, double scale, AtenTensorHandle* ret0) {
+  using namespace torch::aot_inductor;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    RECORD_FUNCTION("leapserve_cpu::paged_attention", std::vector<c10::IValue>());
+    *ret0 = new_tensor_handle(paged_attention(*tensor_handle_to_tensor_pointer(q), *tensor_handle_to_tensor_pointer(k),
+                                              *tensor_handle_to_tensor_pointer(v), layer, scale));
+  });
+}
+
+}  // extern "C"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("register_packed", &register_packed);

@@ -28,6 +28,7 @@ in fp32, rounded once); more rows, and other dtypes, go to oneDNN.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -79,6 +80,8 @@ def load(build_root: Path) -> ModuleType:
                 ) from e
             torch.library.register_fake("leapserve_cpu::packed_linear", _packed_linear_shape)
             torch.library.register_fake("leapserve_cpu::paged_attention", _paged_attention_shape)
+            # inductor's C++ wrapper calls the ops' C shims, which the graphs it builds find among global symbols
+            ctypes.CDLL(module.__file__, mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
             module.set_native_attention(_choice_from_env("LEAPSERVE_CPU_ATTENTION", "native", "sdpa"))
             module.set_native_gemv(_choice_from_env("LEAPSERVE_CPU_GEMV", "native", "onednn"))
             _module = module  # from here on, weights packed register themselves; those packed before, now
@@ -87,6 +90,33 @@ def load(build_root: Path) -> ModuleType:
             for key, weight in packed_linear.packed_copies():
                 module.register_packed(key, weight)
     return _module
+
+
+# the ops' C functions (cpu_ops.cpp) with inductor's C-shim ABI: its C++ wrapper calls them without the dispatcher
+C_SHIMS = {
+    "packed_linear": "AOTITorchError aoti_torch_cpu_packed_linear(AtenTensorHandle x, AtenTensorHandle weight, "
+    "AtenTensorHandle* bias, AtenTensorHandle* ret0)",
+    "paged_attention": "AOTITorchError aoti_torch_cpu_paged_attention(AtenTensorHandle q, AtenTensorHandle k, "
+    "AtenTensorHandle v, int64_t layer, double scale, AtenTensorHandle* ret0)",
+}
+
+
+class CShims(dict):
+    """inductor's `aot_inductor.custom_ops_to_c_shims` (op -> its C declaration) for `declarations` (op name -> C
+    declaration). Pickled by those strings: inductor's cache key pickles its configuration, where an op itself would
+    not pickle and would turn the cache off."""
+
+    def __init__(self, declarations: dict[str, str]):
+        super().__init__({getattr(torch.ops.leapserve_cpu, name).default: [d] for name, d in declarations.items()})
+        self.declarations = declarations
+
+    def __reduce__(self) -> tuple:
+        return (CShims, (self.declarations,))
+
+
+def c_shims() -> CShims:
+    """The ops' C shims for inductor (after `load`)."""
+    return CShims(C_SHIMS)
 
 
 STALE_LOCK_S = 600.0  # a build takes about a minute here: a lock this old was left by a killed one

@@ -54,6 +54,12 @@ def runs_native(case) -> bool:
     return cpu_ops.loaded().native_attention() and native_dtype and bool((new <= 16).any())
 
 
+def assert_like_fake(out: torch.Tensor, fake: torch.Tensor) -> None:
+    """What an op returned is laid out as its fake implementation says: compiled graphs trust the fake's shape and
+    strides without checking them (`runner.compiled`)."""
+    assert (out.shape, out.stride(), out.dtype) == (fake.shape, fake.stride(), fake.dtype)
+
+
 def run_both(case, layers: int = 2) -> None:
     """Each layer's write and attention through the C++ op and through `AttentionStep`: equal caches; outputs equal
     through SDPA, within fp32 rounding of the reference and the oracle through the op's own attention."""
@@ -79,6 +85,7 @@ def run_both(case, layers: int = 2) -> None:
             step.write_kv(k * (layer + 1), v, theirs[0][layer], theirs[1][layer])
             expected = step.attend(q, theirs[0][layer], theirs[1][layer], scale)
             assert out.shape == expected.shape and out.dtype == expected.dtype
+            assert_like_fake(out, cpu_ops._paged_attention_shape(q, k, v_in_row, layer, scale))
             if runs_native(case):  # fp32 sums in another order; in bf16, then rounded: a bf16 step apart at most
                 tol = 1e-5 if case.q.dtype == torch.float32 else 2**-7
                 torch.testing.assert_close(out, expected, rtol=tol, atol=tol * float(expected.abs().max()))
@@ -238,7 +245,7 @@ def test_packed_linear_op_equals_onednn_and_linear(dtype: torch.dtype, rows: int
     lin = PackedLinear(weight, b)
     x = torch.randn(rows, in_features, generator=gen).to(dtype)
     out = torch.ops.leapserve_cpu.packed_linear(x, lin.weight, lin.bias)
-    assert out.dtype == dtype
+    assert_like_fake(out, cpu_ops._packed_linear_shape(x, lin.weight, lin.bias))
     if rows <= cpu_ops.few_rows(dtype) and in_features % 16 == 0:
         exact = x.double() @ weight.double().T + (0 if b is None else b.double())
         assert_rounded_from(out, exact)
@@ -291,6 +298,7 @@ def test_packed_linear_takes_leading_dims_as_rows(dtype: torch.dtype, shape: tup
     x = torch.randn(*shape, 64, generator=gen).to(dtype)
     out = torch.ops.leapserve_cpu.packed_linear(x, lin.weight, None)
     assert out.shape == (*shape, 96)
+    assert_like_fake(out, cpu_ops._packed_linear_shape(x, lin.weight, None))
     assert torch.equal(out, torch.ops.leapserve_cpu.packed_linear(x.reshape(-1, 64), lin.weight, None).view_as(out))
 
 

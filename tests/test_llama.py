@@ -201,7 +201,7 @@ def test_compiled_models_pick_their_graphs_by_the_inputs_alone(tiny_model_dir):
     several, then of one again each run the graph made for them at start-up, without recompiling, and two models of
     different shapes compiled in one process each run their own graph; every step gives the eager model's logits.
     The graphs read the models' floats (RMSNorm eps) as constants: a compiled call builds no tensor before it runs
-    the graph (`runner.floats_as_constants`)."""
+    the graph (`runner.capture_settings`)."""
     from torch._dynamo.utils import counters
     from torch.profiler import ProfilerActivity, profile
 
