@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import itertools
 import os
+import pickle
 import time
 
 import pytest
@@ -192,6 +193,15 @@ def test_the_own_code_is_chosen_by_the_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv(variable, "fast")
     with pytest.raises(ValueError, match=f"{variable} must be native or {other}"):
         cpu_ops._choice_from_env(variable, native, other)
+
+
+def test_the_c_shims_table_pickles_as_its_declarations() -> None:
+    """inductor's compile cache keys on its pickled configuration, which holds the ops' C shims: the table pickles
+    (by its declarations, not the ops) and comes back equal, or every compile would bypass the cache."""
+    shims = cpu_ops.c_shims()
+    ops = torch.ops.leapserve_cpu
+    assert set(shims) == {ops.packed_linear.default, ops.paged_attention.default}
+    assert pickle.loads(pickle.dumps(shims)) == shims
 
 
 def test_steps_nest_and_an_op_outside_a_step_is_refused() -> None:

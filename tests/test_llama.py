@@ -220,6 +220,7 @@ def test_compiled_models_pick_their_graphs_by_the_inputs_alone(tiny_model_dir):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         got = [[runner.execute([chunk]) for runner in runners] for chunk in steps]  # the models in turn
     assert counters["stats"]["unique_graphs"] == compiled
+    assert counters["inductor"]["fxgraph_cache_bypass"] == 0  # the compile cache keys on every option given
     pregraph = [e for e in prof.events() if e.name == "Pregraph bytecode"]
     assert len(pregraph) == len(steps) * len(runners)
     assert not [c.name for e in pregraph for c in e.cpu_children if c.name == "aten::lift_fresh"]
