@@ -219,7 +219,9 @@ class ModelRunner:
         meta, positions, offsets = step_metadata(chunks, self.cache, self.buffers)
         input_ids = self.buffers.put("input_ids", [t for c in chunks for t in c.token_ids], torch.int64)
         rows = None  # every token's, in order (decoding, verifying): no gather
-        if any(c.logits_rows != list(range(len(c.token_ids))) for c in chunks):
+        if any(
+            len(c.logits_rows) != len(c.token_ids) or c.logits_rows != list(range(len(c.token_ids))) for c in chunks
+        ):
             rows = self.buffers.put(
                 "logits_rows", [lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows], torch.int64
             )

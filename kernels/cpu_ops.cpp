@@ -63,10 +63,10 @@ at::Tensor heads_view(const at::Tensor& cache, int64_t start, int64_t len) {
 // bound.
 constexpr int64_t kShortQueries = 16;
 
-// what the ops compute in: fp32, also for bf16 tensors (as SDPA and oneDNN do)
 // x in `dtype`: x itself where it already is (no dispatch)
 at::Tensor as_dtype(const at::Tensor& x, at::ScalarType dtype) { return x.scalar_type() == dtype ? x : x.to(dtype); }
 
+// what the ops compute in: fp32, also for bf16 tensors (as SDPA and oneDNN do)
 at::Tensor compute(const at::Tensor& x) { return as_dtype(x, at::kFloat); }
 
 typedef float vec8 __attribute__((vector_size(32)));  // 8 lanes: AVX2, or half an AVX-512 register
