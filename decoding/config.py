@@ -86,6 +86,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
     max_batch_draft_tokens: int = 64  # adaptive: draft tokens per step over the whole batch
+    dtype: str = "auto"  # fspad: its weights and cache (`drafters.fspad.draft_dtype`)
 
     @classmethod
     def from_dict(cls, d: dict) -> SpeculativeConfig:
@@ -112,6 +113,8 @@ class SpeculativeConfig:
         check(self.layout in SPEC_LAYOUTS, f"layout must be one of {SPEC_LAYOUTS}, got {self.layout!r}")
         check(1 <= self.prompt_lookup_min <= self.prompt_lookup_max, "need 1 <= prompt_lookup_min <= prompt_lookup_max")
         check(self.max_batch_draft_tokens >= 1, "max_batch_draft_tokens must be at least 1")
+        check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        check(self.dtype == "auto" or self.method == "fspad", "dtype is the fspad drafter's; others run the target's")
         if isinstance(self.tree, list):
             check(
                 len(self.tree) > 0 and all(isinstance(b, int) and b >= 1 for b in self.tree),

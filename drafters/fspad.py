@@ -25,6 +25,7 @@ from leapserve.decoding.attention import forward_context
 from leapserve.decoding.config import SpeculativeConfig
 from leapserve.decoding.drafter import DraftTree
 from leapserve.decoding.kv_cache import PagedKVCache
+from leapserve.decoding.model_loader import resolve_dtype
 from leapserve.decoding.observe import MODEL_RANGE, ForwardHook, profiled_range
 from leapserve.decoding.request import Sequence
 from leapserve.decoding.runner import ModelRunner, SeqChunk, capture_settings, compiled, step_metadata
@@ -75,6 +76,16 @@ class _FeatureState:
                 self.pending[0], drop = first[drop:], 0
 
 
+def draft_dtype(dtype: str, target_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The drafter's weights and cache: `dtype` as named, or for "auto" bf16 under an fp32 target on a CPU whose
+    oneDNN computes bf16 (half the bytes a draft level streams; BENCHMARKS.md, "The drafter in bf16 under an fp32
+    target"), else the target's dtype. Its proposals are verified by the target either way: outputs do not change."""
+    if dtype != "auto":
+        return resolve_dtype(dtype, device)
+    cpu_bf16 = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if target_dtype == torch.float32 and cpu_bf16 else target_dtype
+
+
 class FSPADDrafter:
     needs_target_features = True
 
@@ -82,7 +93,8 @@ class FSPADDrafter:
         self, spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler, *, on_forward: ForwardHook | None = None
     ):
         target = runner.cache
-        self.model = load_fspad(spec.model, runner.device, target.k[0].dtype)
+        dtype = draft_dtype(spec.dtype, target.k[0].dtype, runner.device)
+        self.model = load_fspad(spec.model, runner.device, dtype)
         c = self.model.config
         if c.target_vocab_size != runner.model.config.vocab_size or c.hidden_size != runner.model.config.hidden_size:
             raise ValueError(
@@ -90,11 +102,13 @@ class FSPADDrafter:
                 f"{c.target_vocab_size} and hidden size {c.hidden_size}, not this one"
             )
         self.embed = runner.model.get_input_embeddings()
-        self.head = PackedLinear(self.model.draft_head(runner.model.get_output_embeddings().weight))  # [V_draft, d]
+        self.head = PackedLinear(
+            self.model.draft_head(runner.model.get_output_embeddings().weight).to(dtype)
+        )  # [V_draft, d]
         if runner.llama is not None:  # the target runs on leapserve's Llama: its prepacked GEMMs here too
             pack_linears(self.model)
         self.cache = PagedKVCache(
-            1, target.num_blocks, target.block_size, c.num_key_value_heads, c.head_dim, target.k[0].dtype, runner.device
+            1, target.num_blocks, target.block_size, c.num_key_value_heads, c.head_dim, dtype, runner.device
         )
         self.device = runner.device
         self.buffers = StepBuffers(runner.device)
@@ -167,10 +181,11 @@ class FSPADDrafter:
     def _run(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor]:
         meta, positions, offsets = step_metadata(chunks, self.cache, self.buffers)
         ids = self.buffers.put("input_ids", [t for c in chunks for t in c.token_ids], torch.int64)
-        feats = torch.cat([c.extra["features"] for c in chunks]).to(device=self.device, dtype=self.head.weight.dtype)
+        dtype = self.head.weight.dtype
+        feats = torch.cat([c.extra["features"] for c in chunks]).to(device=self.device, dtype=dtype)
         rows = self.buffers.put(
             "logits_rows", [lo + r for c, lo in zip(chunks, offsets) for r in c.logits_rows], torch.int64
         )
         with profiled_range(MODEL_RANGE), forward_context(meta):
-            token_half, feature_half = self._forward(feats[None], self.embed(ids)[None], positions[None])
+            token_half, feature_half = self._forward(feats[None], self.embed(ids).to(dtype)[None], positions[None])
             return self.head(token_half[0, rows]).float(), feature_half[0, rows]

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from leapserve.decoding import LLM, SamplingParams
 from leapserve.decoding.config import DEFAULT_MODEL
@@ -47,8 +48,13 @@ def test_shipped_drafter_is_small_and_documented(path):
 @pytest.mark.parametrize(
     "spec",
     [
-        {"method": "fspad", "model": str(FSPAD), "tree": {"depth": 5, "top_k": 8, "total_tokens": 32}},
-        {"method": "fspad", "model": str(FSPAD), "num_speculative_tokens": 4, "layout": "padded"},
+        {
+            "method": "fspad",
+            "model": str(FSPAD),
+            "tree": {"depth": 5, "top_k": 8, "total_tokens": 32},
+            "dtype": "float32",
+        },
+        {"method": "fspad", "model": str(FSPAD), "num_speculative_tokens": 4, "layout": "padded", "dtype": "bfloat16"},
         {"method": "draft_model", "model": str(ADASPEC), "num_speculative_tokens": 3},
     ],
     ids=["fspad-tree", "fspad-chain-padded", "adaspec-chain"],
@@ -61,6 +67,10 @@ def test_shipped_drafter_greedy_equals_autoregressive(spec, expected):
         use_tqdm=False,
     )
     assert [o.outputs[0].token_ids for o in outs] == expected
+    if spec["method"] == "fspad":  # the drafter's weights, LM head rows and cache in its own dtype
+        drafter, dtype = llm.engine.decoder.drafter, getattr(torch, spec["dtype"])
+        assert {p.dtype for p in drafter.model.parameters()} == {dtype}
+        assert drafter.head.weight.dtype == drafter.cache.k[0].dtype == dtype
     forwards = sum(o.metrics.target_forwards for o in outs)
     accepted = sum(o.metrics.accepted_tokens for o in outs)
     if spec["method"] == "fspad":  # a trained drafter, well above one token per target forward: measured 3.76 / 2.51
@@ -81,6 +91,19 @@ def test_the_default_model_speculates_by_default_with_its_shipped_drafter(expect
     )
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert sum(o.metrics.num_drafts for o in outs) > 0
+
+
+def test_the_fspad_drafters_dtype_defaults_to_bf16_under_an_fp32_target_where_the_cpu_computes_bf16(monkeypatch):
+    from leapserve.drafters.fspad import draft_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert draft_dtype("float32", torch.bfloat16, cpu) == torch.float32  # as named
+    assert draft_dtype("auto", torch.bfloat16, cpu) == torch.bfloat16
+    assert draft_dtype("auto", torch.float32, cuda) == torch.float32  # a GPU: the target's
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert draft_dtype("auto", torch.float32, cpu) == torch.bfloat16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert draft_dtype("auto", torch.float32, cpu) == torch.float32
 
 
 def test_shipped_fspad_keeps_its_acceptance_on_handwritten_prompts():

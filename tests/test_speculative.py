@@ -75,6 +75,8 @@ def test_ngram_lookup():
         ({"method": "ngram", "num_speculative_tokens": 2, "tree": [2, 1]}, "chains only"),
         ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "unknown keys"),
         ({"method": "draft_model", "model": "x", "tree": {"depth": 0}}, "dynamic tree"),
+        ({"method": "fspad", "model": "x", "tree": [2], "dtype": "float64"}, "dtype must be one of"),
+        ({"method": "draft_model", "model": "x", "tree": [2], "dtype": "bfloat16"}, "dtype is the fspad drafter's"),
     ],
 )
 def test_speculative_config_validation(bad, message):
