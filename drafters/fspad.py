@@ -15,6 +15,7 @@ position earlier than there (its row is the last catch-up pair).
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from weakref import WeakKeyDictionary
@@ -36,6 +37,8 @@ from leapserve.kernels.packed_linear import PackedLinear, pack_linears, run_thro
 
 from .checkpoints import load_fspad
 from .tree_growth import TreeGrower
+
+logger = logging.getLogger(__name__)
 
 # A proposal's catch-up runs at most CATCH_UP_PAIRS pairs over the batch, and at least CATCH_UP_WINDOW per sequence:
 # older pairs not yet in the draft cache stay out of it, a hole its attention skips. Plain decoding leaves a backlog
@@ -95,6 +98,8 @@ class FSPADDrafter:
         target = runner.cache
         dtype = draft_dtype(spec.dtype, target.k[0].dtype, runner.device)
         self.model = load_fspad(spec.model, runner.device, dtype)
+        if dtype != target.k[0].dtype:
+            logger.info("the FSPAD drafter runs in %s under the %s target", dtype, target.k[0].dtype)
         c = self.model.config
         if c.target_vocab_size != runner.model.config.vocab_size or c.hidden_size != runner.model.config.hidden_size:
             raise ValueError(
