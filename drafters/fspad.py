@@ -107,9 +107,8 @@ class FSPADDrafter:
                 f"{c.target_vocab_size} and hidden size {c.hidden_size}, not this one"
             )
         self.embed = runner.model.get_input_embeddings()
-        self.head = PackedLinear(
-            self.model.draft_head(runner.model.get_output_embeddings().weight).to(dtype)
-        )  # [V_draft, d]
+        lm_head = runner.model.get_output_embeddings().weight
+        self.head = PackedLinear(self.model.draft_head(lm_head).to(dtype))  # [V_draft, d]
         if runner.llama is not None:  # the target runs on leapserve's Llama: its prepacked GEMMs here too
             pack_linears(self.model)
         self.cache = PagedKVCache(
