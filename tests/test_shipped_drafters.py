@@ -110,7 +110,8 @@ def test_shipped_fspad_keeps_its_acceptance_on_handwritten_prompts():
     """A floor on the shipped FSPAD drafter's mean acceptance length on requests written by hand (never trained
     on), with the default CPU tree: a regression in drafting, verification or training fails here. Measured
     2.39 on all 36 prompts at 64 tokens, 2.90 on the generated `mixed` test split (2026-12-05); this subset of 12 at
-    48 tokens measured 2.33, the floor sits a little under it."""
+    48 tokens measured 2.33 (2.37 with the drafter in bf16, the default on CPUs with bf16 matmuls), the floor sits a
+    little under both."""
     from leapserve.benchmarks.bench_offline import prompt_token_ids
     from leapserve.prompts import load
 
@@ -121,7 +122,7 @@ def test_shipped_fspad_keeps_its_acceptance_on_handwritten_prompts():
     accepted = sum(o.metrics.accepted_tokens for o in outs)
     drafts = sum(o.metrics.num_drafts for o in outs)
     mean_acceptance_length = 1 + accepted / drafts
-    assert mean_acceptance_length >= 2.2, f"mean acceptance length {mean_acceptance_length:.3f} (measured 2.33)"
+    assert mean_acceptance_length >= 2.2, f"mean acceptance length {mean_acceptance_length:.3f} (measured 2.33-2.37)"
 
 
 def test_fspad_catch_up_window_hides_old_pairs_and_stays_lossless(expected, monkeypatch):
