@@ -33,7 +33,7 @@ from leapserve.decoding.runner import ModelRunner, SeqChunk, capture_settings, c
 from leapserve.decoding.sampler import Sampler
 from leapserve.decoding.scheduler import ScheduledSeq
 from leapserve.decoding.step_buffers import StepBuffers
-from leapserve.kernels.packed_linear import PackedLinear, pack_linears, run_through_op
+from leapserve.kernels.packed_linear import PackedLinear, cpu_computes_bf16, pack_linears, run_through_op
 
 from .checkpoints import load_fspad
 from .tree_growth import TreeGrower
@@ -85,7 +85,7 @@ def draft_dtype(dtype: str, target_dtype: torch.dtype, device: torch.device) -> 
     target"), else the target's dtype. Its proposals are verified by the target either way: outputs do not change."""
     if dtype != "auto":
         return resolve_dtype(dtype, device)
-    cpu_bf16 = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    cpu_bf16 = device.type == "cpu" and cpu_computes_bf16()
     return torch.bfloat16 if target_dtype == torch.float32 and cpu_bf16 else target_dtype
 
 
@@ -95,11 +95,11 @@ class FSPADDrafter:
     def __init__(
         self, spec: SpeculativeConfig, runner: ModelRunner, sampler: Sampler, *, on_forward: ForwardHook | None = None
     ):
-        target = runner.cache
-        dtype = draft_dtype(spec.dtype, target.k[0].dtype, runner.device)
+        target, target_dtype = runner.cache, runner.cache.k[0].dtype
+        dtype = draft_dtype(spec.dtype, target_dtype, runner.device)
         self.model = load_fspad(spec.model, runner.device, dtype)
-        if dtype != target.k[0].dtype:
-            logger.info("the FSPAD drafter runs in %s under the %s target", dtype, target.k[0].dtype)
+        if dtype != target_dtype:
+            logger.info("the FSPAD drafter runs in %s under the %s target", dtype, target_dtype)
         c = self.model.config
         if c.target_vocab_size != runner.model.config.vocab_size or c.hidden_size != runner.model.config.hidden_size:
             raise ValueError(

@@ -42,14 +42,19 @@ def packed_copies() -> list[tuple[int, torch.Tensor]]:
     return list(_packed.items())
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether oneDNN computes bf16 matmuls on this CPU (natively or, on AVX-512 without bf16 instructions, through
+    its fp32 units)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def packable(weight: torch.Tensor) -> bool:
     """Whether oneDNN can prepack this weight here: a CPU fp32 matrix (or bf16 where the CPU computes in bf16)."""
-    bf16 = weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return (
         weight.device.type == "cpu"
-        and (weight.dtype == torch.float32 or bf16)
         and weight.dim() == 2
         and torch.backends.mkldnn.is_available()
+        and (weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and cpu_computes_bf16()))
     )
 
 
