@@ -17,9 +17,11 @@ class PagedKVCache:
         device: torch.device,
     ):
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # One allocation for every layer's K and V, so that `move_slots` moves a slot in all of them at once.
         # torch.empty: pages are committed lazily on CPU; stale rows are never read (attention reads < length).
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._kv = torch.empty((2, num_layers, *shape), dtype=dtype, device=device)
+        self.k = list(self._kv[0])  # per layer, views
+        self.v = list(self._kv[1])
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low block ids first
@@ -35,6 +37,13 @@ class PagedKVCache:
     @property
     def usage(self) -> float:
         return 1.0 - len(self._free) / self.num_blocks
+
+    def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """In every layer's K and V, flat slot `dst[i]` (block * block_size + offset) receives what slot `src[i]`
+        held before the call, in one gather and one scatter for the whole model (not a `move_kv` per layer and
+        tensor). Destinations must be distinct."""
+        rows = self._kv.view(-1, self.num_blocks * self.block_size, *self._kv.shape[-2:])  # [2 * layers, slots, Hkv, D]
+        rows[:, dst] = rows[:, src]
 
     def blocks_needed(self, block_table: list[int], num_tokens: int) -> int:
         """Extra blocks a sequence needs so that `num_tokens` positions fit."""

@@ -17,6 +17,7 @@ import torch
 class StepBuffers:
     def __init__(self, device: torch.device, capacity: int = 256):
         self.device = device
+        self.on_host = device.type == "cpu"  # the host buffer is the step's tensor
         self.capacity = capacity
         self._host: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
         self._device: dict[str, torch.Tensor] = {}
@@ -32,11 +33,11 @@ class StepBuffers:
             host = torch.empty(size, dtype=dtype, pin_memory=self.device.type == "cuda")
             view = host.numpy()
             self._host[name] = (host, view)
-            if self.device.type != "cpu":
+            if not self.on_host:
                 self._device[name] = torch.empty(size, dtype=dtype, device=self.device)
         assert view is not None
         view[:n] = values
         out = host[:n]
-        if self.device.type != "cpu":
+        if not self.on_host:
             out = self._device[name][:n].copy_(out)  # blocking: the host buffer is rewritten next step
         return out if shape is None else out.view(shape)

@@ -181,9 +181,12 @@ class TreeGrower:
                 batched.append(row)
         if batched:
             params = [expanding[row][0].seq.params for row in batched]
-            temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
-            rows = torch.tensor(batched, device=logits.device)
-            top = torch.topk(torch.log_softmax(logits[rows] / temps[:, None], dim=-1), max(widths[r] for r in batched))
+            if batched != list(range(len(logits))):  # some rows processed one by one
+                logits = logits[torch.tensor(batched, device=logits.device)]
+            if not all(p.greedy for p in params):
+                temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
+                logits = logits / temps[:, None]
+            top = torch.topk(torch.log_softmax(logits, dim=-1), max(widths[r] for r in batched))
             tokens = top.indices if self.vocab is None else self.vocab[top.indices]
             for row, logqs, ids in zip(batched, top.values.tolist(), tokens.tolist()):
                 children[row] = [(token, logq, None) for token, logq in zip(ids, logqs)][: widths[row]]

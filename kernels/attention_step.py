@@ -47,7 +47,7 @@ class AttentionStep:
                 None if tree_mask is None else tree_mask.shape[1],
                 None if context_mask is None else context_mask.shape[1],
             )
-            if bool((self.slot_mapping < 0).any()):
+            if min(self.slot_mapping.tolist(), default=0) < 0:  # on the host: no tensor ops for a scalar check
                 raise ValueError("AttentionStep needs a cache slot for every new token (no negative slots)")
             self.plan = reference.plan_tree_attention(
                 block_tables, context_lens, cu_seqlens_q, tree_mask, block_size, context_mask

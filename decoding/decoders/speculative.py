@@ -22,8 +22,6 @@ import logging
 
 import torch
 
-from leapserve.kernels import move_kv
-
 from ..config import EngineConfig, SpeculativeConfig
 from ..drafter import DraftTree, make_drafter
 from ..observe import Observers
@@ -127,6 +125,7 @@ class SpeculativeDecoder(Decoder):
         results: dict[Sequence, SeqStep] = {}
         observed: list[tuple[Sequence, list[int]]] = []  # feature drafters: each sequence's hidden rows to observe
         argmax = row_argmax(logits, [s.seq for s in scheduled if s.completes_prefix])
+        moves: list[tuple[int, int]] = []  # cache slots (from, to) of every accepted path, moved at once
         row = lo = 0
         for s, tree, chunk, budget in zip(scheduled, trees, chunks, budgets):
             lo, chunk_lo = lo + len(chunk.token_ids), lo
@@ -143,7 +142,7 @@ class SpeculativeDecoder(Decoder):
             except SequenceError as e:
                 results[s.seq] = SeqStep(error=e)
                 continue
-            self._compact(s.seq, s.seq.num_kv_slots + s.num_new - 1, accepted)
+            moves += self._compaction(s.seq, s.seq.num_kv_slots + s.num_new - 1, accepted)
             if observes:  # the features of every token this step computed and committed
                 root = chunk_lo + s.num_new - 1
                 observed.append((s.seq, list(range(chunk_lo, root + 1)) + [root + node for node in accepted]))
@@ -152,6 +151,9 @@ class SpeculativeDecoder(Decoder):
             results[s.seq] = SeqStep(
                 samples=samples, forwarded=True, draft_tokens=len(tree), accepted_tokens=len(accepted)
             )
+        if moves:
+            src, dst = zip(*moves)
+            self.runner.cache.move_slots(*(torch.tensor(x, device=self.runner.device) for x in (src, dst)))
         if self.spec.layout == "padded":  # vanilla: every sequence advances by the batch's longest accepted path
             verified = [results[s.seq] for s in scheduled if s.completes_prefix and results[s.seq].forwarded]
             longest = max((r.accepted_tokens for r in verified), default=0)
@@ -209,21 +211,12 @@ class SpeculativeDecoder(Decoder):
             context_holes=seq.kv_holes,
         )
 
-    def _compact(self, seq: Sequence, root: int, accepted: list[int]) -> None:
-        """Move the accepted nodes' K/V (node i sits at cache slot root + i) to root + 1, root + 2, ..."""
-        moves = [(root + node, root + depth) for depth, node in enumerate(accepted, start=1) if node != depth]
-        if not moves:
-            return
-        cache = self.runner.cache
-        bs = cache.block_size
+    def _compaction(self, seq: Sequence, root: int, accepted: list[int]) -> list[tuple[int, int]]:
+        """The flat cache slots (from, to) that move the accepted nodes' K/V (node i sits at position root + i) to
+        positions root + 1, root + 2, ..."""
+        bs, table = self.runner.cache.block_size, seq.block_table
 
-        def slots(positions: list[int]) -> torch.Tensor:
-            return torch.tensor(
-                [seq.block_table[p // bs] * bs + p % bs for p in positions],
-                dtype=torch.int64,
-                device=self.runner.device,
-            )
+        def slot(position: int) -> int:
+            return table[position // bs] * bs + position % bs
 
-        src, dst = slots([m[0] for m in moves]), slots([m[1] for m in moves])
-        for k, v in zip(cache.k, cache.v):
-            move_kv(k, v, src, dst)
+        return [(slot(root + node), slot(root + d)) for d, node in enumerate(accepted, start=1) if node != d]
