@@ -123,9 +123,11 @@ def drafting_cost(steps: Sequence[StepRecord]) -> float | None:
     """What drafting cost against plain decoding within one pass, as a share of the pass's step time: the seconds
     its drafting steps took beyond plain steps committing the same tokens, these priced by a least-squares fit
     t = a + b n + c P over the same pass's plain steps (n decoding sequences, P prompt tokens). Negative where
-    drafting paid; immune to the machine's drift between passes. None without enough plain steps to fit."""
+    drafting paid; immune to the machine's drift between passes. None without enough plain steps to fit, or without
+    plain steps that only decode: prefill steps alone (every step of a fixed tree drafts) put a decode step's price
+    out past their fit, at 16 running several times a whole step."""
     plain = [s for s in steps if not s.drafted]
-    if len({(s.sequences, s.prompt_tokens) for s in plain}) < 3:
+    if len({(s.sequences, s.prompt_tokens) for s in plain}) < 3 or all(s.prompt_tokens for s in plain):
         return None if any(s.drafted for s in steps) else 0.0
     x = torch.tensor([[1.0, s.sequences, s.prompt_tokens] for s in plain], dtype=torch.float64)
     y = torch.tensor([[s.seconds] for s in plain], dtype=torch.float64)

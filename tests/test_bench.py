@@ -157,6 +157,8 @@ def test_drafting_cost_prices_drafting_steps_by_the_same_passs_plain_steps():
     assert drafting_cost(plains + [paying]) == pytest.approx(-0.25 / (sum(s.seconds for s in plains) + 0.4))
     assert drafting_cost(plains) == 0.0  # no drafting, no cost
     assert drafting_cost([plain(4, 0), plain(4, 0), decode]) is None  # too few kinds of plain steps to price it
+    prefills = [plain(n, p) for n in (4, 8, 16) for p in (60, 100)]
+    assert drafting_cost(prefills + [decode]) is None  # no plain step that only decodes: nothing to price it by
     runs = [
         OfflineRun(output_tokens=10, elapsed=1.0, target_forwards=10, request_forwards=10, drafting_cost=c)
         for c in (0.01, -0.02, 0.03)
