@@ -47,8 +47,8 @@ def chunk_layout(num_prefix: int, parents: list[int], num_pad: int = 0) -> tuple
     r = num_prefix - 1  # the root's row
     n_tree = len(parents) + 1
     n = num_prefix + len(parents) + num_pad
-    # the rows from the root on as Python lists, then one tensor (a torch op per node cost a drafting step about
-    # 0.4 ms); a prefix, long where a prompt's last chunk is verified with a tree, is filled by torch
+    # the rows from the root on as Python lists, then one tensor, not a torch op per node; a prefix (long where a
+    # prompt's last chunk is verified with a tree) is filled by torch
     tail = [row + [False] * num_pad for row in _ancestor_rows(parents)]
     for j in range(num_pad):  # a pad sees the root and itself
         tail.append([True] + [False] * (n_tree - 1 + num_pad))
