@@ -25,6 +25,7 @@ def tree_children(parents: list[int]) -> list[list[int]]:
 
 
 def _ancestor_rows(parents: list[int]) -> list[list[bool]]:
+    """`ancestor_mask` as Python rows."""
     rows = [[True] + [False] * len(parents)]
     for i, p in enumerate(parents, start=1):
         rows.append(rows[p].copy())

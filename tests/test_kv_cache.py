@@ -25,4 +25,4 @@ def test_move_slots_moves_every_layer_as_move_kv_does(dtype: torch.dtype) -> Non
     cache.move_slots(src, dst)
     for got, want in zip(cache.k + cache.v, expected_k + expected_v):
         assert torch.equal(got, want)
-    assert not torch.equal(expected_k[0], expected_k[1])  # layers moved apart, not one layer's rows everywhere
+    assert not torch.equal(expected_k[0], expected_k[1])  # layers differ: one layer's rows copied everywhere fails

@@ -219,4 +219,5 @@ class SpeculativeDecoder(Decoder):
         def slot(position: int) -> int:
             return table[position // bs] * bs + position % bs
 
-        return [(slot(root + node), slot(root + d)) for d, node in enumerate(accepted, start=1) if node != d]
+        path = enumerate(accepted, start=1)  # (depth, node)
+        return [(slot(root + node), slot(root + depth)) for depth, node in path if node != depth]
