@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 
@@ -38,12 +40,17 @@ class PagedKVCache:
     def usage(self) -> float:
         return 1.0 - len(self._free) / self.num_blocks
 
-    def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """In every layer's K and V, flat slot `dst[i]` (block * block_size + offset) receives what slot `src[i]`
-        held before the call, in one gather and one scatter for the whole model (not a `move_kv` per layer and
-        tensor). Destinations must be distinct."""
+    def flat_slots(self, block_table: list[int], positions: Iterable[int]) -> list[int]:
+        """Flat slot numbers (block * block_size + offset) of a sequence's cache positions."""
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in positions]
+
+    def move_slots(self, src: list[int], dst: list[int]) -> None:
+        """In every layer's K and V, flat slot `dst[i]` receives what slot `src[i]` held before the call, in one
+        gather and one scatter for the whole model (not a `move_kv` per layer and tensor). Destinations must be
+        distinct."""
         rows = self._kv.view(-1, self.num_blocks * self.block_size, *self._kv.shape[-2:])  # [2 * layers, slots, Hkv, D]
-        rows[:, dst] = rows[:, src]
+        rows[:, torch.tensor(dst, device=rows.device)] = rows[:, torch.tensor(src, device=rows.device)]
 
     def blocks_needed(self, block_table: list[int], num_tokens: int) -> int:
         """Extra blocks a sequence needs so that `num_tokens` positions fit."""

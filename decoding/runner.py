@@ -59,7 +59,7 @@ def step_metadata(
     for c in chunks:
         n = len(c.token_ids)
         pos = range(c.start, c.start + n)
-        slots.extend(c.block_table[p // bs] * bs + p % bs for p in pos)
+        slots += cache.flat_slots(c.block_table, pos)
         positions.extend(c.positions if c.positions is not None else pos)
         cu.append(cu[-1] + n)
     max_blocks = max(len(c.block_table) for c in chunks)

@@ -153,7 +153,7 @@ class SpeculativeDecoder(Decoder):
             )
         if moves:
             src, dst = zip(*moves)
-            self.runner.cache.move_slots(*(torch.tensor(x, device=self.runner.device) for x in (src, dst)))
+            self.runner.cache.move_slots(list(src), list(dst))
         if self.spec.layout == "padded":  # vanilla: every sequence advances by the batch's longest accepted path
             verified = [results[s.seq] for s in scheduled if s.completes_prefix and results[s.seq].forwarded]
             longest = max((r.accepted_tokens for r in verified), default=0)
@@ -214,10 +214,6 @@ class SpeculativeDecoder(Decoder):
     def _compaction(self, seq: Sequence, root: int, accepted: list[int]) -> list[tuple[int, int]]:
         """The flat cache slots (from, to) that move the accepted nodes' K/V (node i sits at position root + i) to
         positions root + 1, root + 2, ..."""
-        bs, table = self.runner.cache.block_size, seq.block_table
-
-        def slot(position: int) -> int:
-            return table[position // bs] * bs + position % bs
-
-        path = enumerate(accepted, start=1)  # (depth, node)
-        return [(slot(root + node), slot(root + depth)) for depth, node in path if node != depth]
+        cache, moved = self.runner.cache, [(node, d) for d, node in enumerate(accepted, start=1) if node != d]
+        src = cache.flat_slots(seq.block_table, (root + node for node, _ in moved))
+        return list(zip(src, cache.flat_slots(seq.block_table, (root + depth for _, depth in moved))))
