@@ -19,7 +19,7 @@ order, with the same values.
 `LEAPSERVE_CPU_ATTENTION=sdpa` sends everything the reference's way. tests/test_cpu_ops.py sweeps both against the
 reference and the float64 oracle.
 
-The C++ linear runs up to `few_rows(dtype)` fp32 or bf16 rows (8 fp32 or 4 bf16 ones with AVX-512, else 3: decoding
+The C++ linear runs up to `few_rows(dtype)` fp32 or bf16 rows (12 fp32 or 4 bf16 ones with AVX-512, else 3: decoding
 a few sequences, verifying small draft trees) through its own loop, which streams the plain row-major weight at about
 the copy bandwidth where oneDNN's packed GEMM reads it at about half of it, and sums each row alike in any step (bf16
 in fp32, rounded once); more rows, and other dtypes, go to oneDNN.
@@ -160,7 +160,7 @@ def use_native_gemv(enabled: bool) -> None:
 
 
 def few_rows(dtype: torch.dtype = torch.float32) -> int:
-    """The most rows of `dtype` the extension's own linear loop takes: with AVX-512 8 fp32 or 4 bf16 rows, else 3 of
+    """The most rows of `dtype` the extension's own linear loop takes: with AVX-512 12 fp32 or 4 bf16 rows, else 3 of
     either; 0 of other dtypes."""
     assert _module is not None, "cpu_ops.load first"
     if dtype not in (torch.float32, torch.bfloat16):

@@ -493,6 +493,34 @@ def test_random_checkpoint_keeps_the_shape_and_tokenizer_and_forward_cost_times_
     assert "cpu, eager: 1: " in capsys.readouterr().out
 
 
+def test_forward_cost_against_onednn_times_both_gemm_paths(tiny_model_dir, monkeypatch, capsys):
+    """`--against-onednn`: every count timed through the own loop and through oneDNN on the compiled CPU model,
+    switched in alternating order, and the own loop on again afterwards; an eager model is refused."""
+    from leapserve.benchmarks import forward_cost
+    from leapserve.kernels import cpu_ops
+
+    switched: list[bool] = []
+    real = cpu_ops.use_native_gemv
+
+    def use_native_gemv(enabled: bool) -> None:  # the real switch, recorded
+        switched.append(enabled)
+        real(enabled)
+
+    monkeypatch.setattr(cpu_ops, "use_native_gemv", use_native_gemv)
+    base = ["--model", str(tiny_model_dir), "--device", "cpu", "--tokens", "1,3", "--repeats", "2"]
+    forward_cost.main([*base, "--against-onednn"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("cpu, compiled, own loop up to ")
+    for line, tokens in zip(lines[1:], (1, 3), strict=True):
+        own, onednn = (float(part.split(" ms")[0].rsplit(" ", 1)[1]) for part in line.split(", ")[:2])
+        assert line.startswith(f"  {tokens} tokens: own loop ") and own > 0 and onednn > 0
+    # repeat 0: own first, repeat 1: oneDNN first, for each count; then the own loop again
+    assert switched == [True, False, True, False, False, True, False, True, True]
+    assert cpu_ops.loaded().native_gemv()
+    with pytest.raises(SystemExit, match="drop --enforce-eager"):
+        forward_cost.main([*base, "--enforce-eager", "--against-onednn"])
+
+
 def test_bench_serve_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     dataset = tmp_path / "prompts.jsonl"
     dataset.write_text(

@@ -242,12 +242,12 @@ def assert_rounded_from(out: torch.Tensor, exact: torch.Tensor) -> None:
 
 @pytest.mark.skipif(not packable(torch.zeros(2, 2)), reason="oneDNN cannot pack weights here")
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 33])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 12, 13, 33])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("in_features", [40, 64])
 def test_packed_linear_op_equals_onednn_and_linear(dtype: torch.dtype, rows: int, bias: bool, in_features: int) -> None:
     """Through oneDNN (more rows, or a width the own loop does not take) the op is the eager path's call, bit for
-    bit; up to `few_rows(dtype)` rows (8 fp32 or 4 bf16 with AVX-512, else 3) of a width divisible by 16 run the op's
+    bit; up to `few_rows(dtype)` rows (12 fp32 or 4 bf16 with AVX-512, else 3) of a width divisible by 16 run the op's
     own loop: the exact result rounded once (bf16: products and sums in fp32), within rounding of oneDNN's."""
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randn(48, in_features, generator=gen).to(dtype)
@@ -271,7 +271,7 @@ def test_packed_linear_op_equals_onednn_and_linear(dtype: torch.dtype, rows: int
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])
 def test_few_rows_linear_streams_a_large_weight_in_order(dtype: torch.dtype, rows: int) -> None:
     """The own loop over a weight larger than the caches, its rows split between threads: each output is its dot
     product rounded once (within fp32 summation of float64), and the same bits on every call."""
