@@ -129,7 +129,7 @@ inline vec8 lane_sums(const vec8* a) {
 
 // Rows up to which fp32 inputs go to few_rows_linear; more go to oneDNN. With AVX-512 (32 vector registers), twelve:
 // on a 2-core Xeon with AMX SmolLM2-135M's GEMMs stream as fast as through oneDNN or up to 1.4x faster at every
-// count from 1 to 8 rows, and its forward over 9 to 12 tokens (a draft tree verified) runs 10-17% faster than
+// count from 1 to 8 rows, and its forward over 9 to 12 tokens (a draft tree verified) takes 0.82-0.92 of its time
 // through oneDNN (docs/compile.md). On AVX2 a row's accumulator takes two of its 16 registers: three rows, as
 // measured there.
 #ifdef __AVX512F__
