@@ -273,11 +273,12 @@ def test_packed_linear_op_equals_onednn_and_linear(dtype: torch.dtype, rows: int
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 8, 11])
 def test_few_rows_linear_streams_a_large_weight_in_order(dtype: torch.dtype, rows: int) -> None:
-    """The own loop over a weight larger than the caches, its rows split between threads: each output is its dot
-    product rounded once (within fp32 summation of float64), and the same bits on every call."""
+    """The own loop over a weight larger than the caches, its rows split between threads (an odd number each: the
+    last one outside the two-row passes of 9 rows or more): each output is its dot product rounded once (within fp32
+    summation of float64), and the same bits on every call."""
     rows = min(rows, cpu_ops.few_rows(dtype))
     gen = torch.Generator().manual_seed(7)
-    lin = PackedLinear(torch.randn(20_000, 576, generator=gen).to(dtype))
+    lin = PackedLinear(torch.randn(20_002, 576, generator=gen).to(dtype))
     x = torch.randn(rows, 576, generator=gen).to(dtype)
     out = torch.ops.leapserve_cpu.packed_linear(x, lin.weight, None)
     assert_rounded_from(out, x.double() @ lin.weight.double().T)
@@ -289,7 +290,7 @@ def test_few_rows_linear_gives_a_row_the_same_bits_beside_others(dtype: torch.dt
     """A row's output does not depend on the rows beside it, up to the own loop's `few_rows(dtype)`: a token verified
     with draft tokens gets the bits plain decoding gives it."""
     gen = torch.Generator().manual_seed(11)
-    lin = PackedLinear(torch.randn(1000, 1536, generator=gen).to(dtype))
+    lin = PackedLinear(torch.randn(1001, 1536, generator=gen).to(dtype))
     most = cpu_ops.few_rows(dtype)
     x = torch.randn(most, 1536, generator=gen).to(dtype)
     alone = [torch.ops.leapserve_cpu.packed_linear(x[i : i + 1], lin.weight, None) for i in range(most)]
