@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-from .sampling_params import InvalidRequestError
+from .errors import InvalidRequestError
 
 RULES = ("entropy", "confidence", "fixed")
 CACHES = ("none", "prefix", "dual")

@@ -19,13 +19,14 @@ from .decoders import DECODERS
 from .decoders.base import SeqStep
 from .detokenizer import IncrementalDetokenizer
 from .diffusion_lm import diffusion_spec
+from .errors import InvalidRequestError
 from .kv_cache import PagedKVCache
 from .model_loader import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
 from .observe import STEP_RANGE, Clock, Observers, StepObserver, StepRecord, profiled_range
 from .request import Request, SeqStatus, Sequence
 from .runner import ModelRunner
 from .sampler import Sample, Sampler
-from .sampling_params import InvalidRequestError, SamplingParams
+from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler
 from .silent_thought import CONFIG_KEY as SILENT_THOUGHT_KEY
 

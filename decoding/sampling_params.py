@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .errors import InvalidRequestError
+
 if TYPE_CHECKING:
     from .structured_output import StructuredOutputsParams
 
@@ -16,14 +18,6 @@ LogitsProcessor = Callable[[list[int], list[int], torch.Tensor], torch.Tensor]
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP = 64  # stop strings a request may give: each is looked for in every new piece of text
-
-
-class InvalidRequestError(ValueError):
-    """A request parameter is out of range; `param` names it (maps to HTTP 400)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .sampling_params import InvalidRequestError
+from .errors import InvalidRequestError
 
 if TYPE_CHECKING:  # xgrammar is loaded with the first grammar, not with the server
     import xgrammar as xgr

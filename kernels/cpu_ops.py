@@ -7,9 +7,9 @@ Python between its kernels.
 
 The extension is built once per source version with the C++ compiler inductor itself needs (about 35 s on a 2-core
 machine) and cached under the directory `load` is given. What the ops read beyond their tensor arguments is mirrored
-into C++ from Python: the packed weights (`packed_linear.py` registers and releases them) and the step being run
-(`push_step` / `pop_step` around each forward: the caches, slot mapping and `reference.AttentionPlan`, which Python
-still plans once per step).
+into C++ from Python: the packed weights (`register_packed` / `release_packed`, which `packed_linear.py` calls) and
+the step being run (`push_step` / `pop_step` around each forward: the caches, slot mapping and
+`reference.AttentionPlan`, which Python still plans once per step).
 
 The C++ attention runs fp32 and bf16 sequences with at most `reference.BATCHED_MAX_QUERIES` queries (decoding,
 verifying draft trees) through its own loops, in fp32 as SDPA computes bf16, which read K/V straight from the paged
@@ -51,6 +51,7 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 NATIVE_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)  # caches whose short sequences the own attention takes
 _module: ModuleType | None = None
 _lock = threading.Lock()
+_packed: dict[int, torch.Tensor] = {}  # plain weight's address -> its oneDNN-packed copy (`register_packed`)
 
 
 def load(build_root: Path) -> ModuleType:
@@ -85,10 +86,8 @@ def load(build_root: Path) -> ModuleType:
             module.set_native_attention(_choice_from_env("LEAPSERVE_CPU_ATTENTION", "native", "sdpa"))
             module.set_native_gemv(_choice_from_env("LEAPSERVE_CPU_GEMV", "native", "onednn"))
             _module = module  # from here on, weights packed register themselves; those packed before, now
-            from . import packed_linear
-
-            for key, weight in packed_linear.packed_copies():
-                module.register_packed(key, weight)
+            for key, packed in _packed.items():
+                module.register_packed(key, packed)
     return _module
 
 
@@ -175,6 +174,26 @@ def _cpu_features() -> bytes:
     except OSError:
         return platform.machine().encode()
     return next((line for line in info.splitlines() if line.startswith("flags")), platform.machine()).encode()
+
+
+def register_packed(key: int, packed: torch.Tensor) -> None:
+    """`packed` is the oneDNN-packed copy of the plain weight at address `key`: the op finds it there (now, or once
+    the extension loads)."""
+    _packed[key] = packed
+    if _module is not None:
+        _module.register_packed(key, packed)
+
+
+def release_packed(key: int) -> None:
+    """The weight at `key` has no user left: forget its copy (a later weight at that address must not find it)."""
+    del _packed[key]
+    if _module is not None:
+        _module.release_packed(key)
+
+
+def packed_copy(key: int) -> torch.Tensor | None:
+    """The packed copy registered for the plain weight at address `key`, if any."""
+    return _packed.get(key)
 
 
 def loaded() -> ModuleType | None:

@@ -24,22 +24,14 @@ from torch import nn
 from . import cpu_ops
 
 PACK_BATCH_HINT = 32  # oneDNN picks its weight layout for this many rows; 1 would halve the speed at batch 16
-_packed: dict[int, torch.Tensor] = {}  # plain weight's data_ptr -> its oneDNN-packed copy
 _users: Counter[int] = Counter()  # layers using each packed copy (a weight shared by two models is packed once)
 
 
 def _release(key: int) -> None:
     _users[key] -= 1
     if _users[key] == 0:
-        del _users[key], _packed[key]
-        ops = cpu_ops.loaded()
-        if ops is not None:
-            ops.release_packed(key)
-
-
-def packed_copies() -> list[tuple[int, torch.Tensor]]:
-    """(plain weight's address, its packed copy) of every packed weight alive."""
-    return list(_packed.items())
+        del _users[key]
+        cpu_ops.release_packed(key)
 
 
 def cpu_computes_bf16() -> bool:
@@ -66,15 +58,15 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self.handle: int | None = None  # the key of the packed copy in `_packed`
+        self.handle: int | None = None  # the plain weight's address: the op finds the packed copy by it
+        self.packed: torch.Tensor | None = None  # the oneDNN-packed copy, one for every layer sharing the weight
         self.through_op = False  # called eagerly, still through the compiled graphs' op (`run_through_op`)
         if packable(weight):
             self.handle = self.weight.data_ptr()
-            if self.handle not in _packed:
-                _packed[self.handle] = torch.ops.mkldnn._reorder_linear_weight(self.weight, PACK_BATCH_HINT)
-                ops = cpu_ops.loaded()
-                if ops is not None:
-                    ops.register_packed(self.handle, _packed[self.handle])
+            self.packed = cpu_ops.packed_copy(self.handle)
+            if self.packed is None:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, PACK_BATCH_HINT)
+                cpu_ops.register_packed(self.handle, self.packed)
             _users[self.handle] += 1
             weakref.finalize(self, _release, self.handle)
 
@@ -84,7 +76,7 @@ class PackedLinear(nn.Module):
         if torch.compiler.is_compiling() or self.through_op:
             return torch.ops.leapserve_cpu.packed_linear(x, self.weight, self.bias)
         # eager: the op directly, without the custom op's dispatch (~15 us a call, 2 ms a step at 121 calls)
-        return torch.ops.mkldnn._linear_pointwise(x, _packed[self.handle], self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 def run_through_op(layer: PackedLinear) -> None:

@@ -17,8 +17,8 @@ from fastapi import Request
 from fastapi.responses import Response
 from jinja2 import TemplateError
 
+from leapserve.decoding.errors import InvalidRequestError
 from leapserve.decoding.outputs import Logprob, RequestOutput
-from leapserve.decoding.sampling_params import InvalidRequestError
 
 from .protocol import (
     AssistantMessage,
@@ -40,7 +40,7 @@ from .protocol import (
 )
 from .serving import OpenAIServing, Outputs, respond, usage
 from .streaming import ChoiceTracker, sse_chunk
-from .tools import ParsedCalls, ToolCallStream, parse_tool_calls, render_messages
+from .tools import ParsedCalls, ToolCallStream, forced_calls_constraint, parse_tool_calls, render_messages
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -190,7 +190,12 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     # in a worker thread: the tokenizer releases the GIL, so a huge prompt does not hold up other clients
     tools = req.active_tools
     text, prompt_ids = await asyncio.to_thread(chat_prompt, serving.engine.tokenizer, req.messages, True, tools)
-    params = await serving.prepare(req.to_sampling_params(), [prompt_ids])
+    params = req.to_sampling_params()
+    if req.forces_call:  # the output is held to a JSON array of calls, so that it always parses
+        assert tools is not None
+        parallel = req.parallel_tool_calls is not False
+        params.structured_outputs = forced_calls_constraint(tools, req.forced_function, parallel)
+    params = await serving.prepare(params, [prompt_ids])
     calls: Literal["auto", "forced"] | None = None if tools is None else "forced" if req.forces_call else "auto"
     request_id, created, model = random_id("chatcmpl"), int(time.time()), serving.model_name
     top_logprobs = params.logprobs or 0

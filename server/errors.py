@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from leapserve.decoding.async_engine import EngineRequestError, QueueFullError
-from leapserve.decoding.sampling_params import InvalidRequestError
+from leapserve.decoding.errors import InvalidRequestError
 
 from .protocol import ErrorInfo, ErrorResponse
 

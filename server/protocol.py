@@ -8,7 +8,8 @@ from typing import Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from leapserve.decoding.sampling_params import InvalidRequestError, SamplingParams
+from leapserve.decoding.errors import InvalidRequestError
+from leapserve.decoding.sampling_params import SamplingParams
 from leapserve.decoding.structured_output import StructuredOutputsParams
 
 
@@ -336,17 +337,12 @@ class ChatCompletionRequest(_SamplingRequest):
             raise InvalidRequestError(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         params = self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
-        if self.forces_call:
-            if params.structured_outputs is not None:
-                raise InvalidRequestError(
-                    f"tool_choice {self.tool_choice if name is None else name!r} cannot be combined with "
-                    f"{params.structured_outputs.param}",
-                    "tool_choice",
-                )
-            from .tools import forced_calls_constraint
-
-            assert self.tools is not None
-            params.structured_outputs = forced_calls_constraint(self.tools, name, self.parallel_tool_calls is not False)
+        if self.forces_call and params.structured_outputs is not None:  # forced calls bring their own constraint
+            raise InvalidRequestError(
+                f"tool_choice {self.tool_choice if name is None else name!r} cannot be combined with "
+                f"{params.structured_outputs.param}",
+                "tool_choice",
+            )
         return params
 
 

@@ -16,8 +16,9 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from leapserve.decoding.async_engine import AsyncLLMEngine, QueueFullError
+from leapserve.decoding.errors import InvalidRequestError
 from leapserve.decoding.outputs import RequestOutput
-from leapserve.decoding.sampling_params import InvalidRequestError, LogitsProcessor, SamplingParams
+from leapserve.decoding.sampling_params import LogitsProcessor, SamplingParams
 
 from .errors import APIError
 from .metrics import ServerMetrics

@@ -271,7 +271,7 @@ def test_sampling_is_seeded(mdm_dir):
 
 
 def test_configuration_errors(mdm_dir, tiny_model_dir):
-    from leapserve.decoding.sampling_params import InvalidRequestError
+    from leapserve.decoding.errors import InvalidRequestError
 
     with pytest.raises(ValueError, match="masked diffusion LM"):
         LLM(str(tiny_model_dir), decoder="dparallel", enforce_eager=True)

@@ -17,7 +17,7 @@ from leapserve.decoding.kv_cache import PagedKVCache
 from leapserve.decoding.model_loader import resolve_model
 from leapserve.decoding.runner import ModelRunner, SeqChunk
 from leapserve.decoding.step_buffers import StepBuffers
-from leapserve.kernels import packed_linear
+from leapserve.kernels import cpu_ops
 from leapserve.kernels.packed_linear import PackedLinear, packable
 from test_speculative import PROMPTS, SMOLLM2
 
@@ -34,16 +34,16 @@ def test_packed_linear_equals_linear(rows, bias):
     weight, x = torch.randn(96, 80), torch.randn(rows, 80)
     b = torch.randn(96) if bias else None
     lin = PackedLinear(weight, b)
-    assert lin.handle in packed_linear._packed
+    assert lin.packed is not None and cpu_ops.packed_copy(lin.handle) is lin.packed
     torch.testing.assert_close(lin(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
     shared = PackedLinear(lin.weight)  # a weight shared by two models is packed once, freed with its last user
-    handle, packed = lin.handle, packed_linear._packed[lin.handle]
-    assert shared.handle == handle and packed_linear._packed[handle] is packed
+    handle, packed = lin.handle, lin.packed
+    assert shared.handle == handle and shared.packed is packed
     del lin
-    assert packed_linear._packed[handle] is packed
+    assert cpu_ops.packed_copy(handle) is packed
     torch.testing.assert_close(shared(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
     del shared
-    assert handle not in packed_linear._packed
+    assert cpu_ops.packed_copy(handle) is None
 
 
 def test_step_buffers_hand_out_views_of_kept_buffers_and_grow():

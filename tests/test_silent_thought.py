@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from conftest import save_tiny_llama
 from leapserve.decoding import LLM, SamplingParams
 from leapserve.decoding.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from leapserve.decoding.sampling_params import InvalidRequestError
+from leapserve.decoding.errors import InvalidRequestError
 from leapserve.decoding.silent_thought import (
     SilentThought,
     SilentThoughtConfig,

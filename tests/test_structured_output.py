@@ -15,7 +15,7 @@ from test_shipped_drafters import FSPAD
 
 from leapserve.decoding import LLM, SamplingParams
 from leapserve.decoding.config import DEFAULT_MODEL
-from leapserve.decoding.sampling_params import InvalidRequestError
+from leapserve.decoding.errors import InvalidRequestError
 from leapserve.decoding.structured_output import StructuredOutputsParams as Constraint
 from test_server import API_KEY, MODEL, assert_error, client, post, server, tokenizer  # noqa: F401
 from test_speculative import DRAWS, VOCAB, _joint_first_two, _tv_tolerance, one_thread, tiny_vocab  # noqa: F401

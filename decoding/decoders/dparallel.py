@@ -25,11 +25,12 @@ import torch
 from ..config import EngineConfig
 from ..diffusion import EXTRA_ARG_PREFIX, DiffusionConfig, choose, gumbel_argmax, transfer_counts
 from ..diffusion_lm import DiffusionSpec, diffusion_spec
+from ..errors import InvalidRequestError
 from ..observe import Observers
 from ..request import Sequence
 from ..runner import ModelRunner, SeqChunk
 from ..sampler import Sample, Sampler
-from ..sampling_params import InvalidRequestError, SamplingParams
+from ..sampling_params import SamplingParams
 from ..scheduler import ScheduledSeq
 from .base import Decoder, SeqStep
 

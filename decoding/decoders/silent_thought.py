@@ -22,11 +22,12 @@ from __future__ import annotations
 import torch
 
 from ..config import EngineConfig
+from ..errors import InvalidRequestError
 from ..observe import Observers
 from ..request import Sequence
 from ..runner import ModelRunner, SeqChunk
 from ..sampler import Sampler, SequenceError
-from ..sampling_params import InvalidRequestError, SamplingParams
+from ..sampling_params import SamplingParams
 from ..scheduler import ScheduledSeq
 from ..silent_thought import CONFIG_KEY, REASONING, load_silent_thought, text_ids
 from .base import Decoder, SeqStep
