@@ -91,6 +91,32 @@ def test_sizer_separates_a_proposals_fixed_cost_from_its_cost_per_level():
     assert sizer.best_budget(1, 8) == 8
 
 
+@pytest.mark.parametrize("plain_steps_seen", [True, False])
+def test_a_machine_slowing_down_after_start_up_does_not_grow_the_trees(plain_steps_seen):
+    """Verification timed at start-up (20 ms + 2 ms a token), then the whole machine runs 1.5x slower: drafting,
+    verification and the rest alike, so the tree that paid still pays best. Told by the plain steps, the sizer
+    prices verification 1.5x and keeps its budget; without them the slower verification would count as fixed rest,
+    beside which further nodes look cheap, and the trees would grow from 3 to 5 nodes."""
+    cost = VerifyCost({t: 0.020 + 0.002 * t for t in (1, 64)})
+    sizer = TreeSizer(cost, max_nodes=8, depth=4)
+    measured(sizer, ACCEPTANCE, 0.0, sizes=())
+    level, rest = 0.0015, 0.002
+
+    def run(speed: float, plain: bool) -> None:  # a window of plain steps and one of drafting steps (budget 3)
+        for _ in range(Thresholds().draft_window):
+            if plain:
+                sizer.record_plain(1, speed * (cost(1) + rest))
+            sizer.record_step(1, speed * 3 * level, 3, speed * (3 * level + cost(4) + rest), 4)
+
+    run(1.0, plain=True)
+    assert sizer.drift(1) == pytest.approx(1.0) and sizer.best_budget(1, 8) == 3
+    run(1.5, plain=plain_steps_seen)
+    if plain_steps_seen:
+        assert sizer.drift(1) == pytest.approx(1.5) and sizer.best_budget(1, 8) == 3
+    else:
+        assert sizer.drift(1) == pytest.approx(1.0) and sizer.best_budget(1, 8) == 5
+
+
 def test_sizer_drafts_the_cap_until_measured_then_explores_one_rank_beyond_in_turn():
     sizer = TreeSizer(VerifyCost({t: 0.020 + 0.002 * t for t in (1, 64)}), max_nodes=8, depth=4)
     assert sizer.budgets(3, 8) == [8, 8, 8]  # nothing measured yet
@@ -192,6 +218,9 @@ def test_trees_are_sized_by_the_modeled_cost(tiny_model_dir, running, knee):
             observers=[clock],
         )
         outputs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        if spec is not None and running > 1:  # plain steps were timed: the modeled machine does not drift
+            sizer = llm.engine.decoder.sizer
+            assert sizer.plain_first and sizer.drift(running) == pytest.approx(1.0, abs=0.05)
     assert outputs["sized"] == outputs["plain"]
     late = budgets[len(budgets) // 2 :]
     mean = sum(late) / len(late)

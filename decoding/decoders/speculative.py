@@ -172,6 +172,10 @@ class SpeculativeDecoder(Decoder):
                 self.observers.clock() - self._step_start,
                 sum(len(c.token_ids) for c in chunks),
             )
+        if self.sizer is not None and self._step_timeable and self._step_drafts is False:
+            self.sizer.record_plain(
+                sum(s.completes_prefix for s in scheduled), self.observers.clock() - self._step_start
+            )
         if self._step_drafts is not None:
             self._report(scheduled, results)
         return results

@@ -22,6 +22,11 @@ node is what raising the budget from n - 1 to n buys. For a drafting step over N
    rank and the cost of one more level stay measured: the budget moves a rank at a time, never paying for the
    whole tree again. Where one more node and level cost much of a step (one request on a CPU: a fifth), the
    explorations are spaced so that they cost at most `explore_cost` of drafting's time.
+6. V was timed once; the machine may slow down or speed up since (another load, another hour). Timed plain steps
+   measure that: the median of the last `draft_window` of them in N's bucket (seconds over V of their sequences)
+   over the median of the first `draft_window` is the drift, and V is priced times the drift in steps 3 and 4.
+   Without it a machine that slows down puts the slower verification into R_N, beside which each further node
+   looks cheap, and the trees grow as drafting pays less.
 
 Whether to draft at all is `adaptive.ModeSelector`'s choice; this sizes the tree when it does. Measurements
 behind the numbers: `docs/adaptive-speculation.md`.
@@ -112,6 +117,9 @@ class TreeSizer:
         self.trials = [0.0] * max_nodes  # [r - 1]: decayed count of trees whose budget reached rank r
         # bucket -> (levels, proposal seconds, rest seconds) of its last timed drafting steps
         self.timed: dict[int, deque[tuple[int, float, float]]] = {}
+        # bucket -> timed plain steps' seconds over V of their sequences: the first `draft_window` and the last
+        self.plain_first: dict[int, list[float]] = {}
+        self.plain_last: dict[int, deque[float]] = {}
         self.steps = 0  # drafting steps asked for
         self.explored, self.since_explored = 0, 0  # steps that explored one rank beyond; steps since the last
         self.measuring = True  # whether the last `budgets` drafted the cap because p or D_N was not measured yet
@@ -149,6 +157,15 @@ class TreeSizer:
                 best, best_rate = n, rate
         return best, best_rate
 
+    def drift(self, num_decoding: int) -> float:
+        """Step 6: how many times as long as in their first window plain steps here take now (1.0 until a window
+        is full)."""
+        bucket = self._bucket(num_decoding)
+        first = self.plain_first.get(bucket, [])
+        if len(first) < self.th.draft_window:
+            return 1.0
+        return statistics.median(self.plain_last[bucket]) / statistics.median(first)
+
     def _step_seconds(self, num_decoding: int) -> Callable[[int, int], float] | None:
         """Seconds of a drafting step here as a function of (budget, tokens verified), or None before one is timed."""
         window = self.timed.get(self._bucket(num_decoding))
@@ -156,7 +173,8 @@ class TreeSizer:
             return None
         draft = _drafting_cost(window)
         rest = statistics.median(r for *_, r in window)
-        return lambda budget, tokens: rest + draft(min(budget, self.depth)) + self.verify_cost(tokens)
+        drift = self.drift(num_decoding)
+        return lambda budget, tokens: rest + draft(min(budget, self.depth)) + drift * self.verify_cost(tokens)
 
     def _explore_gap(self, num_decoding: int, budget: int) -> int:
         """Drafting steps between explorations: `explore_every`, or more where one more node (and level) costs so
@@ -191,7 +209,17 @@ class TreeSizer:
         if levels < 1:
             return
         window = self.timed.setdefault(self._bucket(num_decoding), deque(maxlen=self.th.draft_window))
-        window.append((levels, draft_seconds, step_seconds - draft_seconds - self.verify_cost(verified_tokens)))
+        verify = self.drift(num_decoding) * self.verify_cost(verified_tokens)
+        window.append((levels, draft_seconds, step_seconds - draft_seconds - verify))
+
+    def record_plain(self, num_decoding: int, seconds: float) -> None:
+        """A timed plain step over `num_decoding` sequences took `seconds` (step 6)."""
+        bucket = self._bucket(num_decoding)
+        ratio = seconds / self.verify_cost(num_decoding)
+        first = self.plain_first.setdefault(bucket, [])
+        if len(first) < self.th.draft_window:
+            first.append(ratio)
+        self.plain_last.setdefault(bucket, deque(maxlen=self.th.draft_window)).append(ratio)
 
     def record_tree(self, budget: int, accepted: list[int]) -> None:
         """One verified tree: its budget and its accepted nodes (1-based ranks, best first)."""
