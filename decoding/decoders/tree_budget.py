@@ -22,11 +22,13 @@ node is what raising the budget from n - 1 to n buys. For a drafting step over N
    rank and the cost of one more level stay measured: the budget moves a rank at a time, never paying for the
    whole tree again. Where one more node and level cost much of a step (one request on a CPU: a fifth), the
    explorations are spaced so that they cost at most `explore_cost` of drafting's time.
-6. V was timed once; the machine may slow down or speed up since (another load, another hour). Timed plain steps
-   measure that: the median of the last `draft_window` of them in N's bucket (seconds over V of their sequences)
-   over the median of the first `draft_window` is the drift, and V is priced times the drift in steps 3 and 4.
-   Without it a machine that slows down puts the slower verification into R_N, beside which each further node
-   looks cheap, and the trees grow as drafting pays less.
+6. V was timed once, at the machine's best (the fastest of three); the machine may slow down since (another load,
+   another hour). Timed plain steps measure that: the median of the last `drift_window` of them in N's bucket
+   (seconds over V of their sequences; few, since while drafting pays plain steps come only in the mode
+   selector's probes, a few steps each) over the median of the first `draft_window` is the drift, at least 1 (V
+   is never priced below its timing: the first steps after start-up can read slow), and V is priced times the
+   drift in steps 3 and 4. Without it a machine that slows down puts the slower verification into R_N, beside
+   which each further node looks cheap, and the trees grow as drafting pays less.
 
 Whether to draft at all is `adaptive.ModeSelector`'s choice; this sizes the tree when it does. Measurements
 behind the numbers: `docs/adaptive-speculation.md`.
@@ -38,6 +40,7 @@ behind the numbers: `docs/adaptive-speculation.md`.
 | `draft_window` | 16 | timed drafting steps per bucket that D_N and R_N are measured on |
 | `explore_every` | 4 | every this many drafting steps, one sequence drafts one node beyond the budget ... |
 | `explore_cost`, `explore_max` | 0.02, 64 | ... or far enough apart that exploring costs this share; at most 64 |
+| `drift_window` | 3 | the last plain steps per bucket whose median, over the first `draft_window`'s, is the drift |
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class Thresholds:
     explore_every: int = 4
     explore_cost: float = 0.02
     explore_max: int = 64
+    drift_window: int = 3
 
 
 THRESHOLDS = Thresholds()
@@ -117,7 +121,8 @@ class TreeSizer:
         self.trials = [0.0] * max_nodes  # [r - 1]: decayed count of trees whose budget reached rank r
         # bucket -> (levels, proposal seconds, rest seconds) of its last timed drafting steps
         self.timed: dict[int, deque[tuple[int, float, float]]] = {}
-        # bucket -> timed plain steps' seconds over V of their sequences: the first `draft_window` and the last
+        # bucket -> timed plain steps' seconds over V of their sequences: the first `draft_window`, the last
+        # `drift_window`
         self.plain_first: dict[int, list[float]] = {}
         self.plain_last: dict[int, deque[float]] = {}
         self.steps = 0  # drafting steps asked for
@@ -158,13 +163,13 @@ class TreeSizer:
         return best, best_rate
 
     def drift(self, num_decoding: int) -> float:
-        """Step 6: how many times as long as in their first window plain steps here take now (1.0 until a window
-        is full)."""
+        """Step 6: how many times as long as in their first window plain steps here take now, at least 1 (1 until
+        that window is full)."""
         bucket = self._bucket(num_decoding)
         first = self.plain_first.get(bucket, [])
         if len(first) < self.th.draft_window:
             return 1.0
-        return statistics.median(self.plain_last[bucket]) / statistics.median(first)
+        return max(1.0, statistics.median(self.plain_last[bucket]) / statistics.median(first))
 
     def _step_seconds(self, num_decoding: int) -> Callable[[int, int], float] | None:
         """Seconds of a drafting step here as a function of (budget, tokens verified), or None before one is timed."""
@@ -219,7 +224,7 @@ class TreeSizer:
         first = self.plain_first.setdefault(bucket, [])
         if len(first) < self.th.draft_window:
             first.append(ratio)
-        self.plain_last.setdefault(bucket, deque(maxlen=self.th.draft_window)).append(ratio)
+        self.plain_last.setdefault(bucket, deque(maxlen=self.th.drift_window)).append(ratio)
 
     def record_tree(self, budget: int, accepted: list[int]) -> None:
         """One verified tree: its budget and its accepted nodes (1-based ranks, best first)."""
