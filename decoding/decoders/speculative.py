@@ -164,32 +164,25 @@ class SpeculativeDecoder(Decoder):
             for (seq, _), features in zip(observed, hidden[rows].split([len(r) for _, r in observed])):
                 self.drafter.observe(seq, seq.num_computed, features)
         self.score_prompts(scheduled, chunks, hidden, results)
-        if self.sizer is not None and self._step_timeable and any(budgets):
-            self.sizer.record_step(
-                sum(s.completes_prefix for s in scheduled),
-                draft_seconds,
-                min(self.max_depth, max(budgets)),
-                self.observers.clock() - self._step_start,
-                sum(len(c.token_ids) for c in chunks),
-            )
-        if self.sizer is not None and self._step_timeable and self._step_drafts is False:
-            self.sizer.record_plain(
-                sum(s.completes_prefix for s in scheduled), self.observers.clock() - self._step_start
-            )
+        num_decoding = sum(s.completes_prefix for s in scheduled)
+        seconds = self.observers.clock() - self._step_start
+        if self.sizer is not None and self._step_timeable:
+            if any(budgets):
+                depth, num_tokens = min(self.max_depth, max(budgets)), sum(len(c.token_ids) for c in chunks)
+                self.sizer.record_step(num_decoding, draft_seconds, depth, seconds, num_tokens)
+            elif self._step_drafts is False:
+                self.sizer.record_plain(num_decoding, seconds)
         if self._step_drafts is not None:
-            self._report(scheduled, results)
+            self._report(scheduled, results, num_decoding, seconds)
         return results
 
-    def _report(self, scheduled: list[ScheduledSeq], results: dict[Sequence, SeqStep]) -> None:
+    def _report(
+        self, scheduled: list[ScheduledSeq], results: dict[Sequence, SeqStep], num_decoding: int, seconds: float
+    ) -> None:
         """The step's committed tokens and time, to the mode selector."""
-        decoding = [s for s in scheduled if s.completes_prefix]
-        tokens = sum(len(results[s.seq].samples) for s in decoding)
+        tokens = sum(len(results[s.seq].samples) for s in scheduled if s.completes_prefix)
         self.selector.record(
-            len(decoding),
-            bool(self._step_drafts),
-            tokens,
-            self.observers.clock() - self._step_start,
-            self._step_timeable and not self._step_sizing,
+            num_decoding, bool(self._step_drafts), tokens, seconds, self._step_timeable and not self._step_sizing
         )
 
     @staticmethod
