@@ -107,6 +107,9 @@ def test_self_instructions_are_answered_into_the_training_data(tiny_model_dir, t
     assert asdict(config_from_args(DataConfig, args)) == {**made, "device": "auto"}  # where it ran is not named
     with pytest.raises(ValueError, match="--self-instructions 2, not 3"):
         generate_data(DataConfig(**{**vars(cfg), "self_instructions": 3}))
+    # the sets' prompts and the instructions are interleaved: more prompts would move every later shard's
+    with pytest.raises(ValueError, match="--num-prompts 3, not 4"):
+        generate_data(DataConfig(**{**vars(cfg), "num_prompts": 4}))
 
 
 @pytest.mark.slow

@@ -114,6 +114,42 @@ def test_data_from_a_bf16_target_holds_its_features_and_keeps_its_dtype(tiny_mod
         generate_data(DataConfig(**{**vars(cfg), "num_prompts": 8, "dtype": "float32"}))
 
 
+def test_training_reads_several_data_directories_in_order(tiny_data, tiny_model_dir, tmp_path):
+    """`--data A,B`: A's sequences then B's, a model card paragraph on each, the run resumable only on the same
+    pair; a directory made by another model is refused before training."""
+    second = tmp_path / "second"
+    generate_data(
+        DataConfig(
+            model=str(tiny_model_dir), out=str(second), num_prompts=4, shard_size=4, max_tokens=12, seed=1, device="cpu"
+        )
+    )
+    both = f"{tiny_data},{second}"
+    one_by_one = read_sequences(tiny_data) + read_sequences(second)
+    assert [s.input_ids.tolist() for s in read_sequences(both)] == [s.input_ids.tolist() for s in one_by_one]
+    out = tmp_path / "drafter"
+    cfg = FSPADTrainConfig(
+        model=str(tiny_model_dir),
+        data=both,
+        out=str(out),
+        eval_prompts=0,
+        train=TrainConfig(steps=2, batch_size=4, max_len=64, checkpoint_every=10, device="cpu"),
+    )
+    train_fspad(cfg)
+    card = (out / "README.md").read_text()
+    assert f"`{tiny_data}`: 12 sequences" in card and f"`{second}`: 4 sequences" in card
+    assert card.count("leapserve train data") == 2  # each directory's recipe
+    with pytest.raises(ValueError, match="data"):  # the training state is the pair's
+        train_fspad(FSPADTrainConfig(**{**vars(cfg), "data": str(second)}))
+    other = tmp_path / "other"
+    other.mkdir()
+    meta = json.loads((second / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "hidden_size": meta["hidden_size"] + 1}))
+    with pytest.raises(ValueError, match=f"--data {other} was made by a model with hidden_size"):
+        train_fspad(FSPADTrainConfig(**{**vars(cfg), "data": f"{second},{other}", "out": str(tmp_path / "x")}))
+    with pytest.raises(FileNotFoundError, match="no meta.json"):
+        read_sequences(f"{second},{tmp_path / 'missing'}")
+
+
 @pytest.mark.parametrize("variant", ["fspad", "no-fs", "no-pad", "no-fs-no-pad"])
 def test_trained_tiny_drafter_is_lossless_in_the_speculative_decoder(variant, tiny_data, tiny_model_dir, tmp_path):
     out = tmp_path / "drafter"

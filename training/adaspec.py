@@ -39,7 +39,7 @@ from leapserve.decoding.model_loader import load_model, resolve_model
 from leapserve.drafters.checkpoints import SHARED_WITH_TARGET, assemble_draft, load_draft_model
 
 from .checkpoint import command_line, describe_data, export_checkpoint, model_card, write_model_card
-from .data import TrainSequence, batches, read_sequences
+from .data import TrainSequence, batches, data_dirs, read_meta, read_sequences
 from .evaluate import evaluate_acceptance
 from .loop import TrainConfig, train
 
@@ -187,7 +187,7 @@ class AdaSpecTraining(TrainConfig):
 
 @dataclass
 class AdaSpecConfig:
-    data: str = option(help="a `leapserve train data` directory")
+    data: str = option(help="`leapserve train data` directories, comma-separated")
     out: str = option(help="where the trained model is exported (the draft; the reference with --stage reference)")
     model: str = option(DEFAULT_MODEL, "the target")
     stage: str = option("both", "reference, draft, or both in turn", choices=STAGES)
@@ -213,11 +213,7 @@ class AdaSpecConfig:
             raise ValueError(f"--stage must be one of {STAGES}, got {self.stage!r}")
         if not 0.0 < self.filter_fraction <= 1.0:
             raise ValueError(f"--filter-fraction must be in (0, 1], got {self.filter_fraction}")
-        if not (Path(self.data) / "meta.json").is_file():
-            raise FileNotFoundError(
-                f"--data {self.data} is not a training data directory (no meta.json); "
-                "create one with `leapserve train data`"
-            )
+        data_dirs(self.data)  # each a training data directory
         if self.reference is not None and not (Path(self.reference) / "config.json").is_file():
             raise FileNotFoundError(f"--reference {self.reference} is not a checkpoint directory (no config.json)")
         if self.stage == "draft" and self.filter_fraction < 1.0 and self.reference is None:
@@ -235,14 +231,10 @@ class AdaSpecConfig:
 
 
 def _load_data(cfg: AdaSpecConfig, target: torch.nn.Module) -> list[TrainSequence]:
-    meta = json.loads((Path(cfg.data) / "meta.json").read_text())
-    hf = target.config
-    for key in ("hidden_size", "vocab_size"):
-        if key in meta and meta[key] != getattr(hf, key):
-            raise ValueError(
-                f"--data {cfg.data} was made by a model with {key} {meta[key]}, the target has {getattr(hf, key)}"
-            )
-    sequences = read_sequences(cfg.data, with_features=meta.get("config", {}).get("features", True))
+    metas = read_meta(cfg.data, target.config.hidden_size, target.config.vocab_size)
+    # a batch's target distributions come from features only where every sequence has them
+    with_features = all(m.get("config", {}).get("features", True) for m in metas)
+    sequences = read_sequences(cfg.data, with_features=with_features)
     return [s for s in sequences if s.loss_mask[1 : cfg.train.max_len].any()]  # a response token to learn
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .data import data_dirs
 from .self_instruct import INSTRUCTIONS_FILE
 
 WEIGHTS = "model.safetensors"
@@ -88,12 +89,14 @@ def command_line(argv: list[str] | None = None) -> str:
     return shlex.join(argv)
 
 
-def describe_data(data_dir: str | Path) -> str:
-    """One paragraph on a `leapserve train data` directory, from its `meta.json`."""
-    meta_path = Path(data_dir) / "meta.json"
-    if not meta_path.is_file():
-        return f"`{data_dir}` (no meta.json)"
-    meta = json.loads(meta_path.read_text())
+def describe_data(data: str | Path) -> str:
+    """A paragraph on each `leapserve train data` directory of `data` (one, or several comma-separated), from its
+    `meta.json`."""
+    return "\n\n".join(_describe_dir(d) for d in data_dirs(data))
+
+
+def _describe_dir(data_dir: Path) -> str:
+    meta = json.loads((data_dir / "meta.json").read_text())
     cfg = meta.get("config", {})
     parts = [
         f"`{data_dir}`: {meta.get('num_sequences', '?')} sequences, {meta.get('num_tokens', '?')} tokens "
@@ -101,7 +104,7 @@ def describe_data(data_dir: str | Path) -> str:
     ]
     if cfg:
         sources = f"{cfg.get('num_prompts', '?')} prompts of the `train` split of `{cfg.get('prompt_sets')}`"
-        instructions = Path(data_dir) / INSTRUCTIONS_FILE
+        instructions = data_dir / INSTRUCTIONS_FILE
         if cfg.get("self_instructions") and instructions.is_file():
             sources += (
                 f" and, interleaved with them, {cfg['self_instructions']} instructions the model wrote itself "

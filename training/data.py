@@ -116,7 +116,9 @@ def generate_data(cfg: DataConfig) -> Path:
     prompts = training_prompts(cfg.prompt_sets, cfg.num_prompts, cfg.seed)
     meta_path = out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    for key in ("model", "prompt_sets", "self_instructions", "seed", "shard_size", "dtype"):  # --num-prompts may grow
+    # --num-prompts may grow where it only appends prompts: not once self-instructions are interleaved with them
+    fixed = ("model", "prompt_sets", "self_instructions", "seed", "shard_size", "dtype")
+    for key in fixed + (("num_prompts",) if cfg.self_instructions else ()):
         if meta and key in meta.get("config", {}) and meta["config"][key] != getattr(cfg, key):
             raise ValueError(
                 f"{out} holds data made with --{key.replace('_', '-')} {meta['config'][key]!r}, not "
@@ -192,12 +194,40 @@ def _count(data_dir: Path) -> dict:
     return {"num_sequences": seqs, "num_tokens": toks, "num_response_tokens": resp}
 
 
-def read_sequences(data_dir: str | Path, with_features: bool = True) -> list[TrainSequence]:
-    """Every sequence of a data directory, in shard order."""
-    data_dir = Path(data_dir)
-    paths = sorted(data_dir.glob("shard-*.safetensors"))
-    if not paths:
-        raise FileNotFoundError(f"{data_dir} holds no training shards; create them with `leapserve train data`")
+def data_dirs(data: str | Path) -> list[Path]:
+    """The directories a `--data` value names: one, or several comma-separated (read in that order), each made by
+    `leapserve train data` (its `meta.json` is written with its first shard)."""
+    dirs = [Path(d.strip()) for d in str(data).split(",") if d.strip()]
+    if not dirs:
+        raise ValueError("--data names no directory")
+    for d in dirs:
+        if not (d / "meta.json").is_file():
+            raise FileNotFoundError(
+                f"--data {d} is not a training data directory (no meta.json); create one with `leapserve train data`"
+            )
+    return dirs
+
+
+def read_meta(data: str | Path, hidden_size: int, vocab_size: int) -> list[dict]:
+    """The `meta.json` of each directory of `data`, checked to come from a target of these sizes."""
+    metas = []
+    for d in data_dirs(data):
+        meta = json.loads((d / "meta.json").read_text())
+        for key, value in (("hidden_size", hidden_size), ("vocab_size", vocab_size)):
+            if key in meta and meta[key] != value:
+                raise ValueError(f"--data {d} was made by a model with {key} {meta[key]}, the target has {value}")
+        metas.append(meta)
+    return metas
+
+
+def read_sequences(data: str | Path, with_features: bool = True) -> list[TrainSequence]:
+    """Every sequence of the data directories `data` names (`data_dirs`), directory by directory in shard order."""
+    paths = []
+    for data_dir in data_dirs(data):
+        shards = sorted(data_dir.glob("shard-*.safetensors"))
+        if not shards:
+            raise FileNotFoundError(f"{data_dir} holds no training shards; create them with `leapserve train data`")
+        paths += shards
     sequences = []
     for path in paths:
         shard = load_file(str(path))

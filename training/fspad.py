@@ -28,7 +28,7 @@ from leapserve.drafters.checkpoints import DRAFTER_TYPE, load_fspad
 from leapserve.drafters.fspad_model import FSPADConfig, FSPADModel
 
 from .checkpoint import command_line, describe_data, export_checkpoint, model_card, write_model_card
-from .data import TrainSequence, batches, read_sequences, split_sequences
+from .data import TrainSequence, batches, data_dirs, read_meta, read_sequences, split_sequences
 from .evaluate import evaluate_acceptance
 from .loop import TrainConfig, train
 
@@ -156,7 +156,7 @@ class FSPADTraining(TrainConfig):
 
 @dataclass
 class FSPADTrainConfig:
-    data: str = option(help="a `leapserve train data` directory (with features)")
+    data: str = option(help="`leapserve train data` directories (with features), comma-separated")
     out: str = option(help="where the drafter is exported")
     model: str = option(DEFAULT_MODEL, "the target")
     work_dir: str | None = option(None, "training state, resumable (default: <out>.train)")
@@ -195,6 +195,7 @@ def train_fspad(cfg: FSPADTrainConfig) -> Path:
     lm_head = target.get_output_embeddings().weight.detach().clone()
     target_config = target.config
     del target
+    read_meta(cfg.data, target_config.hidden_size, target_config.vocab_size)
     sequences = read_sequences(cfg.data)
     train_seqs, val_seqs = split_sequences(sequences, seed=cfg.train.seed)
     overrides = {"feature_sampling": cfg.feature_sampling, "partial_alignment": cfg.partial_alignment}
@@ -222,7 +223,7 @@ def train_fspad(cfg: FSPADTrainConfig) -> Path:
     )
     work = Path(cfg.work_dir or f"{cfg.out}.train")
     run = {
-        "data": str(Path(cfg.data).resolve()),
+        "data": ",".join(str(d.resolve()) for d in data_dirs(cfg.data)),
         **config.to_dict(),
         "noise": cfg.noise,
         "all_positions": cfg.all_positions,
