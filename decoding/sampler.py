@@ -94,9 +94,15 @@ def target_probs(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One sample from `probs` (exponential race, so a seeded generator gives the same token on any batch)."""
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return int(torch.argmax(probs / noise))
+    """One sample from `probs` `[V]`: its CDF inverted at one uniform of `generator` (so a seeded request draws the
+    same token in any batch). A cumulative sum and a binary search: on a CPU a race of V exponentials cost about 20
+    times as much (1.6 ms a token over SmolLM2's 49,152)."""
+    cdf = torch.cumsum(probs, dim=0, dtype=torch.float64)
+    total = cdf[-1:]
+    u = torch.rand(1, generator=generator, dtype=torch.float64, device=probs.device) * total
+    # below the total, so that the first entry above it is a token of positive probability
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return int(torch.searchsorted(cdf, u, right=True))
 
 
 @dataclass

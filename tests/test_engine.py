@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from leapserve.decoding import LLM, SamplingParams
 from leapserve.decoding.config import DEFAULT_MODEL
 from leapserve.decoding.model_loader import resolve_model
+from leapserve.decoding.sampler import draw
 
 PROMPTS = [
     "The capital of France is",
@@ -84,6 +85,26 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch(tiny_llm):
     other = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=99, max_tokens=16, ignore_eos=True)
     assert alone == again == batched
     assert tiny_llm.generate(PROMPTS[0], other, use_tqdm=False)[0].outputs[0].token_ids != alone
+
+
+def test_draw_keeps_the_distribution_and_never_draws_a_zero():
+    """`draw` (the CDF inverted at one uniform): frequencies within five standard deviations of `probs`, which may
+    be unnormalised (a residual is); tokens of probability 0, inside and at the end, never come; a seeded generator
+    repeats its draws; a token of tiny mass beside a large one is drawn at its rate, not lost or crashed on."""
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0]) * 0.7
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    counts = torch.bincount(torch.tensor([draw(probs, g) for _ in range(n)]), minlength=len(probs)).double()
+    assert counts[[0, 2, 5]].sum() == 0
+    expected = (probs / probs.sum()).double()
+    assert ((counts / n - expected).abs() <= 5 * (expected * (1 - expected) / n).sqrt()).all()
+    seeded = [[draw(probs, gen) for _ in range(20)] for gen in (torch.Generator().manual_seed(3) for _ in range(2))]
+    assert seeded[0] == seeded[1] and len(set(seeded[0])) > 1
+    assert {draw(torch.tensor([0.0, 0.0, 1.0, 0.0]), g) for _ in range(50)} == {2}
+    rare = torch.tensor([1.0, 1e-3] + [0.0] * 49_150)  # SmolLM2's vocabulary size
+    rate = 1e-3 / 1.001
+    hits = sum(draw(rare, g) == 1 for _ in range(n))
+    assert abs(hits - n * rate) <= 5 * (n * rate * (1 - rate)) ** 0.5
 
 
 def test_n_stop_strings_stop_tokens_and_logprobs(tiny_llm):
