@@ -84,13 +84,24 @@ def target_probs(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
         probs = probs.masked_fill(probs < p.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
         probs /= probs.sum(dim=-1, keepdim=True)
     if p.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_probs, dim=-1)
-        drop = cum - sorted_probs > p.top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        probs /= probs.sum(dim=-1, keepdim=True)
+        probs = nucleus(probs, p.top_p)
     return probs
+
+
+def nucleus(probs: torch.Tensor, top_p: float, first: int = 64) -> torch.Tensor:
+    """`probs` (`[V]` or `[N, V]`) kept where the mass of the likelier tokens before it is at most `top_p`, then
+    renormalised. The likeliest tokens are taken `first` at a time, four times as many while they hold no more than
+    `top_p` (a whole sort of SmolLM2's 49,152 costs about 5 ms on a CPU; an LM's nucleus is mostly a few dozen)."""
+    k = min(first, probs.shape[-1])
+    while True:
+        top, order = torch.topk(probs, k)  # descending
+        cum = torch.cumsum(top, dim=-1)
+        if k == probs.shape[-1] or bool((cum[..., -1] > top_p).all()):  # every token beyond is dropped
+            break
+        k = min(4 * k, probs.shape[-1])
+    kept = top.masked_fill(cum - top > top_p, 0.0)
+    out = torch.zeros_like(probs).scatter_(-1, order, kept)
+    return out / out.sum(dim=-1, keepdim=True)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:

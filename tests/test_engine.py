@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from leapserve.decoding import LLM, SamplingParams
 from leapserve.decoding.config import DEFAULT_MODEL
 from leapserve.decoding.model_loader import resolve_model
-from leapserve.decoding.sampler import draw
+from leapserve.decoding.sampler import draw, nucleus
 
 PROMPTS = [
     "The capital of France is",
@@ -105,6 +105,29 @@ def test_draw_keeps_the_distribution_and_never_draws_a_zero():
     rate = 1e-3 / 1.001
     hits = sum(draw(rare, g) == 1 for _ in range(n))
     assert abs(hits - n * rate) <= 5 * (n * rate * (1 - rate)) ** 0.5
+
+
+def test_nucleus_keeps_what_a_whole_sort_keeps():
+    """top-p over the likeliest tokens taken a few at a time keeps exactly the tokens (and probabilities) that a sort
+    of the whole vocabulary keeps, for peaked and flat distributions, one row or several, whether the first batch of
+    tokens holds the nucleus or it has to grow."""
+
+    def by_sort(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+        ordered, order = torch.sort(probs, descending=True)
+        ordered[torch.cumsum(ordered, dim=-1) - ordered > top_p] = 0.0
+        kept = torch.zeros_like(probs).scatter_(-1, order, ordered)
+        return kept / kept.sum(dim=-1, keepdim=True)
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.1, 2.0, 8.0):  # flat: thousands of tokens in the nucleus; peaked: a handful
+        probs = torch.softmax(torch.randn(3, 4096, generator=g) * scale, dim=-1)
+        for top_p in (0.05, 0.5, 0.9, 0.999):
+            for first in (1, 64):
+                assert torch.equal(nucleus(probs, top_p, first), by_sort(probs.clone(), top_p))
+                assert torch.equal(nucleus(probs[1], top_p, first), by_sort(probs[1].clone(), top_p))
+    one_hot = torch.zeros(100)
+    one_hot[7] = 1.0
+    assert torch.equal(nucleus(one_hot, 0.9), one_hot)
 
 
 def test_n_stop_strings_stop_tokens_and_logprobs(tiny_llm):
