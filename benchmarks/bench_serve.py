@@ -55,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-tokens", type=int, default=128, help="max_tokens of every request")
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="sent when below 1")
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (leapserve, vLLM): fixed-length outputs")
     p.add_argument("--seed", type=int, default=0, help="the prompt order")
     p.add_argument("--num-warmups", type=int, default=1, help="requests sent before the first level, not counted")
@@ -71,6 +72,8 @@ def request_body(prompt: Prompt, args: argparse.Namespace) -> dict:
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if args.top_p < 1.0:
+        body["top_p"] = args.top_p
     if args.ignore_eos:
         body["ignore_eos"] = True
     if args.endpoint == "/v1/completions":

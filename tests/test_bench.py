@@ -26,9 +26,9 @@ from leapserve.benchmarks.bench_metrics import (
     summary_ms,
 )
 from leapserve.benchmarks.bench_offline import kv_tokens_needed
-from leapserve.benchmarks.bench_serve import spec_counters
+from leapserve.benchmarks.bench_serve import request_body, spec_counters
 from leapserve.benchmarks.decoder_specs import NAMED_CONFIGS, Decoder, decoder_list, split_top_level
-from leapserve.cli.main import main
+from leapserve.cli.main import build_parser, main
 from leapserve.decoding.observe import StepRecord
 from test_server import API_KEY, MODEL, running_server
 
@@ -102,6 +102,15 @@ def test_acceptance_from_counter_scrapes():
     idle = spec_decode_stats(after, after)
     assert idle["acceptance_rate"] is None and idle["mean_acceptance_length"] == 1.0
     assert mean_acceptance_length(0, 0) == 1.0
+
+
+def test_serve_requests_carry_the_sampling_asked_for():
+    """`--temperature` always, `--top-p` only below 1 (a server's own default otherwise), chats as one user turn."""
+    parser = build_parser()
+    base = ["bench", "serve", "--base-url", "http://127.0.0.1:1", "--model", "m"]
+    body = request_body("Hi", parser.parse_args(base + ["--temperature", "0.8", "--top-p", "0.9"]))
+    assert (body["temperature"], body["top_p"], body["messages"]) == (0.8, 0.9, [{"role": "user", "content": "Hi"}])
+    assert "top_p" not in request_body("Hi", parser.parse_args(base))
 
 
 def test_spec_counters_read_any_servers_prefix_and_sum_labels():
