@@ -91,7 +91,7 @@ def target_probs(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
 def nucleus(probs: torch.Tensor, top_p: float, first: int = 64) -> torch.Tensor:
     """`probs` (`[V]` or `[N, V]`) kept where the mass of the likelier tokens before it is at most `top_p`, then
     renormalised. The likeliest tokens are taken `first` at a time, four times as many while they hold no more than
-    `top_p` (a whole sort of SmolLM2's 49,152 costs about 5 ms on a CPU; an LM's nucleus is mostly a few dozen)."""
+    `top_p` (a whole sort of SmolLM2's 49,152 costs about 5 ms on a CPU; an LM's nucleus is mostly a few tokens)."""
     k = min(first, probs.shape[-1])
     while True:
         top, order = torch.topk(probs, k)  # descending
@@ -113,7 +113,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     u = torch.rand(1, generator=generator, dtype=torch.float64, device=probs.device) * total
     # below the total, so that the first entry above it is a token of positive probability
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-    return int(torch.searchsorted(cdf, u, right=True))
+    # probabilities all 0 or NaN (a logits processor that masks every token) find no entry: still a valid id
+    return min(int(torch.searchsorted(cdf, u, right=True)), probs.shape[-1] - 1)
 
 
 @dataclass

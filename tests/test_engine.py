@@ -101,6 +101,7 @@ def test_draw_keeps_the_distribution_and_never_draws_a_zero():
     seeded = [[draw(probs, gen) for _ in range(20)] for gen in (torch.Generator().manual_seed(3) for _ in range(2))]
     assert seeded[0] == seeded[1] and len(set(seeded[0])) > 1
     assert {draw(torch.tensor([0.0, 0.0, 1.0, 0.0]), g) for _ in range(50)} == {2}
+    assert draw(torch.zeros(5), g) == draw(torch.full((5,), float("nan")), g) == 4  # nothing to draw: a valid id
     rare = torch.tensor([1.0, 1e-3] + [0.0] * 49_150)  # SmolLM2's vocabulary size
     rate = 1e-3 / 1.001
     hits = sum(draw(rare, g) == 1 for _ in range(n))
