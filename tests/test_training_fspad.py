@@ -138,7 +138,7 @@ def test_training_reads_several_data_directories_in_order(tiny_data, tiny_model_
     card = (out / "README.md").read_text()
     assert f"`{tiny_data}`: 12 sequences" in card and f"`{second}`: 4 sequences" in card
     assert card.count("leapserve train data") == 2  # each directory's recipe
-    with pytest.raises(ValueError, match="data"):  # the training state is the pair's
+    with pytest.raises(ValueError, match=r"settings changed, \(was, now\): \{'data'"):  # the state is the pair's
         train_fspad(FSPADTrainConfig(**{**vars(cfg), "data": str(second)}))
     other = tmp_path / "other"
     other.mkdir()
