@@ -24,6 +24,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -271,90 +272,132 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const st
 // Attention of sequences with few queries, read straight from the paged cache (no gather into a padded batch), in
 // fp32 from an fp32 or bf16 cache (T), as SDPA computes a bf16 one (reference.attend).
 // A task takes one sequence, and all its KV heads where there are sequences enough to keep every thread busy (each
-// key row is then read whole, once): it scores every query head of the group against eight keys at a time as they
-// are read, then weighs each value row as it is read. A query row's result depends only on its own visible keys, in slot
-// order: a token attended in a decode step or as a draft tree's root gets the same bits.
+// key row is then read whole, once); with fewer, one KV head and a block of its query rows (a tree's rows split so
+// that no thread idles). It scores every query row of the group against eight keys at a time, then weighs each value
+// row; a task with many rows over a bf16 cache first widens its keys and values to fp32 once (exactly), instead of
+// once per row. A query row's result depends only on its own visible keys, in slot order: a token attended in a
+// decode step or as a draft tree's root gets the same bits.
 template <typename T>
 void short_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const std::vector<const SeqPlan*>& seqs, double scale, at::Tensor& out) {
   const int64_t q_heads = q.size(1), kv_heads = k_cache.size(2), dim = k_cache.size(3), group = q_heads / kv_heads;
-  const int64_t num_seqs = static_cast<int64_t>(seqs.size());
-  const int64_t heads_per_task = num_seqs >= 2 * at::get_num_threads() ? kv_heads : 1;
+  const int64_t num_seqs = static_cast<int64_t>(seqs.size()), threads = at::get_num_threads();
+  const int64_t heads_per_task = num_seqs >= 2 * threads ? kv_heads : 1, head_tasks = kv_heads / heads_per_task;
+  constexpr int64_t kBlockRows = 4;  // the fewest query rows of a block (a decode step's group of 3 stays whole)
+  constexpr int64_t kWidenRows = 4;  // rows of a task over a bf16 cache from which its K/V are widened first
+  int64_t max_rows = 0;
+  for (const SeqPlan* p : seqs) max_rows = std::max(max_rows, (p->end - p->start) * group);
+  const int64_t row_blocks =  // tasks enough for every thread where the sequences alone do not make them
+      num_seqs >= 2 * threads ? 1
+                              : std::clamp<int64_t>((2 * threads + num_seqs * kv_heads - 1) / (num_seqs * kv_heads),
+                                                    1, std::max<int64_t>(1, max_rows / kBlockRows));
   const float* qp = q.data_ptr<float>();
   const T* kp = k_cache.data_ptr<T>();  // [slots, Hkv, D]: contiguous (checked when pushed)
   const T* vp = v_cache.data_ptr<T>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale), neg_inf = -std::numeric_limits<float>::infinity();
-  at::parallel_for(0, num_seqs * (kv_heads / heads_per_task), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, total;
-    std::vector<T> zero_row(dim, T(0.0f));
-    const T* zeros = zero_row.data();
+  constexpr uint64_t kAllVisible = 0x0101010101010101ULL;  // eight true bools
+  const std::vector<T> zero_row(dim, T(0.0f));  // a key of zeros padding the last eight
+  const std::vector<float> zero_row_fp32(dim, 0.0f);
+  at::parallel_for(0, num_seqs * head_tasks * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, total, k_rows, v_rows;
     for (int64_t task = begin; task < end; ++task) {
-      const SeqPlan& p = *seqs[task / (kv_heads / heads_per_task)];
-      const int64_t n = p.end - p.start, rows = n * group;
+      const SeqPlan& p = *seqs[task / (head_tasks * row_blocks)];
+      const int64_t n = p.end - p.start, rows = n * group, block = task % row_blocks;
+      const int64_t r0 = rows * block / row_blocks, r1 = rows * (block + 1) / row_blocks;
+      if (r0 == r1) continue;
       const int64_t num_keys = p.keys.has_value() ? p.keys->size(0) : p.key_len, ctx = num_keys - n;
       const int64_t stride = (num_keys + 7) / 8 * 8;
       const int64_t* slots = p.keys.has_value() ? p.keys->data_ptr<int64_t>() : nullptr;
       const bool* mask = p.mask.has_value() ? p.mask->data_ptr<bool>() : nullptr;
       auto slot = [&](int64_t j) { return slots ? slots[j] : p.key_start + j; };
-      const int64_t h0 = task % (kv_heads / heads_per_task) * heads_per_task;
+      const int64_t h0 = task / row_blocks % head_tasks * heads_per_task;
       for (int64_t h = h0; h < h0 + heads_per_task; ++h) {
-        // row r = i * group + g: query token i, query head h * group + g
+        // row r = i * group + g: query token i, query head h * group + g; rows r0..r1 of them here
         auto row_offset = [&](int64_t r) { return ((p.start + r / group) * q_heads + h * group + r % group) * dim; };
-        scores.assign(rows * stride, neg_inf);  // [rows, keys rounded up to 8]
-        for (int64_t j0 = 0; j0 < num_keys; j0 += 8) {  // 8 keys at a time (the last group padded with zeros)
-          const T* keys[8];
-          for (int64_t k = 0; k < 8; ++k) keys[k] = j0 + k < num_keys ? kp + (slot(j0 + k) * kv_heads + h) * dim : zeros;
-          for (int64_t r = 0; r < rows; ++r) {
-            const float* query = qp + row_offset(r);
-            vec8 acc8[8] = {};
-            for (int64_t d = 0; d < dim; d += 8) {
-              const vec8 x = load8(query + d);
-              for (int k = 0; k < 8; ++k) acc8[k] += x * load8(keys[k] + d);
-            }
-            const vec8 dots = lane_sums(acc8) * sc;
-            const int64_t i = r / group;
-            for (int64_t k = 0; k < 8 && j0 + k < num_keys; ++k) {
-              const int64_t j = j0 + k;
-              const bool visible = mask ? mask[i * num_keys + j] : (!p.causal || j <= ctx + i);
-              scores[r * stride + j] = visible ? dots[k] : neg_inf;
-            }
-          }
-        }
-        total.assign(rows, 0.0f);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* row = scores.data() + r * stride;
-          float top = neg_inf;
-          for (int64_t j = 0; j < num_keys; ++j) top = std::max(top, row[j]);
-          if (top == neg_inf) continue;  // no visible key: the row stays 0 (SDPA would give NaN)
-          // Lane l sums keys j = l mod 8 (the padding adds zeros): the same sum however many keys follow the row's
-          // last visible one.
-          vec8 sum = {};
-          for (int64_t j = 0; j < stride; j += 8) {
-            const vec8 e = exp_nonpositive(load8(row + j) - top);
-            std::memcpy(row + j, &e, sizeof e);
-            sum += e;
-          }
-          total[r] = lane_sum(sum);
-        }
-        for (int64_t r = 0; r < rows; ++r) {  // each row's weighted values, 64 dims at a time held in registers
-          const float* w = scores.data() + r * stride;
-          float* o = op + row_offset(r);
-          const float inv = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
-          for (int64_t d0 = 0; d0 < dim; d0 += 64) {
-            const int64_t chunks = std::min<int64_t>(8, (dim - d0) / 8);
-            vec8 acc8[8] = {};
-            for (int64_t j = 0; j < num_keys; ++j) {
-              if (w[j] == 0.0f) continue;  // masked (a stale slot may hold NaN) or negligible
-              const T* value = vp + (slot(j) * kv_heads + h) * dim + d0;
-              for (int64_t c = 0; c < chunks; ++c) acc8[c] += w[j] * load8(value + 8 * c);
-            }
-            for (int64_t c = 0; c < chunks; ++c) {
-              const vec8 y = acc8[c] * inv;
-              std::memcpy(o + d0 + 8 * c, &y, sizeof y);
+        // key_row(j), value_row(j): key j's K and V rows of head h (in the cache, or widened), zeros: a K row of 0s
+        auto attend = [&](auto key_row, auto value_row, auto zeros) __attribute__((always_inline)) {
+          scores.assign((r1 - r0) * stride, neg_inf);  // [rows, keys rounded up to 8]
+          for (int64_t j0 = 0; j0 < num_keys; j0 += 8) {  // 8 keys at a time (the last group padded with zeros)
+            const int64_t valid = std::min<int64_t>(8, num_keys - j0);
+            decltype(zeros) keys[8];
+            for (int64_t k = 0; k < 8; ++k) keys[k] = k < valid ? key_row(j0 + k) : zeros;
+            for (int64_t r = r0; r < r1; ++r) {
+              const float* query = qp + row_offset(r);
+              vec8 acc8[8] = {};
+              for (int64_t d = 0; d < dim; d += 8) {
+                const vec8 x = load8(query + d);
+                for (int k = 0; k < 8; ++k) acc8[k] += x * load8(keys[k] + d);
+              }
+              const vec8 dots = lane_sums(acc8) * sc;
+              const int64_t i = r / group;
+              float* row = scores.data() + (r - r0) * stride;
+              uint64_t visible8 = 0;
+              if (mask && valid == 8) std::memcpy(&visible8, mask + i * num_keys + j0, sizeof visible8);
+              if (valid == 8 && (mask ? visible8 == kAllVisible : !p.causal || j0 + 7 <= ctx + i)) {
+                std::memcpy(row + j0, &dots, sizeof dots);
+                continue;
+              }
+              for (int64_t k = 0; k < valid; ++k) {
+                const int64_t j = j0 + k;
+                const bool visible = mask ? mask[i * num_keys + j] : (!p.causal || j <= ctx + i);
+                row[j] = visible ? dots[k] : neg_inf;
+              }
             }
           }
+          total.assign(r1 - r0, 0.0f);
+          for (int64_t r = 0; r < r1 - r0; ++r) {
+            float* row = scores.data() + r * stride;
+            float top = neg_inf;
+            for (int64_t j = 0; j < num_keys; ++j) top = std::max(top, row[j]);
+            if (top == neg_inf) continue;  // no visible key: the row stays 0 (SDPA would give NaN)
+            // Lane l sums keys j = l mod 8 (the padding adds zeros): the same sum however many keys follow the
+            // row's last visible one.
+            vec8 sum = {};
+            for (int64_t j = 0; j < stride; j += 8) {
+              const vec8 e = exp_nonpositive(load8(row + j) - top);
+              std::memcpy(row + j, &e, sizeof e);
+              sum += e;
+            }
+            total[r] = lane_sum(sum);
+          }
+          for (int64_t r = r0; r < r1; ++r) {  // each row's weighted values, 64 dims at a time held in registers
+            const float* w = scores.data() + (r - r0) * stride;
+            float* o = op + row_offset(r);
+            const float inv = total[r - r0] > 0.0f ? 1.0f / total[r - r0] : 0.0f;
+            for (int64_t d0 = 0; d0 < dim; d0 += 64) {
+              const int64_t chunks = std::min<int64_t>(8, (dim - d0) / 8);
+              vec8 acc8[8] = {};
+              for (int64_t j = 0; j < num_keys; ++j) {
+                if (w[j] == 0.0f) continue;  // masked (a stale slot may hold NaN) or negligible
+                const auto value = value_row(j) + d0;
+                for (int64_t c = 0; c < chunks; ++c) acc8[c] += w[j] * load8(value + 8 * c);
+              }
+              for (int64_t c = 0; c < chunks; ++c) {
+                const vec8 y = acc8[c] * inv;
+                std::memcpy(o + d0 + 8 * c, &y, sizeof y);
+              }
+            }
+          }
+        };
+        if (std::is_same_v<T, float> || r1 - r0 < kWidenRows) {
+          attend([&](int64_t j) { return kp + (slot(j) * kv_heads + h) * dim; },
+                 [&](int64_t j) { return vp + (slot(j) * kv_heads + h) * dim; }, zero_row.data());
+          continue;
         }
+        k_rows.resize(num_keys * dim);
+        v_rows.resize(num_keys * dim);
+        for (int64_t j = 0; j < num_keys; ++j) {
+          const T* k = kp + (slot(j) * kv_heads + h) * dim;
+          const T* v = vp + (slot(j) * kv_heads + h) * dim;
+          for (int64_t d = 0; d < dim; d += 8) {
+            const vec8 kj = load8(k + d), vj = load8(v + d);
+            std::memcpy(k_rows.data() + j * dim + d, &kj, sizeof kj);
+            std::memcpy(v_rows.data() + j * dim + d, &vj, sizeof vj);
+          }
+        }
+        attend([&](int64_t j) { return static_cast<const float*>(k_rows.data() + j * dim); },
+               [&](int64_t j) { return static_cast<const float*>(v_rows.data() + j * dim); }, zero_row_fp32.data());
       }
     }
   });

@@ -201,19 +201,23 @@ def loaded() -> ModuleType | None:
     return _module
 
 
-def push_step(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], step: AttentionStep) -> bool:
+def push_step(
+    k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], step: AttentionStep, ops: ModuleType | None = None
+) -> bool:
     """Make `step` over these per-layer caches the one `leapserve_cpu::paged_attention` runs (until `pop_step`);
-    False, pushing nothing, when the extension is not loaded or the step does not run on the CPU reference."""
-    if _module is None or step.plan is None:
+    False, pushing nothing, when the extension is not loaded or the step does not run on the CPU reference.
+    `ops`: another build of the extension to push it to (benchmarks/cpu_attention.py's `--against`)."""
+    module = ops or _module
+    if module is None or step.plan is None:
         return False
     plan = step.plan
     # The padded call's plan only where the op may run it: not where its own attention takes every short sequence.
     cache = k_caches[0]
-    native = _module.native_attention() and cache.dtype in NATIVE_ATTENTION_DTYPES and cache.shape[-1] % 8 == 0
+    native = module.native_attention() and cache.dtype in NATIVE_ATTENTION_DTYPES and cache.shape[-1] % 8 == 0
     batched = None if native else plan.batched
     seqs = plan.seqs
     ranges = [(s.keys.start, s.keys.stop - s.keys.start) if isinstance(s.keys, slice) else (-1, -1) for s in seqs]
-    _module.push_step(
+    module.push_step(
         k_caches,
         v_caches,
         step.slot_mapping,
@@ -232,9 +236,10 @@ def push_step(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], step: 
     return True
 
 
-def pop_step() -> None:
-    assert _module is not None
-    _module.pop_step()
+def pop_step(ops: ModuleType | None = None) -> None:
+    module = ops or _module
+    assert module is not None
+    module.pop_step()
 
 
 def _packed_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -600,3 +600,24 @@ def test_the_handwritten_set_is_for_evaluation_only():
     assert load("handwritten", "train") == []
     generated = {p for name in PROMPT_SETS for p in load_prompts(name, "all")}
     assert not generated & {p for p in HANDWRITTEN if isinstance(p, str)}
+
+
+def test_cpu_attention_bench_times_each_point_and_pairs_another_build(tmp_path, capsys) -> None:
+    from leapserve.benchmarks import cpu_attention
+    from leapserve.kernels import cpu_ops
+
+    base = ["--contexts", "20,40", "--new", "1,5", "--calls", "3", "--repeats", "2", "--dtype", "bfloat16"]
+    cpu_attention.main(base)
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [(int(r[0]), int(r[1])) for r in rows[1:]] == [(20, 1), (20, 5), (40, 1), (40, 5)]
+    assert all(float(r[2]) > 0 for r in rows[1:])
+    # the same source built beside it under another name: both timed, with the paired ratio
+    (tmp_path / "same.cpp").write_text(cpu_ops.SOURCE.read_text())
+    cpu_attention.main(
+        [*base[:4], "--new", "9", "--calls", "3", "--repeats", "2", "--against", str(tmp_path / "same.cpp")]
+    )
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.strip() for r in rows[0]] == ["context", "new", "this", "against", "against / this (paired)"]
+    assert len(rows) == 3 and all(float(r[4]) > 0 for r in rows[1:])
+    with pytest.raises(SystemExit, match="divide"):
+        cpu_attention.main(["--heads", "9,2,64"])

@@ -179,6 +179,29 @@ def test_native_attention_gives_a_row_the_same_bits_in_any_step(dtype: torch.dty
     torch.testing.assert_close(alone, sdpa, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_attention_splits_work_over_threads_without_changing_a_bit(dtype: torch.dtype) -> None:
+    """With few sequences the op splits a head's query rows over the threads, and widens a bf16 head's K/V once
+    for a task with many rows: neither the split (1 to 4 threads) nor the widening changes a row's bits."""
+    cpu_ops.use_native_attention(True)
+    gen = torch.Generator().manual_seed(11)
+    k_cache = torch.randn(16 * 2, 16, 3, 64, generator=gen).to(dtype)
+    v_cache = torch.randn(16 * 2, 16, 3, 64, generator=gen).to(dtype)
+    q = torch.randn(13, 9, 64, generator=gen).to(dtype)
+    tree = torch.rand(13, 13, generator=gen).lt(0.5).tril() | torch.eye(13, dtype=torch.bool)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            outs.append(attend_rows(k_cache, v_cache, q, [150], [13], tree))
+            root = attend_rows(k_cache, v_cache, q[:1], [150], [1])  # decoded alone: 3 rows, not widened
+            assert torch.equal(outs[-1][:1], root)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
 @pytest.mark.parametrize(
     ("variable", "native", "other"),
     [("LEAPSERVE_CPU_ATTENTION", "native", "sdpa"), ("LEAPSERVE_CPU_GEMV", "native", "onednn")],
