@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--contexts", default="150,600", help="comma-separated cached tokens before the new ones")
     parser.add_argument("--new", default="1,9,13", help="comma-separated new tokens (queries) per call")
     parser.add_argument("--heads", default="9,3,64", help="query heads, KV heads, head size")
-    parser.add_argument("--calls", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=101)
     parser.add_argument("--against", type=Path, default=None, help="another cpu_ops.cpp to time beside this one")
     return parser
 
