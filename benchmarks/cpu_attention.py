@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,20 +48,22 @@ def build_against(source: Path) -> ModuleType:
     """`source` built as a second extension whose ops live under `AGAINST` (and its C shims under other names)."""
     from torch.utils.cpp_extension import load as build
 
+    if not source.is_file():
+        raise SystemExit(f"--against {source}: no such file (e.g. git show REV:kernels/cpu_ops.cpp > FILE)")
     text = source.read_text().replace("leapserve_cpu", AGAINST).replace("aoti_torch_cpu_", "aoti_against_cpu_")
     digest = hashlib.sha256(text.encode() + " ".join(cpu_ops.CFLAGS).encode()).hexdigest()[:12]
-    directory = cache_dir() / "extensions" / f"against_{digest}"
+    directory = cache_dir() / "extensions" / f"against_{digest}"  # built once per source, like the op itself
     directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "cpu_ops_against.cpp"
+    copy = directory / "cpu_ops_against.cpp"
+    if not copy.is_file() or copy.read_text() != text:  # rewritten, it would be rebuilt (its time is newer)
         copy.write_text(text)
-        return build(
-            f"against_{digest}",
-            [str(copy)],
-            extra_cflags=cpu_ops.CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-        )
+    return build(
+        f"against_{digest}",
+        [str(copy)],
+        extra_cflags=cpu_ops.CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+    )
 
 
 def time_calls(

@@ -621,3 +621,5 @@ def test_cpu_attention_bench_times_each_point_and_pairs_another_build(tmp_path, 
     assert len(rows) == 3 and all(float(r[4]) > 0 for r in rows[1:])
     with pytest.raises(SystemExit, match="divide"):
         cpu_attention.main(["--heads", "9,2,64"])
+    with pytest.raises(SystemExit, match="no such file"):
+        cpu_attention.main(["--against", str(tmp_path / "missing.cpp")])
