@@ -5,6 +5,11 @@ Every level sends the same prompts as streaming requests with at most `concurren
 `/metrics` before and after: where the server exposes the spec-decode counters (`leapserve:` or `vllm:`
 `spec_decode_num_drafts_total`, `..._num_draft_tokens_total`, `..._num_accepted_tokens_total`), the level also
 reports the acceptance rate and the mean acceptance length.
+
+`--against URL` measures a second server in the same run, in turn with the first: each level `--rounds` times per
+server, the order alternating round by round (A B, B A, A B, ...), so that a machine drifting over the run (another
+hour, another load) weighs on both alike. A pair's ratio is the first server's output tok/s over the second's; the
+median over the rounds is the figure to read, their spread how far to trust it.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -24,7 +31,16 @@ from tqdm import tqdm
 from leapserve.prompts import load as load_prompts
 
 from .bench_metrics import SPEC_COUNTERS, StreamedRequest, serve_summary, spec_decode_stats
-from .report import add_output_arguments, fmt, markdown_table, plot_serve, positive_int_list, run_record, write_outputs
+from .report import (
+    add_output_arguments,
+    fmt,
+    markdown_table,
+    plot_paired_serve,
+    plot_serve,
+    positive_int_list,
+    run_record,
+    write_outputs,
+)
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 Prompt = str | list[dict]
@@ -60,13 +76,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="the prompt order")
     p.add_argument("--num-warmups", type=int, default=1, help="requests sent before the first level, not counted")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    g = p.add_argument_group("paired with a second server")
+    g.add_argument(
+        "--against",
+        metavar="URL",
+        help="another server measured in the same run, in turn with --base-url at every level; reports "
+        "--base-url's output tok/s over this one's per round and their median",
+    )
+    g.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --against: each level this many times per server, which server goes first alternating round by "
+        "round",
+    )
     add_output_arguments(p)
     p.set_defaults(handler=run)
 
 
-def request_body(prompt: Prompt, args: argparse.Namespace) -> dict:
+def request_body(prompt: Prompt, args: argparse.Namespace, model: str | None = None) -> dict:
     body = {
-        "model": args.model,
+        "model": model or args.model,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "stream": True,
@@ -138,11 +168,11 @@ async def scrape(client: httpx.AsyncClient, base_url: str) -> dict[str, float]:
 
 
 async def run_level(
-    client: httpx.AsyncClient, url: str, bodies: list[dict], concurrency: int
+    client: httpx.AsyncClient, url: str, bodies: list[dict], concurrency: int, label: str = ""
 ) -> tuple[list[StreamedRequest], float]:
     """All `bodies` with at most `concurrency` in flight; the requests and the level's wall time."""
     gate = asyncio.Semaphore(concurrency)
-    bar = tqdm(total=len(bodies), desc=f"concurrency {concurrency}", unit="req")
+    bar = tqdm(total=len(bodies), desc=f"{label}concurrency {concurrency}", unit="req")
 
     async def one(body: dict) -> StreamedRequest:
         async with gate:
@@ -157,52 +187,107 @@ async def run_level(
     return list(requests), duration
 
 
-class WarmupError(Exception):
-    """A warm-up request failed: the server, model or options are wrong; nothing is measured."""
+class ServerError(Exception):
+    """A server cannot be asked for its models, or its warm-up request failed: nothing is measured."""
+
+
+@dataclass
+class Server:
+    name: str  # "base" (--base-url) or "against"
+    base_url: str  # without /v1
+    model: str = ""
 
 
 async def _first_model(client: httpx.AsyncClient, base_url: str) -> str:
-    resp = await client.get(f"{base_url}/v1/models")
-    resp.raise_for_status()
-    return resp.json()["data"][0]["id"]
+    try:
+        resp = await client.get(f"{base_url}/v1/models")
+        resp.raise_for_status()
+        return resp.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, LookupError, TypeError) as e:
+        raise ServerError(f"cannot list the models of {base_url}: {type(e).__name__}: {e}") from e
+
+
+async def measure_level(
+    client: httpx.AsyncClient,
+    server: Server,
+    args: argparse.Namespace,
+    prompts: list[Prompt],
+    concurrency: int,
+    label: str = "",
+) -> dict:
+    """One level on one server: its summary, spec-decode stats from the scrapes around it, and the first errors."""
+    bodies = [request_body(p, args, server.model) for p in prompts]
+    before = await scrape(client, server.base_url)
+    requests, duration = await run_level(client, server.base_url + args.endpoint, bodies, concurrency, label)
+    after = await scrape(client, server.base_url)
+    errors = list(dict.fromkeys(r.error for r in requests if r.error))
+    return {
+        "concurrency": concurrency,
+        **serve_summary(requests, duration),
+        "spec_decode": spec_decode_stats(before, after),
+        "errors": errors[:5],
+    }
 
 
 async def bench(args: argparse.Namespace, prompts: list[Prompt]) -> list[dict]:
-    """Warm up, then every concurrency level; one result dict per level."""
-    base_url = args.base_url.rstrip("/").removesuffix("/v1")
+    """Warm up each server, then every concurrency level `rounds` times on each, the servers taking turns to go
+    first; one result dict per (level, round, server), in the order they ran."""
+    servers = [Server("base", args.base_url.rstrip("/").removesuffix("/v1"))]
+    if args.against:
+        servers.append(Server("against", args.against.rstrip("/").removesuffix("/v1")))
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or os.environ.get("LEAPSERVE_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=max(args.concurrency) + 1, max_keepalive_connections=max(args.concurrency))
     async with httpx.AsyncClient(headers=headers, timeout=args.request_timeout, limits=limits) as client:
-        if args.model is None:
-            args.model = await _first_model(client, base_url)
-        url = base_url + args.endpoint
-        bodies = [request_body(p, args) for p in prompts]
-        for body in bodies[: args.num_warmups]:
-            warmup = await send(client, url, body)
-            if warmup.error:
-                raise WarmupError(warmup.error)
+        for server in servers:
+            server.model = args.model or await _first_model(client, server.base_url)
+            for prompt in prompts[: args.num_warmups]:
+                warmup = await send(client, server.base_url + args.endpoint, request_body(prompt, args, server.model))
+                if warmup.error:
+                    raise ServerError(f"the warm-up request to {server.base_url} failed: {warmup.error}")
         levels = []
         for concurrency in args.concurrency:
-            before = await scrape(client, base_url)
-            requests, duration = await run_level(client, url, bodies, concurrency)
-            after = await scrape(client, base_url)
-            errors = list(dict.fromkeys(r.error for r in requests if r.error))
-            levels.append(
-                {
-                    "concurrency": concurrency,
-                    **serve_summary(requests, duration),
-                    "spec_decode": spec_decode_stats(before, after),
-                    "errors": errors[:5],
-                }
-            )
+            for round_ in range(args.rounds):
+                for server in servers if round_ % 2 == 0 else servers[::-1]:
+                    label = f"{server.name}, round {round_ + 1}, " if len(servers) > 1 else ""
+                    level = await measure_level(client, server, args, prompts, concurrency, label)
+                    levels.append({"server": server.name, "model": server.model, "round": round_, **level})
+    if args.model is None:
+        args.model = servers[0].model
     return levels
 
 
+def paired(levels: list[dict]) -> list[dict]:
+    """Per concurrency: each server's output tok/s per round, base / against per round, and the median ratio."""
+    out = []
+    for concurrency in dict.fromkeys(lv["concurrency"] for lv in levels):
+        runs = {
+            name: [
+                lv["output_throughput"] for lv in levels if lv["concurrency"] == concurrency and lv["server"] == name
+            ]
+            for name in ("base", "against")
+        }
+        ratios = [b / a if a else None for b, a in zip(runs["base"], runs["against"], strict=True)]
+        known = [r for r in ratios if r is not None]
+        out.append(
+            {
+                "concurrency": concurrency,
+                "base_tokens_per_s": runs["base"],
+                "against_tokens_per_s": runs["against"],
+                "ratios": ratios,
+                "median_ratio": statistics.median(known) if known else None,
+            }
+        )
+    return out
+
+
 def table(levels: list[dict]) -> str:
+    """A row per level run; with several servers or rounds, which one and which round lead the row."""
+
     def dist(d: dict) -> str:
         return " / ".join(fmt(d[k], 1) for k in ("mean", "median", "p99"))
 
+    several = len({(lv["server"], lv["round"]) for lv in levels}) > 1
     headers = [
         "concurrency",
         "completed",
@@ -232,11 +317,34 @@ def table(levels: list[dict]) -> str:
         ]
         for lv in levels
     ]
+    if several:
+        headers = ["server", "round", *headers]
+        rows = [[lv["server"], lv["round"] + 1, *row] for lv, row in zip(levels, rows)]
+    return markdown_table(headers, rows)
+
+
+def paired_table(pairs: list[dict]) -> str:
+    def each(values: list) -> str:
+        return ", ".join(fmt(v) for v in values)
+
+    headers = ["concurrency", "base tok/s", "against tok/s", "base / against", "median base / against"]
+    rows = [
+        [
+            p["concurrency"],
+            each(p["base_tokens_per_s"]),
+            each(p["against_tokens_per_s"]),
+            each(p["ratios"]),
+            p["median_ratio"],
+        ]
+        for p in pairs
+    ]
     return markdown_table(headers, rows)
 
 
 def run(args: argparse.Namespace) -> None:
     """The `leapserve bench serve` handler."""
+    if args.rounds < 1 or (args.rounds > 1 and not args.against):
+        sys.exit(f"leapserve bench serve: error: --rounds {args.rounds}: a positive count, above 1 only with --against")
     try:
         prompts = load_prompts(args.dataset, "test", args.num_prompts, args.seed)
     except (OSError, ValueError) as e:
@@ -245,13 +353,18 @@ def run(args: argparse.Namespace) -> None:
         sys.exit("leapserve bench serve: error: the dataset has chat 'messages'; use --endpoint /v1/chat/completions")
     try:
         levels = asyncio.run(bench(args, prompts))
-    except httpx.HTTPError as e:
-        sys.exit(f"leapserve bench serve: error: cannot list the models of {args.base_url}: {e}")
-    except WarmupError as e:
-        sys.exit(f"leapserve bench serve: error: the warm-up request failed: {e}")
-    record = run_record("serve", args, levels, num_prompts=len(prompts))
-    write_outputs(record, table(levels), args.output_json, args.output_md)
+    except ServerError as e:
+        sys.exit(f"leapserve bench serve: error: {e}")
+    pairs = paired(levels) if args.against else None
+    text = table(levels) if pairs is None else f"{table(levels)}\n\n{paired_table(pairs)}"
+    extra = {"paired": pairs} if pairs is not None else {}
+    record = run_record("serve", args, levels, num_prompts=len(prompts), **extra)
+    write_outputs(record, text, args.output_json, args.output_md)
     if args.output_json is not None:
         plot = Path(args.output_json).with_suffix(".png")
-        plot_serve(levels, plot, f"{args.model} @ {args.base_url}, {len(prompts)} prompts from {args.dataset}")
+        title = f"{args.model} @ {args.base_url}, {len(prompts)} prompts from {args.dataset}"
+        if pairs is None:
+            plot_serve(levels, plot, title)
+        else:
+            plot_paired_serve(pairs, plot, f"{title}, against {args.against}")
         print(f"wrote {plot}")

@@ -183,3 +183,31 @@ def plot_serve(levels: Sequence[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_paired_serve(pairs: Sequence[dict], path: Path, title: str) -> None:
+    """Two servers measured in turn: each one's output tok/s per round, and base / against per round with the
+    median, against concurrency."""
+    plt, fig, (speed, ratio) = _figure(1, 2)
+    levels = [p["concurrency"] for p in pairs]
+    for key, label, marker in (("base_tokens_per_s", "base", "o"), ("against_tokens_per_s", "against", "s")):
+        points = [(p["concurrency"], v) for p in pairs for v in p[key]]
+        speed.scatter(*zip(*points), marker=marker, label=label, alpha=0.7)
+    speed.set_ylabel("output tok/s (each round)")
+    points = [(p["concurrency"], r) for p in pairs for r in p["ratios"] if r is not None]
+    if points:
+        ratio.scatter(*zip(*points), alpha=0.7, label="each round")
+    medians = [(p["concurrency"], p["median_ratio"]) for p in pairs if p["median_ratio"] is not None]
+    if medians:
+        ratio.plot(*zip(*medians), marker="D", color="black", label="median")
+    ratio.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    ratio.set_ylabel("base / against")
+    for ax in (speed, ratio):
+        _log2_ticks(ax, levels)
+        ax.set_xlabel("concurrency")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

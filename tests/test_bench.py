@@ -589,6 +589,54 @@ def test_bench_serve_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     assert "| concurrency | completed | failed |" in capsys.readouterr().out
 
 
+def test_bench_serve_pairs_two_servers_in_turn(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`--against URL --rounds N`: each level runs on both servers N times, the order alternating round by round,
+    and the record pairs them: base / against per round and the median."""
+    import statistics
+
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("The quick brown fox", "Count to ten")))
+    out = tmp_path / "paired.json"
+    self_draft = json.dumps(
+        {"method": "draft_model", "model": str(tiny_model_dir), "num_speculative_tokens": 2, "adaptive": False}
+    )
+    argv = ["bench", "serve", "--api-key", API_KEY, "--dataset", str(dataset), "--num-prompts", "2"]
+    argv += ["--concurrency", "1,2", "--max-tokens", "4", "--ignore-eos", "--rounds", "3"]
+    with (
+        running_server(tiny_model_dir, tmp_path / "spec.log", "--speculative-config", self_draft) as spec,
+        running_server(tiny_model_dir, tmp_path / "plain.log") as plain,
+    ):
+        _run_cli(monkeypatch, [*argv, "--base-url", spec, "--against", f"{plain}/v1/", "--output-json", str(out)])
+        with pytest.raises(SystemExit, match=r"cannot list the models of http://127\.0\.0\.1:1\b"):
+            _run_cli(monkeypatch, [*argv, "--base-url", spec, "--against", "http://127.0.0.1:1"])
+    record = _check_outputs(out, "serve")
+    runs = [(lv["concurrency"], lv["round"], lv["server"]) for lv in record["results"]]
+    ab, ba = ["base", "against"], ["against", "base"]
+    assert runs == [(c, r, name) for c in (1, 2) for r in range(3) for name in (ab if r % 2 == 0 else ba)]
+    for lv in record["results"]:
+        assert (lv["completed"], lv["failed"], lv["model"]) == (2, 0, MODEL)
+        if lv["server"] == "base":  # only the speculating server drafts
+            assert lv["spec_decode"]["num_drafts"] > 0 and lv["spec_decode"]["acceptance_rate"] == 1.0
+        else:
+            assert not (lv["spec_decode"] or {}).get("num_drafts")
+    for pair in record["paired"]:
+        speed = {
+            name: [
+                lv["output_throughput"]
+                for lv in record["results"]
+                if lv["concurrency"] == pair["concurrency"] and lv["server"] == name
+            ]
+            for name in ("base", "against")
+        }
+        assert (pair["base_tokens_per_s"], pair["against_tokens_per_s"]) == (speed["base"], speed["against"])
+        assert pair["ratios"] == [b / a for b, a in zip(speed["base"], speed["against"])]
+        assert pair["median_ratio"] == statistics.median(pair["ratios"])
+    printed = capsys.readouterr().out
+    assert "| server | round | concurrency |" in printed and "| median base / against |" in printed
+    with pytest.raises(SystemExit, match="above 1 only with --against"):
+        _run_cli(monkeypatch, ["bench", "serve", "--rounds", "2"])
+
+
 def test_the_handwritten_set_is_for_evaluation_only():
     """`--dataset handwritten`: every hand-written request (chats and multi-turn conversations), shuffled by seed;
     no train split, and none of them in the generated sets a drafter trains on."""
