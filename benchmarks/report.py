@@ -142,6 +142,21 @@ def _log2_ticks(ax, values: list[int]) -> None:
     ax.minorticks_off()
 
 
+def _concurrency_axis(ax, levels: list[int]) -> None:
+    """The serve plots' x axis (log2, a tick per level), a grid and the legend."""
+    _log2_ticks(ax, levels)
+    ax.set_xlabel("concurrency")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def _save(plt, fig, path: Path, title: str) -> None:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_offline(rows: Sequence[dict], path: Path, title: str, batch_label: str = "batch size") -> None:
     """Output tokens/s and speedup over autoregressive against batch size, one line per decoder."""
     plt, fig, axes = _figure(1, 2)
@@ -159,10 +174,7 @@ def plot_offline(rows: Sequence[dict], path: Path, title: str, batch_label: str 
         ax.grid(True, alpha=0.3)
     axes[1].axhline(1.0, color="gray", linewidth=0.8)
     axes[0].legend(fontsize="small")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, title)
 
 
 def plot_serve(levels: Sequence[dict], path: Path, title: str) -> None:
@@ -174,15 +186,9 @@ def plot_serve(levels: Sequence[dict], path: Path, title: str) -> None:
             points = [(lv["concurrency"], lv[key][stat]) for lv in levels if lv[key][stat] is not None]
             if points:
                 ax.plot(*zip(*points), marker="o", label=stat)
-        _log2_ticks(ax, sorted({lv["concurrency"] for lv in levels}))
-        ax.set_xlabel("concurrency")
         ax.set_ylabel(f"{name} (ms)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _concurrency_axis(ax, sorted({lv["concurrency"] for lv in levels}))
+    _save(plt, fig, path, title)
 
 
 def plot_paired_serve(pairs: Sequence[dict], path: Path, title: str) -> None:
@@ -203,11 +209,5 @@ def plot_paired_serve(pairs: Sequence[dict], path: Path, title: str) -> None:
     ratio.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     ratio.set_ylabel("base / against")
     for ax in (speed, ratio):
-        _log2_ticks(ax, levels)
-        ax.set_xlabel("concurrency")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _concurrency_axis(ax, levels)
+    _save(plt, fig, path, title)
