@@ -9,10 +9,10 @@ T draft tokens), the fastest of `--repeats`. Where the curve is flat, verifying 
 (a GPU, an AMX CPU); where it grows from the first token, trees must be small (an AVX2 CPU). Adaptive speculation
 measures the same curve at start-up (`tree_budget.VerifyCost`); this prints it.
 
-`--against-onednn` (a compiled model on CPU) times every count twice per repeat, through the C++ op's own loop for
-few rows and through oneDNN's packed GEMM (`cpu_ops.use_native_gemv`), in alternating order, and prints both medians
-and the median of the paired ratios: the comparison behind `cpu_ops.few_rows`, made in one process so that a shared
-machine's drift falls on both sides alike.
+`--against-onednn` (a compiled model on CPU) times every count twice per repeat, through the C++ op's own GEMM for
+few rows (its loop, or AMX tiles for bf16) and through oneDNN's packed GEMM (`cpu_ops.use_native_gemv`), in
+alternating order, and prints both medians and the median of the paired ratios: the comparison behind
+`cpu_ops.own_rows`, made in one process so that a shared machine's drift falls on both sides alike.
 """
 
 from __future__ import annotations
@@ -75,13 +75,14 @@ def against_onednn(engine: LLMEngine, counts: list[int], repeats: int) -> None:
                     ms[t, own].append(1e3 * runner.time_forward(t, repeats=1))
     finally:
         cpu_ops.use_native_gemv(True)
-    rows = cpu_ops.few_rows(runner.cache.k[0].dtype)
-    print(f"{runner.device}, compiled, own loop up to {rows} rows, median of {repeats} forwards each:")
+    config = runner.model.config
+    rows = cpu_ops.own_rows(runner.cache.k[0].dtype, config.hidden_size, config.intermediate_size)
+    print(f"{runner.device}, compiled, own GEMM up to {rows} rows, median of {repeats} forwards each:")
     for t in counts:
         own, onednn = ms[t, True], ms[t, False]
         ratio = statistics.median(a / b for a, b in zip(own, onednn))
         print(
-            f"  {t} tokens: own loop {statistics.median(own):.2f} ms, oneDNN {statistics.median(onednn):.2f} ms, "
+            f"  {t} tokens: own GEMM {statistics.median(own):.2f} ms, oneDNN {statistics.median(onednn):.2f} ms, "
             f"own / oneDNN {ratio:.3f} (paired median)"
         )
 

@@ -110,7 +110,10 @@ def compiled(forward: Callable[..., T], device: torch.device) -> Callable[..., T
     of tokens per step; compiled artifacts are cached under $LEAPSERVE_CACHE/inductor (or $TORCHINDUCTOR_CACHE_DIR)
     and reused by later starts. On CPU the graph's opaque ops are leapserve's C++ ops (built on first use), which
     inductor's C++ wrapper calls as C functions, so a step runs no Python and no dispatcher between kernels."""
-    options: dict = {"guard_filter_fn": input_guards}
+    # bf16 and fp16 intermediates rounded where eager rounds them, whatever the graph fuses: the one-token graph
+    # (dynamo specializes a size of 1) and the graph of more tokens then give a token the same bits, as fp32 does
+    # (2-3% of a bf16 forward on cpu-2c-amx; docs/compile.md)
+    options: dict = {"guard_filter_fn": input_guards, "emulate_precision_casts": True}
     if device.type == "cpu":
         cpu_ops.load(cache_dir() / "extensions")
         options["cpp_wrapper"] = True

@@ -19,6 +19,13 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define LEAPSERVE_AMX 1
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -239,12 +246,137 @@ void few_rows_linear(int64_t rows, const at::Tensor& x, const at::Tensor& w, con
   });
 }
 
+#ifdef LEAPSERVE_AMX
+// bf16 rows up to a tile's 16 through AMX's tile multiply, where the CPU has it: y^T [16 outputs, M rows] += W
+// [16 outputs, 32 k] . x^T [32 k, M rows] per instruction, W's tiles read straight from the row-major weight. The
+// multiply is far from the limit at any M, so 1 to 16 rows stream W at about the copy bandwidth alike (a tree of
+// eight verified for the time of one token), where the own loop's widened FMAs slow down from five rows and oneDNN
+// streams W more slowly (docs/compile.md). Each output is its row's sum over k in the tile's order, whatever M is: a
+// row gets the same bits alone as beside others. Taken for K % 32 == 0 and N % 16 == 0 (every SmolLM2 and drafter
+// weight); other shapes keep the loop's rows.
+constexpr int64_t kAmxRows = 16;
+
+// Linux gives a process AMX's tile state only once asked (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA)
+bool amx_permitted() {
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return permitted;
+}
+
+bool amx_takes(int64_t k_dim, int64_t n_dim) { return amx_permitted() && k_dim % 32 == 0 && n_dim % 16 == 0; }
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: y^T blocks [16 outputs, M] fp32; 4-6: W blocks [16 outputs, 32 k] bf16; 7: x^T [16 k pairs, M pairs].
+TileConfig amx_config(int64_t rows) {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = 16;
+    c.colsb[t] = t >= 4 && t < 7 ? 64 : static_cast<uint16_t>(rows * 4);
+  }
+  return c;
+}
+
+// NB blocks of 16 outputs from output n, over all of K: y^T into c [NB][16][16]. The next `ahead_bytes` of W (the
+// following blocks, contiguous) are prefetched into L2 along the way: without it the hardware's streams, 64 rows
+// read 64 bytes at a time, left a forward 1.5x slower; into L1 instead, or two groups ahead, 5-9% slower.
+template <int NB>
+void amx_blocks(const uint16_t* xt, const uint16_t* w, int64_t n, int64_t k_dim, int64_t rows, const char* ahead,
+                int64_t ahead_bytes, float* c) {
+  const int64_t stride = k_dim * 2, steps = k_dim / 32;
+  const int64_t lines = (ahead_bytes / 64 + steps - 1) / steps;  // prefetched cache lines per k step
+  _tile_zero(0);
+  if constexpr (NB > 1) _tile_zero(1);
+  if constexpr (NB > 2) _tile_zero(2);
+  if constexpr (NB > 3) _tile_zero(3);
+  const uint16_t* row = w + n * k_dim;
+  for (int64_t s = 0; s < steps; ++s) {
+    for (int64_t i = s * lines; i < std::min((s + 1) * lines, ahead_bytes / 64); ++i)
+      _mm_prefetch(ahead + 64 * i, _MM_HINT_T1);
+    const int64_t k = 32 * s;
+    _tile_loadd(7, xt + k * rows, rows * 4);
+    _tile_loadd(4, row + k, stride);
+    _tile_dpbf16ps(0, 4, 7);
+    if constexpr (NB > 1) {
+      _tile_loadd(5, row + 16 * k_dim + k, stride);
+      _tile_dpbf16ps(1, 5, 7);
+    }
+    if constexpr (NB > 2) {
+      _tile_loadd(6, row + 32 * k_dim + k, stride);
+      _tile_dpbf16ps(2, 6, 7);
+    }
+    if constexpr (NB > 3) {
+      _tile_loadd(4, row + 48 * k_dim + k, stride);
+      _tile_dpbf16ps(3, 4, 7);
+    }
+  }
+  _tile_stored(0, c, 64);
+  if constexpr (NB > 1) _tile_stored(1, c + 256, 64);
+  if constexpr (NB > 2) _tile_stored(2, c + 512, 64);
+  if constexpr (NB > 3) _tile_stored(3, c + 768, 64);
+}
+
+void amx_linear(int64_t rows, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                at::Tensor& y) {
+  const int64_t k_dim = w.size(1), n_dim = w.size(0);
+  // x^T in tile 7's layout: per 32 k, [16 pairs of k][rows][2]
+  thread_local std::vector<uint16_t> packed_x;
+  packed_x.resize(k_dim * rows + 32);
+  uint16_t* xt = packed_x.data() + (32 - reinterpret_cast<uintptr_t>(packed_x.data()) / 2 % 32) % 32;
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  for (int64_t k = 0; k < k_dim; k += 32)
+    for (int64_t pair = 0; pair < 16; ++pair)
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t j = 0; j < 2; ++j) xt[k * rows + (pair * rows + m) * 2 + j] = xs[m * k_dim + k + 2 * pair + j];
+  const at::Tensor b = bias.has_value() ? compute(*bias).contiguous() : at::Tensor();
+  const float* bp = bias.has_value() ? b.data_ptr<float>() : nullptr;
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const TileConfig config = amx_config(rows);
+  at::parallel_for(0, n_dim / 16, 4, [&](int64_t b0, int64_t b1) {  // in blocks of 16 outputs
+    _tile_loadconfig(&config);
+    alignas(64) float c[4 * 16 * 16];
+    for (int64_t blk = b0; blk < b1; blk += 4) {
+      const int64_t nb = std::min<int64_t>(4, b1 - blk), n = 16 * blk;
+      const char* ahead = reinterpret_cast<const char*>(wp + (n + 16 * nb) * k_dim);  // the next blocks
+      const int64_t ahead_bytes = std::min<int64_t>(4, b1 - blk - nb) * 16 * k_dim * 2;
+      switch (nb) {
+        case 1: amx_blocks<1>(xt, wp, n, k_dim, rows, ahead, ahead_bytes, c); break;
+        case 2: amx_blocks<2>(xt, wp, n, k_dim, rows, ahead, ahead_bytes, c); break;
+        case 3: amx_blocks<3>(xt, wp, n, k_dim, rows, ahead, ahead_bytes, c); break;
+        default: amx_blocks<4>(xt, wp, n, k_dim, rows, ahead, ahead_bytes, c);
+      }
+      for (int64_t i = 0; i < 16 * nb; ++i)  // c [block][16 outputs][rows] -> y [rows, N]
+        for (int64_t m = 0; m < rows; ++m) {
+          const float sum = c[i * 16 + m];
+          yp[m * n_dim + n + i] = static_cast<at::BFloat16>(bp == nullptr ? sum : sum + bp[n + i]);
+        }
+    }
+    _tile_release();
+  });
+}
+#else
+constexpr int64_t kAmxRows = 0;
+bool amx_takes(int64_t, int64_t) { return false; }
+void amx_linear(int64_t, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&) {}
+#endif
+
+// The most rows of `dtype` the op computes itself for a [n_dim, k_dim] weight (else oneDNN's): AMX's for bf16 where
+// it takes the shape, else the own loop's (a width divisible by 16).
+int64_t own_rows(at::ScalarType dtype, int64_t k_dim, int64_t n_dim) {
+  if (dtype == at::kBFloat16 && amx_takes(k_dim, n_dim)) return kAmxRows;
+  if (k_dim % 16 != 0) return 0;
+  return dtype == at::kFloat ? kFewRows : dtype == at::kBFloat16 ? kFewBf16Rows : 0;
+}
+
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const int64_t k_dim = weight.size(1), n_dim = weight.size(0);
   const int64_t rows = x.dim() >= 2 && x.size(-1) == k_dim ? x.numel() / k_dim : 0;  // [..., K]: leading dims are rows
   const auto dtype = weight.scalar_type();
-  const int64_t few = dtype == at::kFloat ? kFewRows : dtype == at::kBFloat16 ? kFewBf16Rows : 0;
-  if (native_gemv && rows >= 1 && rows <= few && x.scalar_type() == dtype && k_dim % 16 == 0 &&
+  if (native_gemv && rows >= 1 && rows <= own_rows(dtype, k_dim, n_dim) && x.scalar_type() == dtype &&
       weight.is_contiguous()) {
     const at::Tensor input = x.contiguous();
     std::vector<int64_t> shape = x.sizes().vec();
@@ -252,6 +384,8 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const st
     at::Tensor y = at::detail::empty_cpu(shape, x.scalar_type());  // not through the dispatcher
     if (dtype == at::kFloat)
       few_rows_linear<float>(rows, input, weight, bias, y);
+    else if (amx_takes(k_dim, n_dim))
+      amx_linear(rows, input, weight, bias, y);
     else
       few_rows_linear<at::BFloat16>(rows, input, weight, bias, y);
     return y;
@@ -351,14 +485,25 @@ void short_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
             float top = neg_inf;
             for (int64_t j = 0; j < num_keys; ++j) top = std::max(top, row[j]);
             if (top == neg_inf) continue;  // no visible key: the row stays 0 (SDPA would give NaN)
-            // Lane l sums keys j = l mod 8 (the padding adds zeros): the same sum however many keys follow the
-            // row's last visible one.
+            // Lane l sums the visible keys of rank l mod 8 (rank: visible keys before it), in slot order: the same
+            // sum however many keys follow the row's last visible one, and for a draft tree's node, whose masked
+            // siblings sit among its keys, as for the same token decoded alone. Up to a masked row's first hidden
+            // key's group, rank is j, eight keys at a time (the padding adds zeros); from there, key by key.
+            const bool* visible = mask ? mask + (r0 + r) / group * num_keys : nullptr;
+            int64_t by_rank = stride;
+            if (visible) {
+              by_rank = 0;
+              while (by_rank < num_keys && visible[by_rank]) ++by_rank;
+              by_rank = by_rank < num_keys ? by_rank / 8 * 8 : stride;
+            }
             vec8 sum = {};
             for (int64_t j = 0; j < stride; j += 8) {
               const vec8 e = exp_nonpositive(load8(row + j) - top);
               std::memcpy(row + j, &e, sizeof e);
-              sum += e;
+              if (j < by_rank) sum += e;
             }
+            for (int64_t j = by_rank, rank = by_rank; j < num_keys; ++j)
+              if (visible[j]) sum[rank++ % 8] += row[j];
             total[r] = lane_sum(sum);
           }
           for (int64_t r = r0; r < r1; ++r) {  // each row's weighted values, 64 dims at a time held in registers
@@ -592,4 +737,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_native_gemv", &set_native_gemv);
   m.def("native_gemv", &get_native_gemv);
   m.def("few_rows", [](bool bf16) { return bf16 ? kFewBf16Rows : kFewRows; });
+  m.def("own_rows", [](bool bf16, int64_t k_dim, int64_t n_dim) {
+    return own_rows(bf16 ? at::kBFloat16 : at::kFloat, k_dim, n_dim);
+  });
 }

@@ -22,8 +22,9 @@ reference and the float64 oracle.
 The C++ linear runs up to `few_rows(dtype)` fp32 or bf16 rows (12 fp32 or 4 bf16 ones with AVX-512, else 3: decoding
 a few sequences, verifying small draft trees) through its own loop, which streams the plain row-major weight at about
 the copy bandwidth where oneDNN's packed GEMM reads it at about half of it, and sums each row alike in any step (bf16
-in fp32, rounded once); more rows, and other dtypes, go to oneDNN.
-`LEAPSERVE_CPU_GEMV=onednn` sends every row there.
+in fp32, rounded once). Where the CPU has AMX, bf16 rows up to 16 go through its tile multiply instead, over the same
+plain weight, at about the same cost for 1 row as for 16 (a weight's K divisible by 32 and N by 16: `own_rows`). More
+rows, and other dtypes, go to oneDNN. `LEAPSERVE_CPU_GEMV=onednn` sends every row there.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def use_native_attention(enabled: bool) -> None:
 
 
 def use_native_gemv(enabled: bool) -> None:
-    """Whether up to `few_rows(dtype)` rows run the extension's own linear loop (the default;
+    """Whether up to `own_rows` rows run the extension's own linear loop or AMX tiles (the default;
     `LEAPSERVE_CPU_GEMV=onednn` turns it off at load) or oneDNN's packed GEMM, as more rows do."""
     assert _module is not None, "cpu_ops.load first"
     _module.set_native_gemv(enabled)
@@ -165,6 +166,16 @@ def few_rows(dtype: torch.dtype = torch.float32) -> int:
     if dtype not in (torch.float32, torch.bfloat16):
         return 0
     return int(_module.few_rows(dtype == torch.bfloat16))
+
+
+def own_rows(dtype: torch.dtype, in_features: int, out_features: int) -> int:
+    """The most rows of `dtype` the op computes itself (not through oneDNN) for a `[out_features, in_features]`
+    weight: AMX's 16 for bf16 where the CPU has it and the shape suits its tiles, else `few_rows(dtype)` where
+    `in_features` is divisible by 16, else 0. Each row's output then has the same bits whatever the row count."""
+    assert _module is not None, "cpu_ops.load first"
+    if dtype not in (torch.float32, torch.bfloat16):
+        return 0
+    return int(_module.own_rows(dtype == torch.bfloat16, in_features, out_features))
 
 
 def _cpu_features() -> bytes:

@@ -11,6 +11,7 @@ import itertools
 import os
 import pickle
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,8 +150,9 @@ def attend_rows(k_cache, v_cache, q, context_lens, new, tree_mask=None) -> torch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_attention_gives_a_row_the_same_bits_in_any_step(dtype: torch.dtype) -> None:
     """Lossless speculation compares a token decoded alone with the same token verified as a tree's root beside
-    other sequences: the op's own attention computes each row from its visible keys alone, so both are bit-equal
-    (whatever the number of keys that follow, rows, sequences, or the split of work over threads)."""
+    other sequences, or as a node whose masked siblings sit among its keys: the op's own attention computes each row
+    from its visible keys alone, in their order, so all are bit-equal (whatever the number of keys that follow,
+    rows, sequences, or the split of work over threads)."""
     cpu_ops.use_native_attention(True)
     gen = torch.Generator().manual_seed(7)
     k_cache = torch.randn(16 * 9, 16, 2, 64, generator=gen).to(dtype)
@@ -172,6 +174,11 @@ def test_native_attention_gives_a_row_the_same_bits_in_any_step(dtype: torch.dty
     crowd = attend_rows(k_cache, v_cache, q, [200] + [25 * s for s in range(1, 9)], [6] * 9, tree.repeat(9, 1))
     assert torch.equal(tree_step[:1], alone) and torch.equal(crowd[:1], alone)
     assert torch.equal(crowd[:6], tree_step)
+    # the tree's path 0 -> 1 -> 3 -> 5 accepted: its K/V moved to slots 200-203, node 5 decoded there alone after
+    # its ancestors gets the bits it got with its masked siblings among its keys
+    for cache in (k_cache, v_cache):
+        cache.view(-1, 2, 64)[201:204] = cache.view(-1, 2, 64)[[201, 203, 205]].clone()
+    assert torch.equal(attend_rows(k_cache, v_cache, q[5:6], [203], [1]), tree_step[5:6])
     cpu_ops.use_native_attention(False)
     sdpa = attend_rows(k_cache, v_cache, q[:1], [200], [1])
     cpu_ops.use_native_attention(True)
@@ -270,8 +277,9 @@ def assert_rounded_from(out: torch.Tensor, exact: torch.Tensor) -> None:
 @pytest.mark.parametrize("in_features", [40, 64])
 def test_packed_linear_op_equals_onednn_and_linear(dtype: torch.dtype, rows: int, bias: bool, in_features: int) -> None:
     """Through oneDNN (more rows, or a width the own loop does not take) the op is the eager path's call, bit for
-    bit; up to `few_rows(dtype)` rows (12 fp32 or 4 bf16 with AVX-512, else 3) of a width divisible by 16 run the op's
-    own loop: the exact result rounded once (bf16: products and sums in fp32), within rounding of oneDNN's."""
+    bit; up to `own_rows` rows (the own loop's 12 fp32 or 4 bf16 with AVX-512, else 3, for a width divisible by 16;
+    AMX's 16 bf16 where the CPU has it) run the op's own GEMM: the exact result rounded once (bf16: products and sums
+    in fp32), within rounding of oneDNN's."""
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randn(48, in_features, generator=gen).to(dtype)
     b = torch.randn(48, generator=gen).to(dtype) if bias else None
@@ -279,7 +287,7 @@ def test_packed_linear_op_equals_onednn_and_linear(dtype: torch.dtype, rows: int
     x = torch.randn(rows, in_features, generator=gen).to(dtype)
     out = torch.ops.leapserve_cpu.packed_linear(x, lin.weight, lin.bias)
     assert_like_fake(out, cpu_ops._packed_linear_shape(x, lin.weight, lin.bias))
-    if rows <= cpu_ops.few_rows(dtype) and in_features % 16 == 0:
+    if rows <= cpu_ops.own_rows(dtype, in_features, 48):
         exact = x.double() @ weight.double().T + (0 if b is None else b.double())
         assert_rounded_from(out, exact)
         cpu_ops.use_native_gemv(False)
@@ -294,14 +302,16 @@ def test_packed_linear_op_equals_onednn_and_linear(dtype: torch.dtype, rows: int
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 3, 8, 11])
-def test_few_rows_linear_streams_a_large_weight_in_order(dtype: torch.dtype, rows: int) -> None:
-    """The own loop over a weight larger than the caches, its rows split between threads (an odd number each: the
-    last one outside the two-row passes of 9 rows or more): each output is its dot product rounded once (within fp32
-    summation of float64), and the same bits on every call."""
-    rows = min(rows, cpu_ops.few_rows(dtype))
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, 16])
+@pytest.mark.parametrize("out_features", [20_002, 20_000])
+def test_few_rows_linear_streams_a_large_weight_in_order(dtype: torch.dtype, rows: int, out_features: int) -> None:
+    """The own GEMM over a weight larger than the caches, its rows split between threads (20,002: an odd number each,
+    the last one outside the loop's two-row passes of 9 rows or more, and no bf16 tiles; 20,000: AMX's 16-row blocks
+    where bf16 takes them): each output is its dot product rounded once (within fp32 summation of float64), and the
+    same bits on every call."""
+    rows = min(rows, cpu_ops.own_rows(dtype, 576, out_features))
     gen = torch.Generator().manual_seed(7)
-    lin = PackedLinear(torch.randn(20_002, 576, generator=gen).to(dtype))
+    lin = PackedLinear(torch.randn(out_features, 576, generator=gen).to(dtype))
     x = torch.randn(rows, 576, generator=gen).to(dtype)
     out = torch.ops.leapserve_cpu.packed_linear(x, lin.weight, None)
     assert_rounded_from(out, x.double() @ lin.weight.double().T)
@@ -309,12 +319,13 @@ def test_few_rows_linear_streams_a_large_weight_in_order(dtype: torch.dtype, row
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_few_rows_linear_gives_a_row_the_same_bits_beside_others(dtype: torch.dtype) -> None:
-    """A row's output does not depend on the rows beside it, up to the own loop's `few_rows(dtype)`: a token verified
-    with draft tokens gets the bits plain decoding gives it."""
+@pytest.mark.parametrize("out_features", [1001, 1008])
+def test_few_rows_linear_gives_a_row_the_same_bits_beside_others(dtype: torch.dtype, out_features: int) -> None:
+    """A row's output does not depend on the rows beside it, up to the op's `own_rows` (1,008 outputs: AMX's tiles
+    for bf16 where the CPU has them): a token verified with draft tokens gets the bits plain decoding gives it."""
     gen = torch.Generator().manual_seed(11)
-    lin = PackedLinear(torch.randn(1001, 1536, generator=gen).to(dtype))
-    most = cpu_ops.few_rows(dtype)
+    lin = PackedLinear(torch.randn(out_features, 1536, generator=gen).to(dtype))
+    most = cpu_ops.own_rows(dtype, 1536, out_features)
     x = torch.randn(most, 1536, generator=gen).to(dtype)
     alone = [torch.ops.leapserve_cpu.packed_linear(x[i : i + 1], lin.weight, None) for i in range(most)]
     for rows in range(2, most + 1):
@@ -322,11 +333,31 @@ def test_few_rows_linear_gives_a_row_the_same_bits_beside_others(dtype: torch.dt
         assert torch.equal(together, torch.cat(alone[:rows]))
 
 
+def cpu_has_amx_bf16() -> bool:
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not packable(torch.zeros(2, 2, dtype=torch.bfloat16)), reason="no oneDNN bf16 here")
+def test_bf16_rows_take_amx_tiles_where_the_cpu_has_them() -> None:
+    """bf16: 16 rows of a weight whose K is divisible by 32 and N by 16 where the CPU has AMX (the op's own loop's
+    rows elsewhere, or for other shapes); fp32 keeps the loop's rows."""
+    bf16, loop = torch.bfloat16, cpu_ops.few_rows(torch.bfloat16)
+    assert cpu_ops.own_rows(bf16, 576, 3072) == (16 if cpu_has_amx_bf16() else loop)
+    assert cpu_ops.own_rows(bf16, 48, 3072) == loop  # K % 32 != 0: no tiles
+    assert cpu_ops.own_rows(bf16, 576, 3080) == loop  # N % 16 != 0
+    assert cpu_ops.own_rows(bf16, 40, 48) == 0  # neither
+    assert cpu_ops.own_rows(torch.float32, 576, 3072) == cpu_ops.few_rows(torch.float32)
+    assert cpu_ops.own_rows(torch.float16, 576, 3072) == 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (1, 3), (3, 1), (1, 4), (2, 2), (2, 4), (3, 3)])
 def test_packed_linear_takes_leading_dims_as_rows(dtype: torch.dtype, shape: tuple[int, int]) -> None:
-    """A drafter's `[B, L, d]` input: its B * L rows take the own loop as a `[rows, d]` input does (up to
-    `few_rows(dtype)`), and come back `[B, L, out]` with the same bits."""
+    """A drafter's `[B, L, d]` input: its B * L rows take the own GEMM as a `[rows, d]` input does (up to
+    `own_rows`), and come back `[B, L, out]` with the same bits."""
     gen = torch.Generator().manual_seed(5)
     lin = PackedLinear(torch.randn(96, 64, generator=gen).to(dtype))
     x = torch.randn(*shape, 64, generator=gen).to(dtype)

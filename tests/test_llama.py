@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 
 from leapserve.decoding import LLM, SamplingParams
 from leapserve.decoding.kv_cache import PagedKVCache
-from leapserve.decoding.model_loader import resolve_model
+from leapserve.decoding.model_loader import cache_dir, resolve_model
 from leapserve.decoding.runner import ModelRunner, SeqChunk
 from leapserve.decoding.step_buffers import StepBuffers
 from leapserve.kernels import cpu_ops
@@ -166,6 +166,41 @@ def test_speculation_equals_plain_decoding_on_the_same_path(tiny_model_dir, eage
     outs = fast.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == want
     assert sum(o.metrics.accepted_tokens for o in outs) > 0
+
+
+def own_gemm_rows(dtype: torch.dtype) -> int:
+    """The most rows of `dtype` SmolLM2's GEMMs run through the C++ op's own code (every row count alike)."""
+    cpu_ops.load(cache_dir() / "extensions")
+    return cpu_ops.own_rows(dtype, 576, 1536)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_draft_trees_nodes_get_the_bits_of_tokens_decoded_one_at_a_time(dtype):
+    """Compiled SmolLM2: the tokens of a draft tree's path, verified at once with their siblings (nine tokens: the
+    CPU tree of eight), give the logits they give decoded one at a time, bit for bit. So greedy speculation commits
+    what plain decoding would, even where logits tie (bf16 ties often): in fp32, and in bf16 where the GEMMs' own
+    code takes nine rows (AMX)."""
+    if own_gemm_rows(dtype) < 9:
+        pytest.skip(f"{dtype}: nine rows go through oneDNN here, whose sums depend on the row count")
+    llm = LLM(SMOLLM2, decoder="autoregressive", dtype=str(dtype).removeprefix("torch."), kv_cache_tokens=512)
+    runner = llm.engine.runner
+    prompt = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog, and then it ran " * 4)
+    parents = [-1, 0, 0, 1, 1, 2, 3, 3, 6]  # node i's parent; the path 0 -> 1 -> 3 -> 6 -> 8
+    tokens, path = [284, 253, 1513, 30, 357, 2341, 4033, 314, 9], [0, 1, 3, 6, 8]
+    depth, mask = [0] * 9, torch.eye(9, dtype=torch.bool)
+    for i in range(1, 9):
+        depth[i], mask[i] = depth[parents[i]] + 1, mask[i] | mask[parents[i]]
+    n = len(prompt)
+    tables: list[list[int]] = [[], []]
+    for table in tables:
+        assert runner.cache.grow(table, n + 9)
+        runner.execute([SeqChunk(table, 0, prompt, [n - 1])])
+    alone = [runner.execute([SeqChunk(tables[0], n + i, [tokens[node]], [0])]) for i, node in enumerate(path)]
+    tree = SeqChunk(tables[1], n, tokens, list(range(9)), positions=[n + d for d in depth], tree_mask=mask)
+    verified = runner.execute([tree])
+    for row, node in zip(alone, path):
+        assert torch.equal(row[0], verified[node])
 
 
 def test_the_fspad_drafter_is_compiled_as_its_target_and_drafts_the_same():
