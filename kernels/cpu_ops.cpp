@@ -2,7 +2,7 @@
 //
 // leapserve_cpu::packed_linear   y = x @ W.T + b through W's oneDNN-packed copy (kernels/packed_linear.py); up to
 //                                twelve fp32 rows or four bf16 ones (three without AVX-512) through few_rows_linear,
-//                                which streams W
+//                                which streams W, and up to 16 bf16 rows through amx_linear where the CPU has AMX
 // leapserve_cpu::paged_attention one layer's K/V write (row copies) and attention, executing the step's plan
 //                                (kernels/reference.py plans it once per step): fp32 and bf16 sequences with few
 //                                queries through short_attention, the rest through what `attend` runs
@@ -58,7 +58,7 @@ struct Step {
 
 std::vector<Step> steps;  // the steps being run, innermost last (a drafter's forward inside a target's)
 bool native_attention = true;  // fp32 and bf16 sequences with few queries go to short_attention (else all to SDPA)
-bool native_gemv = true;  // up to kFewRows fp32 (kFewBf16Rows bf16) rows go to few_rows_linear, else oneDNN
+bool native_gemv = true;  // up to own_rows(...) rows go to few_rows_linear or amx_linear, else oneDNN
 
 // Flat slots [start, start + len) of a contiguous [num_blocks, block_size, H, D] cache as a [1, H, len, D] view.
 at::Tensor heads_view(const at::Tensor& cache, int64_t start, int64_t len) {
@@ -491,10 +491,9 @@ void short_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
             // key's group, rank is j, eight keys at a time (the padding adds zeros); from there, key by key.
             const bool* visible = mask ? mask + (r0 + r) / group * num_keys : nullptr;
             int64_t by_rank = stride;
-            if (visible) {
-              by_rank = 0;
-              while (by_rank < num_keys && visible[by_rank]) ++by_rank;
-              by_rank = by_rank < num_keys ? by_rank / 8 * 8 : stride;
+            if (visible) {  // memchr: a tree's rows over long contexts scanned key by key cost ~1 ms a step
+              const void* hidden = std::memchr(visible, 0, num_keys);
+              if (hidden != nullptr) by_rank = (static_cast<const bool*>(hidden) - visible) / 8 * 8;
             }
             vec8 sum = {};
             for (int64_t j = 0; j < stride; j += 8) {
