@@ -249,9 +249,8 @@ void few_rows_linear(int64_t rows, const at::Tensor& x, const at::Tensor& w, con
 #ifdef LEAPSERVE_AMX
 // bf16 rows up to a tile's 16 through AMX's tile multiply, where the CPU has it: y^T [16 outputs, M rows] += W
 // [16 outputs, 32 k] . x^T [32 k, M rows] per instruction, W's tiles read straight from the row-major weight. The
-// multiply is far from the limit at any M, so 1 to 16 rows stream W at about the copy bandwidth alike (a tree of
-// eight verified for the time of one token), where the own loop's widened FMAs slow down from five rows and oneDNN
-// streams W more slowly (docs/compile.md). Each output is its row's sum over k in the tile's order, whatever M is: a
+// multiply is far from its limit at any M, so 1 to 16 rows cost about the same, streaming W, where the own loop's
+// widened FMAs slow down from five rows and oneDNN streams W more slowly (docs/compile.md). Each output is its row's sum over k in the tile's order, whatever M is: a
 // row gets the same bits alone as beside others. Taken for K % 32 == 0 and N % 16 == 0 (every SmolLM2 and drafter
 // weight); other shapes keep the loop's rows.
 constexpr int64_t kAmxRows = 16;
