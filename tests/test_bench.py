@@ -503,8 +503,8 @@ def test_random_checkpoint_keeps_the_shape_and_tokenizer_and_forward_cost_times_
 
 
 def test_forward_cost_against_onednn_times_both_gemm_paths(tiny_model_dir, monkeypatch, capsys):
-    """`--against-onednn`: every count timed through the own loop and through oneDNN on the compiled CPU model,
-    switched in alternating order, and the own loop on again afterwards; an eager model is refused."""
+    """`--against-onednn`: every count timed through the own GEMM and through oneDNN on the compiled CPU model,
+    switched in alternating order, and the own GEMM on again afterwards; an eager model is refused."""
     from leapserve.benchmarks import forward_cost
     from leapserve.kernels import cpu_ops
 
@@ -519,11 +519,11 @@ def test_forward_cost_against_onednn_times_both_gemm_paths(tiny_model_dir, monke
     base = ["--model", str(tiny_model_dir), "--device", "cpu", "--tokens", "1,3", "--repeats", "2"]
     forward_cost.main([*base, "--against-onednn"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("cpu, compiled, own loop up to ")
+    assert lines[0].startswith("cpu, compiled, own GEMM up to ")
     for line, tokens in zip(lines[1:], (1, 3), strict=True):
         own, onednn = (float(part.split(" ms")[0].rsplit(" ", 1)[1]) for part in line.split(", ")[:2])
-        assert line.startswith(f"  {tokens} tokens: own loop ") and own > 0 and onednn > 0
-    # repeat 0: own first, repeat 1: oneDNN first, for each count; then the own loop again
+        assert line.startswith(f"  {tokens} tokens: own GEMM ") and own > 0 and onednn > 0
+    # repeat 0: own first, repeat 1: oneDNN first, for each count; then the own GEMM again
     assert switched == [True, False, True, False, False, True, False, True, True]
     assert cpu_ops.loaded().native_gemv()
     with pytest.raises(SystemExit, match="drop --enforce-eager"):
