@@ -2,7 +2,8 @@
 //
 // leapserve_cpu::packed_linear   y = x @ W.T + b through W's oneDNN-packed copy (kernels/packed_linear.py); up to
 //                                twelve fp32 rows or four bf16 ones (three without AVX-512) through few_rows_linear,
-//                                which streams W, and up to 16 bf16 rows through amx_linear where the CPU has AMX
+//                                which streams W, and up to 16 bf16 rows through amx_linear where the CPU has AMX,
+//                                else through dot_linear where it has AVX-512's bf16 dot product
 // leapserve_cpu::paged_attention one layer's K/V write (row copies) and attention, executing the step's plan
 //                                (kernels/reference.py plans it once per step): fp32 and bf16 sequences with few
 //                                queries through short_attention, the rest through what `attend` runs
@@ -19,8 +20,10 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AVX512BF16__)
 #include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #define LEAPSERVE_AMX 1
@@ -169,6 +172,12 @@ inline vec16 load16(const at::BFloat16* x) {  // exact, as load8
   return v;
 }
 
+// 16 lanes summed: halves added, then lane_sum's tree
+inline float lane_sum16(vec16 s) {
+  return lane_sum(__builtin_shufflevector(s, s, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(s, s, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+
 // y[m, n] = w[n] . x[m] + b[n] for M rows, x fp32 interleaved [K / 16, M, 16], W and y fp32 or bf16 (a bf16 weight
 // widened exactly, products and sums in fp32 and y rounded once, as oneDNN computes bf16): each of W's rows streamed
 // once, in order, against all M inputs, the next rows prefetched (oneDNN reads an fp32 W at about half the copy
@@ -181,8 +190,9 @@ void few_rows_block(const float* x, const W* w, const float* b, W* y, int64_t n,
   for (int64_t k = 0; k < k_dim; k += 16) {
     vec16 wk[NB];
     for (int j = 0; j < NB; ++j) {
-      // 8 fp32 or 16 bf16 rows ahead, into L1 and L2 (a non-temporal hint read 9 GB/s on a Xeon)
-      __builtin_prefetch(row + j * k_dim + k + 8 * sizeof(float) / sizeof(W) * k_dim, 0, 3);
+      // 8 fp32 or 16 bf16 rows ahead, into L2 (a non-temporal hint read 9 GB/s on a Xeon; into L1 too, where x's
+      // rows sit, ran four to nine fp32 rows 1.2-1.6x slower on a Zen 4)
+      __builtin_prefetch(row + j * k_dim + k + 8 * sizeof(float) / sizeof(W) * k_dim, 0, 2);
       wk[j] = load16(row + j * k_dim + k);
     }
     for (int m = 0; m < M; ++m) {
@@ -192,8 +202,7 @@ void few_rows_block(const float* x, const W* w, const float* b, W* y, int64_t n,
   }
   for (int j = 0; j < NB; ++j)
     for (int m = 0; m < M; ++m) {
-      const float sum = lane_sum(__builtin_shufflevector(acc[j][m], acc[j][m], 0, 1, 2, 3, 4, 5, 6, 7) +
-                                 __builtin_shufflevector(acc[j][m], acc[j][m], 8, 9, 10, 11, 12, 13, 14, 15));
+      const float sum = lane_sum16(acc[j][m]);
       y[m * n_dim + n + j] = static_cast<W>(b == nullptr ? sum : sum + b[n + j]);
     }
 }
@@ -363,10 +372,94 @@ bool amx_takes(int64_t, int64_t) { return false; }
 void amx_linear(int64_t, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&) {}
 #endif
 
-// The most rows of `dtype` the op computes itself for a [n_dim, k_dim] weight (else oneDNN's): AMX's for bf16 where
-// it takes the shape, else the own loop's (a width divisible by 16).
+#ifdef __AVX512BF16__
+// bf16 rows up to 16 through AVX-512's bf16 dot product where the CPU has it (vdpbf16ps: each of 16 fp32 lanes adds
+// the products of a pair of bf16s), streaming W as few_rows_linear does with half its instructions: on a 2-core Zen 4
+// that loop's widened products ran a forward's GEMMs over nine and twelve rows 1.35-1.6x slower than oneDNN, these
+// 0.87-0.99 (docs/compile.md). Each output sums its 16 lanes in k order, then lane_sum16's tree, whatever M is: a row
+// gets the same bits alone as beside others. Taken for K % 32 == 0 (every SmolLM2 and drafter weight).
+constexpr int64_t kDotRows = 16;
+bool dot_takes(int64_t k_dim) { return k_dim % 32 == 0; }
+
+// Outputs n .. n + NB for x's rows m0 .. m0 + M (of `rows`), x bf16 interleaved [K / 32, rows, 32]
+template <int M, int NB>
+void dot_block(const uint16_t* x, int64_t rows, int64_t m0, const uint16_t* w, const float* b, at::BFloat16* y,
+               int64_t n, int64_t k_dim, int64_t n_dim) {
+  const uint16_t* row = w + n * k_dim;
+  __m512 acc[NB][M];
+  for (int j = 0; j < NB; ++j)
+    for (int m = 0; m < M; ++m) acc[j][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_dim; k += 32) {
+    __m512bh wk[NB];
+    for (int j = 0; j < NB; ++j) {
+      // 16 rows ahead into L2: into L1 (with x's rows there) ran four to nine rows 1.4-1.9x slower on a Zen 4
+      __builtin_prefetch(row + (j + 16) * k_dim + k, 0, 2);
+      wk[j] = (__m512bh)_mm512_loadu_si512(row + j * k_dim + k);
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m512bh xk = (__m512bh)_mm512_load_si512(x + k * rows + (m0 + m) * 32);
+      for (int j = 0; j < NB; ++j) acc[j][m] = _mm512_dpbf16_ps(acc[j][m], wk[j], xk);
+    }
+  }
+  for (int j = 0; j < NB; ++j)
+    for (int m = 0; m < M; ++m) {
+      const float sum = lane_sum16((vec16)acc[j][m]);
+      y[(m0 + m) * n_dim + n + j] = static_cast<at::BFloat16>(b == nullptr ? sum : sum + b[n + j]);
+    }
+}
+
+template <int M>
+void dot_linear(const uint16_t* x, const uint16_t* w, const float* b, at::BFloat16* y, int64_t n0, int64_t n1,
+                int64_t k_dim, int64_t n_dim) {
+  // from nine rows on, two of W's rows at a time (each x load feeds two products); from 13, whose accumulators
+  // would not fit 32 registers, in two halves of the rows, the second reading W's two rows from L1
+  constexpr int NB = M >= 9 ? 2 : 1, H = M > 12 ? (M + 1) / 2 : M;
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    dot_block<H, NB>(x, M, 0, w, b, y, n, k_dim, n_dim);
+    if constexpr (H < M) dot_block<M - H, NB>(x, M, H, w, b, y, n, k_dim, n_dim);
+  }
+  for (; n < n1; ++n) {
+    dot_block<H, 1>(x, M, 0, w, b, y, n, k_dim, n_dim);
+    if constexpr (H < M) dot_block<M - H, 1>(x, M, H, w, b, y, n, k_dim, n_dim);
+  }
+}
+
+template <int M = 1>
+void dot_rows(int64_t rows, const uint16_t* x, const uint16_t* w, const float* b, at::BFloat16* y, int64_t n0,
+              int64_t n1, int64_t k_dim, int64_t n_dim) {
+  if (rows == M)
+    dot_linear<M>(x, w, b, y, n0, n1, k_dim, n_dim);
+  else if constexpr (M < kDotRows)
+    dot_rows<M + 1>(rows, x, w, b, y, n0, n1, k_dim, n_dim);
+}
+
+void dot_linear(int64_t rows, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                at::Tensor& y) {
+  const int64_t k_dim = w.size(1), n_dim = w.size(0);
+  thread_local std::vector<uint16_t> packed_x;  // [K / 32, rows, 32], 64-byte aligned
+  packed_x.resize(k_dim * rows + 32);
+  uint16_t* xp = packed_x.data() + (32 - reinterpret_cast<uintptr_t>(packed_x.data()) / 2 % 32) % 32;
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  for (int64_t k = 0; k < k_dim; k += 32)
+    for (int64_t m = 0; m < rows; ++m) std::memcpy(xp + (k * rows + m * 32), xs + m * k_dim + k, 64);
+  const at::Tensor b = bias.has_value() ? compute(*bias).contiguous() : at::Tensor();
+  const float* bp = bias.has_value() ? b.data_ptr<float>() : nullptr;
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, n_dim, 256, [&](int64_t n0, int64_t n1) { dot_rows(rows, xp, wp, bp, yp, n0, n1, k_dim, n_dim); });
+}
+#else
+constexpr int64_t kDotRows = 0;
+bool dot_takes(int64_t) { return false; }
+void dot_linear(int64_t, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&) {}
+#endif
+
+// The most rows of `dtype` the op computes itself for a [n_dim, k_dim] weight (else oneDNN's): for bf16 AMX's where it
+// takes the shape, else the dot product's where it does, else the own loop's (a width divisible by 16).
 int64_t own_rows(at::ScalarType dtype, int64_t k_dim, int64_t n_dim) {
   if (dtype == at::kBFloat16 && amx_takes(k_dim, n_dim)) return kAmxRows;
+  if (dtype == at::kBFloat16 && dot_takes(k_dim)) return kDotRows;
   if (k_dim % 16 != 0) return 0;
   return dtype == at::kFloat ? kFewRows : dtype == at::kBFloat16 ? kFewBf16Rows : 0;
 }
@@ -385,6 +478,8 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const st
       few_rows_linear<float>(rows, input, weight, bias, y);
     else if (amx_takes(k_dim, n_dim))
       amx_linear(rows, input, weight, bias, y);
+    else if (dot_takes(k_dim))
+      dot_linear(rows, input, weight, bias, y);
     else
       few_rows_linear<at::BFloat16>(rows, input, weight, bias, y);
     return y;

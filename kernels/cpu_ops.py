@@ -23,8 +23,9 @@ The C++ linear runs up to `few_rows(dtype)` fp32 or bf16 rows (12 fp32 or 4 bf16
 a few sequences, verifying small draft trees) through its own loop, which streams the plain row-major weight at about
 the copy bandwidth where oneDNN's packed GEMM reads it at about half of it, and sums each row alike in any step (bf16
 in fp32, rounded once). Where the CPU has AMX, bf16 rows up to 16 go through its tile multiply instead, over the same
-plain weight, at about the same cost for 1 row as for 16 (a weight's K divisible by 32 and N by 16: `own_rows`). More
-rows, and other dtypes, go to oneDNN. `LEAPSERVE_CPU_GEMV=onednn` sends every row there.
+plain weight, at about the same cost for 1 row as for 16 (a weight's K divisible by 32 and N by 16); where it has
+AVX-512's bf16 dot product but not AMX, through that instruction (K divisible by 32): `own_rows`. More rows, and
+other dtypes, go to oneDNN. `LEAPSERVE_CPU_GEMV=onednn` sends every row there.
 """
 
 from __future__ import annotations
@@ -153,8 +154,8 @@ def use_native_attention(enabled: bool) -> None:
 
 
 def use_native_gemv(enabled: bool) -> None:
-    """Whether up to `own_rows` rows run the extension's own linear loop or AMX tiles (the default;
-    `LEAPSERVE_CPU_GEMV=onednn` turns it off at load) or oneDNN's packed GEMM, as more rows do."""
+    """Whether up to `own_rows` rows run the extension's own GEMM, its loop, AMX tiles or bf16 dot products (the
+    default; `LEAPSERVE_CPU_GEMV=onednn` turns it off at load), or oneDNN's packed GEMM, as more rows do."""
     assert _module is not None, "cpu_ops.load first"
     _module.set_native_gemv(enabled)
 
@@ -170,7 +171,8 @@ def few_rows(dtype: torch.dtype = torch.float32) -> int:
 
 def own_rows(dtype: torch.dtype, in_features: int, out_features: int) -> int:
     """The most rows of `dtype` the op computes itself (not through oneDNN) for a `[out_features, in_features]`
-    weight: AMX's 16 for bf16 where the CPU has it and the shape suits its tiles, else `few_rows(dtype)` where
+    weight: 16 bf16 rows where the CPU has AMX and the shape suits its tiles or, where it has AVX-512's bf16 dot
+    product, `in_features` is divisible by 32; else `few_rows(dtype)` where
     `in_features` is divisible by 16, else 0. Each row's output then has the same bits whatever the row count."""
     assert _module is not None, "cpu_ops.load first"
     if dtype not in (torch.float32, torch.bfloat16):

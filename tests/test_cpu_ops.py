@@ -278,8 +278,8 @@ def assert_rounded_from(out: torch.Tensor, exact: torch.Tensor) -> None:
 def test_packed_linear_op_equals_onednn_and_linear(dtype: torch.dtype, rows: int, bias: bool, in_features: int) -> None:
     """Through oneDNN (more rows, or a width the own loop does not take) the op is the eager path's call, bit for
     bit; up to `own_rows` rows (the own loop's 12 fp32 or 4 bf16 with AVX-512, else 3, for a width divisible by 16;
-    AMX's 16 bf16 where the CPU has it) run the op's own GEMM: the exact result rounded once (bf16: products and sums
-    in fp32), within rounding of oneDNN's."""
+    16 bf16 through AMX's tiles or AVX-512's bf16 dot product where the CPU has them) run the op's own GEMM: the
+    exact result rounded once (bf16: products and sums in fp32), within rounding of oneDNN's."""
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randn(48, in_features, generator=gen).to(dtype)
     b = torch.randn(48, generator=gen).to(dtype) if bias else None
@@ -307,8 +307,8 @@ def test_packed_linear_op_equals_onednn_and_linear(dtype: torch.dtype, rows: int
 def test_few_rows_linear_streams_a_large_weight_in_order(dtype: torch.dtype, rows: int, out_features: int) -> None:
     """The own GEMM over a weight larger than the caches, its rows split between threads (20,002: an odd number each,
     the last one outside the loop's two-row passes of 9 rows or more, and no bf16 tiles; 20,000: AMX's 16-row blocks
-    where bf16 takes them): each output is its dot product rounded once (within fp32 summation of float64), and the
-    same bits on every call."""
+    where bf16 takes them; 16 bf16 rows through dot products: two halves): each output is its dot product rounded
+    once (within fp32 summation of float64), and the same bits on every call."""
     rows = min(rows, cpu_ops.own_rows(dtype, 576, out_features))
     gen = torch.Generator().manual_seed(7)
     lin = PackedLinear(torch.randn(out_features, 576, generator=gen).to(dtype))
@@ -322,7 +322,8 @@ def test_few_rows_linear_streams_a_large_weight_in_order(dtype: torch.dtype, row
 @pytest.mark.parametrize("out_features", [1001, 1008])
 def test_few_rows_linear_gives_a_row_the_same_bits_beside_others(dtype: torch.dtype, out_features: int) -> None:
     """A row's output does not depend on the rows beside it, up to the op's `own_rows` (1,008 outputs: AMX's tiles
-    for bf16 where the CPU has them): a token verified with draft tokens gets the bits plain decoding gives it."""
+    for bf16 where the CPU has them; every count of bf16 dot-product rows, with and without halves): a token verified
+    with draft tokens gets the bits plain decoding gives it."""
     gen = torch.Generator().manual_seed(11)
     lin = PackedLinear(torch.randn(out_features, 1536, generator=gen).to(dtype))
     most = cpu_ops.own_rows(dtype, 1536, out_features)
@@ -333,22 +334,23 @@ def test_few_rows_linear_gives_a_row_the_same_bits_beside_others(dtype: torch.dt
         assert torch.equal(together, torch.cat(alone[:rows]))
 
 
-def cpu_has_amx_bf16() -> bool:
+def cpu_flags() -> set[str]:
     try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+        return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
+        return set()
 
 
 @pytest.mark.skipif(not packable(torch.zeros(2, 2, dtype=torch.bfloat16)), reason="no oneDNN bf16 here")
-def test_bf16_rows_take_amx_tiles_where_the_cpu_has_them() -> None:
-    """bf16: 16 rows of a weight whose K is divisible by 32 and N by 16 where the CPU has AMX (the op's own loop's
-    rows elsewhere, or for other shapes); fp32 keeps the loop's rows."""
-    bf16, loop = torch.bfloat16, cpu_ops.few_rows(torch.bfloat16)
-    assert cpu_ops.own_rows(bf16, 576, 3072) == (16 if cpu_has_amx_bf16() else loop)
-    assert cpu_ops.own_rows(bf16, 48, 3072) == loop  # K % 32 != 0: no tiles
-    assert cpu_ops.own_rows(bf16, 576, 3080) == loop  # N % 16 != 0
-    assert cpu_ops.own_rows(bf16, 40, 48) == 0  # neither
+def test_bf16_rows_take_amx_tiles_or_bf16_dot_products_where_the_cpu_has_them() -> None:
+    """bf16: 16 rows of a weight whose K is divisible by 32 where the CPU has AMX (and N is divisible by 16) or
+    AVX-512's bf16 dot product; the op's own loop's rows elsewhere, or for other shapes; fp32 keeps the loop's rows."""
+    bf16, loop, flags = torch.bfloat16, cpu_ops.few_rows(torch.bfloat16), cpu_flags()
+    dot = 16 if "avx512_bf16" in flags else loop
+    assert cpu_ops.own_rows(bf16, 576, 3072) == (16 if "amx_bf16" in flags else dot)
+    assert cpu_ops.own_rows(bf16, 48, 3072) == loop  # K % 32 != 0: neither tiles nor pairs
+    assert cpu_ops.own_rows(bf16, 576, 3080) == dot  # N % 16 != 0: no tiles
+    assert cpu_ops.own_rows(bf16, 40, 48) == 0  # K % 16 != 0: not even the loop
     assert cpu_ops.own_rows(torch.float32, 576, 3072) == cpu_ops.few_rows(torch.float32)
     assert cpu_ops.own_rows(torch.float16, 576, 3072) == 0
 
