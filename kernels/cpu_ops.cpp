@@ -178,6 +178,15 @@ inline float lane_sum16(vec16 s) {
                   __builtin_shufflevector(s, s, 8, 9, 10, 11, 12, 13, 14, 15));
 }
 
+// `count` values of a thread's reused buffer (no allocation a call) from a 64-byte boundary: a vector's own start is
+// not aligned, and loads split across cache lines otherwise
+template <typename T>
+T* aligned_scratch(std::vector<T>& buffer, int64_t count) {
+  constexpr int64_t per_line = 64 / sizeof(T);
+  buffer.resize(count + per_line);
+  return buffer.data() + (per_line - reinterpret_cast<uintptr_t>(buffer.data()) / sizeof(T) % per_line) % per_line;
+}
+
 // y[m, n] = w[n] . x[m] + b[n] for M rows, x fp32 interleaved [K / 16, M, 16], W and y fp32 or bf16 (a bf16 weight
 // widened exactly, products and sums in fp32 and y rounded once, as oneDNN computes bf16): each of W's rows streamed
 // once, in order, against all M inputs, the next rows prefetched (oneDNN reads an fp32 W at about half the copy
@@ -224,9 +233,8 @@ void few_rows_linear(int64_t rows, const at::Tensor& x, const at::Tensor& w, con
   const int64_t k_dim = w.size(1), n_dim = w.size(0);
   // x in fp32, interleaved [K / 16, rows, 16] so that each step of the loop reads its rows' lanes from one place
   // (rows k_dim apart ran three rows 10% slower than oneDNN)
-  thread_local std::vector<float> packed_x;  // reused: no allocation a call; 64-byte aligned below (a vector's
-  packed_x.resize(k_dim * rows + 16);         // loads split across cache lines otherwise)
-  float* xp = packed_x.data() + (16 - reinterpret_cast<uintptr_t>(packed_x.data()) / sizeof(float) % 16) % 16;
+  thread_local std::vector<float> packed_x;
+  float* xp = aligned_scratch(packed_x, k_dim * rows);
   const W* xs = x.data_ptr<W>();
   for (int64_t m = 0; m < rows; ++m)
     for (int64_t k = 0; k < k_dim; ++k) xp[(k / 16 * rows + m) * 16 + k % 16] = static_cast<float>(xs[m * k_dim + k]);
@@ -332,8 +340,7 @@ void amx_linear(int64_t rows, const at::Tensor& x, const at::Tensor& w, const st
   const int64_t k_dim = w.size(1), n_dim = w.size(0);
   // x^T in tile 7's layout: per 32 k, [16 pairs of k][rows][2]
   thread_local std::vector<uint16_t> packed_x;
-  packed_x.resize(k_dim * rows + 32);
-  uint16_t* xt = packed_x.data() + (32 - reinterpret_cast<uintptr_t>(packed_x.data()) / 2 % 32) % 32;
+  uint16_t* xt = aligned_scratch(packed_x, k_dim * rows);
   const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   for (int64_t k = 0; k < k_dim; k += 32)
     for (int64_t pair = 0; pair < 16; ++pair)
@@ -437,9 +444,8 @@ void dot_rows(int64_t rows, const uint16_t* x, const uint16_t* w, const float* b
 void dot_linear(int64_t rows, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                 at::Tensor& y) {
   const int64_t k_dim = w.size(1), n_dim = w.size(0);
-  thread_local std::vector<uint16_t> packed_x;  // [K / 32, rows, 32], 64-byte aligned
-  packed_x.resize(k_dim * rows + 32);
-  uint16_t* xp = packed_x.data() + (32 - reinterpret_cast<uintptr_t>(packed_x.data()) / 2 % 32) % 32;
+  thread_local std::vector<uint16_t> packed_x;  // [K / 32, rows, 32]
+  uint16_t* xp = aligned_scratch(packed_x, k_dim * rows);
   const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   for (int64_t k = 0; k < k_dim; k += 32)
     for (int64_t m = 0; m < rows; ++m) std::memcpy(xp + (k * rows + m * 32), xs + m * k_dim + k, 64);
