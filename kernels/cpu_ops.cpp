@@ -2,8 +2,9 @@
 //
 // leapserve_cpu::packed_linear   y = x @ W.T + b through W's oneDNN-packed copy (kernels/packed_linear.py); up to
 //                                twelve fp32 rows or four bf16 ones (three without AVX-512) through few_rows_linear,
-//                                which streams W, and up to 16 bf16 rows through amx_linear where the CPU has AMX,
-//                                else through dot_linear where it has AVX-512's bf16 dot product
+//                                which streams W, and up to 16 bf16 rows through amx_linear where the CPU has AMX;
+//                                where it has AVX-512's bf16 dot product but not AMX, bf16 W is packed in pairs of k
+//                                instead, and every row count goes through pair_linear
 // leapserve_cpu::paged_attention one layer's K/V write (row copies) and attention, executing the step's plan
 //                                (kernels/reference.py plans it once per step): fp32 and bf16 sequences with few
 //                                queries through short_attention, the rest through what `attend` runs
@@ -27,6 +28,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #define LEAPSERVE_AMX 1
+#elif defined(__AVX512BF16__)
+#define LEAPSERVE_PAIRS 1
 #endif
 
 #include <algorithm>
@@ -41,6 +44,7 @@
 namespace {
 
 std::unordered_map<int64_t, at::Tensor> packed;  // plain weight's data_ptr -> its oneDNN-packed copy
+std::unordered_map<int64_t, at::Tensor> pairs;   // ... or its copy in pairs of k (pair_linear), for bf16
 
 struct SeqPlan {  // one sequence's queries q[start:end] over its keys (reference.SeqPlan)
   int64_t start, end;
@@ -61,7 +65,7 @@ struct Step {
 
 std::vector<Step> steps;  // the steps being run, innermost last (a drafter's forward inside a target's)
 bool native_attention = true;  // fp32 and bf16 sequences with few queries go to short_attention (else all to SDPA)
-bool native_gemv = true;  // up to own_rows(...) rows go to few_rows_linear or amx_linear, else oneDNN
+bool native_gemv = true;  // up to own_rows(...) rows go to few_rows_linear, amx_linear or pair_linear, else oneDNN
 
 // Flat slots [start, start + len) of a contiguous [num_blocks, block_size, H, D] cache as a [1, H, len, D] view.
 at::Tensor heads_view(const at::Tensor& cache, int64_t start, int64_t len) {
@@ -379,93 +383,95 @@ bool amx_takes(int64_t, int64_t) { return false; }
 void amx_linear(int64_t, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&) {}
 #endif
 
-#ifdef __AVX512BF16__
-// bf16 rows up to 16 through AVX-512's bf16 dot product where the CPU has it (vdpbf16ps: each of 16 fp32 lanes adds
-// the products of a pair of bf16s), streaming W as few_rows_linear does with half its instructions: on a 2-core Zen 4
-// that loop's widened products ran a forward's GEMMs over nine and twelve rows 1.35-1.6x slower than oneDNN, these
-// 0.87-0.99 (docs/compile.md). Each output sums its 16 lanes in k order, then lane_sum16's tree, whatever M is: a row
-// gets the same bits alone as beside others. Taken for K % 32 == 0 (every SmolLM2 and drafter weight).
-constexpr int64_t kDotRows = 16;
-bool dot_takes(int64_t k_dim) { return k_dim % 32 == 0; }
+#ifdef LEAPSERVE_PAIRS
+// bf16 through AVX-512's bf16 dot product (vdpbf16ps: each of 16 fp32 lanes adds the products of a pair of bf16s)
+// where the CPU has it but not AMX, for every row count: W is repacked once into pairs of k, 64 outputs a group,
+// [N / 64, K / 2, 64, 2] (a last group of 16 nb < 64 outputs [K / 2, 16 nb, 2]; `packed_linear.pairs_copy`), so
+// that a register holds 16 outputs' pairs and each row's pair of x is broadcast to them. Each output adds its K / 2
+// pairs in k order in one lane, whatever the row count and tile: a row gets the same bits alone, beside a draft tree
+// or in a prefill. A tile of up to six rows reuses each load of W over them (four of W's registers for 24 outputs
+// of accumulators); W's group is read from L2 by the next tiles. On a 2-core Zen 4 the 121 GEMMs of a SmolLM2
+// forward ran 0.65 of oneDNN's time at one row, 0.80 at 16, 0.87 at 35, 1.02-1.03 at 256 and 512 (docs/compile.md).
+bool pairs_take(int64_t k_dim, int64_t n_dim) { return k_dim % 2 == 0 && n_dim % 16 == 0; }
 
-// Outputs n .. n + NB for x's rows m0 .. m0 + M (of `rows`), x bf16 interleaved [K / 32, rows, 32]
-template <int M, int NB>
-void dot_block(const uint16_t* x, int64_t rows, int64_t m0, const uint16_t* w, const float* b, at::BFloat16* y,
-               int64_t n, int64_t k_dim, int64_t n_dim) {
-  const uint16_t* row = w + n * k_dim;
-  __m512 acc[NB][M];
-  for (int j = 0; j < NB; ++j)
-    for (int m = 0; m < M; ++m) acc[j][m] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < k_dim; k += 32) {
+// Outputs n .. n + 16 NB of R rows: x [R, K / 2] pairs, wg the group's [K / 2, 16 NB, 2]
+template <int R, int NB>
+void pair_tile(const uint32_t* x, int64_t k2, const uint16_t* wg, const float* b, at::BFloat16* y, int64_t n,
+               int64_t n_dim) {
+  __m512 acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < k2; ++p) {
     __m512bh wk[NB];
+    for (int j = 0; j < NB; ++j) wk[j] = (__m512bh)_mm512_loadu_si512(wg + (p * NB + j) * 32);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xp = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * k2 + p]));
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wk[j], xp);
+    }
+  }
+  for (int r = 0; r < R; ++r)
     for (int j = 0; j < NB; ++j) {
-      // 16 rows ahead into L2: into L1 (with x's rows there) ran four to nine rows 1.4-1.9x slower on a Zen 4
-      __builtin_prefetch(row + (j + 16) * k_dim + k, 0, 2);
-      wk[j] = (__m512bh)_mm512_loadu_si512(row + j * k_dim + k);
-    }
-    for (int m = 0; m < M; ++m) {
-      const __m512bh xk = (__m512bh)_mm512_load_si512(x + k * rows + (m0 + m) * 32);
-      for (int j = 0; j < NB; ++j) acc[j][m] = _mm512_dpbf16_ps(acc[j][m], wk[j], xk);
-    }
-  }
-  for (int j = 0; j < NB; ++j)
-    for (int m = 0; m < M; ++m) {
-      const float sum = lane_sum16((vec16)acc[j][m]);
-      y[(m0 + m) * n_dim + n + j] = static_cast<at::BFloat16>(b == nullptr ? sum : sum + b[n + j]);
+      __m512 v = acc[r][j];
+      if (b != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(b + n + 16 * j));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * n_dim + n + 16 * j), (__m256i)_mm512_cvtneps_pbh(v));
     }
 }
 
-template <int M>
-void dot_linear(const uint16_t* x, const uint16_t* w, const float* b, at::BFloat16* y, int64_t n0, int64_t n1,
-                int64_t k_dim, int64_t n_dim) {
-  // from nine rows on, two of W's rows at a time (each x load feeds two products); from 13, whose accumulators
-  // would not fit 32 registers, in two halves of the rows, the second reading W's two rows from L1
-  constexpr int NB = M >= 9 ? 2 : 1, H = M > 12 ? (M + 1) / 2 : M;
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) {
-    dot_block<H, NB>(x, M, 0, w, b, y, n, k_dim, n_dim);
-    if constexpr (H < M) dot_block<M - H, NB>(x, M, H, w, b, y, n, k_dim, n_dim);
-  }
-  for (; n < n1; ++n) {
-    dot_block<H, 1>(x, M, 0, w, b, y, n, k_dim, n_dim);
-    if constexpr (H < M) dot_block<M - H, 1>(x, M, H, w, b, y, n, k_dim, n_dim);
+// Every row against one group, in tiles of R (more rows where the group is narrower: its accumulators fit)
+template <int NB>
+void pair_group(int64_t rows, const uint32_t* x, int64_t k2, const uint16_t* wg, const float* b, at::BFloat16* y,
+                int64_t n, int64_t n_dim) {
+  constexpr int R = NB == 4 ? 6 : NB == 3 ? 7 : 10;
+  int64_t m = 0;
+  for (; m + R <= rows; m += R) pair_tile<R, NB>(x + m * k2, k2, wg, b, y + m * n_dim, n, n_dim);
+  const uint32_t* xr = x + m * k2;
+  at::BFloat16* yr = y + m * n_dim;
+  switch (rows - m) {
+    case 0: break;
+    case 1: pair_tile<1, NB>(xr, k2, wg, b, yr, n, n_dim); break;
+    case 2: pair_tile<2, NB>(xr, k2, wg, b, yr, n, n_dim); break;
+    case 3: pair_tile<3, NB>(xr, k2, wg, b, yr, n, n_dim); break;
+    case 4: pair_tile<4, NB>(xr, k2, wg, b, yr, n, n_dim); break;
+    case 5: pair_tile<5, NB>(xr, k2, wg, b, yr, n, n_dim); break;
+    case 6: if constexpr (R > 6) pair_tile<6, NB>(xr, k2, wg, b, yr, n, n_dim); break;
+    case 7: if constexpr (R > 7) pair_tile<7, NB>(xr, k2, wg, b, yr, n, n_dim); break;
+    case 8: if constexpr (R > 8) pair_tile<8, NB>(xr, k2, wg, b, yr, n, n_dim); break;
+    default: if constexpr (R > 9) pair_tile<9, NB>(xr, k2, wg, b, yr, n, n_dim); break;
   }
 }
 
-template <int M = 1>
-void dot_rows(int64_t rows, const uint16_t* x, const uint16_t* w, const float* b, at::BFloat16* y, int64_t n0,
-              int64_t n1, int64_t k_dim, int64_t n_dim) {
-  if (rows == M)
-    dot_linear<M>(x, w, b, y, n0, n1, k_dim, n_dim);
-  else if constexpr (M < kDotRows)
-    dot_rows<M + 1>(rows, x, w, b, y, n0, n1, k_dim, n_dim);
-}
-
-void dot_linear(int64_t rows, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                at::Tensor& y) {
-  const int64_t k_dim = w.size(1), n_dim = w.size(0);
-  thread_local std::vector<uint16_t> packed_x;  // [K / 32, rows, 32]
-  uint16_t* xp = aligned_scratch(packed_x, k_dim * rows);
-  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  for (int64_t k = 0; k < k_dim; k += 32)
-    for (int64_t m = 0; m < rows; ++m) std::memcpy(xp + (k * rows + m * 32), xs + m * k_dim + k, 64);
+void pair_linear(int64_t rows, const at::Tensor& x, const at::Tensor& pairs, const std::optional<at::Tensor>& bias,
+                 at::Tensor& y, int64_t k_dim, int64_t n_dim) {
+  const int64_t k2 = k_dim / 2, groups = (n_dim + 63) / 64;
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>());  // a row's k pairs
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(pairs.data_ptr<at::BFloat16>());
   const at::Tensor b = bias.has_value() ? compute(*bias).contiguous() : at::Tensor();
   const float* bp = bias.has_value() ? b.data_ptr<float>() : nullptr;
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, n_dim, 256, [&](int64_t n0, int64_t n1) { dot_rows(rows, xp, wp, bp, yp, n0, n1, k_dim, n_dim); });
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t n = 64 * g, nb = std::min<int64_t>(4, (n_dim - n) / 16);
+      const uint16_t* wg = wp + n * k_dim;
+      switch (nb) {
+        case 1: pair_group<1>(rows, xp, k2, wg, bp, yp, n, n_dim); break;
+        case 2: pair_group<2>(rows, xp, k2, wg, bp, yp, n, n_dim); break;
+        case 3: pair_group<3>(rows, xp, k2, wg, bp, yp, n, n_dim); break;
+        default: pair_group<4>(rows, xp, k2, wg, bp, yp, n, n_dim);
+      }
+    }
+  });
 }
 #else
-constexpr int64_t kDotRows = 0;
-bool dot_takes(int64_t) { return false; }
-void dot_linear(int64_t, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&) {}
+bool pairs_take(int64_t, int64_t) { return false; }
+void pair_linear(int64_t, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&, int64_t,
+                 int64_t) {}
 #endif
 
-// The most rows of `dtype` the op computes itself for a [n_dim, k_dim] weight (else oneDNN's): for bf16 AMX's where it
-// takes the shape, else the dot product's where it does, else the own loop's (a width divisible by 16).
+// The most rows of `dtype` the op computes itself for a [n_dim, k_dim] weight (else oneDNN's): for bf16 every count
+// where its weight is in pairs, AMX's where it takes the shape, else the own loop's (a width divisible by 16).
 int64_t own_rows(at::ScalarType dtype, int64_t k_dim, int64_t n_dim) {
+  if (dtype == at::kBFloat16 && pairs_take(k_dim, n_dim)) return std::numeric_limits<int64_t>::max();
   if (dtype == at::kBFloat16 && amx_takes(k_dim, n_dim)) return kAmxRows;
-  if (dtype == at::kBFloat16 && dot_takes(k_dim)) return kDotRows;
   if (k_dim % 16 != 0) return 0;
   return dtype == at::kFloat ? kFewRows : dtype == at::kBFloat16 ? kFewBf16Rows : 0;
 }
@@ -474,6 +480,15 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const st
   const int64_t k_dim = weight.size(1), n_dim = weight.size(0);
   const int64_t rows = x.dim() >= 2 && x.size(-1) == k_dim ? x.numel() / k_dim : 0;  // [..., K]: leading dims are rows
   const auto dtype = weight.scalar_type();
+  auto in_pairs = pairs.find(reinterpret_cast<int64_t>(weight.data_ptr()));
+  if (in_pairs != pairs.end()) {  // every row count, for the same bits; ATen's linear where told not to
+    if (!native_gemv || rows < 1 || x.scalar_type() != dtype) return at::linear(x, weight, bias);
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = n_dim;
+    at::Tensor y = at::detail::empty_cpu(shape, x.scalar_type());
+    pair_linear(rows, x.contiguous(), in_pairs->second, bias, y, k_dim, n_dim);
+    return y;
+  }
   if (native_gemv && rows >= 1 && rows <= own_rows(dtype, k_dim, n_dim) && x.scalar_type() == dtype &&
       weight.is_contiguous()) {
     const at::Tensor input = x.contiguous();
@@ -484,8 +499,6 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const st
       few_rows_linear<float>(rows, input, weight, bias, y);
     else if (amx_takes(k_dim, n_dim))
       amx_linear(rows, input, weight, bias, y);
-    else if (dot_takes(k_dim))
-      dot_linear(rows, input, weight, bias, y);
     else
       few_rows_linear<at::BFloat16>(rows, input, weight, bias, y);
     return y;
@@ -741,9 +754,15 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   return out;
 }
 
-void register_packed(int64_t key, const at::Tensor& packed_weight) { packed[key] = packed_weight; }
+void register_packed(int64_t key, const at::Tensor& packed_weight, bool in_pairs) {
+  (in_pairs ? pairs : packed)[key] = packed_weight;
+}
 
-void release_packed(int64_t key) { packed.erase(key); }
+void release_packed(int64_t key) {
+  packed.erase(key);
+  pairs.erase(key);
+}
+
 
 void set_native_attention(bool enabled) { native_attention = enabled; }
 

@@ -80,20 +80,25 @@ def test_shipped_drafter_greedy_equals_autoregressive(spec, expected):
         assert (forwards + accepted) / forwards > (3.4 if "tree" in spec else 2.3)
 
 
-def test_shipped_fspad_greedy_equals_autoregressive_in_bf16_where_the_gemms_take_a_tree():
-    """A bf16 target, one request at a time, the CPU tree of eight: greedy speculation gives plain decoding's
-    tokens, where the GEMMs' own code takes a tree's nine rows (AMX) and each row's sums do not depend on the rows
-    beside it. bf16 logits tie often (a 0.125 step at 16), so a last-bit difference would show here: before tree
-    nodes got their decoded bits, the first of these prompts parted at its 61st token."""
+@pytest.mark.parametrize("max_num_seqs", [1, 16])
+def test_shipped_fspad_greedy_equals_autoregressive_in_bf16_where_the_gemms_take_a_tree(max_num_seqs):
+    """A bf16 target, the CPU tree of eight: greedy speculation gives plain decoding's tokens, where the GEMMs' own
+    code takes the rows of a step and each row's sums do not depend on the rows beside it: one request at a time
+    where it takes a tree's nine rows (AMX's tiles, AVX-512's bf16 dot product in pairs), 16 at once where it
+    takes every row count (in pairs). bf16 logits tie often (a 0.125 step at 16), so a last-bit difference would
+    show here: before tree nodes got their decoded bits, the first of these prompts parted at its 61st token; at
+    16 requests, through oneDNN beyond 16 rows, some parted."""
     cpu_ops.load(cache_dir() / "extensions")
-    if cpu_ops.own_rows(torch.bfloat16, 576, 1536) < 9:
-        pytest.skip("bf16: nine rows go through oneDNN here, whose sums depend on the row count")
-    prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in load("mixed", num_prompts=8)]
+    rows = cpu_ops.own_rows(torch.bfloat16, 576, 1536)
+    if rows < 9 or (max_num_seqs > 1 and rows < 4096):
+        pytest.skip(f"bf16: steps of {max_num_seqs} request(s) send rows to oneDNN here, whose sums vary by count")
+    chats = load("mixed", num_prompts=max(8, max_num_seqs))
+    prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in chats]
     params = SamplingParams(temperature=0, max_tokens=96)
     spec = {"method": "fspad", "model": str(FSPAD), "tree": {"depth": 4, "top_k": 4, "total_tokens": 8}}
     outs = []
     for kwargs in ({"decoder": "autoregressive"}, {"speculative_config": {**spec, "adaptive": False}}):
-        llm = LLM(DEFAULT_MODEL, dtype="bfloat16", max_num_seqs=1, kv_cache_tokens=4096, **kwargs)
+        llm = LLM(DEFAULT_MODEL, dtype="bfloat16", max_num_seqs=max_num_seqs, kv_cache_tokens=4096, **kwargs)
         outs.append(llm.chat(prompts, params, use_tqdm=False))
     assert [o.outputs[0].token_ids for o in outs[1]] == [o.outputs[0].token_ids for o in outs[0]]
     assert sum(o.metrics.accepted_tokens for o in outs[1]) > 0
