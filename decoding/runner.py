@@ -175,6 +175,8 @@ class ModelRunner:
             self._llama_forward = compiled(self.llama, device)
             run_through_op(self.llama.head)
             self._warm_up()
+        elif self.llama is not None and device.type == "cpu" and cpu_ops.k_major():
+            cpu_ops.load(cache_dir() / "extensions")  # its k-major weights have no oneDNN copy: eager runs the op
 
     def _warm_up(self) -> None:
         """Compile now rather than on the first requests: one token per step, then any larger number (the two

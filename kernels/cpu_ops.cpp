@@ -3,8 +3,8 @@
 // leapserve_cpu::packed_linear   y = x @ W.T + b through W's oneDNN-packed copy (kernels/packed_linear.py); up to
 //                                twelve fp32 rows or four bf16 ones (three without AVX-512) through few_rows_linear,
 //                                which streams W, and up to 16 bf16 rows through amx_linear where the CPU has AMX;
-//                                where it has AVX-512's bf16 dot product but not AMX, bf16 W is packed in pairs of k
-//                                instead, and every row count goes through pair_linear
+//                                where it has AVX-512's bf16 dot product but not AMX, W is packed k-major instead,
+//                                and every row count goes through k_major_linear
 // leapserve_cpu::paged_attention one layer's K/V write (row copies) and attention, executing the step's plan
 //                                (kernels/reference.py plans it once per step): fp32 and bf16 sequences with few
 //                                queries through short_attention, the rest through what `attend` runs
@@ -29,7 +29,7 @@
 #include <unistd.h>
 #define LEAPSERVE_AMX 1
 #elif defined(__AVX512BF16__)
-#define LEAPSERVE_PAIRS 1
+#define LEAPSERVE_K_MAJOR 1
 #endif
 
 #include <algorithm>
@@ -44,7 +44,7 @@
 namespace {
 
 std::unordered_map<int64_t, at::Tensor> packed;  // plain weight's data_ptr -> its oneDNN-packed copy
-std::unordered_map<int64_t, at::Tensor> pairs;   // ... or its copy in pairs of k (pair_linear), for bf16
+std::unordered_map<int64_t, at::Tensor> k_major;  // ... or its k-major copy (k_major_linear)
 
 struct SeqPlan {  // one sequence's queries q[start:end] over its keys (reference.SeqPlan)
   int64_t start, end;
@@ -65,7 +65,7 @@ struct Step {
 
 std::vector<Step> steps;  // the steps being run, innermost last (a drafter's forward inside a target's)
 bool native_attention = true;  // fp32 and bf16 sequences with few queries go to short_attention (else all to SDPA)
-bool native_gemv = true;  // up to own_rows(...) rows go to few_rows_linear, amx_linear or pair_linear, else oneDNN
+bool native_gemv = true;  // own_rows(...) rows go to few_rows_linear, amx_linear or k_major_linear, else oneDNN
 
 // Flat slots [start, start + len) of a contiguous [num_blocks, block_size, H, D] cache as a [1, H, len, D] view.
 at::Tensor heads_view(const at::Tensor& cache, int64_t start, int64_t len) {
@@ -383,113 +383,145 @@ bool amx_takes(int64_t, int64_t) { return false; }
 void amx_linear(int64_t, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&) {}
 #endif
 
-#ifdef LEAPSERVE_PAIRS
-// bf16 through AVX-512's bf16 dot product (vdpbf16ps: each of 16 fp32 lanes adds the products of a pair of bf16s)
-// where the CPU has it but not AMX, for every row count: W is repacked once into pairs of k, 64 outputs a group,
-// [N / 64, K / 2, 64, 2] (a last group of 16 nb < 64 outputs [K / 2, 16 nb, 2]; `packed_linear.pairs_copy`), so
-// that a register holds 16 outputs' pairs and each row's pair of x is broadcast to them. Each output adds its K / 2
-// pairs in k order in one lane, whatever the row count and tile: a row gets the same bits alone, beside a draft tree
-// or in a prefill. A tile of up to six rows reuses each load of W over them (four of W's registers for 24 outputs
-// of accumulators); W's group is read from L2 by the next tiles. On a 2-core Zen 4 the 121 GEMMs of a SmolLM2
-// forward ran 0.65 of oneDNN's time at one row, 0.80 at 16, 0.87 at 35, 1.02-1.03 at 256 and 512 (docs/compile.md).
-bool pairs_take(int64_t k_dim, int64_t n_dim) { return k_dim % 2 == 0 && n_dim % 16 == 0; }
+#ifdef LEAPSERVE_K_MAJOR
+// Every row count of an fp32 or bf16 weight through one kernel, where the CPU has AVX-512 with its bf16 dot product
+// but not AMX (measured on a Zen 4; AMX CPUs and others keep the paths above): W is packed once k-major, 64 outputs
+// a group, [N / 64, K, 64] fp32 or [N / 64, K / 2, 64, 2] bf16 (a last group of 16 nb < 64 outputs [K, 16 nb] or
+// [K / 2, 16 nb, 2]; `packed_linear.k_major_copy`). A register holds 16 outputs' weights at one k (fp32) or pair of
+// k (bf16, vdpbf16ps: each fp32 lane adds the products of a pair of bf16s), and each row's x at that step is
+// broadcast to them. Each output adds its K products (K / 2 pairs) in k order in one lane, whatever the row count
+// and tile: a row gets the same bits alone, beside a draft tree or in a prefill. A tile of up to six rows reuses
+// each load of W over them (4 of W's registers, 24 of accumulators); the next tiles read W's group from L2. On a
+// 2-core Zen 4 the 121 GEMMs of a SmolLM2 forward ran in 0.62-1.03 of oneDNN's time from 1 to 512 rows
+// (docs/compile.md).
+bool k_major_takes(at::ScalarType dtype, int64_t k_dim, int64_t n_dim) {
+  return n_dim % 16 == 0 && (dtype == at::kFloat || (dtype == at::kBFloat16 && k_dim % 2 == 0));
+}
 
-// Outputs n .. n + 16 NB of R rows: x [R, K / 2] pairs, wg the group's [K / 2, 16 NB, 2]
-template <int R, int NB>
-void pair_tile(const uint32_t* x, int64_t k2, const uint16_t* wg, const float* b, at::BFloat16* y, int64_t n,
-               int64_t n_dim) {
+// acc's 16 lanes += w's lanes times x's (fp32), or w's pairs dotted with x's pair (bf16)
+template <typename T>
+inline __m512 multiply_add(__m512 acc, __m512i w, __m512i x) {
+  if constexpr (std::is_same_v<T, float>)
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(w), _mm512_castsi512_ps(x), acc);
+  else
+    return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
+}
+
+// Outputs n .. n + 16 NB of R rows: x [R, steps] 4-byte steps (an fp32, or a pair of bf16s), wg the group's
+// [steps, 16 NB, 4 bytes]
+template <typename T, int R, int NB>
+void k_major_tile(const uint32_t* x, int64_t steps, const T* wg, const float* b, T* y, int64_t n, int64_t n_dim) {
+  constexpr int64_t per_register = 64 / sizeof(T);
   __m512 acc[R][NB];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < k2; ++p) {
-    __m512bh wk[NB];
-    for (int j = 0; j < NB; ++j) wk[j] = (__m512bh)_mm512_loadu_si512(wg + (p * NB + j) * 32);
+  for (int64_t p = 0; p < steps; ++p) {
+    __m512i wk[NB];
+    for (int j = 0; j < NB; ++j) wk[j] = _mm512_loadu_si512(wg + (p * NB + j) * per_register);
     for (int r = 0; r < R; ++r) {
-      const __m512bh xp = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * k2 + p]));
-      for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wk[j], xp);
+      const __m512i xp = _mm512_set1_epi32(static_cast<int>(x[r * steps + p]));
+      for (int j = 0; j < NB; ++j) acc[r][j] = multiply_add<T>(acc[r][j], wk[j], xp);
     }
   }
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NB; ++j) {
       __m512 v = acc[r][j];
       if (b != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(b + n + 16 * j));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * n_dim + n + 16 * j), (__m256i)_mm512_cvtneps_pbh(v));
+      if constexpr (std::is_same_v<T, float>)
+        _mm512_storeu_ps(y + r * n_dim + n + 16 * j, v);
+      else
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * n_dim + n + 16 * j), (__m256i)_mm512_cvtneps_pbh(v));
     }
 }
 
 // Every row against one group, in tiles of R (more rows where the group is narrower: its accumulators fit)
-template <int NB>
-void pair_group(int64_t rows, const uint32_t* x, int64_t k2, const uint16_t* wg, const float* b, at::BFloat16* y,
-                int64_t n, int64_t n_dim) {
+template <typename T, int NB>
+void k_major_group(int64_t rows, const uint32_t* x, int64_t steps, const T* wg, const float* b, T* y, int64_t n,
+                   int64_t n_dim) {
   constexpr int R = NB == 4 ? 6 : NB == 3 ? 7 : 10;
   int64_t m = 0;
-  for (; m + R <= rows; m += R) pair_tile<R, NB>(x + m * k2, k2, wg, b, y + m * n_dim, n, n_dim);
-  const uint32_t* xr = x + m * k2;
-  at::BFloat16* yr = y + m * n_dim;
+  for (; m + R <= rows; m += R) k_major_tile<T, R, NB>(x + m * steps, steps, wg, b, y + m * n_dim, n, n_dim);
+  const uint32_t* xr = x + m * steps;
+  T* yr = y + m * n_dim;
   switch (rows - m) {
     case 0: break;
-    case 1: pair_tile<1, NB>(xr, k2, wg, b, yr, n, n_dim); break;
-    case 2: pair_tile<2, NB>(xr, k2, wg, b, yr, n, n_dim); break;
-    case 3: pair_tile<3, NB>(xr, k2, wg, b, yr, n, n_dim); break;
-    case 4: pair_tile<4, NB>(xr, k2, wg, b, yr, n, n_dim); break;
-    case 5: pair_tile<5, NB>(xr, k2, wg, b, yr, n, n_dim); break;
-    case 6: if constexpr (R > 6) pair_tile<6, NB>(xr, k2, wg, b, yr, n, n_dim); break;
-    case 7: if constexpr (R > 7) pair_tile<7, NB>(xr, k2, wg, b, yr, n, n_dim); break;
-    case 8: if constexpr (R > 8) pair_tile<8, NB>(xr, k2, wg, b, yr, n, n_dim); break;
-    default: if constexpr (R > 9) pair_tile<9, NB>(xr, k2, wg, b, yr, n, n_dim); break;
+    case 1: k_major_tile<T, 1, NB>(xr, steps, wg, b, yr, n, n_dim); break;
+    case 2: k_major_tile<T, 2, NB>(xr, steps, wg, b, yr, n, n_dim); break;
+    case 3: k_major_tile<T, 3, NB>(xr, steps, wg, b, yr, n, n_dim); break;
+    case 4: k_major_tile<T, 4, NB>(xr, steps, wg, b, yr, n, n_dim); break;
+    case 5: k_major_tile<T, 5, NB>(xr, steps, wg, b, yr, n, n_dim); break;
+    case 6: if constexpr (R > 6) k_major_tile<T, 6, NB>(xr, steps, wg, b, yr, n, n_dim); break;
+    case 7: if constexpr (R > 7) k_major_tile<T, 7, NB>(xr, steps, wg, b, yr, n, n_dim); break;
+    case 8: if constexpr (R > 8) k_major_tile<T, 8, NB>(xr, steps, wg, b, yr, n, n_dim); break;
+    default: if constexpr (R > 9) k_major_tile<T, 9, NB>(xr, steps, wg, b, yr, n, n_dim); break;
   }
 }
 
-void pair_linear(int64_t rows, const at::Tensor& x, const at::Tensor& pairs, const std::optional<at::Tensor>& bias,
-                 at::Tensor& y, int64_t k_dim, int64_t n_dim) {
-  const int64_t k2 = k_dim / 2, groups = (n_dim + 63) / 64;
-  const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>());  // a row's k pairs
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(pairs.data_ptr<at::BFloat16>());
+template <typename T>
+void k_major_linear(int64_t rows, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                    at::Tensor& y, int64_t k_dim, int64_t n_dim) {
+  const int64_t steps = k_dim * sizeof(T) / 4, groups = (n_dim + 63) / 64;
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<T>());
+  const T* wp = w.data_ptr<T>();
   const at::Tensor b = bias.has_value() ? compute(*bias).contiguous() : at::Tensor();
   const float* bp = bias.has_value() ? b.data_ptr<float>() : nullptr;
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  T* yp = y.data_ptr<T>();
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t n = 64 * g, nb = std::min<int64_t>(4, (n_dim - n) / 16);
-      const uint16_t* wg = wp + n * k_dim;
+      const T* wg = wp + n * k_dim;
       switch (nb) {
-        case 1: pair_group<1>(rows, xp, k2, wg, bp, yp, n, n_dim); break;
-        case 2: pair_group<2>(rows, xp, k2, wg, bp, yp, n, n_dim); break;
-        case 3: pair_group<3>(rows, xp, k2, wg, bp, yp, n, n_dim); break;
-        default: pair_group<4>(rows, xp, k2, wg, bp, yp, n, n_dim);
+        case 1: k_major_group<T, 1>(rows, xp, steps, wg, bp, yp, n, n_dim); break;
+        case 2: k_major_group<T, 2>(rows, xp, steps, wg, bp, yp, n, n_dim); break;
+        case 3: k_major_group<T, 3>(rows, xp, steps, wg, bp, yp, n, n_dim); break;
+        default: k_major_group<T, 4>(rows, xp, steps, wg, bp, yp, n, n_dim);
       }
     }
   });
 }
+
+void k_major_linear(int64_t rows, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                    at::Tensor& y) {
+  const int64_t n_dim = y.size(-1), k_dim = x.size(-1);
+  if (x.scalar_type() == at::kFloat)
+    k_major_linear<float>(rows, x, w, bias, y, k_dim, n_dim);
+  else
+    k_major_linear<at::BFloat16>(rows, x, w, bias, y, k_dim, n_dim);
+}
 #else
-bool pairs_take(int64_t, int64_t) { return false; }
-void pair_linear(int64_t, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&, int64_t,
-                 int64_t) {}
+bool k_major_takes(at::ScalarType, int64_t, int64_t) { return false; }
+void k_major_linear(int64_t, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&) {
+  TORCH_CHECK(false, "leapserve_cpu: built without the k-major GEMM (a CPU with AVX-512's bf16 dot product, no AMX)");
+}
 #endif
 
-// The most rows of `dtype` the op computes itself for a [n_dim, k_dim] weight (else oneDNN's): for bf16 every count
-// where its weight is in pairs, AMX's where it takes the shape, else the own loop's (a width divisible by 16).
-int64_t own_rows(at::ScalarType dtype, int64_t k_dim, int64_t n_dim) {
-  if (dtype == at::kBFloat16 && pairs_take(k_dim, n_dim)) return std::numeric_limits<int64_t>::max();
+// The most rows of `dtype` that the op streams through its loop or AMX's tiles for a [n_dim, k_dim] weight packed
+// for oneDNN (more go to oneDNN): for bf16 AMX's where it takes the shape, else the loop's (a width divisible by 16).
+int64_t streamed_rows(at::ScalarType dtype, int64_t k_dim, int64_t n_dim) {
   if (dtype == at::kBFloat16 && amx_takes(k_dim, n_dim)) return kAmxRows;
   if (k_dim % 16 != 0) return 0;
   return dtype == at::kFloat ? kFewRows : dtype == at::kBFloat16 ? kFewBf16Rows : 0;
+}
+
+// The most rows of `dtype` the op computes itself: every count of a weight packed k-major, else streamed_rows.
+int64_t own_rows(at::ScalarType dtype, int64_t k_dim, int64_t n_dim) {
+  return k_major_takes(dtype, k_dim, n_dim) ? std::numeric_limits<int64_t>::max() : streamed_rows(dtype, k_dim, n_dim);
 }
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const int64_t k_dim = weight.size(1), n_dim = weight.size(0);
   const int64_t rows = x.dim() >= 2 && x.size(-1) == k_dim ? x.numel() / k_dim : 0;  // [..., K]: leading dims are rows
   const auto dtype = weight.scalar_type();
-  auto in_pairs = pairs.find(reinterpret_cast<int64_t>(weight.data_ptr()));
-  if (in_pairs != pairs.end()) {  // every row count, for the same bits; ATen's linear where told not to
+  auto in_k_major = k_major.find(reinterpret_cast<int64_t>(weight.data_ptr()));
+  if (in_k_major != k_major.end()) {  // every row count, for the same bits; ATen's linear where told not to
     if (!native_gemv || rows < 1 || x.scalar_type() != dtype) return at::linear(x, weight, bias);
     std::vector<int64_t> shape = x.sizes().vec();
     shape.back() = n_dim;
     at::Tensor y = at::detail::empty_cpu(shape, x.scalar_type());
-    pair_linear(rows, x.contiguous(), in_pairs->second, bias, y, k_dim, n_dim);
+    k_major_linear(rows, x.contiguous(), in_k_major->second, bias, y);
     return y;
   }
-  if (native_gemv && rows >= 1 && rows <= own_rows(dtype, k_dim, n_dim) && x.scalar_type() == dtype &&
+  if (native_gemv && rows >= 1 && rows <= streamed_rows(dtype, k_dim, n_dim) && x.scalar_type() == dtype &&
       weight.is_contiguous()) {
     const at::Tensor input = x.contiguous();
     std::vector<int64_t> shape = x.sizes().vec();
@@ -754,13 +786,13 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   return out;
 }
 
-void register_packed(int64_t key, const at::Tensor& packed_weight, bool in_pairs) {
-  (in_pairs ? pairs : packed)[key] = packed_weight;
+void register_packed(int64_t key, const at::Tensor& packed_weight, bool is_k_major) {
+  (is_k_major ? k_major : packed)[key] = packed_weight;
 }
 
 void release_packed(int64_t key) {
   packed.erase(key);
-  pairs.erase(key);
+  k_major.erase(key);
 }
 
 

@@ -24,10 +24,10 @@ a few sequences, verifying small draft trees) through its own loop, which stream
 the copy bandwidth where oneDNN's packed GEMM reads it at about half of it, and sums each row alike in any step (bf16
 in fp32, rounded once). Where the CPU has AMX, bf16 rows up to 16 go through its tile multiply instead, over the same
 plain weight, at about the same cost for 1 row as for 16 (a weight's K divisible by 32 and N by 16): `own_rows`.
-More rows, and other dtypes, go to oneDNN. Where the CPU has AVX-512's bf16 dot product but not AMX (`bf16_pairs`),
-a bf16 weight is packed in pairs of k for the C++ linear instead of for oneDNN, and every row count goes through
-that instruction: a row gets the same bits in a step of any size, prefill included (N divisible by 16, K by 2).
-`LEAPSERVE_CPU_GEMV=onednn` sends every row to oneDNN (a weight in pairs to ATen's linear over the plain weight).
+More rows, and other dtypes, go to oneDNN. Where the CPU has AVX-512's bf16 dot product but not AMX (`k_major`), an
+fp32 or bf16 weight is packed k-major for the C++ linear instead of for oneDNN, and every row count goes through it:
+a row gets the same bits in a step of any size, prefill included (N divisible by 16; bf16: K by 2).
+`LEAPSERVE_CPU_GEMV=onednn` sends every row to oneDNN (a k-major weight to ATen's linear over the plain weight).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 NATIVE_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)  # caches whose short sequences the own attention takes
 _module: ModuleType | None = None
 _lock = threading.Lock()
-# plain weight's address -> its packed copy, and whether that is in pairs (`register_packed`)
+# plain weight's address -> its packed copy, and whether that is k-major (`register_packed`)
 _packed: dict[int, tuple[torch.Tensor, bool]] = {}
 
 
@@ -91,8 +91,8 @@ def load(build_root: Path) -> ModuleType:
             module.set_native_attention(_choice_from_env("LEAPSERVE_CPU_ATTENTION", "native", "sdpa"))
             module.set_native_gemv(_choice_from_env("LEAPSERVE_CPU_GEMV", "native", "onednn"))
             _module = module  # from here on, weights packed register themselves; those packed before, now
-            for key, (packed, in_pairs) in _packed.items():
-                module.register_packed(key, packed, in_pairs)
+            for key, (packed, is_k_major) in _packed.items():
+                module.register_packed(key, packed, is_k_major)
     return _module
 
 
@@ -174,10 +174,10 @@ def few_rows(dtype: torch.dtype = torch.float32) -> int:
 
 def own_rows(dtype: torch.dtype, in_features: int, out_features: int) -> int:
     """The most rows of `dtype` the op computes itself (not through oneDNN) for a `[out_features, in_features]`
-    weight: every count (2**63 - 1) of bf16 rows where the weight is in pairs (`bf16_pairs`, `out_features`
-    divisible by 16, `in_features` by 2); 16 bf16 rows where the CPU has AMX and the shape suits its tiles; else
-    `few_rows(dtype)` where `in_features` is divisible by 16, else 0. Each row's output then has the same bits
-    whatever the row count."""
+    weight: every count (2**63 - 1) where the weight is k-major (`k_major`: `out_features` divisible by 16, for bf16
+    `in_features` by 2); 16 bf16 rows where the CPU has AMX and the shape suits its tiles; else `few_rows(dtype)`
+    where `in_features` is divisible by 16, else 0. Each row's output then has the same bits whatever the row
+    count."""
     assert _module is not None, "cpu_ops.load first"
     if dtype not in (torch.float32, torch.bfloat16):
         return 0
@@ -193,20 +193,20 @@ def _cpu_features() -> bytes:
     return next((line for line in info.splitlines() if line.startswith("flags")), platform.machine()).encode()
 
 
-def bf16_pairs() -> bool:
-    """Whether the op computes bf16 GEMMs in pairs (`pair_linear` in cpu_ops.cpp: every row count, over a copy of
-    the weight in pairs of k) on this CPU: it has AVX-512's bf16 dot product and not AMX, as the extension's build
-    for it (`-march=native`) sees."""
+def k_major() -> bool:
+    """Whether the op computes fp32 and bf16 GEMMs itself at every row count on this CPU (`k_major_linear` in
+    cpu_ops.cpp, over a k-major copy of the weight): it has AVX-512's bf16 dot product and not AMX, as the
+    extension's build for it (`-march=native`) sees."""
     flags = set(_cpu_features().split())
     return b"avx512_bf16" in flags and b"amx_bf16" not in flags
 
 
-def register_packed(key: int, packed: torch.Tensor, in_pairs: bool = False) -> None:
-    """`packed` is the oneDNN-packed copy of the plain weight at address `key`, or its copy in pairs of k
-    (`packed_linear.pairs_copy`): the op finds it there (now, or once the extension loads)."""
-    _packed[key] = (packed, in_pairs)
+def register_packed(key: int, packed: torch.Tensor, is_k_major: bool = False) -> None:
+    """`packed` is the oneDNN-packed copy of the plain weight at address `key`, or its k-major copy
+    (`packed_linear.k_major_copy`): the op finds it there (now, or once the extension loads)."""
+    _packed[key] = (packed, is_k_major)
     if _module is not None:
-        _module.register_packed(key, packed, in_pairs)
+        _module.register_packed(key, packed, is_k_major)
 
 
 def release_packed(key: int) -> None:

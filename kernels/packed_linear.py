@@ -4,9 +4,9 @@ A decode step at small batch reads every weight once and does little arithmetic 
 at which the GEMM streams weights. `torch.nn.functional.linear` on a row-major fp32 weight reaches about half of
 the machine's copy bandwidth on a 2-core AVX2 CPU; the same weights reordered by oneDNN (`mkldnn`) for a batch
 hint of 32 reach it at every batch size up to 16 (BENCHMARKS.md, "The compiled model path"). Elsewhere (CUDA,
-dtypes oneDNN does not pack) a `PackedLinear` is a plain linear. A bf16 weight on a CPU with AVX-512's bf16 dot
-product but not AMX is packed instead in pairs of k for the C++ op's own GEMM (`pairs_copy`), which runs every row
-count there at least as fast as oneDNN up to 128 rows and sums each row alike in any step (docs/compile.md).
+dtypes oneDNN does not pack) a `PackedLinear` is a plain linear. On a CPU with AVX-512's bf16 dot product but not
+AMX, fp32 and bf16 weights are packed k-major instead, for the C++ op's own GEMM (`k_major_copy`), which runs every
+row count there as fast as oneDNN or faster up to 128 rows and sums each row alike in any step (docs/compile.md).
 
 Under `torch.compile` the packed call is one custom op (`leapserve_cpu::packed_linear`, C++, `cpu_ops.py`), as the
 packed tensor is opaque to the compiler; the op finds the packed copy by its plain weight's address, the weight being
@@ -52,20 +52,25 @@ def packable(weight: torch.Tensor) -> bool:
     )
 
 
-def in_pairs(weight: torch.Tensor) -> bool:
-    """Whether a packable `weight` is packed in pairs for the op's own GEMM (`cpu_ops.bf16_pairs`) rather than for
-    oneDNN: bf16 with [out, in] divisible by [16, 2]."""
+def is_k_major(weight: torch.Tensor) -> bool:
+    """Whether a packable `weight` [out, in] is packed k-major for the op's own GEMM (`cpu_ops.k_major`) rather than
+    for oneDNN: `out` divisible by 16 (and for bf16 `in` by 2)."""
     out_features, in_features = weight.shape
-    return weight.dtype == torch.bfloat16 and out_features % 16 == 0 and in_features % 2 == 0 and cpu_ops.bf16_pairs()
+    return out_features % 16 == 0 and in_features % _k_step(weight) == 0 and cpu_ops.k_major()
 
 
-def pairs_copy(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` [N, K] in the layout of the op's GEMM in pairs: per group of 64 outputs, for each pair of k, the
-    group's 64 pairs ([N / 64, K / 2, 64, 2], a last group of fewer outputs [K / 2, N % 64, 2]), flat."""
+def _k_step(weight: torch.Tensor) -> int:
+    return 2 if weight.dtype == torch.bfloat16 else 1  # bf16 in pairs of k: the dot product's
+
+
+def k_major_copy(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` [N, K] in the layout of the op's k-major GEMM: per group of 64 outputs, for each k (bf16: each pair of
+    k), the group's 64 weights ([N / 64, K, 64] or [N / 64, K / 2, 64, 2]; a last group of fewer outputs [K, N % 64]
+    or [K / 2, N % 64, 2]), flat."""
     n, k = weight.shape
-    full = n // 64 * 64
-    groups = weight[:full].reshape(n // 64, 64, k // 2, 2).transpose(1, 2)
-    last = weight[full:].reshape(n - full, k // 2, 2).transpose(0, 1)
+    step, full = _k_step(weight), n // 64 * 64
+    groups = weight[:full].reshape(n // 64, 64, k // step, step).transpose(1, 2)
+    last = weight[full:].reshape(n - full, k // step, step).transpose(0, 1)
     return torch.cat([groups.reshape(-1), last.reshape(-1)])
 
 
@@ -79,27 +84,27 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.handle: int | None = None  # the plain weight's address: the op finds the packed copy by it
         self.packed: torch.Tensor | None = None  # the packed copy, one for every layer sharing the weight
-        self.in_pairs = False  # packed for the op's own GEMM, not for oneDNN (`in_pairs`)
+        self.k_major = False  # packed for the op's own GEMM, not for oneDNN (`is_k_major`)
         self.through_op = False  # called eagerly, still through the compiled graphs' op (`run_through_op`)
         if packable(weight):
             self.handle = self.weight.data_ptr()
-            self.in_pairs = in_pairs(self.weight)
+            self.k_major = is_k_major(self.weight)
             self.packed = cpu_ops.packed_copy(self.handle)
             if self.packed is None:
-                if self.in_pairs:
-                    self.packed = pairs_copy(self.weight)
+                if self.k_major:
+                    self.packed = k_major_copy(self.weight)
                 else:
                     self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, PACK_BATCH_HINT)
-                cpu_ops.register_packed(self.handle, self.packed, self.in_pairs)
+                cpu_ops.register_packed(self.handle, self.packed, self.k_major)
             _users[self.handle] += 1
             weakref.finalize(self, _release, self.handle)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.handle is None:
             return F.linear(x, self.weight, self.bias)
-        if torch.compiler.is_compiling() or self.through_op or (self.in_pairs and cpu_ops.loaded() is not None):
+        if torch.compiler.is_compiling() or self.through_op or (self.k_major and cpu_ops.loaded() is not None):
             return torch.ops.leapserve_cpu.packed_linear(x, self.weight, self.bias)
-        if self.in_pairs:  # no oneDNN copy, and the op is not built in this process
+        if self.k_major:  # no oneDNN copy, and the op is not built in this process
             return F.linear(x, self.weight, self.bias)
         # eager: the op directly, without the custom op's dispatch (~15 us a call, 2 ms a step at 121 calls)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

@@ -280,7 +280,7 @@ def test_packed_linear_op_equals_onednn_and_linear(dtype: torch.dtype, rows: int
     """Through oneDNN (more rows, or a width the own loop does not take) the op is the eager path's call, bit for
     bit; up to `own_rows` rows (the own loop's 12 fp32 or 4 bf16 with AVX-512, else 3, for a width divisible by 16;
     16 bf16 through AMX's tiles or AVX-512's bf16 dot product where the CPU has them) run the op's own GEMM: the
-    exact result rounded once (bf16: products and sums in fp32), within rounding of oneDNN's. A bf16 weight in pairs
+    exact result rounded once (bf16: products and sums in fp32), within rounding of oneDNN's. A k-major weight
     (every row count through the op's own GEMM) has no oneDNN copy: told not to, the op runs ATen's linear."""
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randn(48, in_features, generator=gen).to(dtype)
@@ -297,9 +297,9 @@ def test_packed_linear_op_equals_onednn_and_linear(dtype: torch.dtype, rows: int
             onednn = torch.ops.leapserve_cpu.packed_linear(x, lin.weight, lin.bias)
         finally:
             cpu_ops.use_native_gemv(True)
-        assert torch.equal(onednn, F.linear(x, weight, b) if lin.in_pairs else lin(x))
+        assert torch.equal(onednn, F.linear(x, weight, b) if lin.k_major else lin(x))
         assert_rounded_from(onednn, exact)
-        assert torch.equal(lin(x), out) or not lin.in_pairs  # eager, through the op
+        assert torch.equal(lin(x), out) or not lin.k_major  # eager, through the op
     else:
         assert torch.equal(out, lin(x))  # the eager path's direct oneDNN call
 
@@ -310,8 +310,8 @@ def test_packed_linear_op_equals_onednn_and_linear(dtype: torch.dtype, rows: int
 def test_few_rows_linear_streams_a_large_weight_in_order(dtype: torch.dtype, rows: int, out_features: int) -> None:
     """The own GEMM over a weight larger than the caches, its rows split between threads (20,002: an odd number each,
     the last one outside the loop's two-row passes of 9 rows or more, and no bf16 tiles; 20,000: AMX's 16-row blocks
-    where bf16 takes them, and pairs where bf16 is in pairs): each output is its dot product rounded once (within
-    fp32 summation of float64), and the same bits on every call."""
+    where bf16 takes them, and k-major groups of 64 where weights are k-major): each output is its dot product
+    rounded once (within fp32 summation of float64), and the same bits on every call."""
     rows = min(rows, cpu_ops.own_rows(dtype, 576, out_features))
     gen = torch.Generator().manual_seed(7)
     lin = PackedLinear(torch.randn(out_features, 576, generator=gen).to(dtype))
@@ -325,7 +325,7 @@ def test_few_rows_linear_streams_a_large_weight_in_order(dtype: torch.dtype, row
 @pytest.mark.parametrize("out_features", [1001, 1008])
 def test_few_rows_linear_gives_a_row_the_same_bits_beside_others(dtype: torch.dtype, out_features: int) -> None:
     """A row's output does not depend on the rows beside it, up to the op's `own_rows` (1,008 outputs: AMX's tiles
-    for bf16 where the CPU has them, or pairs: up to 40 rows, every tile of six and a last group of 48 outputs in
+    for bf16 where the CPU has them, or k-major: up to 40 rows, every tile of six and a last group of 48 outputs in
     tiles of seven): a token verified with draft tokens gets the bits plain decoding gives it."""
     gen = torch.Generator().manual_seed(11)
     lin = PackedLinear(torch.randn(out_features, 1536, generator=gen).to(dtype))
@@ -345,23 +345,28 @@ def cpu_flags() -> set[str]:
 
 
 @pytest.mark.skipif(not packable(torch.zeros(2, 2, dtype=torch.bfloat16)), reason="no oneDNN bf16 here")
-def test_bf16_rows_take_pairs_or_amx_tiles_where_the_cpu_has_them() -> None:
-    """bf16: every row count of a weight whose [N, K] is divisible by [16, 2], packed in pairs, where the CPU has
-    AVX-512's bf16 dot product and not AMX; 16 rows of a weight whose K is divisible by 32 and N by 16 where it has
-    AMX; the op's own loop's rows elsewhere, or for other shapes; fp32 keeps the loop's rows."""
-    bf16, loop, flags = torch.bfloat16, cpu_ops.few_rows(torch.bfloat16), cpu_flags()
-    pairs = "avx512_bf16" in flags and "amx_bf16" not in flags
+def test_every_row_count_takes_the_k_major_gemm_or_amx_tiles_take_bf16_where_the_cpu_has_them() -> None:
+    """Where the CPU has AVX-512's bf16 dot product and not AMX: every row count of an fp32 weight whose N is
+    divisible by 16, or a bf16 one whose [N, K] is divisible by [16, 2], packed k-major. Where it has AMX: 16 bf16
+    rows of a weight whose K is divisible by 32 and N by 16. Elsewhere, or for other shapes, the op's own loop's
+    rows."""
+    bf16, fp32, flags = torch.bfloat16, torch.float32, cpu_flags()
+    loop, fp32_loop = cpu_ops.few_rows(bf16), cpu_ops.few_rows(fp32)
+    k_major = "avx512_bf16" in flags and "amx_bf16" not in flags
     every = 2**63 - 1
-    assert cpu_ops.bf16_pairs() == pairs
-    assert cpu_ops.own_rows(bf16, 576, 3072) == (every if pairs else 16 if "amx_bf16" in flags else loop)
-    assert cpu_ops.own_rows(bf16, 48, 3072) == (every if pairs else loop)  # K % 32 != 0: no tiles
-    assert cpu_ops.own_rows(bf16, 576, 3080) == loop  # N % 16 != 0: neither tiles nor pairs
-    assert cpu_ops.own_rows(bf16, 40, 48) == (every if pairs else 0)  # K % 16 != 0: not the loop
-    assert cpu_ops.own_rows(torch.float32, 576, 3072) == cpu_ops.few_rows(torch.float32)
+    assert cpu_ops.k_major() == k_major
+    assert cpu_ops.own_rows(bf16, 576, 3072) == (every if k_major else 16 if "amx_bf16" in flags else loop)
+    assert cpu_ops.own_rows(bf16, 48, 3072) == (every if k_major else loop)  # K % 32 != 0: no tiles
+    assert cpu_ops.own_rows(bf16, 576, 3080) == loop  # N % 16 != 0: neither tiles nor k-major
+    assert cpu_ops.own_rows(bf16, 40, 48) == (every if k_major else 0)  # K % 16 != 0: not the loop
+    assert cpu_ops.own_rows(bf16, 41, 48) == 0  # K odd: no pairs of k
+    assert cpu_ops.own_rows(fp32, 576, 3072) == (every if k_major else fp32_loop)
+    assert cpu_ops.own_rows(fp32, 41, 48) == (every if k_major else 0)
+    assert cpu_ops.own_rows(fp32, 576, 3080) == fp32_loop
     assert cpu_ops.own_rows(torch.float16, 576, 3072) == 0
-    assert PackedLinear(torch.zeros(48, 40, dtype=bf16)).in_pairs == pairs
-    assert not PackedLinear(torch.zeros(40, 48, dtype=bf16)).in_pairs  # N % 16 != 0
-    assert not PackedLinear(torch.zeros(48, 40)).in_pairs
+    for shape, dtype, packed_k_major in [((48, 40), bf16, k_major), ((40, 48), bf16, False), ((48, 41), bf16, False)]:
+        assert PackedLinear(torch.zeros(shape, dtype=dtype)).k_major == packed_k_major
+    assert PackedLinear(torch.zeros(48, 41)).k_major == k_major
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -84,8 +84,8 @@ def test_shipped_drafter_greedy_equals_autoregressive(spec, expected):
 def test_shipped_fspad_greedy_equals_autoregressive_in_bf16_where_the_gemms_take_a_tree(max_num_seqs):
     """A bf16 target, the CPU tree of eight: greedy speculation gives plain decoding's tokens, where the GEMMs' own
     code takes the rows of a step and each row's sums do not depend on the rows beside it: one request at a time
-    where it takes a tree's nine rows (AMX's tiles, AVX-512's bf16 dot product in pairs), 16 at once where it
-    takes every row count (in pairs). bf16 logits tie often (a 0.125 step at 16), so a last-bit difference would
+    where it takes a tree's nine rows (AMX's tiles, a k-major weight), 16 at once where it takes every row count
+    (k-major). bf16 logits tie often (a 0.125 step at 16), so a last-bit difference would
     show here: before tree nodes got their decoded bits, the first of these prompts parted at its 61st token; at
     16 requests, through oneDNN beyond 16 rows, some parted."""
     cpu_ops.load(cache_dir() / "extensions")
