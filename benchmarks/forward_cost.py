@@ -12,7 +12,8 @@ measures the same curve at start-up (`tree_budget.VerifyCost`); this prints it.
 `--against-onednn` (a compiled model on CPU) times every count twice per repeat, through the C++ op's own GEMM for
 few rows (its loop, or AMX tiles for bf16) and through oneDNN's packed GEMM (`cpu_ops.use_native_gemv`), in
 alternating order, and prints both medians and the median of the paired ratios: the comparison behind
-`cpu_ops.own_rows`, made in one process so that a shared machine's drift falls on both sides alike.
+`cpu_ops.own_rows`, made in one process so that a shared machine's drift falls on both sides alike. Where weights
+are k-major (`cpu_ops.k_major`) they have no oneDNN copy, and the other side is ATen's linear over the plain weight.
 """
 
 from __future__ import annotations

@@ -169,14 +169,15 @@ class ModelRunner:
         self.buffers = StepBuffers(device)
         self.on_forward = on_forward
         self.model_impl, self.compile = model_impl, compile  # for drafter models, which run as the target does
+        if compile and device.type == "cpu":
+            cpu_ops.load(cache_dir() / "extensions")  # first: where the op computes every row count, the model's
+            # weights are packed for it (`packed_linear.is_k_major`)
         self.llama = leapserve_llama(model, model_impl)
         self._llama_forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = self.llama
         if compile and self.llama is not None:
             self._llama_forward = compiled(self.llama, device)
             run_through_op(self.llama.head)
             self._warm_up()
-        elif self.llama is not None and device.type == "cpu" and cpu_ops.k_major():
-            cpu_ops.load(cache_dir() / "extensions")  # its k-major weights have no oneDNN copy: eager runs the op
 
     def _warm_up(self) -> None:
         """Compile now rather than on the first requests: one token per step, then any larger number (the two

@@ -25,14 +25,16 @@ the copy bandwidth where oneDNN's packed GEMM reads it at about half of it, and 
 in fp32, rounded once). Where the CPU has AMX, bf16 rows up to 16 go through its tile multiply instead, over the same
 plain weight, at about the same cost for 1 row as for 16 (a weight's K divisible by 32 and N by 16): `own_rows`.
 More rows, and other dtypes, go to oneDNN. Where the CPU has AVX-512's bf16 dot product but not AMX (`k_major`), an
-fp32 or bf16 weight is packed k-major for the C++ linear instead of for oneDNN, and every row count goes through it:
-a row gets the same bits in a step of any size, prefill included (N divisible by 16; bf16: K by 2).
+fp32 or bf16 weight packed once the extension is loaded (a compiled model's) is packed k-major for the C++ linear
+instead of for oneDNN, and every row count goes through it: a row gets the same bits in a step of any size, prefill
+included (N divisible by 16; bf16: K by 2).
 `LEAPSERVE_CPU_GEMV=onednn` sends every row to oneDNN (a k-major weight to ATen's linear over the plain weight).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -193,6 +195,7 @@ def _cpu_features() -> bytes:
     return next((line for line in info.splitlines() if line.startswith("flags")), platform.machine()).encode()
 
 
+@functools.cache
 def k_major() -> bool:
     """Whether the op computes fp32 and bf16 GEMMs itself at every row count on this CPU (`k_major_linear` in
     cpu_ops.cpp, over a k-major copy of the weight): it has AVX-512's bf16 dot product and not AMX, as the
@@ -216,10 +219,9 @@ def release_packed(key: int) -> None:
         _module.release_packed(key)
 
 
-def packed_copy(key: int) -> torch.Tensor | None:
-    """The packed copy registered for the plain weight at address `key`, if any."""
-    entry = _packed.get(key)
-    return None if entry is None else entry[0]
+def packed_copy(key: int) -> tuple[torch.Tensor, bool] | None:
+    """The packed copy registered for the plain weight at address `key`, and whether it is k-major; None if none."""
+    return _packed.get(key)
 
 
 def loaded() -> ModuleType | None:

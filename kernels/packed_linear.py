@@ -5,8 +5,9 @@ at which the GEMM streams weights. `torch.nn.functional.linear` on a row-major f
 the machine's copy bandwidth on a 2-core AVX2 CPU; the same weights reordered by oneDNN (`mkldnn`) for a batch
 hint of 32 reach it at every batch size up to 16 (BENCHMARKS.md, "The compiled model path"). Elsewhere (CUDA,
 dtypes oneDNN does not pack) a `PackedLinear` is a plain linear. On a CPU with AVX-512's bf16 dot product but not
-AMX, fp32 and bf16 weights are packed k-major instead, for the C++ op's own GEMM (`k_major_copy`), which runs every
-row count there as fast as oneDNN or faster up to 128 rows and sums each row alike in any step (docs/compile.md).
+AMX, a compiled model's fp32 and bf16 weights are packed k-major instead, for the C++ op's own GEMM (`k_major_copy`),
+which runs every row count there as fast as oneDNN or faster up to 128 rows and sums each row alike in any step
+(docs/compile.md).
 
 Under `torch.compile` the packed call is one custom op (`leapserve_cpu::packed_linear`, C++, `cpu_ops.py`), as the
 packed tensor is opaque to the compiler; the op finds the packed copy by its plain weight's address, the weight being
@@ -53,10 +54,12 @@ def packable(weight: torch.Tensor) -> bool:
 
 
 def is_k_major(weight: torch.Tensor) -> bool:
-    """Whether a packable `weight` [out, in] is packed k-major for the op's own GEMM (`cpu_ops.k_major`) rather than
-    for oneDNN: `out` divisible by 16 (and for bf16 `in` by 2)."""
+    """Whether a packable `weight` [out, in] is packed k-major for the op's own GEMM rather than for oneDNN: where
+    the op computes every row count (`cpu_ops.k_major`) and is loaded in this process (a compiled model's runner
+    loads it first; an eager model keeps oneDNN's copies and calls), for `out` divisible by 16 (bf16: `in` by 2)."""
     out_features, in_features = weight.shape
-    return out_features % 16 == 0 and in_features % _k_step(weight) == 0 and cpu_ops.k_major()
+    shape_fits = out_features % 16 == 0 and in_features % _k_step(weight) == 0
+    return shape_fits and cpu_ops.loaded() is not None and cpu_ops.k_major()
 
 
 def _k_step(weight: torch.Tensor) -> int:
@@ -88,24 +91,24 @@ class PackedLinear(nn.Module):
         self.through_op = False  # called eagerly, still through the compiled graphs' op (`run_through_op`)
         if packable(weight):
             self.handle = self.weight.data_ptr()
-            self.k_major = is_k_major(self.weight)
-            self.packed = cpu_ops.packed_copy(self.handle)
-            if self.packed is None:
+            entry = cpu_ops.packed_copy(self.handle)
+            if entry is None:
+                self.k_major = is_k_major(self.weight)
                 if self.k_major:
                     self.packed = k_major_copy(self.weight)
                 else:
                     self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, PACK_BATCH_HINT)
                 cpu_ops.register_packed(self.handle, self.packed, self.k_major)
+            else:
+                self.packed, self.k_major = entry
             _users[self.handle] += 1
             weakref.finalize(self, _release, self.handle)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.handle is None:
             return F.linear(x, self.weight, self.bias)
-        if torch.compiler.is_compiling() or self.through_op or (self.k_major and cpu_ops.loaded() is not None):
+        if torch.compiler.is_compiling() or self.through_op or self.k_major:  # k-major: no oneDNN copy
             return torch.ops.leapserve_cpu.packed_linear(x, self.weight, self.bias)
-        if self.k_major:  # no oneDNN copy, and the op is not built in this process
-            return F.linear(x, self.weight, self.bias)
         # eager: the op directly, without the custom op's dispatch (~15 us a call, 2 ms a step at 121 calls)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 

@@ -530,6 +530,29 @@ def test_forward_cost_against_onednn_times_both_gemm_paths(tiny_model_dir, monke
         forward_cost.main([*base, "--enforce-eager", "--against-onednn"])
 
 
+def test_gemm_cost_times_a_models_gemms_through_the_op_and_through_onednn(tiny_model_dir, tmp_path, capsys):
+    """Every GEMM of the model's forward once a pass (q/k/v, o, gate/up, down per layer; the head), through the op's
+    own GEMM and through oneDNN's packed copies, per round and row count; the copies released and the own GEMM on
+    again afterwards."""
+    from leapserve.benchmarks import gemm_cost
+    from leapserve.kernels import cpu_ops
+
+    shapes = gemm_cost.gemm_shapes(str(tiny_model_dir))  # 2 layers, hidden 64, 2 heads and 1 KV head of 32
+    assert shapes[:4] == [(128, 64), (64, 64), (256, 64), (64, 128)] and shapes[4:8] == shapes[:4]
+    assert len(shapes) == 9 and shapes[-1][1] == 64
+    before = len(cpu_ops._packed)
+    out = tmp_path / "gemms.json"
+    argv = ["--model", str(tiny_model_dir), "--rows", "1,3", "--repeats", "1", "--rounds", "2", "--json", str(out)]
+    gemm_cost.main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"9 GEMMs of {tiny_model_dir}'s shape, float32") and len(lines) == 5
+    assert [line.split(":")[0] for line in lines[1:]] == [f"round {r}, {n} rows" for r in (1, 2) for n in (1, 3)]
+    ms = json.loads(out.read_text())["ms"]
+    assert list(ms) == ["1", "3"] and all(len(rounds) == 2 for rounds in ms.values())
+    assert all(t["own"] > 0 and t["onednn"] > 0 for rounds in ms.values() for t in rounds)
+    assert cpu_ops.loaded().native_gemv() and len(cpu_ops._packed) <= before + 9  # oneDNN's 9 copies released
+
+
 def test_bench_serve_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     dataset = tmp_path / "prompts.jsonl"
     dataset.write_text(

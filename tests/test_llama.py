@@ -34,13 +34,14 @@ def test_packed_linear_equals_linear(rows, bias):
     weight, x = torch.randn(96, 80), torch.randn(rows, 80)
     b = torch.randn(96) if bias else None
     lin = PackedLinear(weight, b)
-    assert lin.packed is not None and cpu_ops.packed_copy(lin.handle) is lin.packed
+    copy, k_major = cpu_ops.packed_copy(lin.handle)
+    assert copy is lin.packed and k_major == lin.k_major
     torch.testing.assert_close(lin(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
     shared = PackedLinear(lin.weight)  # a weight shared by two models is packed once, freed with its last user
     handle, packed = lin.handle, lin.packed
-    assert shared.handle == handle and shared.packed is packed
+    assert shared.handle == handle and shared.packed is packed and shared.k_major == lin.k_major
     del lin
-    assert cpu_ops.packed_copy(handle) is packed
+    assert cpu_ops.packed_copy(handle)[0] is packed
     torch.testing.assert_close(shared(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
     del shared
     assert cpu_ops.packed_copy(handle) is None
