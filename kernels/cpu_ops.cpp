@@ -392,8 +392,8 @@ void amx_linear(int64_t, const at::Tensor&, const at::Tensor&, const std::option
 // broadcast to them. Each output adds its K products (K / 2 pairs) in k order in one lane, whatever the row count
 // and tile: a row gets the same bits alone, beside a draft tree or in a prefill. A tile of up to six rows reuses
 // each load of W over them (4 of W's registers, 24 of accumulators); the next tiles read W's group from L2. On a
-// 2-core Zen 4 the 121 GEMMs of a SmolLM2 forward ran in 0.62-1.03 of oneDNN's time from 1 to 512 rows
-// (docs/compile.md).
+// 2-core Zen 4 the 121 GEMMs of a SmolLM2 forward ran in 0.67-0.96 of oneDNN's time from 1 to 128 rows in bf16,
+// 0.72-1.01 in fp32, and at 512 rows level in bf16, 1.04-1.05x in fp32 (docs/compile.md).
 bool k_major_takes(at::ScalarType dtype, int64_t k_dim, int64_t n_dim) {
   return n_dim % 16 == 0 && (dtype == at::kFloat || (dtype == at::kBFloat16 && k_dim % 2 == 0));
 }
@@ -794,7 +794,6 @@ void release_packed(int64_t key) {
   packed.erase(key);
   k_major.erase(key);
 }
-
 
 void set_native_attention(bool enabled) { native_attention = enabled; }
 

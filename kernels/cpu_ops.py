@@ -159,8 +159,9 @@ def use_native_attention(enabled: bool) -> None:
 
 
 def use_native_gemv(enabled: bool) -> None:
-    """Whether up to `own_rows` rows run the extension's own GEMM, its loop, AMX tiles or bf16 dot products (the
-    default; `LEAPSERVE_CPU_GEMV=onednn` turns it off at load), or oneDNN's packed GEMM, as more rows do."""
+    """Whether up to `own_rows` rows run the extension's own GEMM, its loop, AMX tiles or k-major GEMM (the default;
+    `LEAPSERVE_CPU_GEMV=onednn` turns it off at load), or oneDNN's packed GEMM, as more rows do (ATen's linear for a
+    k-major weight, which has no oneDNN copy)."""
     assert _module is not None, "cpu_ops.load first"
     _module.set_native_gemv(enabled)
 

@@ -279,7 +279,7 @@ def assert_rounded_from(out: torch.Tensor, exact: torch.Tensor) -> None:
 def test_packed_linear_op_equals_onednn_and_linear(dtype: torch.dtype, rows: int, bias: bool, in_features: int) -> None:
     """Through oneDNN (more rows, or a width the own loop does not take) the op is the eager path's call, bit for
     bit; up to `own_rows` rows (the own loop's 12 fp32 or 4 bf16 with AVX-512, else 3, for a width divisible by 16;
-    16 bf16 through AMX's tiles or AVX-512's bf16 dot product where the CPU has them) run the op's own GEMM: the
+    16 bf16 through AMX's tiles where the CPU has them; every count of a k-major weight) run the op's own GEMM: the
     exact result rounded once (bf16: products and sums in fp32), within rounding of oneDNN's. A k-major weight
     (every row count through the op's own GEMM) has no oneDNN copy: told not to, the op runs ATen's linear."""
     gen = torch.Generator().manual_seed(rows)
