@@ -85,9 +85,9 @@ def test_shipped_fspad_greedy_equals_autoregressive_in_bf16_where_the_gemms_take
     """A bf16 target, the CPU tree of eight: greedy speculation gives plain decoding's tokens, where the GEMMs' own
     code takes the rows of a step and each row's sums do not depend on the rows beside it: one request at a time
     where it takes a tree's nine rows (AMX's tiles, a k-major weight), 16 at once where it takes every row count
-    (k-major). bf16 logits tie often (a 0.125 step at 16), so a last-bit difference would
-    show here: before tree nodes got their decoded bits, the first of these prompts parted at its 61st token; at
-    16 requests, through oneDNN beyond 16 rows, some parted."""
+    (k-major). bf16 logits tie often (a 0.125 step at 16), so a last-bit difference would show here: before tree
+    nodes got their decoded bits, the first of these prompts parted at its 61st token; at 16 requests, through
+    oneDNN beyond 16 rows, the first parted."""
     cpu_ops.load(cache_dir() / "extensions")
     rows = cpu_ops.own_rows(torch.bfloat16, 576, 1536)
     if rows < 9 or (max_num_seqs > 1 and rows < 4096):
