@@ -195,6 +195,21 @@ def test_mode_selector_skips_probes_the_cost_model_finds_useless():
     ]
 
 
+def test_mode_selector_hurries_probes_the_cost_model_expects_to_switch():
+    """One request meets a prompt its drafter guesses badly: drafting runs at half plain decoding's rate, so a probe
+    loses 4 plain steps and, spaced for cost, would come 400 steps later. The tree sizer's model, whose acceptance
+    follows all the traffic, still expects drafting 1.5x faster: probes come at the back-off's spacing instead, and
+    drafting takes over at the first one after the next prompt drafts well again."""
+    selector = ModeSelector(predict=lambda n: 150.0)
+    assert run(selector, 1, 8, SLOW_DRAFTS) == [("D", 4), ("p", 4)]
+    assert run(selector, 1, 100, SLOW_DRAFTS) == [("p", 12), ("D", 4), ("p", 28), ("D", 4), ("p", 52)]
+    assert run(selector, 1, 100, {True: 300.0, False: 100.0}) == [("p", 8), ("D", 92)]
+    without_model = ModeSelector()
+    assert run(without_model, 1, 108, SLOW_DRAFTS) == [("D", 4), ("p", 104)]
+    assert without_model._probe_gap(1, False) == 400
+    assert run(without_model, 1, 100, {True: 300.0, False: 100.0}) == [("p", 100)]
+
+
 @pytest.mark.parametrize("accepted", [False, True])
 def test_adaptive_drafts_only_where_drafting_pays(tiny_model_dir, accepted):
     """A self-drafting target accepts everything; shifting every drafted token by one makes it accept nothing.

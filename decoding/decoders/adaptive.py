@@ -9,7 +9,8 @@ The rule, per batch-size bucket (decoding sequences rounded up to a power of two
 3. Now and then probe the other mode; each probe that changes nothing doubles the gap to the next, and a dear
    probe is spaced so that probing costs at most `probe_cost` of throughput. A probe of drafting that could not
    switch the bucket, because the tree sizer's model (`predict`) expects drafting below `draft_margin` times plain
-   decoding's rate, is skipped, up to `probe_cost_max` steps after the last one.
+   decoding's rate, is skipped, up to `probe_cost_max` steps after the last one; one the model expects to switch
+   it is not spaced for cost, only backed off.
 4. A new bucket above one that chose plain decoding (below one that chose drafting) starts with that choice.
 
 Each threshold, its value and the measurements behind it: `docs/adaptive-speculation.md`.
@@ -155,10 +156,12 @@ class ModeSelector:
             if b.best is not None:  # a probe (or drift) changed the choice: look again soon
                 b.interval = self.th.probe_min
             b.best, b.since_probe = best, 0
-        if not timeable or b.since_probe < self._probe_gap(size, best) - 1 - self._samples(size):
+        predicted = None if best else self._predicted_gain(num_decoding, b)
+        gap = b.interval if predicted is not None and predicted >= self.th.draft_margin else self._probe_gap(size, best)
+        if not timeable or b.since_probe < gap - 1 - self._samples(size):
             b.since_probe += 1
             return best
-        if not best and b.since_probe < self.th.probe_cost_max and self._predicted_slower(num_decoding, b):
+        if predicted is not None and predicted < self.th.draft_margin and b.since_probe < self.th.probe_cost_max:
             b.since_probe += 1
             return best
         b.probing, b.probe_steps, b.since_probe = self._samples(size), 1, 0
@@ -173,10 +176,10 @@ class ModeSelector:
         loss = next((x for x in (self.buckets[s].probe_loss(best) for s in by_distance) if x is not None), 0.0)
         return max(self.buckets[size].interval, min(self.th.probe_cost_max, math.ceil(loss / self.th.probe_cost)))
 
-    def _predicted_slower(self, num_decoding: int, b: _Bucket) -> bool:
-        """Whether drafting's expected rate here is below `draft_margin` times plain decoding's measured one."""
+    def _predicted_gain(self, num_decoding: int, b: _Bucket) -> float | None:
+        """Drafting's expected rate here over plain decoding's measured one, or None without a prediction."""
         predicted = None if self.predict is None or not b.timed[False] else self.predict(num_decoding)
-        return predicted is not None and predicted < self.th.draft_margin * b.rate(False)
+        return None if predicted is None else predicted / b.rate(False)
 
     def _implied(self, size: int) -> bool | None:
         """Plain decoding if a smaller bucket found it faster, drafting if a larger one found drafting faster."""
