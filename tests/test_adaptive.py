@@ -210,6 +210,23 @@ def test_mode_selector_hurries_probes_the_cost_model_expects_to_switch():
     assert run(without_model, 1, 100, {True: 300.0, False: 100.0}) == [("p", 100)]
 
 
+def test_mode_selector_does_not_switch_on_an_old_drafting_rate():
+    """16 sequences whose steps slow down as their contexts grow: plain decoding from 100 to 80 tokens per sequence
+    per second over 400 steps, drafting at 0.97x it throughout, as the tree sizer's model expects. The rate
+    drafting had in the warm-up soon reads 5% above plain decoding's current one; it starts no drafting: the model
+    sides with plain decoding, and a probe it finds useless is skipped (up to `probe_cost_max` steps)."""
+    plain = [100.0]
+    selector = ModeSelector(predict=lambda n: 0.97 * plain[0])
+    modes = ""
+    for i in range(400):
+        plain[0] = 100.0 - 20.0 * i / 400
+        drafts = selector.choose(16)
+        selector.record(16, drafts, 10 * 16, 10 / (0.97 * plain[0] if drafts else plain[0]), True)
+        modes += "D" if drafts else "p"
+    assert runs(modes) == [("D", 3), ("p", 397)]
+    assert selector.buckets[16].rate(True) > 1.05 * selector.buckets[16].rate(False)  # the old rate reads faster
+
+
 @pytest.mark.parametrize("accepted", [False, True])
 def test_adaptive_drafts_only_where_drafting_pays(tiny_model_dir, accepted):
     """A self-drafting target accepts everything; shifting every drafted token by one makes it accept nothing.

@@ -5,7 +5,8 @@ The rule, per batch-size bucket (decoding sequences rounded up to a power of two
 1. Time both modes on steps without prompt tokens (not the first after a switch: a draft model catches up on it);
    the rate of a mode is committed tokens per sequence per second of whole steps.
 2. Run the faster one; drafting only if `draft_margin` times faster and measured on `confirm` times the usual
-   number of timed steps (near parity, plain decoding is the safe side).
+   number of timed steps (near parity, plain decoding is the safe side). A drafting rate older than the running
+   plain decoding's (which falls as contexts grow) does not count as faster where `predict` expects otherwise.
 3. Now and then probe the other mode; each probe that changes nothing doubles the gap to the next, and a dear
    probe is spaced so that probing costs at most `probe_cost` of throughput. A probe of drafting that could not
    switch the bucket, because the tree sizer's model (`predict`) expects drafting below `draft_margin` times plain
@@ -148,15 +149,20 @@ class ModeSelector:
         if b.timed[True] and b.timed[False]:
             best = b.rate(True) >= self.th.draft_margin * b.rate(False)
             if best and b.best is not True and len(b.times[True]) < self.th.confirm * self._samples(size):
-                b.probing, b.probe_steps = self._samples(size), 1  # time more drafting steps before switching
-                return timeable
+                stale = b.best is False and not (self.run and self.run.size == size and self.run.drafts)
+                predicted = self._predicted_gain(num_decoding, b) if stale else None
+                if predicted is None or predicted >= self.th.draft_margin:
+                    b.probing, b.probe_steps = self._samples(size), 1  # time more drafting steps before switching
+                    return timeable
+                best = False  # an old drafting rate beside plain decoding's current one, which the model sides with
         else:  # the assumed mode is warmed up, the other not yet probed
             best = bool(b.assumed)
         if best != b.best:
             if b.best is not None:  # a probe (or drift) changed the choice: look again soon
                 b.interval = self.th.probe_min
             b.best, b.since_probe = best, 0
-        predicted = None if best else self._predicted_gain(num_decoding, b)
+        due = not best and timeable and b.since_probe >= b.interval - 1 - self._samples(size)  # no gap is shorter
+        predicted = self._predicted_gain(num_decoding, b) if due else None
         gap = b.interval if predicted is not None and predicted >= self.th.draft_margin else self._probe_gap(size, best)
         if not timeable or b.since_probe < gap - 1 - self._samples(size):
             b.since_probe += 1
