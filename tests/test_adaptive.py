@@ -227,6 +227,22 @@ def test_mode_selector_does_not_switch_on_an_old_drafting_rate():
     assert selector.buckets[16].rate(True) > 1.05 * selector.buckets[16].rate(False)  # the old rate reads faster
 
 
+def test_mode_selector_skips_a_warm_up_the_bound_finds_useless():
+    """Bucket 4 drafts (3x plain decoding's rate). At 16 sequences, not yet drafted at, `bound` gives the rate
+    drafting would reach at bucket 4's costs: plain decoding warms up first, and where even that bound is under
+    `draft_margin` times its rate (here 0.9x), drafting is never warmed up nor probed (up to `probe_cost_max`
+    steps); where it is above (1.2x), drafting warms up after it (its first step untimed: the drafter catches up)
+    and the measurement decides. Without a bound drafting warms up first, as the last step drafted."""
+    cases = [(90.0, [("p", 300)]), (120.0, [("p", 3), ("D", 3), ("p", 294)]), (None, [("D", 2), ("p", 298)])]
+    for bound, want in cases:
+        selector = ModeSelector(
+            predict=lambda n: 10.0 if n > 4 else None, bound=lambda n, b=bound: b if n > 4 else None
+        )
+        assert run(selector, 4, 20, {True: 300.0, False: 100.0})[-1] == ("D", 14)
+        assert run(selector, 16, 300, {True: 50.0, False: 100.0}) == want
+        assert selector.buckets[16].best is False
+
+
 @pytest.mark.parametrize("accepted", [False, True])
 def test_adaptive_drafts_only_where_drafting_pays(tiny_model_dir, accepted):
     """A self-drafting target accepts everything; shifting every drafted token by one makes it accept nothing.

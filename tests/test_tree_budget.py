@@ -60,6 +60,11 @@ def test_sizer_weighs_what_a_node_buys_against_what_a_step_costs():
     assert busy.best_budget(1, 1) == 1  # never above the cap
     assert busy.predicted_rate(1, 1) == pytest.approx((1 + p[0]) / 0.012)
     assert busy.predicted_rate(64, 3) is None  # no drafting step timed in this bucket
+    # ... but bucket 32's costs (3 levels, 10 ms of the rest) bound it: verifying 64 x (1 + n) tokens costs more
+    assert busy.predicted_rate(64, 3, from_smaller=True) == pytest.approx(
+        max((1 + sum(p[:n])) / (0.010 + 0.064 * (1 + n)) for n in (1, 2, 3))
+    )
+    assert busy.predicted_rate(33, 3, from_smaller=True) < busy.predicted_rate(32, 3)
 
 
 ACCEPTANCE = [0.7, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.03]  # a drafter's p_r, best first

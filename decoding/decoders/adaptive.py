@@ -13,6 +13,9 @@ The rule, per batch-size bucket (decoding sequences rounded up to a power of two
    decoding's rate, is skipped, up to `probe_cost_max` steps after the last one; one the model expects to switch
    it is not spaced for cost, only backed off.
 4. A new bucket above one that chose plain decoding (below one that chose drafting) starts with that choice.
+   Where a smaller bucket has drafted, `bound` gives a rate drafting would not exceed here (that bucket's costs):
+   plain decoding warms up first, and if the bound is under `draft_margin` times its rate, drafting is left to
+   the probes, which the bound also skips.
 
 Each threshold, its value and the measurements behind it: `docs/adaptive-speculation.md`.
 
@@ -108,10 +111,14 @@ class ModeSelector:
     `Thresholds`. The decoder asks `choose` before a step and reports the step to `record` after it."""
 
     def __init__(
-        self, thresholds: Thresholds = THRESHOLDS, predict: Callable[[int], float | None] | None = None
+        self,
+        thresholds: Thresholds = THRESHOLDS,
+        predict: Callable[[int], float | None] | None = None,
+        bound: Callable[[int], float | None] | None = None,
     ) -> None:
         self.th = thresholds
         self.predict = predict  # n sequences -> drafting's expected rate (tokens per sequence per second), or None
+        self.bound = bound  # n -> a rate drafting would not exceed, known before it is measured at n, or None
         self.buckets: dict[int, _Bucket] = {}
         self.last: bool | None = None  # the previous step's mode
         self.run: _Run | None = None  # the current run of a mode in a bucket
@@ -137,6 +144,12 @@ class ModeSelector:
                 assumed=self._implied(size),
             )
         b = self.buckets[size]
+        bound = self.bound(num_decoding) if self.bound and b.assumed is None and not b.timed[True] else None
+        if bound is not None:  # drafting not yet measured here, a smaller bucket has been drafted in
+            if b.timed[False] < self._samples(size):
+                return False  # plain decoding warms up first: its rate tells whether drafting's warm-up could pay
+            if bound < self.th.draft_margin * b.rate(False):
+                b.assumed = False  # drafting loses even at a smaller batch's costs: left to the probes
         current = self.last is not False
         unwarmed = None if b.assumed is None else not b.assumed  # left to the probes
         for mode in (current, not current):
@@ -163,6 +176,9 @@ class ModeSelector:
             b.best, b.since_probe = best, 0
         due = not best and timeable and b.since_probe >= b.interval - 1 - self._samples(size)  # no gap is shorter
         predicted = self._predicted_gain(num_decoding, b) if due else None
+        if due and predicted is None:  # a bound only ever tells that a probe is useless
+            upper = self._predicted_gain(num_decoding, b, self.bound)
+            predicted = upper if upper is not None and upper < self.th.draft_margin else None
         gap = b.interval if predicted is not None and predicted >= self.th.draft_margin else self._probe_gap(size, best)
         if not timeable or b.since_probe < gap - 1 - self._samples(size):
             b.since_probe += 1
@@ -182,9 +198,13 @@ class ModeSelector:
         loss = next((x for x in (self.buckets[s].probe_loss(best) for s in by_distance) if x is not None), 0.0)
         return max(self.buckets[size].interval, min(self.th.probe_cost_max, math.ceil(loss / self.th.probe_cost)))
 
-    def _predicted_gain(self, num_decoding: int, b: _Bucket) -> float | None:
-        """Drafting's expected rate here over plain decoding's measured one, or None without a prediction."""
-        predicted = None if self.predict is None or not b.timed[False] else self.predict(num_decoding)
+    def _predicted_gain(
+        self, num_decoding: int, b: _Bucket, predict: Callable[[int], float | None] | None = None
+    ) -> float | None:
+        """Drafting's expected rate here (`predict`, by default the model's) over plain decoding's measured one, or
+        None without a prediction."""
+        predict = predict or self.predict
+        predicted = None if predict is None or not b.timed[False] else predict(num_decoding)
         return None if predicted is None else predicted / b.rate(False)
 
     def _implied(self, size: int) -> bool | None:

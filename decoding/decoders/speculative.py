@@ -65,7 +65,10 @@ class SpeculativeDecoder(Decoder):
             )
             logger.info("verification cost by tokens: %s", cost.describe())
             self.sizer = TreeSizer(cost, self.max_nodes, self.max_depth)
-        self.selector = ModeSelector(predict=self._predicted_rate if self.sizer is not None else None)
+        sized = self.sizer is not None
+        self.selector = ModeSelector(
+            predict=self._predicted_rate if sized else None, bound=self._rate_bound if sized else None
+        )
         self._step_start = 0.0
         self._step_drafts: bool | None = None  # this step's mode, when the selector chose it
         self._step_timeable = False  # this step carries no prompt tokens: its time measures its mode
@@ -110,6 +113,10 @@ class SpeculativeDecoder(Decoder):
     def _predicted_rate(self, num_decoding: int) -> float | None:
         assert self.sizer is not None
         return self.sizer.predicted_rate(num_decoding, self._cap(num_decoding))
+
+    def _rate_bound(self, num_decoding: int) -> float | None:
+        assert self.sizer is not None
+        return self.sizer.predicted_rate(num_decoding, self._cap(num_decoding), from_smaller=True)
 
     def step(self, scheduled: list[ScheduledSeq]) -> dict[Sequence, SeqStep]:
         budgets = self._budgets(scheduled)

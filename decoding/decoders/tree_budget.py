@@ -142,16 +142,18 @@ class TreeSizer:
         best = self._best(num_decoding, cap)
         return cap if best is None else best[0]
 
-    def predicted_rate(self, num_decoding: int, cap: int) -> float | None:
+    def predicted_rate(self, num_decoding: int, cap: int, from_smaller: bool = False) -> float | None:
         """Tokens per sequence per second that drafting at the best budget is expected to commit here (step 4's
-        maximum), or None while D_N or some p_r up to cap is not measured yet."""
-        best = self._best(num_decoding, cap)
+        maximum), or None while D_N or some p_r up to cap is not measured yet. `from_smaller`: with D and R of the
+        largest smaller bucket drafted in, which grow with the batch: a rate drafting here would not exceed, known
+        before this bucket's own first drafting steps, which also catch the drafter up on its prompts."""
+        best = self._best(num_decoding, cap, from_smaller)
         return None if best is None else best[1]
 
-    def _best(self, num_decoding: int, cap: int) -> tuple[int, float] | None:
+    def _best(self, num_decoding: int, cap: int, from_smaller: bool = False) -> tuple[int, float] | None:
         """Step 4's (budget, rate), or None while it cannot be computed."""
         p = [x for x in self.acceptance()[:cap] if x is not None]
-        seconds = self._step_seconds(num_decoding)
+        seconds = self._step_seconds(num_decoding, from_smaller)
         if seconds is None or not p or len(p) < cap:
             return None
         best, best_rate, tokens = cap, 0.0, 1.0
@@ -171,9 +173,14 @@ class TreeSizer:
             return 1.0
         return max(1.0, statistics.median(self.plain_last[bucket]) / statistics.median(first))
 
-    def _step_seconds(self, num_decoding: int) -> Callable[[int, int], float] | None:
-        """Seconds of a drafting step here as a function of (budget, tokens verified), or None before one is timed."""
-        window = self.timed.get(self._bucket(num_decoding))
+    def _step_seconds(self, num_decoding: int, from_smaller: bool = False) -> Callable[[int, int], float] | None:
+        """Seconds of a drafting step here as a function of (budget, tokens verified), or None before one is timed
+        (`from_smaller`: in the largest smaller bucket)."""
+        bucket = self._bucket(num_decoding)
+        if from_smaller:
+            window = next((self.timed[b] for b in sorted(self.timed, reverse=True) if b < bucket), None)
+        else:
+            window = self.timed.get(bucket)
         if not window:
             return None
         draft = _drafting_cost(window)
