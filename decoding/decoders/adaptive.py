@@ -13,9 +13,9 @@ The rule, per batch-size bucket (decoding sequences rounded up to a power of two
    decoding's rate, is skipped, up to `probe_cost_max` steps after the last one; one the model expects to switch
    it is not spaced for cost, only backed off.
 4. A new bucket above one that chose plain decoding (below one that chose drafting) starts with that choice.
-   Where a smaller bucket has drafted, `bound` gives a rate drafting would not exceed here (that bucket's costs):
-   plain decoding warms up first, and if the bound is under `draft_margin` times its rate, drafting is left to
-   the probes, which the bound also skips.
+   Where neither decides but a smaller bucket has drafted, `bound` gives a rate drafting would not exceed here
+   (at that bucket's costs): plain decoding warms up first, and if the bound is under `draft_margin` times its
+   rate, drafting is left to the probes, which the bound also skips.
 
 Each threshold, its value and the measurements behind it: `docs/adaptive-speculation.md`.
 
