@@ -275,37 +275,6 @@ def test_adaptive_drafts_only_where_drafting_pays(tiny_model_dir, accepted):
         assert sum(o.metrics.accepted_tokens for o in outs) == 0
 
 
-def test_tree_sizer_times_only_proposals_without_a_backlog(tiny_model_dir):
-    """A draft model's first proposal for a request also runs its prompt through the draft model. On a virtual clock
-    where a draft forward costs 1 ms a token, that proposal takes at least 40 ms (40-token prompts) and a steady
-    one (the last step's accepted tokens, then one token a level) under 10: the tree sizer's drafting-cost window
-    (`record_step`) holds only steady ones, or one prompt's catch-up would weigh in its median for 16 steps."""
-    path = str(tiny_model_dir)
-    rng = random.Random(0)
-    prompts = [[rng.randrange(100, 40000) for _ in range(40)] for _ in range(3)]
-    clock = VirtualClock(lambda tokens: 0.010 + 0.001 * tokens, lambda tokens: 0.001 * tokens)
-    llm = LLM(
-        path,
-        kv_cache_tokens=4096,
-        max_num_seqs=1,
-        clock=clock,
-        observers=[clock],
-        speculative_config={"method": "draft_model", "model": path, "num_speculative_tokens": 4},
-    )
-    sizer = llm.engine.decoder.sizer
-    recorded: list[float] = []
-    record = sizer.record_step
-
-    def spy(num_decoding: int, draft_seconds: float, *rest) -> None:
-        recorded.append(draft_seconds)
-        record(num_decoding, draft_seconds, *rest)
-
-    sizer.record_step = spy
-    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
-    assert len(recorded) >= 3 * 4  # a self-drafting target accepts every draft: 5 tokens a step
-    assert max(recorded) < 0.010
-
-
 def _on_roofline(
     path: str, running: int, knee: int, accept: float, speculative_config: dict | None = None, slow_every: int = 0
 ) -> tuple[float, list[list[int]]]:

@@ -74,7 +74,6 @@ class SpeculativeDecoder(Decoder):
         self._step_timeable = False  # this step carries no prompt tokens: its time measures its mode
         self._step_sizing = False  # a drafting step at the cap while the sizer measures: not timed for the selector
         self._sizing_steps = 0  # such steps so far (at most SIZING_STEPS: a budget below the cap never measures it)
-        self._drafted: set[Sequence] = set()  # the sequences the last step proposed for
 
     def _budgets(self, scheduled: list[ScheduledSeq]) -> list[int]:
         """Draft tokens per sequence: none while prefilling; at most what max_tokens leaves; adaptive: none when
@@ -123,10 +122,6 @@ class SpeculativeDecoder(Decoder):
         budgets = self._budgets(scheduled)
         trees = self.drafter.propose(scheduled, budgets)
         draft_seconds = self.observers.clock() - self._step_start
-        # the proposal's cost is a steady one where each of its sequences had one the step before: the first after a
-        # prompt or plain steps also catches a model drafter up on those tokens (several times a proposal's cost)
-        proposed = {s.seq for s, t in zip(scheduled, trees) if len(t)}
-        caught_up, self._drafted = proposed <= self._drafted, proposed
         width = max(budgets, default=0)
         chunks = [
             self._chunk(s, t, width - len(t) if self.spec.layout == "padded" and s.completes_prefix else 0)
@@ -179,7 +174,7 @@ class SpeculativeDecoder(Decoder):
         num_decoding = sum(s.completes_prefix for s in scheduled)
         seconds = self.observers.clock() - self._step_start
         if self.sizer is not None and self._step_timeable:
-            if any(budgets) and caught_up:
+            if any(budgets):
                 depth, num_tokens = min(self.max_depth, max(budgets)), sum(len(c.token_ids) for c in chunks)
                 self.sizer.record_step(num_decoding, draft_seconds, depth, seconds, num_tokens)
             elif self._step_drafts is False:

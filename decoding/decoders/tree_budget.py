@@ -14,8 +14,7 @@ node is what raising the budget from n - 1 to n buys. For a drafting step over N
    most levels seen among the last `draft_window` timed drafting steps in N's bucket (powers of two; through
    the origin while one level count is seen); the rest of a drafting step (sampling, verification,
    bookkeeping: its time less the proposal's and V of the tokens it verified) is R_N, their median. A budget
-   of n grows min(n, depth) levels. Timed steps are those whose every sequence drafted in the step before: the
-   first proposal after a prompt or plain steps also catches the drafter up on those tokens.
+   of n grows min(n, depth) levels.
 4. The budget is the n in 1..cap maximising (1 + p_1 + ... + p_n) / (R_N + D_N(min(n, depth)) + V(N (1 + n))):
    tokens committed per sequence per second of a whole drafting step.
 5. Until D_N and every p_r up to cap are measured (`min_trials` trees), the budget is cap; after that, every
