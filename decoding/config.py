@@ -21,6 +21,9 @@ DEFAULT_TREES = {
     "cpu": {"depth": 4, "top_k": 4, "total_tokens": 8},
     "cuda": {"depth": 5, "top_k": 8, "total_tokens": 24},
 }
+# A prompt-lookup chain merged into each tree (`prompt_lookup.PromptLookup`; BENCHMARKS.md, "A prompt-lookup chain in
+# the drafter's trees").
+DEFAULT_LOOKUP = {"tokens": 8}
 
 
 def default_speculative_config(model: str, device_type: str) -> dict | None:
@@ -28,7 +31,12 @@ def default_speculative_config(model: str, device_type: str) -> dict | None:
     drafter = DEFAULT_DRAFTERS.get(model.lower())
     if drafter is None:
         return None
-    return {"method": "fspad", "model": drafter, "tree": dict(DEFAULT_TREES[device_type])}
+    return {
+        "method": "fspad",
+        "model": drafter,
+        "tree": dict(DEFAULT_TREES[device_type]),
+        "lookup": dict(DEFAULT_LOOKUP),
+    }
 
 
 @dataclass
@@ -67,6 +75,7 @@ class SchedulerConfig:
 
 
 SPEC_LAYOUTS = ("packed", "padded")
+LOOKUP_DEFAULTS = {"ngram_min": 2, "ngram_max": 4}  # `SpeculativeConfig.lookup`: matches of one token mislead
 
 
 @dataclass
@@ -75,6 +84,8 @@ class SpeculativeConfig:
 
     `tree`: None (a chain of `num_speculative_tokens`), a list of branching factors per depth (a static tree,
     e.g. [3, 2, 1]), or {"depth", "top_k", "total_tokens"} (an EAGLE-2 dynamic tree; draft_model and fspad).
+    `lookup`: None, or {"tokens", "ngram_min", "ngram_max"}: a prompt-lookup chain of up to `tokens` tokens merged
+    into each tree of another method (`prompt_lookup.PromptLookup`; n-grams of 2 to 4 tokens unless given).
     """
 
     method: str
@@ -87,6 +98,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     max_batch_draft_tokens: int = 64  # adaptive: draft tokens per step over the whole batch
     dtype: str = "auto"  # fspad: its weights and cache (`drafters.fspad.draft_dtype`)
+    lookup: dict | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> SpeculativeConfig:
@@ -132,6 +144,22 @@ class SpeculativeConfig:
             method.trees or self.tree is None or all(b == 1 for b in self.tree),
             f"the {self.method} drafter proposes chains only, no static or dynamic trees",
         )
+        if self.lookup is not None:
+            lookup = self.lookup_settings()
+            check(self.method != "ngram", "lookup puts a prompt-lookup chain into the trees of another method")
+            check(
+                set(self.lookup) <= set(LOOKUP_DEFAULTS) | {"tokens"}
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in lookup.values())
+                and lookup["ngram_min"] <= lookup["ngram_max"],
+                'lookup is {"tokens", "ngram_min", "ngram_max"} (integers >= 1, tokens required, ngram_min <= '
+                f"ngram_max), got {self.lookup!r}",
+            )
+
+    def lookup_settings(self) -> dict:
+        """`lookup` with its defaults filled in (`lookup` given)."""
+        if not isinstance(self.lookup, dict):
+            raise ValueError(f'speculative_config: lookup is an object such as {{"tokens": 8}}, got {self.lookup!r}')
+        return {"tokens": None, **LOOKUP_DEFAULTS, **self.lookup}
 
 
 @dataclass

@@ -32,6 +32,7 @@ class DraftTree:
     tokens: list[int]
     parents: list[int]
     q: list[torch.Tensor | None]  # per node: the distribution it was drawn from; None = chosen deterministically
+    scores: list[float] | None = None  # per node: the drafter's confidence (cumulative log q), where it gives one
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -42,7 +43,9 @@ class DraftTree:
 
     def truncated(self, n: int) -> DraftTree:
         """The first n nodes: the drafter's best n (still a tree: parents precede children)."""
-        return DraftTree(self.tokens[:n], self.parents[:n], self.q[:n])
+        return DraftTree(
+            self.tokens[:n], self.parents[:n], self.q[:n], None if self.scores is None else self.scores[:n]
+        )
 
 
 class Drafter(Protocol):

@@ -3,25 +3,18 @@ sequence's last n tokens (n from prompt_lookup_max down to prompt_lookup_min) is
 
 from __future__ import annotations
 
+from weakref import WeakKeyDictionary
+
 import torch
 
 from leapserve.decoding.config import SpeculativeConfig
 from leapserve.decoding.drafter import DraftTree
 from leapserve.decoding.observe import ForwardHook
+from leapserve.decoding.prompt_lookup import NgramIndex
 from leapserve.decoding.request import Sequence
 from leapserve.decoding.runner import ModelRunner
 from leapserve.decoding.sampler import Sampler
 from leapserve.decoding.scheduler import ScheduledSeq
-
-
-def lookup(tokens: list[int], n_min: int, n_max: int, k: int) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of the longest matching suffix n-gram."""
-    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
-        suffix = tokens[-n:]
-        for start in range(len(tokens) - n - 1, -1, -1):
-            if tokens[start + n - 1] == suffix[-1] and tokens[start : start + n] == suffix:
-                return tokens[start + n : start + n + k]
-    return []
 
 
 class NgramDrafter:
@@ -33,12 +26,13 @@ class NgramDrafter:
         """No model, so `on_forward` is never called."""
         self.n_min, self.n_max = spec.prompt_lookup_min, spec.prompt_lookup_max
         self.max_nodes = self.max_depth = self.lookahead = spec.num_speculative_tokens
+        self._index: WeakKeyDictionary[Sequence, NgramIndex] = WeakKeyDictionary()
 
     def propose(self, scheduled: list[ScheduledSeq], budgets: list[int]) -> list[DraftTree]:
-        return [
-            DraftTree.chain(lookup(s.seq.token_ids, self.n_min, self.n_max, k) if k else [])
-            for s, k in zip(scheduled, budgets)
-        ]
+        return [DraftTree.chain(self._lookup(s.seq, k) if k else []) for s, k in zip(scheduled, budgets)]
+
+    def _lookup(self, seq: Sequence, k: int) -> list[int]:
+        return self._index.setdefault(seq, NgramIndex(self.n_min, self.n_max)).lookup(seq.token_ids, k)
 
     def observe(self, seq: Sequence, start: int, features: torch.Tensor) -> None:
         """Reads no target features."""

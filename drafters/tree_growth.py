@@ -241,5 +241,8 @@ class TreeGrower:
         kept = sorted(range(1, len(g.tokens) + 1), key=lambda i: (-g.scores[i], i))[:keep]
         index = {node: i for i, node in enumerate(kept, start=1)}
         return DraftTree(
-            [g.tokens[n - 1] for n in kept], [index.get(g.parents[n - 1], 0) for n in kept], [g.q[n - 1] for n in kept]
+            [g.tokens[n - 1] for n in kept],
+            [index.get(g.parents[n - 1], 0) for n in kept],
+            [g.q[n - 1] for n in kept],
+            [g.scores[n] for n in kept],
         )

@@ -87,6 +87,8 @@ def vllm_speculative_config(spec: SpeculativeConfig, target: str) -> dict:
         raise ValueError('--backend vllm: vLLM has no "padded" layout (it never pads drafts); drop "layout"')
     if spec.dtype != "auto":
         raise ValueError('--backend vllm: vLLM runs the drafter in the target\'s dtype; drop "dtype"')
+    if spec.lookup is not None:
+        raise ValueError('--backend vllm: a lookup chain in the drafter\'s trees is native only; drop "lookup"')
     if spec.adaptive:
         logger.info("--backend vllm: vLLM drafts on every step (leapserve's adaptive speculation is native only)")
     k = spec.num_speculative_tokens

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,9 +21,10 @@ from conftest import save_tiny_llama
 from drafter_plugins import tampered_method
 from leapserve.decoding import LLM, SamplingParams
 from leapserve.decoding.config import DEFAULT_MODEL, SpeculativeConfig
+from leapserve.decoding.drafter import DraftTree
+from leapserve.decoding.prompt_lookup import NgramIndex, PromptLookup, merge_chain
 from leapserve.decoding.sampler import row_argmax, target_probs
 from leapserve.decoding.tree import chunk_layout, tree_children, tree_depths
-from leapserve.drafters.ngram import lookup
 from test_server import API_KEY, MODEL, metric, running_server, scrape
 
 SMOLLM2 = DEFAULT_MODEL
@@ -58,10 +61,84 @@ def test_tree_metadata():
     assert mask[0].tolist() == [True] + [False] * 7
 
 
+def lookup(tokens: list[int], n_min: int, n_max: int, k: int) -> list[int]:
+    return NgramIndex(n_min, n_max).lookup(tokens, k)
+
+
 def test_ngram_lookup():
     assert lookup([1, 2, 3, 4, 1, 2], 1, 3, 3) == [3, 4, 1]
     assert lookup([5, 1, 9, 1, 2, 7, 1, 2], 1, 2, 2) == [7, 1]  # the longest n-gram wins over a later 1-gram
     assert lookup([1, 2, 3], 1, 2, 4) == []
+    assert lookup([4, 4], 1, 3, 2) == [4]  # the suffix's own earlier position counts, its continuation known
+
+
+def scanned_lookup(tokens: list[int], n_min: int, n_max: int, k: int) -> list[int]:
+    """The definition, by a scan of the whole context: the longest suffix first, its latest earlier occurrence."""
+    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == tokens[-n:]:
+                return tokens[start + n : start + n + k]
+    return []
+
+
+@pytest.mark.parametrize("n_min, n_max", [(1, 4), (2, 4), (3, 3)])
+def test_ngram_index_follows_a_growing_sequence_as_a_scan_would(n_min, n_max):
+    rng = random.Random(n_min * 10 + n_max)
+    for _ in range(20):
+        index, tokens = NgramIndex(n_min, n_max), [rng.randrange(4)]
+        while len(tokens) < 80:
+            tokens += [rng.randrange(4) for _ in range(rng.randint(1, 5))]  # a step commits one token or several
+            k = rng.randint(1, 8)
+            assert index.lookup(tokens, k) == scanned_lookup(tokens, n_min, n_max, k)
+    assert index.lookup([0, 1, 0], 8) == scanned_lookup([0, 1, 0], n_min, n_max, 8)  # another, shorter list
+
+
+def test_merge_chain_ranks_the_chain_against_the_drafters_scores():
+    # the drafter's tree: 5 (-0.1) -> 7 (-0.5), 9 (-2.0); 2 (-1.0); a chain 5, 6, 8 from the root
+    tree = DraftTree(tokens=[5, 2, 7, 9], parents=[0, 0, 1, 1], q=[None] * 4, scores=[-0.1, -1.0, -0.5, -2.0])
+    # a = 0.5: the chain's 6 (-1.39) after the drafter's 7 and 2; its 5 is the drafter's
+    merged, chain_nodes = merge_chain(tree, [5, 6, 8], math.log(0.5), budget=4)
+    assert (merged.tokens, merged.parents, chain_nodes) == ([5, 7, 2, 6], [0, 1, 0, 1], [(1, False), (4, True)])
+    # a = 0.9: the chain (-0.1, -0.21, -0.32) before the drafter's 7
+    merged, chain_nodes = merge_chain(tree, [5, 6, 8], math.log(0.9), budget=4)
+    assert (merged.tokens, merged.parents, chain_nodes) == (
+        [5, 6, 8, 7],
+        [0, 1, 2, 1],
+        [(1, False), (2, True), (3, True)],
+    )
+    assert merged.scores == sorted(merged.scores, reverse=True) and merged.q == [None] * 4
+    # a drafter that gives no scores keeps its nodes first; the chain takes what the budget leaves
+    unscored = DraftTree(tree.tokens, tree.parents, tree.q)
+    merged, chain_nodes = merge_chain(unscored, [5, 6, 8], math.log(0.9), budget=5)
+    assert (merged.tokens, merged.parents, chain_nodes) == ([5, 2, 7, 9, 6], [0, 0, 1, 1, 1], [(1, False), (5, True)])
+
+
+class Tokens:
+    """A sequence as prompt lookup reads it: its tokens."""
+
+    def __init__(self, token_ids: list[int]):
+        self.token_ids = token_ids
+
+
+def test_prompt_lookup_learns_how_far_its_chains_are_accepted():
+    lookup = PromptLookup(tokens=4, ngram_min=2, ngram_max=4)
+    seq, other = Tokens([1, 2, 3, 4, 1, 2]), Tokens([8, 9])
+    assert lookup.acceptance(seq) == 0.5  # before any chain is verified
+    (tree,) = lookup.merge([seq], [4], [DraftTree([], [], [])])
+    assert tree.tokens == [3, 4, 1, 2]
+    lookup.record(seq, [1, 2])  # two of the chain's tokens taken, the third tried
+    overall = (0.99 * 1 + 2) / (0.99 * 2 + 3)
+    assert lookup.acceptance(other) == pytest.approx(overall)
+    assert lookup.acceptance(seq) == pytest.approx((2 + 4 * overall) / (3 + 4))
+    lookup.record(seq, [1, 2, 3])  # no chain in the last tree any more: nothing changes
+    assert lookup.acceptance(other) == pytest.approx(overall)
+    # a chain whose tokens are all the drafter's own nodes tells nothing about chains
+    (tree,) = lookup.merge([seq], [2], [DraftTree([3, 4], [0, 1], [None, None], [-0.1, -0.2])])
+    lookup.record(seq, [1])
+    assert tree.tokens == [3, 4] and lookup.acceptance(other) == pytest.approx(overall)
+    sampled = DraftTree([7], [0], [torch.ones(10) / 10])  # a draft drawn from q is left as it is
+    assert lookup.merge([seq], [4], [sampled]) == [sampled]
+    assert lookup.merge([seq], [0], [DraftTree([], [], [])])[0].tokens == []
 
 
 @pytest.mark.parametrize(
@@ -77,6 +154,12 @@ def test_ngram_lookup():
         ({"method": "draft_model", "model": "x", "tree": {"depth": 0}}, "dynamic tree"),
         ({"method": "fspad", "model": "x", "tree": [2], "dtype": "float64"}, "dtype must be one of"),
         ({"method": "draft_model", "model": "x", "tree": [2], "dtype": "bfloat16"}, "dtype is the fspad drafter's"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "lookup": {"tokens": 2}}, "trees of another method"),
+        ({"method": "fspad", "model": "x", "tree": [2], "lookup": 4}, "lookup is an object"),
+        ({"method": "fspad", "model": "x", "tree": [2], "lookup": {"ngram_min": 2}}, "tokens required"),
+        ({"method": "fspad", "model": "x", "tree": [2], "lookup": {"tokens": 4, "ngram_min": 3, "ngram_max": 2}}, "<="),
+        ({"method": "fspad", "model": "x", "tree": [2], "lookup": {"tokens": 4, "n": 2}}, "tokens required"),
+        ({"method": "fspad", "model": "x", "tree": [2], "lookup": {"tokens": True}}, "integers >= 1"),
     ],
 )
 def test_speculative_config_validation(bad, message):
@@ -270,6 +353,17 @@ CASES = {  # name -> (speculative_config builder, batch sizes, minimum mean acce
         (4,),
         1.0,
     ),
+    "tiny-draft-tree-lookup-chain": (
+        lambda r: {
+            "method": "draft_model",
+            "model": r.tiny,
+            "adaptive": False,
+            "tree": {"depth": 2, "top_k": 2, "total_tokens": 6},
+            "lookup": {"tokens": 6, "ngram_min": 1},
+        },
+        (7,),
+        1.3,  # a random draft accepts nothing: the chains do (1.4 measured)
+    ),
 }
 
 
@@ -420,6 +514,11 @@ def one_thread():
             "ngram-chain",
             {"method": "ngram", "num_speculative_tokens": 2},
             SamplingParams(temperature=1.0, top_k=12, max_tokens=3),
+        ),
+        (
+            "draft-tree-lookup-chain",
+            {"method": "draft_model", "tree": [2, 2], "lookup": {"tokens": 2}},  # top-k children: q one-hot
+            SamplingParams(temperature=1.0, max_tokens=3),
         ),
     ],
 )

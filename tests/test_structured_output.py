@@ -64,9 +64,14 @@ def plain_smollm2():
         {"method": "ngram", "num_speculative_tokens": 4},
         {"method": "draft_model", "model": "checkpoints/smollm2-135m-instruct-adaspec", "tree": [2, 2, 1]},
         {"method": "fspad", "model": str(FSPAD), "num_speculative_tokens": 3},
-        {"method": "fspad", "model": str(FSPAD), "tree": {"depth": 4, "top_k": 4, "total_tokens": 8}},
+        {  # the default configuration's drafts: a lookup chain in the tree
+            "method": "fspad",
+            "model": str(FSPAD),
+            "tree": {"depth": 4, "top_k": 4, "total_tokens": 8},
+            "lookup": {"tokens": 8},
+        },
     ],
-    ids=["ngram-chain", "draft-model-tree", "fspad-chain", "fspad-tree"],
+    ids=["ngram-chain", "draft-model-tree", "fspad-chain", "fspad-tree-lookup"],
 )
 def test_greedy_under_a_grammar_is_the_same_with_speculation(plain_smollm2, spec):
     fast = LLM(DEFAULT_MODEL, enforce_eager=True, kv_cache_tokens=4096, speculative_config={**spec, "adaptive": False})

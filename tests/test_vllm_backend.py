@@ -157,6 +157,7 @@ def save_tiny_fspad(target: Path, out: Path) -> Path:
         ({"method": "draft_model", "model": "x", "tree": {"depth": 3}}, "trees in vLLM are EAGLE-2 trees"),
         ({"method": "ngram", "num_speculative_tokens": 2, "layout": "padded"}, 'no "padded" layout'),
         ({"method": "fspad", "model": "x", "num_speculative_tokens": 2, "dtype": "bfloat16"}, 'drop "dtype"'),
+        ({"method": "fspad", "model": "x", "num_speculative_tokens": 2, "lookup": {"tokens": 4}}, 'drop "lookup"'),
     ],
 )
 def test_what_vllm_cannot_do_is_refused(tiny_model_dir, speculative_config, message):

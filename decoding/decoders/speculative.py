@@ -25,6 +25,7 @@ import torch
 from ..config import EngineConfig, SpeculativeConfig
 from ..drafter import DraftTree, make_drafter
 from ..observe import Observers
+from ..prompt_lookup import PromptLookup
 from ..request import Sequence
 from ..runner import ModelRunner, SeqChunk
 from ..sampler import Sampler, SequenceError, row_argmax
@@ -54,7 +55,9 @@ class SpeculativeDecoder(Decoder):
         self.drafter = make_drafter(self.spec, runner, sampler, on_forward=observers.on_draft_forward)
         self.lookahead = self.drafter.lookahead
         self.max_nodes = self.drafter.max_nodes
-        self.max_depth = self.drafter.max_depth
+        self.lookup = None if self.spec.lookup is None else PromptLookup(**self.spec.lookup_settings())
+        # the longest path a tree may have (a lookup chain can outgrow the drafter's levels, never its nodes)
+        self.max_depth = max(self.drafter.max_depth, min(self.lookup.tokens if self.lookup else 0, self.max_nodes))
         self.sizer: TreeSizer | None = None
         if self.spec.adaptive:
             most = config.scheduler.max_num_seqs
@@ -64,7 +67,7 @@ class SpeculativeDecoder(Decoder):
                 min(verified, runner.cache.num_blocks * runner.cache.block_size),
             )
             logger.info("verification cost by tokens: %s", cost.describe())
-            self.sizer = TreeSizer(cost, self.max_nodes, self.max_depth)
+            self.sizer = TreeSizer(cost, self.max_nodes, self.drafter.max_depth)
         sized = self.sizer is not None
         self.selector = ModeSelector(
             predict=self._predicted_rate if sized else None, bound=self._rate_bound if sized else None
@@ -121,6 +124,8 @@ class SpeculativeDecoder(Decoder):
     def step(self, scheduled: list[ScheduledSeq]) -> dict[Sequence, SeqStep]:
         budgets = self._budgets(scheduled)
         trees = self.drafter.propose(scheduled, budgets)
+        if self.lookup is not None:
+            trees = self.lookup.merge([s.seq for s in scheduled], budgets, trees)
         draft_seconds = self.observers.clock() - self._step_start
         width = max(budgets, default=0)
         chunks = [
@@ -155,6 +160,8 @@ class SpeculativeDecoder(Decoder):
                 observed.append((s.seq, list(range(chunk_lo, root + 1)) + [root + node for node in accepted]))
             if self.sizer is not None and budget:
                 self.sizer.record_tree(budget, accepted)
+            if self.lookup is not None and budget:
+                self.lookup.record(s.seq, accepted)
             results[s.seq] = SeqStep(
                 samples=samples, forwarded=True, draft_tokens=len(tree), accepted_tokens=len(accepted)
             )
@@ -175,7 +182,7 @@ class SpeculativeDecoder(Decoder):
         seconds = self.observers.clock() - self._step_start
         if self.sizer is not None and self._step_timeable:
             if any(budgets):
-                depth, num_tokens = min(self.max_depth, max(budgets)), sum(len(c.token_ids) for c in chunks)
+                depth, num_tokens = min(self.drafter.max_depth, max(budgets)), sum(len(c.token_ids) for c in chunks)
                 self.sizer.record_step(num_decoding, draft_seconds, depth, seconds, num_tokens)
             elif self._step_drafts is False:
                 self.sizer.record_plain(num_decoding, seconds)
