@@ -135,11 +135,17 @@ class PromptLookup:
             return overall
         return (state.accepted + self.th.prior * overall) / (state.tried + self.th.prior)
 
+    def _state(self, seq: Sequence) -> _SeqState:
+        state = self._seqs.get(seq)
+        if state is None:
+            state = self._seqs[seq] = _SeqState(NgramIndex(self.ngram_min, self.ngram_max))
+        return state
+
     def merge(self, seqs: list[Sequence], budgets: list[int], trees: list[DraftTree]) -> list[DraftTree]:
         """Each tree with its sequence's chain merged in, within its budget; trees with sampled drafts as they are."""
         out = []
         for seq, budget, tree in zip(seqs, budgets, trees):
-            state = self._seqs.setdefault(seq, _SeqState(NgramIndex(self.ngram_min, self.ngram_max)))
+            state = self._state(seq)
             state.chain_nodes = []
             chain = state.index.lookup(seq.token_ids, min(self.tokens, budget)) if budget else []
             if chain and all(q is None for q in tree.q):

@@ -139,9 +139,15 @@ class FSPADDrafter:
         window = max(CATCH_UP_WINDOW, CATCH_UP_PAIRS // max(1, sum(b > 0 for b in budgets)))  # pairs per sequence
         return self.grower.propose(scheduled, budgets, functools.partial(self._catch_up, window=window), self.execute)
 
+    def _feature_state(self, seq: Sequence) -> _FeatureState:
+        state = self._state.get(seq)
+        if state is None:
+            state = self._state[seq] = _FeatureState()
+        return state
+
     def observe(self, seq: Sequence, start: int, features: torch.Tensor) -> None:
         """The target's features `[n, d]` of positions `start, start + 1, ...` (committed tokens), in order."""
-        state = self._state.setdefault(seq, _FeatureState())
+        state = self._feature_state(seq)
         if start != state.num_features:  # preempted and recomputed (or out of step): start over
             state.restart()
             if start != 0:
@@ -154,7 +160,7 @@ class FSPADDrafter:
     def _catch_up(self, s: ScheduledSeq, budget: int, window: int) -> SeqChunk | None:
         """The (feature, next token) pairs not yet in the draft cache, at most the last `window`; the last one is the
         root's row. None while the features of the sequence's last prompt chunk are still to come."""
-        state = self._state.setdefault(s.seq, _FeatureState())
+        state = self._feature_state(s.seq)
         if s.seq.num_computed < state.computed:  # preempted: its blocks (and our K/V) are gone
             state.restart()
         tokens = s.seq.token_ids

@@ -32,7 +32,10 @@ class NgramDrafter:
         return [DraftTree.chain(self._lookup(s.seq, k) if k else []) for s, k in zip(scheduled, budgets)]
 
     def _lookup(self, seq: Sequence, k: int) -> list[int]:
-        return self._index.setdefault(seq, NgramIndex(self.n_min, self.n_max)).lookup(seq.token_ids, k)
+        index = self._index.get(seq)
+        if index is None:
+            index = self._index[seq] = NgramIndex(self.n_min, self.n_max)
+        return index.lookup(seq.token_ids, k)
 
     def observe(self, seq: Sequence, start: int, features: torch.Tensor) -> None:
         """Reads no target features."""
