@@ -20,6 +20,7 @@ from .decoders.base import SeqStep
 from .detokenizer import IncrementalDetokenizer
 from .diffusion_lm import diffusion_spec
 from .errors import InvalidRequestError
+from .host_memory import huge_page_bytes
 from .kv_cache import PagedKVCache
 from .model_loader import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
 from .observe import STEP_RANGE, Clock, Observers, StepObserver, StepRecord, profiled_range
@@ -54,6 +55,12 @@ def _kv_cache_blocks(config: EngineConfig, bytes_per_token: int, device: torch.d
     if tokens < bs:
         raise ValueError(f"the KV cache must hold at least one block of {bs} tokens, got {tokens} tokens")
     return tokens // bs
+
+
+def _huge_pages_note(device: torch.device) -> str:
+    """The start-up line's note of the host memory in huge pages (`host_memory`), on a CPU whose kernel tells."""
+    held = huge_page_bytes() if device.type == "cpu" else None
+    return "" if held is None else f", {held >> 20} MiB of host memory in huge pages"
 
 
 class LLMEngine:
@@ -117,7 +124,7 @@ class LLMEngine:
         self._grammars: GrammarCompiler | None = None  # made on the first request with structured outputs
         self._grammars_lock = threading.Lock()
         logger.info(
-            "engine ready in %.1f s: %s on %s/%s, decoder %s, KV cache %d tokens, max_model_len %d",
+            "engine ready in %.1f s: %s on %s/%s, decoder %s, KV cache %d tokens, max_model_len %d%s",
             clock() - start,
             self.model_path,
             self.device,
@@ -125,6 +132,7 @@ class LLMEngine:
             self.decoder_name,
             num_blocks * config.cache.block_size,
             self.max_model_len,
+            _huge_pages_note(self.device),
         )
 
     def _check_decoder(self, diffusion: bool, silent_thought: bool) -> None:
