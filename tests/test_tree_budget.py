@@ -143,6 +143,20 @@ def test_sizer_drafts_the_cap_until_measured_then_explores_one_rank_beyond_in_tu
     assert len({rounds[i].index(best + 1) for i in explored}) == len(explored)  # a different sequence each time
 
 
+def test_a_batch_sizes_first_trees_are_sized_at_a_smaller_batchs_costs():
+    """Acceptance measured and drafting timed at one request only (1.5 ms a level, verification 20 ms + 2 ms a
+    token). At 16 requests, not yet timed, bucket 1's costs stand in: one node commits 1.7 tokens a sequence in
+    1.5 + 84 ms (19.9 a second), two 2.2 in 3 + 116 ms (18.5): one node, not the cap's 8 (16 x 9 tokens verified).
+    A batch size with only larger ones timed still drafts the cap."""
+    sizer = TreeSizer(VerifyCost({t: 0.020 + 0.002 * t for t in (1, 64, 128)}), max_nodes=8, depth=4)
+    measured(sizer, ACCEPTANCE, 0.0015, sizes=(1,))
+    assert sizer.predicted_rate(16, 8) is None  # no drafting step timed at 16 ...
+    assert sizer.budgets(16, 8) == [1] * 16 and not sizer.measuring  # ... but sized, and timed as sized
+    larger_only = TreeSizer(VerifyCost({t: 0.020 + 0.002 * t for t in (1, 64, 128)}), max_nodes=8, depth=4)
+    measured(larger_only, ACCEPTANCE, 0.0015, sizes=(16,))
+    assert larger_only.budgets(4, 8) == [8] * 4 and larger_only.measuring
+
+
 def test_sizer_climbs_to_a_larger_budget_through_its_explored_rank():
     """The drafter of the fixed-cost test (20 ms a proposal plus 1 ms a level, verification flat at 10 ms), seen
     at one level only: one node wins. Exploring one rank beyond shows two-level proposals, the fixed part becomes

@@ -17,7 +17,9 @@ node is what raising the budget from n - 1 to n buys. For a drafting step over N
    of n grows min(n, depth) levels.
 4. The budget is the n in 1..cap maximising (1 + p_1 + ... + p_n) / (R_N + D_N(min(n, depth)) + V(N (1 + n))):
    tokens committed per sequence per second of a whole drafting step.
-5. Until D_N and every p_r up to cap are measured (`min_trials` trees), the budget is cap; after that, every
+5. Until every p_r up to cap is measured (`min_trials` trees), the budget is cap; until D_N and R_N are, those of
+   the largest smaller bucket drafted in stand in (cap where there is none), so that a batch size's first drafting
+   steps (a probe, which also catches the drafter up on its prompts) do not verify whole trees. After that, every
    `explore_every`-th drafting step one sequence (in turn) drafts one node more than the budget, so that the next
    rank and the cost of one more level stay measured: the budget moves a rank at a time, never paying for the
    whole tree again. Where one more node and level cost much of a step (one request on a CPU: a fifth), the
@@ -127,7 +129,7 @@ class TreeSizer:
         self.plain_last: dict[int, deque[float]] = {}
         self.steps = 0  # drafting steps asked for
         self.explored, self.since_explored = 0, 0  # steps that explored one rank beyond; steps since the last
-        self.measuring = True  # whether the last `budgets` drafted the cap because p or D_N was not measured yet
+        self.measuring = True  # whether the last `budgets` drafted the cap because it could not size the trees yet
 
     @staticmethod
     def _bucket(num_decoding: int) -> int:
@@ -138,9 +140,13 @@ class TreeSizer:
         return [h / t if t >= self.th.min_trials else None for h, t in zip(self.hits, self.trials)]
 
     def best_budget(self, num_decoding: int, cap: int) -> int:
-        """The budget of step 4 (cap while D_N or some p_r up to cap is not measured yet)."""
-        best = self._best(num_decoding, cap)
+        """The budget of step 4, with step 5's stand-ins (cap while they cannot size it)."""
+        best = self._sized(num_decoding, cap)
         return cap if best is None else best[0]
+
+    def _sized(self, num_decoding: int, cap: int) -> tuple[int, float] | None:
+        """Step 4's (budget, rate) at N's own costs, else at the largest smaller bucket's (step 5), else None."""
+        return self._best(num_decoding, cap) or self._best(num_decoding, cap, from_smaller=True)
 
     def predicted_rate(self, num_decoding: int, cap: int, from_smaller: bool = False) -> float | None:
         """Tokens per sequence per second that drafting at the best budget is expected to commit here (step 4's
@@ -202,7 +208,7 @@ class TreeSizer:
     def budgets(self, num_decoding: int, cap: int) -> list[int]:
         """Node budgets for the step's `num_decoding` drafting sequences, none above `cap`."""
         self.steps += 1
-        found = self._best(num_decoding, cap)
+        found = self._sized(num_decoding, cap)
         self.measuring = found is None  # this step's trees take the whole cap to measure every rank
         best = cap if found is None else found[0]
         out = [best] * num_decoding
