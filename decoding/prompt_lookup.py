@@ -32,10 +32,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from weakref import WeakKeyDictionary
 
 from .drafter import DraftTree
-from .request import Sequence
+from .request import PerSequence, Sequence
 
 
 class NgramIndex:
@@ -125,7 +124,7 @@ class PromptLookup:
         self.tokens, self.ngram_min, self.ngram_max = tokens, ngram_min, ngram_max
         self.th = thresholds
         self.accepted, self.tried = thresholds.start  # over all sequences
-        self._seqs: WeakKeyDictionary[Sequence, _SeqState] = WeakKeyDictionary()
+        self._seqs = PerSequence(lambda: _SeqState(NgramIndex(ngram_min, ngram_max)))
 
     def acceptance(self, seq: Sequence) -> float:
         """a: the share of chain tokens accepted, this sequence's blended with all sequences'."""
@@ -135,17 +134,11 @@ class PromptLookup:
             return overall
         return (state.accepted + self.th.prior * overall) / (state.tried + self.th.prior)
 
-    def _state(self, seq: Sequence) -> _SeqState:
-        state = self._seqs.get(seq)
-        if state is None:
-            state = self._seqs[seq] = _SeqState(NgramIndex(self.ngram_min, self.ngram_max))
-        return state
-
     def merge(self, seqs: list[Sequence], budgets: list[int], trees: list[DraftTree]) -> list[DraftTree]:
         """Each tree with its sequence's chain merged in, within its budget; trees with sampled drafts as they are."""
         out = []
         for seq, budget, tree in zip(seqs, budgets, trees):
-            state = self._state(seq)
+            state = self._seqs[seq]
             state.chain_nodes = []
             chain = state.index.lookup(seq.token_ids, min(self.tokens, budget)) if budget else []
             if chain and all(q is None for q in tree.q):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
+from weakref import WeakKeyDictionary
 
 import torch
 
@@ -165,3 +167,24 @@ class Request:
             error=self.error,
             prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
         )
+
+
+T = TypeVar("T")
+
+
+class PerSequence(Generic[T]):
+    """A decoder's or drafter's state for each sequence: made by `make` on first use, dropped with the sequence."""
+
+    def __init__(self, make: Callable[[], T]):
+        self._make = make
+        self._items: WeakKeyDictionary[Sequence, T] = WeakKeyDictionary()
+
+    def __getitem__(self, seq: Sequence) -> T:
+        item = self._items.get(seq)
+        if item is None:
+            item = self._items[seq] = self._make()
+        return item
+
+    def get(self, seq: Sequence) -> T | None:
+        """The sequence's state if it has been made, without making it."""
+        return self._items.get(seq)

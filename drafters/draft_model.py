@@ -11,7 +11,6 @@ there (`TreeGrower`); the checkpoint is loaded by `load_draft_model`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from weakref import WeakKeyDictionary
 
 import torch
 
@@ -19,7 +18,7 @@ from leapserve.decoding.config import SpeculativeConfig
 from leapserve.decoding.drafter import DraftTree
 from leapserve.decoding.kv_cache import PagedKVCache
 from leapserve.decoding.observe import ForwardHook
-from leapserve.decoding.request import Sequence
+from leapserve.decoding.request import PerSequence, Sequence
 from leapserve.decoding.runner import ModelRunner, SeqChunk
 from leapserve.decoding.sampler import Sampler
 from leapserve.decoding.scheduler import ScheduledSeq
@@ -65,7 +64,7 @@ class DraftModelDrafter:
         self.grower = TreeGrower(spec, sampler)
         shape = self.grower.shape
         self.max_nodes, self.max_depth, self.lookahead = shape.max_nodes, shape.num_levels, shape.lookahead
-        self._state: WeakKeyDictionary[Sequence, _CacheState] = WeakKeyDictionary()
+        self._state = PerSequence(_CacheState)
 
     def propose(self, scheduled: list[ScheduledSeq], budgets: list[int]) -> list[DraftTree]:
         trees = self.grower.propose(scheduled, budgets, self._catch_up, self.execute)
@@ -81,7 +80,7 @@ class DraftModelDrafter:
     def _catch_up(self, s: ScheduledSeq, budget: int) -> SeqChunk | None:
         """The chunk that brings the draft cache up to the sequence's last token, whose logits row is the root's
         (None: no proposal). Chain drafts the target accepted are reused, not recomputed."""
-        state = self._state.setdefault(s.seq, _CacheState())
+        state = self._state[s.seq]
         if s.seq.num_computed < state.computed:  # preempted: its blocks (and our K/V) are gone
             state.computed, state.written = s.seq.num_computed, []
         if budget == 0:

@@ -18,7 +18,6 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from weakref import WeakKeyDictionary
 
 import torch
 
@@ -28,7 +27,7 @@ from leapserve.decoding.drafter import DraftTree
 from leapserve.decoding.kv_cache import PagedKVCache
 from leapserve.decoding.model_loader import resolve_dtype
 from leapserve.decoding.observe import MODEL_RANGE, ForwardHook, profiled_range
-from leapserve.decoding.request import Sequence
+from leapserve.decoding.request import PerSequence, Sequence
 from leapserve.decoding.runner import ModelRunner, SeqChunk, capture_settings, compiled, step_metadata
 from leapserve.decoding.sampler import Sampler
 from leapserve.decoding.scheduler import ScheduledSeq
@@ -121,7 +120,7 @@ class FSPADDrafter:
         self.grower = TreeGrower(spec, sampler, self.model.draft_to_target if reduced else None, c.target_vocab_size)
         shape = self.grower.shape
         self.max_nodes, self.max_depth, self.lookahead = shape.max_nodes, shape.num_levels, shape.lookahead
-        self._state: WeakKeyDictionary[Sequence, _FeatureState] = WeakKeyDictionary()
+        self._state = PerSequence(_FeatureState)
         self._forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] = functools.partial(self.model, paged=True)
         if runner.compile and runner.llama is not None:  # compiled as the target is
             self._forward = compiled(self._forward, runner.device)
@@ -139,15 +138,9 @@ class FSPADDrafter:
         window = max(CATCH_UP_WINDOW, CATCH_UP_PAIRS // max(1, sum(b > 0 for b in budgets)))  # pairs per sequence
         return self.grower.propose(scheduled, budgets, functools.partial(self._catch_up, window=window), self.execute)
 
-    def _feature_state(self, seq: Sequence) -> _FeatureState:
-        state = self._state.get(seq)
-        if state is None:
-            state = self._state[seq] = _FeatureState()
-        return state
-
     def observe(self, seq: Sequence, start: int, features: torch.Tensor) -> None:
         """The target's features `[n, d]` of positions `start, start + 1, ...` (committed tokens), in order."""
-        state = self._feature_state(seq)
+        state = self._state[seq]
         if start != state.num_features:  # preempted and recomputed (or out of step): start over
             state.restart()
             if start != 0:
@@ -160,7 +153,7 @@ class FSPADDrafter:
     def _catch_up(self, s: ScheduledSeq, budget: int, window: int) -> SeqChunk | None:
         """The (feature, next token) pairs not yet in the draft cache, at most the last `window`; the last one is the
         root's row. None while the features of the sequence's last prompt chunk are still to come."""
-        state = self._feature_state(s.seq)
+        state = self._state[s.seq]
         if s.seq.num_computed < state.computed:  # preempted: its blocks (and our K/V) are gone
             state.restart()
         tokens = s.seq.token_ids
