@@ -185,6 +185,10 @@ class PerSequence(Generic[T]):
             item = self._items[seq] = self._make()
         return item
 
+    def values(self) -> list[T]:
+        """The state of every sequence still alive that has some."""
+        return list(self._items.values())
+
     def get(self, seq: Sequence) -> T | None:
         """The sequence's state if it has been made, without making it."""
         return self._items.get(seq)
