@@ -6,10 +6,10 @@ Every level sends the same prompts as streaming requests with at most `concurren
 `spec_decode_num_drafts_total`, `..._num_draft_tokens_total`, `..._num_accepted_tokens_total`), the level also
 reports the acceptance rate and the mean acceptance length.
 
-`--against URL` measures a second server in the same run, in turn with the first: each level `--rounds` times per
-server, the order alternating round by round (A B, B A, A B, ...), so that a machine drifting over the run (another
-hour, another load) weighs on both alike. A pair's ratio is the first server's output tok/s over the second's; the
-median over the rounds is the figure to read, their spread how far to trust it.
+`--against URL[,URL...]` measures other servers in the same run, in turn with the first: each level `--rounds` times
+per server, the order reversing round by round (A B C, C B A, A B C, ...), so that a machine drifting over the run
+(another hour, another load) weighs on all alike. A pair's ratio is the first server's output tok/s over another's;
+the median over the rounds is the figure to read, their spread how far to trust it.
 """
 
 from __future__ import annotations
@@ -76,19 +76,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="the prompt order")
     p.add_argument("--num-warmups", type=int, default=1, help="requests sent before the first level, not counted")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
-    g = p.add_argument_group("paired with a second server")
+    g = p.add_argument_group("paired with other servers")
     g.add_argument(
         "--against",
-        metavar="URL",
-        help="another server measured in the same run, in turn with --base-url at every level; reports "
-        "--base-url's output tok/s over this one's per round and their median",
+        metavar="URL[,URL...]",
+        help="other servers measured in the same run, in turn with --base-url at every level; reports "
+        "--base-url's output tok/s over each one's per round and their median",
     )
     g.add_argument(
         "--rounds",
         type=int,
         default=1,
-        help="with --against: each level this many times per server, which server goes first alternating round by "
-        "round",
+        help="with --against: each level this many times per server, the servers' order reversing round by round",
     )
     add_output_arguments(p)
     p.set_defaults(handler=run)
@@ -193,7 +192,7 @@ class ServerError(Exception):
 
 @dataclass
 class Server:
-    name: str  # "base" (--base-url) or "against"
+    name: str  # "base" (--base-url), "against" (one --against URL) or "against N" (the N-th of several)
     base_url: str  # without /v1
     model: str = ""
 
@@ -232,9 +231,9 @@ async def measure_level(
 async def bench(args: argparse.Namespace, prompts: list[Prompt]) -> list[dict]:
     """Warm up each server, then every concurrency level `rounds` times on each, the servers taking turns to go
     first; one result dict per (level, round, server), in the order they ran."""
-    servers = [Server("base", args.base_url.rstrip("/").removesuffix("/v1"))]
-    if args.against:
-        servers.append(Server("against", args.against.rstrip("/").removesuffix("/v1")))
+    servers = [Server("base", _root(args.base_url))]
+    against = against_urls(args)
+    servers += [Server("against" if len(against) == 1 else f"against {i}", url) for i, url in enumerate(against, 1)]
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or os.environ.get("LEAPSERVE_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=max(args.concurrency) + 1, max_keepalive_connections=max(args.concurrency))
@@ -251,33 +250,49 @@ async def bench(args: argparse.Namespace, prompts: list[Prompt]) -> list[dict]:
                 for server in servers if round_ % 2 == 0 else servers[::-1]:
                     label = f"{server.name}, round {round_ + 1}, " if len(servers) > 1 else ""
                     level = await measure_level(client, server, args, prompts, concurrency, label)
-                    levels.append({"server": server.name, "model": server.model, "round": round_, **level})
+                    levels.append(
+                        {"server": server.name, "url": server.base_url, "model": server.model, "round": round_, **level}
+                    )
     if args.model is None:
         args.model = servers[0].model
     return levels
 
 
+def _root(url: str) -> str:
+    return url.rstrip("/").removesuffix("/v1")
+
+
+def against_urls(args: argparse.Namespace) -> list[str]:
+    """The --against servers' URLs (without /v1), in order."""
+    return [_root(url.strip()) for url in (args.against or "").split(",") if url.strip()]
+
+
 def paired(levels: list[dict]) -> list[dict]:
-    """Per concurrency: each server's output tok/s per round, base / against per round, and the median ratio."""
+    """Per concurrency and other server: both servers' output tok/s per round, base / that server per round, and
+    the median ratio."""
     out = []
+    others = [name for name in dict.fromkeys(lv["server"] for lv in levels) if name != "base"]
     for concurrency in dict.fromkeys(lv["concurrency"] for lv in levels):
         runs = {
             name: [
                 lv["output_throughput"] for lv in levels if lv["concurrency"] == concurrency and lv["server"] == name
             ]
-            for name in ("base", "against")
+            for name in ("base", *others)
         }
-        ratios = [b / a if a else None for b, a in zip(runs["base"], runs["against"], strict=True)]
-        known = [r for r in ratios if r is not None]
-        out.append(
-            {
-                "concurrency": concurrency,
-                "base_tokens_per_s": runs["base"],
-                "against_tokens_per_s": runs["against"],
-                "ratios": ratios,
-                "median_ratio": statistics.median(known) if known else None,
-            }
-        )
+        for name in others:
+            ratios = [b / a if a else None for b, a in zip(runs["base"], runs[name], strict=True)]
+            known = [r for r in ratios if r is not None]
+            out.append(
+                {
+                    "concurrency": concurrency,
+                    "against": name,
+                    "against_url": next(lv["url"] for lv in levels if lv["server"] == name),
+                    "base_tokens_per_s": runs["base"],
+                    "against_tokens_per_s": runs[name],
+                    "ratios": ratios,
+                    "median_ratio": statistics.median(known) if known else None,
+                }
+            )
     return out
 
 
@@ -327,10 +342,12 @@ def paired_table(pairs: list[dict]) -> str:
     def each(values: list) -> str:
         return ", ".join(fmt(v) for v in values)
 
+    several = len({p["against"] for p in pairs}) > 1
     headers = ["concurrency", "base tok/s", "against tok/s", "base / against", "median base / against"]
     rows = [
         [
             p["concurrency"],
+            *([f"{p['against']}: {p['against_url']}"] if several else []),
             each(p["base_tokens_per_s"]),
             each(p["against_tokens_per_s"]),
             each(p["ratios"]),
@@ -338,12 +355,14 @@ def paired_table(pairs: list[dict]) -> str:
         ]
         for p in pairs
     ]
+    if several:
+        headers.insert(1, "against")
     return markdown_table(headers, rows)
 
 
 def run(args: argparse.Namespace) -> None:
     """The `leapserve bench serve` handler."""
-    if args.rounds < 1 or (args.rounds > 1 and not args.against):
+    if args.rounds < 1 or (args.rounds > 1 and not against_urls(args)):
         sys.exit(f"leapserve bench serve: error: --rounds {args.rounds}: a positive count, above 1 only with --against")
     try:
         prompts = load_prompts(args.dataset, "test", args.num_prompts, args.seed)
@@ -355,7 +374,7 @@ def run(args: argparse.Namespace) -> None:
         levels = asyncio.run(bench(args, prompts))
     except ServerError as e:
         sys.exit(f"leapserve bench serve: error: {e}")
-    pairs = paired(levels) if args.against else None
+    pairs = paired(levels) if against_urls(args) else None
     text = table(levels) if pairs is None else f"{table(levels)}\n\n{paired_table(pairs)}"
     extra = {"paired": pairs} if pairs is not None else {}
     record = run_record("serve", args, levels, num_prompts=len(prompts), **extra)
@@ -366,5 +385,5 @@ def run(args: argparse.Namespace) -> None:
         if pairs is None:
             plot_serve(levels, plot, title)
         else:
-            plot_paired_serve(pairs, plot, f"{title}, against {args.against}")
+            plot_paired_serve(pairs, plot, f"{title}, against {', '.join(against_urls(args))}")
         print(f"wrote {plot}")

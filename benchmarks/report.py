@@ -192,22 +192,30 @@ def plot_serve(levels: Sequence[dict], path: Path, title: str) -> None:
 
 
 def plot_paired_serve(pairs: Sequence[dict], path: Path, title: str) -> None:
-    """Two servers measured in turn: each one's output tok/s per round, and base / against per round with the
+    """Servers measured in turn: each one's output tok/s per round, and base / each other server per round with the
     median, against concurrency."""
     plt, fig, (speed, ratio) = _figure(1, 2)
-    levels = [p["concurrency"] for p in pairs]
-    for key, label, marker in (("base_tokens_per_s", "base", "o"), ("against_tokens_per_s", "against", "s")):
-        points = [(p["concurrency"], v) for p in pairs for v in p[key]]
-        speed.scatter(*zip(*points), marker=marker, label=label, alpha=0.7)
+    levels = list(dict.fromkeys(p["concurrency"] for p in pairs))
+    others = list(dict.fromkeys(p["against"] for p in pairs))
+    base = {p["concurrency"]: p["base_tokens_per_s"] for p in pairs}
+    speed.scatter(*zip(*[(c, v) for c, values in base.items() for v in values]), marker="o", label="base", alpha=0.7)
+    for name, marker in zip(others, "s^vD<>px"):
+        mine = [p for p in pairs if p["against"] == name]
+        speed.scatter(
+            *zip(*[(p["concurrency"], v) for p in mine for v in p["against_tokens_per_s"]]),
+            marker=marker,
+            label=name,
+            alpha=0.7,
+        )
+        points = [(p["concurrency"], r) for p in mine for r in p["ratios"] if r is not None]
+        if points:
+            ratio.scatter(*zip(*points), marker=marker, alpha=0.5)
+        medians = [(p["concurrency"], p["median_ratio"]) for p in mine if p["median_ratio"] is not None]
+        if medians:
+            ratio.plot(*zip(*medians), marker=marker, label=f"base / {name}, median")
     speed.set_ylabel("output tok/s (each round)")
-    points = [(p["concurrency"], r) for p in pairs for r in p["ratios"] if r is not None]
-    if points:
-        ratio.scatter(*zip(*points), alpha=0.7, label="each round")
-    medians = [(p["concurrency"], p["median_ratio"]) for p in pairs if p["median_ratio"] is not None]
-    if medians:
-        ratio.plot(*zip(*medians), marker="D", color="black", label="median")
     ratio.axhline(1.0, color="grey", linestyle="--", linewidth=1)
-    ratio.set_ylabel("base / against")
+    ratio.set_ylabel("base / against (each round, median)")
     for ax in (speed, ratio):
         _concurrency_axis(ax, levels)
     _save(plt, fig, path, title)

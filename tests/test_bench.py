@@ -612,9 +612,9 @@ def test_bench_serve_real_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     assert "| concurrency | completed | failed |" in capsys.readouterr().out
 
 
-def test_bench_serve_pairs_two_servers_in_turn(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    """`--against URL --rounds N`: each level runs on both servers N times, the order alternating round by round,
-    and the record pairs them: base / against per round and the median."""
+def test_bench_serve_pairs_servers_in_turn(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`--against URL,URL --rounds N`: each level runs on every server N times, the order reversing round by round,
+    and the record pairs the first server with each other one: base / that server per round and the median."""
     import statistics
 
     dataset = tmp_path / "prompts.jsonl"
@@ -628,20 +628,29 @@ def test_bench_serve_pairs_two_servers_in_turn(tiny_model_dir, tmp_path, monkeyp
     with (
         running_server(tiny_model_dir, tmp_path / "spec.log", "--speculative-config", self_draft) as spec,
         running_server(tiny_model_dir, tmp_path / "plain.log") as plain,
+        running_server(tiny_model_dir, tmp_path / "eager.log", "--enforce-eager") as eager,
     ):
-        _run_cli(monkeypatch, [*argv, "--base-url", spec, "--against", f"{plain}/v1/", "--output-json", str(out)])
+        against = f"{plain}/v1/,{eager}"
+        _run_cli(monkeypatch, [*argv, "--base-url", spec, "--against", against, "--output-json", str(out)])
         with pytest.raises(SystemExit, match=r"cannot list the models of http://127\.0\.0\.1:1\b"):
             _run_cli(monkeypatch, [*argv, "--base-url", spec, "--against", "http://127.0.0.1:1"])
     record = _check_outputs(out, "serve")
     runs = [(lv["concurrency"], lv["round"], lv["server"]) for lv in record["results"]]
-    ab, ba = ["base", "against"], ["against", "base"]
-    assert runs == [(c, r, name) for c in (1, 2) for r in range(3) for name in (ab if r % 2 == 0 else ba)]
+    forward = ["base", "against 1", "against 2"]
+    assert runs == [
+        (c, r, name) for c in (1, 2) for r in range(3) for name in (forward if r % 2 == 0 else forward[::-1])
+    ]
+    urls = {lv["server"]: lv["url"] for lv in record["results"]}
+    assert urls == {"base": spec, "against 1": plain, "against 2": eager}
     for lv in record["results"]:
         assert (lv["completed"], lv["failed"], lv["model"]) == (2, 0, MODEL)
         if lv["server"] == "base":  # only the speculating server drafts
             assert lv["spec_decode"]["num_drafts"] > 0 and lv["spec_decode"]["acceptance_rate"] == 1.0
         else:
             assert not (lv["spec_decode"] or {}).get("num_drafts")
+    assert [(p["concurrency"], p["against"]) for p in record["paired"]] == [
+        (c, name) for c in (1, 2) for name in ("against 1", "against 2")
+    ]
     for pair in record["paired"]:
         speed = {
             name: [
@@ -649,13 +658,15 @@ def test_bench_serve_pairs_two_servers_in_turn(tiny_model_dir, tmp_path, monkeyp
                 for lv in record["results"]
                 if lv["concurrency"] == pair["concurrency"] and lv["server"] == name
             ]
-            for name in ("base", "against")
+            for name in ("base", pair["against"])
         }
-        assert (pair["base_tokens_per_s"], pair["against_tokens_per_s"]) == (speed["base"], speed["against"])
-        assert pair["ratios"] == [b / a for b, a in zip(speed["base"], speed["against"])]
+        assert pair["against_url"] == urls[pair["against"]]
+        assert (pair["base_tokens_per_s"], pair["against_tokens_per_s"]) == (speed["base"], speed[pair["against"]])
+        assert pair["ratios"] == [b / a for b, a in zip(speed["base"], speed[pair["against"]])]
         assert pair["median_ratio"] == statistics.median(pair["ratios"])
     printed = capsys.readouterr().out
     assert "| server | round | concurrency |" in printed and "| median base / against |" in printed
+    assert f"| against 2: {eager} |" in printed
     with pytest.raises(SystemExit, match="above 1 only with --against"):
         _run_cli(monkeypatch, ["bench", "serve", "--rounds", "2"])
 
