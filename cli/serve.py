@@ -73,7 +73,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="native: leapserve's engine; vllm: vLLM's engine with leapserve's drafters, in a child process",
     )
     g.add_argument(
-        "--vllm-executable", help="vLLM backend: the `vllm` to run; default: $LEAPSERVE_VLLM, PATH, ./.venv-vllm"
+        "--vllm-executable",
+        help="vLLM backend: the `vllm` to run; default: $LEAPSERVE_VLLM, PATH, ./.venv-vllm, the checkout's .venv-vllm",
     )
     add_config_arguments(g, Parallelism)
     p.set_defaults(handler=serve)

@@ -43,7 +43,8 @@ from leapserve.training.export import dynamic_tree, export_eagle
 logger = logging.getLogger(__name__)
 
 VLLM_ENV = "LEAPSERVE_VLLM"  # the `vllm` executable to run, where it is not on PATH
-LOCAL_VLLM = Path(".venv-vllm") / "bin" / "vllm"  # what `make setup-vllm` builds
+LOCAL_VLLM = Path(".venv-vllm") / "bin" / "vllm"  # what `make setup-vllm` builds, in the working directory ...
+CHECKOUT_VLLM = Path(__file__).resolve().parents[1] / LOCAL_VLLM  # ... or in the checkout leapserve runs from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +63,24 @@ class Parallelism:
 
 
 def find_vllm(explicit: str | None = None) -> str:
-    """The `vllm` executable: `explicit`, else $LEAPSERVE_VLLM, else on PATH, else ./.venv-vllm/bin/vllm."""
-    for candidate in (explicit, os.environ.get(VLLM_ENV), shutil.which("vllm"), str(LOCAL_VLLM)):
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+    """The `vllm` executable: `explicit` (or an error), else $LEAPSERVE_VLLM, else on PATH, else ./.venv-vllm's, else
+    the one `make setup-vllm` built in leapserve's checkout (an editable install run from another directory)."""
+    if explicit is not None:
+        if _executable(explicit):
+            return str(Path(explicit).resolve())
+        raise ValueError(f"--vllm-executable {explicit}: not an executable file")
+    for candidate in (os.environ.get(VLLM_ENV), shutil.which("vllm"), str(LOCAL_VLLM), str(CHECKOUT_VLLM)):
+        if candidate and _executable(candidate):
             return str(Path(candidate).resolve())
     raise ValueError(
-        "--backend vllm: no vLLM found (looked at --vllm-executable, $LEAPSERVE_VLLM, PATH and ./.venv-vllm); "
-        "install it with `pip install 'leapserve[vllm]'` on CUDA, or `make setup-vllm` on CPU"
+        "--backend vllm: no vLLM found (looked at $LEAPSERVE_VLLM, PATH, ./.venv-vllm and "
+        f"{CHECKOUT_VLLM.parents[1]}); install it with `pip install 'leapserve[vllm]'` on CUDA, or `make setup-vllm` "
+        "on CPU"
     )
+
+
+def _executable(path: str) -> bool:
+    return Path(path).is_file() and os.access(path, os.X_OK)
 
 
 TREE_WORKER = "leapserve.vllm_plugin.tree_runner.TreeCPUWorker"  # vLLM's CPU worker, verifying draft trees

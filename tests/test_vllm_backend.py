@@ -17,6 +17,7 @@ from leapserve.cli.main import main
 from leapserve.decoding.config import CacheConfig, EngineConfig, ModelConfig
 from leapserve.drafters.checkpoints import SHARED_WITH_TARGET
 from leapserve.drafters.fspad_model import FSPAD_EAGLE_ARCHITECTURE, FSPADConfig, FSPADModel
+from leapserve.server import vllm_backend
 from leapserve.server.vllm_backend import Parallelism, find_vllm, vllm_command
 from leapserve.training.adaspec import draft_export, draft_from_target
 from leapserve.training.checkpoint import export_checkpoint
@@ -180,13 +181,15 @@ def test_diffusion_lms_are_refused(tiny_model_dir, tmp_path):
     [
         (["--tensor-parallel-size", "2"], "tensor and pipeline parallelism run on vLLM: add --backend vllm"),
         (["--backend", "vllm", "--logits-processors", "fault_injection:fail_if_poisoned"], "--backend native only"),
-        (["--backend", "vllm", "--vllm-executable", "/nonexistent/vllm"], "no vLLM found"),
+        (["--backend", "vllm", "--vllm-executable", "/nonexistent/vllm"], "/nonexistent/vllm: not an executable"),
+        (["--backend", "vllm"], "no vLLM found"),
     ],
 )
 def test_serve_refuses_backend_mismatches(argv, message, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no vllm on PATH
     monkeypatch.delenv("LEAPSERVE_VLLM", raising=False)
     monkeypatch.chdir(tmp_path)  # no ./.venv-vllm
+    monkeypatch.setattr(vllm_backend, "CHECKOUT_VLLM", tmp_path / "checkout" / ".venv-vllm" / "bin" / "vllm")
     with pytest.raises(SystemExit) as exc:
         main(["serve", *argv])
     assert message in str(exc.value)
@@ -200,6 +203,26 @@ def test_find_vllm_prefers_the_explicit_one(tmp_path, monkeypatch):
     assert find_vllm(str(fake)) == str(fake.resolve())
     monkeypatch.setenv("LEAPSERVE_VLLM", str(fake))
     assert find_vllm() == str(fake.resolve())
+
+
+def test_find_vllm_falls_back_to_the_checkouts_venv(tmp_path, monkeypatch):
+    """Run from another directory, with no vllm on PATH or in $LEAPSERVE_VLLM: the one `make setup-vllm` built in
+    leapserve's checkout."""
+    built = tmp_path / "checkout" / ".venv-vllm" / "bin" / "vllm"
+    built.parent.mkdir(parents=True)
+    built.write_text("#!/bin/sh\n")
+    built.chmod(0o755)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setenv("PATH", str(elsewhere))
+    monkeypatch.delenv("LEAPSERVE_VLLM", raising=False)
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(vllm_backend, "CHECKOUT_VLLM", built)
+    assert find_vllm() == str(built.resolve())
+
+
+def test_the_checkouts_venv_is_where_make_builds_it():
+    assert vllm_backend.CHECKOUT_VLLM == Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "vllm"
 
 
 def save_tiny_adaspec(target: Path, out: Path, layers: list[int]) -> Path:
