@@ -63,17 +63,19 @@ class Parallelism:
 
 
 def find_vllm(explicit: str | None = None) -> str:
-    """The `vllm` executable: `explicit` (or an error), else $LEAPSERVE_VLLM, else on PATH, else ./.venv-vllm's, else
-    the one `make setup-vllm` built in leapserve's checkout (an editable install run from another directory)."""
-    if explicit is not None:
-        if _executable(explicit):
-            return str(Path(explicit).resolve())
-        raise ValueError(f"--vllm-executable {explicit}: not an executable file")
-    for candidate in (os.environ.get(VLLM_ENV), shutil.which("vllm"), str(LOCAL_VLLM), str(CHECKOUT_VLLM)):
+    """The `vllm` executable: `explicit`, else $LEAPSERVE_VLLM (either, when named, or an error), else on PATH, else
+    ./.venv-vllm's, else the one `make setup-vllm` built in leapserve's checkout (an editable install run from another
+    directory)."""
+    for named, source in ((explicit, "--vllm-executable"), (os.environ.get(VLLM_ENV), f"${VLLM_ENV}")):
+        if named:
+            if _executable(named):
+                return str(Path(named).resolve())
+            raise ValueError(f"{source} {named}: not an executable file")
+    for candidate in (shutil.which("vllm"), str(LOCAL_VLLM), str(CHECKOUT_VLLM)):
         if candidate and _executable(candidate):
             return str(Path(candidate).resolve())
     raise ValueError(
-        "--backend vllm: no vLLM found (looked at $LEAPSERVE_VLLM, PATH, ./.venv-vllm and "
+        "--backend vllm: no vLLM found (looked at PATH, ./.venv-vllm and "
         f"{CHECKOUT_VLLM.parents[1]}); install it with `pip install 'leapserve[vllm]'` on CUDA, or `make setup-vllm` "
         "on CPU"
     )

@@ -203,6 +203,9 @@ def test_find_vllm_prefers_the_explicit_one(tmp_path, monkeypatch):
     assert find_vllm(str(fake)) == str(fake.resolve())
     monkeypatch.setenv("LEAPSERVE_VLLM", str(fake))
     assert find_vllm() == str(fake.resolve())
+    monkeypatch.setenv("LEAPSERVE_VLLM", str(tmp_path / "missing"))  # named, so not silently another one
+    with pytest.raises(ValueError, match=r"\$LEAPSERVE_VLLM .*missing: not an executable file"):
+        find_vllm()
 
 
 def test_find_vllm_falls_back_to_the_checkouts_venv(tmp_path, monkeypatch):
