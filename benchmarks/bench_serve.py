@@ -385,5 +385,6 @@ def run(args: argparse.Namespace) -> None:
         if pairs is None:
             plot_serve(levels, plot, title)
         else:
-            plot_paired_serve(pairs, plot, f"{title}, against {', '.join(against_urls(args))}")
+            urls = against_urls(args)
+            plot_paired_serve(pairs, plot, f"{title}, against {urls[0] if len(urls) == 1 else f'{len(urls)} servers'}")
         print(f"wrote {plot}")

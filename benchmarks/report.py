@@ -193,26 +193,23 @@ def plot_serve(levels: Sequence[dict], path: Path, title: str) -> None:
 
 def plot_paired_serve(pairs: Sequence[dict], path: Path, title: str) -> None:
     """Servers measured in turn: each one's output tok/s per round, and base / each other server per round with the
-    median, against concurrency."""
+    median, against concurrency; a server keeps its colour in both panels."""
     plt, fig, (speed, ratio) = _figure(1, 2)
     levels = list(dict.fromkeys(p["concurrency"] for p in pairs))
-    others = list(dict.fromkeys(p["against"] for p in pairs))
+    others = {p["against"]: p["against_url"].removeprefix("http://") for p in pairs}
     base = {p["concurrency"]: p["base_tokens_per_s"] for p in pairs}
-    speed.scatter(*zip(*[(c, v) for c, values in base.items() for v in values]), marker="o", label="base", alpha=0.7)
-    for name, marker in zip(others, "s^vD<>px"):
-        mine = [p for p in pairs if p["against"] == name]
-        speed.scatter(
-            *zip(*[(p["concurrency"], v) for p in mine for v in p["against_tokens_per_s"]]),
-            marker=marker,
-            label=name,
-            alpha=0.7,
-        )
+    points = [(c, v) for c, values in base.items() for v in values]
+    speed.scatter(*zip(*points), marker="o", color="C0", label="base", alpha=0.7)
+    for i, ((name, url), marker) in enumerate(zip(others.items(), "s^vD<>px"), start=1):
+        mine, colour = [p for p in pairs if p["against"] == name], f"C{i}"
+        points = [(p["concurrency"], v) for p in mine for v in p["against_tokens_per_s"]]
+        speed.scatter(*zip(*points), marker=marker, color=colour, label=f"{name} ({url})", alpha=0.7)
         points = [(p["concurrency"], r) for p in mine for r in p["ratios"] if r is not None]
         if points:
-            ratio.scatter(*zip(*points), marker=marker, alpha=0.5)
+            ratio.scatter(*zip(*points), marker=marker, color=colour, alpha=0.5)
         medians = [(p["concurrency"], p["median_ratio"]) for p in mine if p["median_ratio"] is not None]
         if medians:
-            ratio.plot(*zip(*medians), marker=marker, label=f"base / {name}, median")
+            ratio.plot(*zip(*medians), marker=marker, color=colour, label=f"base / {name}, median")
     speed.set_ylabel("output tok/s (each round)")
     ratio.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     ratio.set_ylabel("base / against (each round, median)")
