@@ -238,6 +238,48 @@ def test_plain_and_penalised_greedy_requests_verified_in_one_batch(tiny_model_di
     assert sum(o.metrics.accepted_tokens for o in got) > 0
 
 
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_steps_where_adaptive_speculation_decodes_plainly_are_autoregressive_steps(tiny_model_dir, layout):
+    """Where the mode selector picks plain decoding, the step samples every request as the autoregressive decoder
+    does: seeded sampling with penalties, greedy under a logits processor, logprobs and prompt logprobs come out
+    identical, token for token, with no draft and no drafter forward; modes alternating step by step stay lossless
+    for greedy requests, the drafter catching up after plain steps."""
+    path = str(tiny_model_dir)
+
+    def odd_only(prompt_ids, output_ids, logits):
+        return logits.masked_fill(torch.arange(logits.shape[-1]) % 2 == 0, float("-inf"))
+
+    params = [
+        SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=24, presence_penalty=0.5, logprobs=2),
+        SamplingParams(temperature=1.0, top_k=20, seed=11, max_tokens=24, prompt_logprobs=1),
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logits_processors=[odd_only]),
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+    ]
+    prompts = [PROMPTS[3], PROMPTS[5], PROMPTS[0], PROMPTS[1]]
+    want = LLM(path, kv_cache_tokens=2048).generate(prompts, params, use_tqdm=False)
+    spec = {"method": "draft_model", "model": path, "tree": [2, 2, 1], "layout": layout}
+    draft_forwards: list[int] = []
+    llm = LLM(path, kv_cache_tokens=2048, speculative_config=spec)
+    llm.engine.decoder.drafter.on_forward = draft_forwards.append
+    llm.engine.decoder.selector.choose = lambda n, timeable=True: False
+    llm.engine.decoder.selector.record = lambda *args: None
+    got = llm.generate(prompts, params, use_tqdm=False)
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        assert g.metrics.num_drafts == 0
+        for lg, lw in zip(g.outputs[0].logprobs or [], w.outputs[0].logprobs or []):
+            assert {t: v.rank for t, v in lg.items()} == {t: v.rank for t, v in lw.items()}
+            assert [v.logprob for v in lg.values()] == pytest.approx([v.logprob for v in lw.values()], abs=1e-4)
+    assert got[0].outputs[0].logprobs and got[1].prompt_logprobs
+    assert [list(p or {}) for p in got[1].prompt_logprobs] == [list(p or {}) for p in want[1].prompt_logprobs]
+    assert not draft_forwards
+    steps = itertools.count()
+    llm.engine.decoder.selector.choose = lambda n, timeable=True: next(steps) % 3 != 0
+    greedy = llm.generate(prompts[2:], params[2:], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in greedy] == [o.outputs[0].token_ids for o in want[2:]]
+    assert sum(o.metrics.accepted_tokens for o in greedy) > 0 and draft_forwards
+
+
 # ---- the padded layout: the vanilla baseline's masked KV slots ---------------------------------------------------
 
 

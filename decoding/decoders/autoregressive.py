@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from ..request import Sequence
 from ..runner import SeqChunk
-from ..sampler import SequenceError
 from ..scheduler import ScheduledSeq
 from .base import Decoder, SeqStep
 
@@ -23,12 +22,6 @@ class AutoregressiveDecoder(Decoder):
             for s in scheduled
         ]
         logits, hidden = self.runner.forward(chunks)
-        sampling = [s.seq for s in scheduled if s.completes_prefix]
-        results = {s.seq: SeqStep() for s in scheduled}
-        for seq, sample in zip(sampling, self.sampler.sample(logits, sampling)):
-            if isinstance(sample, SequenceError):
-                results[seq].error = sample
-            else:
-                results[seq] = SeqStep(samples=[sample], forwarded=True)
+        results = self.sample_rows(scheduled, logits)
         self.score_prompts(scheduled, chunks, hidden, results)
         return results

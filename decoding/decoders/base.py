@@ -70,6 +70,18 @@ class Decoder(ABC):
         engine's to advance: it adds the computed prompt chunk and all committed tokens but the last, then
         `masked_slots` holes)."""
 
+    def sample_rows(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> dict[Sequence, SeqStep]:
+        """One token for each sequence that completes its prefix, from its row of `logits` (those sequences' rows,
+        in order), sampled in one batch; the others' steps empty."""
+        sampling = [s.seq for s in scheduled if s.completes_prefix]
+        results = {s.seq: SeqStep() for s in scheduled}
+        for seq, sample in zip(sampling, self.sampler.sample(logits, sampling)):
+            if isinstance(sample, SequenceError):
+                results[seq].error = sample
+            else:
+                results[seq] = SeqStep(samples=[sample], forwarded=True)
+        return results
+
     def score_prompts(
         self,
         scheduled: list[ScheduledSeq],

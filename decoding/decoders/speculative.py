@@ -123,8 +123,8 @@ class SpeculativeDecoder(Decoder):
 
     def step(self, scheduled: list[ScheduledSeq]) -> dict[Sequence, SeqStep]:
         budgets = self._budgets(scheduled)
-        trees = self.drafter.propose(scheduled, budgets)
-        if self.lookup is not None:
+        trees = self.drafter.propose(scheduled, budgets)  # also where a drafter notices a preempted sequence
+        if self.lookup is not None and any(budgets):
             trees = self.lookup.merge([s.seq for s in scheduled], budgets, trees)
         draft_seconds = self.observers.clock() - self._step_start
         width = max(budgets, default=0)
@@ -133,6 +133,46 @@ class SpeculativeDecoder(Decoder):
             for s, t in zip(scheduled, trees)
         ]
         logits, hidden = self.runner.forward(chunks)
+        if any(budgets):
+            results = self._verify(scheduled, trees, chunks, budgets, logits, hidden)
+        else:
+            results = self._plain(scheduled, chunks, logits, hidden)
+        self.score_prompts(scheduled, chunks, hidden, results)
+        num_decoding = sum(s.completes_prefix for s in scheduled)
+        seconds = self.observers.clock() - self._step_start
+        if self.sizer is not None and self._step_timeable:
+            if any(budgets):
+                depth, num_tokens = min(self.drafter.max_depth, max(budgets)), sum(len(c.token_ids) for c in chunks)
+                self.sizer.record_step(num_decoding, draft_seconds, depth, seconds, num_tokens)
+            elif self._step_drafts is False:
+                self.sizer.record_plain(num_decoding, seconds)
+        if self._step_drafts is not None:
+            self._report(scheduled, results, num_decoding, seconds)
+        return results
+
+    def _plain(
+        self, scheduled: list[ScheduledSeq], chunks: list[SeqChunk], logits: torch.Tensor, hidden: torch.Tensor
+    ) -> dict[Sequence, SeqStep]:
+        """A step without drafts (plain decoding): sampled in one batch as the autoregressive decoder samples (what
+        verifying empty trees commits), and a feature drafter observes every row, each chunk's tokens in order."""
+        results = self.sample_rows(scheduled, logits)
+        if self.drafter.needs_target_features:
+            for s, features in zip(scheduled, hidden.split([len(c.token_ids) for c in chunks])):
+                if results[s.seq].error is None:
+                    self.drafter.observe(s.seq, s.seq.num_computed, features)
+        return results
+
+    def _verify(
+        self,
+        scheduled: list[ScheduledSeq],
+        trees: list[DraftTree],
+        chunks: list[SeqChunk],
+        budgets: list[int],
+        logits: torch.Tensor,
+        hidden: torch.Tensor,
+    ) -> dict[Sequence, SeqStep]:
+        """Each sequence's tree verified against its rows of `logits`; the accepted paths' K/V moved into place, and
+        the features of every committed token observed."""
         observes = self.drafter.needs_target_features
         results: dict[Sequence, SeqStep] = {}
         observed: list[tuple[Sequence, list[int]]] = []  # feature drafters: each sequence's hidden rows to observe
@@ -177,17 +217,6 @@ class SpeculativeDecoder(Decoder):
             rows = torch.tensor([r for _, seq_rows in observed for r in seq_rows], device=hidden.device)
             for (seq, _), features in zip(observed, hidden[rows].split([len(r) for _, r in observed])):
                 self.drafter.observe(seq, seq.num_computed, features)
-        self.score_prompts(scheduled, chunks, hidden, results)
-        num_decoding = sum(s.completes_prefix for s in scheduled)
-        seconds = self.observers.clock() - self._step_start
-        if self.sizer is not None and self._step_timeable:
-            if any(budgets):
-                depth, num_tokens = min(self.drafter.max_depth, max(budgets)), sum(len(c.token_ids) for c in chunks)
-                self.sizer.record_step(num_decoding, draft_seconds, depth, seconds, num_tokens)
-            elif self._step_drafts is False:
-                self.sizer.record_plain(num_decoding, seconds)
-        if self._step_drafts is not None:
-            self._report(scheduled, results, num_decoding, seconds)
         return results
 
     def _report(
