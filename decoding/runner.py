@@ -215,7 +215,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`execute`, plus the final-norm hidden states of every token `[T, d]` (what feature drafters read)."""
+        """`execute`, plus the final-norm hidden states of every token `[T, d]` (what feature drafters read); both
+        allocated afresh by each call, so a caller may keep views of them."""
         if self.on_forward is not None:
             self.on_forward(sum(len(c.token_ids) for c in chunks))
         return self._run(chunks)

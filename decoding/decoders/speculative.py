@@ -9,11 +9,11 @@ shortfall left as masked slots (`Sequence.kv_holes`, hidden from attention by th
 `padded` pays for the padded rows and for the padded slots' memory and attention reads. Outputs are the same.
 
 Adaptive speculation (`adaptive`): per step, `adaptive.ModeSelector` picks drafting or plain decoding (every budget
-0, the same forward as the autoregressive decoder), so that speculation is switched off where it does not pay, e.g.
-at high concurrency on a compute-bound device; while drafting, `tree_budget.TreeSizer` sizes the trees for the
-batch from the verification cost timed at start-up and the acceptance each node rank has had. The sizer's first
-trees take the whole cap, to measure every rank; the selector does not time those steps (at most `SIZING_STEPS`), so
-that drafting is judged at the budgets it will run.
+0: the autoregressive decoder's forward and sampling, no tree to verify), so that speculation is switched off where
+it does not pay, e.g. at high concurrency on a compute-bound device; while drafting, `tree_budget.TreeSizer` sizes
+the trees for the batch from the verification cost timed at start-up and the acceptance each node rank has had. The
+sizer's first trees take the whole cap, to measure every rank; the selector does not time those steps (at most
+`SIZING_STEPS`), so that drafting is judged at the budgets it will run.
 """
 
 from __future__ import annotations
